@@ -1,0 +1,1 @@
+"""moe_mpi: expert-parallel MoE inference for MLX over MPI."""

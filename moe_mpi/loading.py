@@ -1,0 +1,217 @@
+"""Loading a checkpoint so that each rank reads only what it keeps.
+
+The model is built with mlx-lm's own classes (lazily: nothing is allocated
+until evaluated), sharded with :func:`moe_mpi.shard.shard_structure`, and then
+filled from disk: replicated tensors in full, expert tensors only in this
+rank's slices (:mod:`moe_mpi.safetensors_io`).
+
+Both expert layouts are read in place:
+
+* stacked ``...switch_mlp.gate_proj.weight`` ``[E, out, in]`` tensors
+  (mlx-community): only the rows of local experts are read;
+* per-expert ``...experts.{e}.gate_proj.weight`` tensors (Hugging Face): only
+  local experts' tensors are read. Which per-expert key goes where in the
+  stacked parameter is learnt from the model's own ``sanitize()``, run on
+  one-number placeholders instead of the expert tensors, so no per-model
+  name tables are needed.
+"""
+
+import glob
+import re
+from pathlib import Path
+from typing import Any, Dict, Optional, Sequence, Tuple, Union
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+from mlx.utils import tree_flatten
+from mlx_lm.utils import _get_classes, infer_quant_config, load_config, load_tokenizer
+
+from .placement import ExpertPlacement
+from .safetensors_io import CheckpointError, CheckpointIndex
+from .shard import Plan, StackOf, Take, _take, shard_structure
+
+PER_EXPERT_KEY = re.compile(r"\.experts\.\d+\.")
+
+
+class ModelNotFoundError(FileNotFoundError):
+    """A model path or repo that cannot be found or fetched."""
+
+
+def resolve_model_path(path_or_hf_repo: Union[str, Path]) -> Path:
+    """A local model directory, or a Hugging Face repo fetched into the cache.
+
+    Raises:
+        ModelNotFoundError: Neither a local directory nor a fetchable repo.
+    """
+    path = Path(path_or_hf_repo).expanduser()
+    if path.is_dir():
+        return path
+    name = str(path_or_hf_repo)
+    if path.exists() or name.startswith((".", "/", "~")) or name.count("/") != 1:
+        raise ModelNotFoundError(f"model path {name!r} does not exist or is not a directory")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(
+            snapshot_download(
+                name,
+                allow_patterns=["*.json", "model*.safetensors", "*.py", "*.model", "*.tiktoken", "*.txt", "*.jinja"],
+            )
+        )
+    except Exception as e:  # the hub raises many types: offline, 404, auth
+        raise ModelNotFoundError(
+            f"{name!r} is not a local directory and could not be fetched from "
+            f"Hugging Face ({type(e).__name__}). Download it on a machine with "
+            "network access and pass the local path."
+        ) from None
+
+
+def _build_model(config: dict) -> nn.Module:
+    try:
+        model_class, args_class = _get_classes(config)
+    except ValueError as e:
+        raise ValueError(f"config.json: {e}") from None
+    try:
+        args = args_class.from_dict(config)
+        return model_class(args)
+    except (TypeError, KeyError) as e:
+        raise ValueError(
+            f"config.json for model_type={config.get('model_type')!r} is missing "
+            f"or has invalid keys: {e}"
+        ) from None
+
+
+def _quantize(model: nn.Module, config: dict, tensors: Dict[str, Any]) -> None:
+    """Quantizes the structure as mlx-lm's loader does for ``config["quantization"]``."""
+    quantization = config.get("quantization")
+    if quantization is None:
+        if "quantization_config" in config:
+            method = config["quantization_config"].get("quant_method")
+            raise ValueError(f"quantization_config quant_method={method!r} is not supported")
+        return
+
+    def class_predicate(p, m):
+        if p in quantization:
+            return quantization[p]
+        if not hasattr(m, "to_quantized") or f"{p}.scales" not in tensors:
+            return False
+        return infer_quant_config(p, m, tensors)
+
+    nn.quantize(
+        model,
+        group_size=quantization["group_size"],
+        bits=quantization["bits"],
+        mode=quantization.get("mode", "affine"),
+        class_predicate=class_predicate,
+    )
+
+
+def _read(index: CheckpointIndex, raw: dict, tensors: dict, codes: dict, src) -> mx.array:
+    """Reads one sharded parameter from disk, following its plan entry."""
+    if isinstance(src, StackOf):
+        if all(k in index for k in src.keys):
+            return index.read_stack(src.keys)
+        missing = [k for k in src.keys if k not in index]
+        raise CheckpointError(f"checkpoint has no tensor {missing[0]!r}")
+    key = src.key
+    if key in raw and tensors.get(key) is raw[key]:
+        return index.read_take(key, src.axis, src.index)  # untouched by sanitize
+    if key in codes:  # stacked by sanitize from per-expert tensors
+        return index.read_stack([codes[key][i] for i in src.index])
+    if key in tensors:  # transformed by sanitize: correct, but reads it whole
+        return _take(tensors[key], src.axis, src.index)
+    raise CheckpointError(f"checkpoint has no tensor {key!r}")
+
+
+def load_model(
+    model_path: Path,
+    comm,
+    placement: Union[ExpertPlacement, str, None] = None,
+    weights: Optional[Sequence[float]] = None,
+    model_config: Optional[dict] = None,
+) -> Tuple[nn.Module, dict]:
+    """Builds this rank's shard of a model and reads its weights from disk.
+
+    Returns:
+        ``(model, config)``.
+    """
+    config = load_config(model_path)
+    config.update(model_config or {})
+    files = glob.glob(str(model_path / "model*.safetensors"))
+    if not files:
+        raise CheckpointError(f"no model*.safetensors files in {model_path}")
+    index = CheckpointIndex(files)
+    model = _build_model(config)
+
+    raw = {}
+    for f in index.files:
+        raw.update(mx.load(str(f)))  # lazy: nothing is read until evaluated
+    # Per-expert tensors become one-number placeholders holding their position
+    # in `names`; sanitize() stacks them like the real ones.
+    names = sorted(k for k in raw if PER_EXPERT_KEY.search(k))
+    tensors = {k: v for k, v in raw.items() if k not in set(names)}
+    tensors.update({k: mx.array([float(i)]) for i, k in enumerate(names)})
+    if hasattr(model, "sanitize"):
+        tensors = model.sanitize(tensors)
+    codes = {}
+    for k, v in tensors.items():
+        if k not in raw and v.ndim == 2 and v.shape[1] == 1 and v.dtype == mx.float32 and names:
+            codes[k] = [names[int(c)] for c in np.asarray(v).reshape(-1)]
+
+    _quantize(model, config, tensors)
+    model.eval()
+    plan: Plan = shard_structure(model, comm, placement, weights)
+
+    params = []
+    for path, _ in tree_flatten(model.parameters()):
+        if path in plan:
+            params.append((path, _read(index, raw, tensors, codes, plan[path])))
+        elif path in tensors and path not in codes:
+            params.append((path, tensors[path]))
+        else:
+            raise CheckpointError(f"{model_path}: checkpoint has no tensor {path!r}")
+    model.load_weights(params, strict=True)
+    mx.eval(model.parameters())
+    return model, config
+
+
+def load(
+    path_or_hf_repo: Union[str, Path],
+    comm=None,
+    placement: Union[ExpertPlacement, str, None] = None,
+    weights: Optional[Sequence[float]] = None,
+    tokenizer_config: Optional[dict] = None,
+    model_config: Optional[dict] = None,
+    return_config: bool = False,
+):
+    """Loads this rank's shard of an MoE model and the tokenizer.
+
+    Every rank calls this with the same arguments. Each reads the replicated
+    tensors and only its own experts' slices.
+
+    Args:
+        path_or_hf_repo: A local mlx-lm model directory or a Hugging Face repo.
+        comm: A :class:`moe_mpi.Communicator`; ``Communicator()`` if None.
+        placement: ``ExpertPlacement``, ``"contiguous"`` (default),
+            ``"round-robin"`` or a placement JSON file.
+        weights: Optional relative share of experts per rank, e.g. ``[2, 1, 1]``.
+        tokenizer_config: Extra tokenizer arguments, as for ``mlx_lm.load``.
+        model_config: Overrides for config.json, as for ``mlx_lm.load``.
+        return_config: Also return the config dict.
+
+    Returns:
+        ``(model, tokenizer)`` or ``(model, tokenizer, config)``.
+    """
+    if comm is None:
+        from .comm import Communicator
+
+        comm = Communicator()
+    model_path = resolve_model_path(path_or_hf_repo)
+    model, config = load_model(model_path, comm, placement, weights, model_config)
+    tokenizer = load_tokenizer(
+        model_path, tokenizer_config, eos_token_ids=config.get("eos_token_id", None)
+    )
+    if return_config:
+        return model, tokenizer, config
+    return model, tokenizer

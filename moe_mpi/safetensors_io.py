@@ -1,0 +1,160 @@
+"""Reading parts of safetensors checkpoints: only the bytes a rank keeps.
+
+``mx.load`` is lazy, but evaluating a slice of a loaded tensor reads the whole
+tensor first. A rank that holds 1/N of the experts must never hold all of
+them, so expert tensors are read here, row block by row block, straight from
+the file into a buffer the size of the slice.
+"""
+
+import json
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, Iterable, List, Sequence
+
+import mlx.core as mx
+import numpy as np
+
+# safetensors dtype -> (numpy dtype to read as, mlx dtype to view as or None)
+_DTYPES = {
+    "F64": (np.float64, None),
+    "F32": (np.float32, None),
+    "F16": (np.float16, None),
+    "BF16": (np.uint16, mx.bfloat16),  # numpy has no bfloat16: read the bits
+    "I64": (np.int64, None),
+    "I32": (np.int32, None),
+    "I16": (np.int16, None),
+    "I8": (np.int8, None),
+    "U64": (np.uint64, None),
+    "U32": (np.uint32, None),
+    "U16": (np.uint16, None),
+    "U8": (np.uint8, None),
+    "BOOL": (np.bool_, None),
+}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file is missing, truncated or malformed."""
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor lives: file, dtype, shape and absolute byte offset."""
+
+    file: Path
+    dtype: str
+    shape: tuple
+    offset: int
+    nbytes: int
+
+
+def read_header(path: Path) -> Dict[str, TensorInfo]:
+    """Parses one safetensors file's header and checks it against the file size.
+
+    Raises:
+        CheckpointError: The file is truncated or its header is not valid.
+    """
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise CheckpointError(f"{path}: truncated safetensors file ({size} bytes)")
+        (n,) = struct.unpack("<Q", head)
+        if n > size - 8:
+            raise CheckpointError(
+                f"{path}: corrupt safetensors header (claims {n} bytes, file has {size})"
+            )
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise CheckpointError(f"{path}: corrupt safetensors header: {e}") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: corrupt safetensors header (not a JSON object)")
+    infos = {}
+    for key, meta in header.items():
+        if key == "__metadata__":
+            continue
+        try:
+            begin, end = meta["data_offsets"]
+            info = TensorInfo(path, meta["dtype"], tuple(meta["shape"]), 8 + n + begin, end - begin)
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(f"{path}: corrupt header entry for {key!r}") from None
+        if info.offset + info.nbytes > size:
+            raise CheckpointError(
+                f"{path}: truncated: tensor {key!r} ends at byte "
+                f"{info.offset + info.nbytes}, the file has {size} bytes"
+            )
+        infos[key] = info
+    return infos
+
+
+class CheckpointIndex:
+    """All tensors of a checkpoint directory (``model*.safetensors``)."""
+
+    def __init__(self, files: Iterable[Path]):
+        self.files: List[Path] = sorted(Path(f) for f in files)
+        self.tensors: Dict[str, TensorInfo] = {}
+        for f in self.files:
+            self.tensors.update(read_header(f))
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.tensors
+
+    def keys(self):
+        return self.tensors.keys()
+
+    def read(self, key: str) -> mx.array:
+        """Reads a whole tensor."""
+        info = self.tensors[key]
+        return self.read_rows(key, np.arange(info.shape[0]) if info.shape else None)
+
+    def read_rows(self, key: str, rows: Sequence[int]) -> mx.array:
+        """Reads rows ``rows`` (positions on axis 0) of a tensor, in that order.
+
+        Each run of consecutive rows is one read; nothing else is read.
+        """
+        info = self.tensors[key]
+        if info.dtype not in _DTYPES:
+            raise CheckpointError(f"{info.file}: tensor {key!r} has unsupported dtype {info.dtype}")
+        np_dtype, mx_view = _DTYPES[info.dtype]
+        if rows is None:  # a scalar
+            out = np.empty((), dtype=np_dtype)
+            self._read_into(info.file, info.offset, out)
+        else:
+            rows = np.asarray(rows, dtype=np.int64)
+            row_shape = info.shape[1:]
+            row_bytes = info.nbytes // info.shape[0] if info.shape[0] else 0
+            out = np.empty((rows.size, *row_shape), dtype=np_dtype)
+            with open(info.file, "rb") as f:
+                # Split rows into runs of consecutive positions.
+                breaks = np.flatnonzero(np.diff(rows) != 1) + 1
+                for run in np.split(np.arange(rows.size), breaks):
+                    if not run.size:
+                        continue
+                    f.seek(info.offset + int(rows[run[0]]) * row_bytes)
+                    view = out[run[0] : run[-1] + 1]
+                    if f.readinto(memoryview(view).cast("B")) != view.nbytes:
+                        raise CheckpointError(f"{info.file}: short read of {key!r}")
+        a = mx.array(out)
+        return a.view(mx_view) if mx_view is not None else a
+
+    @staticmethod
+    def _read_into(file: Path, offset: int, out: np.ndarray) -> None:
+        with open(file, "rb") as f:
+            f.seek(offset)
+            f.readinto(memoryview(out.reshape(1)).cast("B"))
+
+    def read_take(self, key: str, axis: int, index: np.ndarray) -> mx.array:
+        """Reads positions ``index`` along ``axis`` of a tensor.
+
+        Axis 0 (experts, or rows of an input projection) reads only those
+        rows; other axes read the tensor and slice it, which only shared
+        experts' output projections need (replicated-sized tensors).
+        """
+        if axis == 0:
+            return self.read_rows(key, index)
+        return mx.take(self.read(key), mx.array(index), axis=axis)
+
+    def read_stack(self, keys: Sequence[str]) -> mx.array:
+        """Reads whole tensors and stacks them on a new axis 0."""
+        return mx.stack([self.read(k) for k in keys])

@@ -1,0 +1,355 @@
+"""The expert-parallel sharding pass over a built mlx-lm model.
+
+Every rank runs the same program on a replicated dense model (embeddings,
+attention, norms, routers, LM head). For each MoE block this pass
+
+1. keeps only the rank's experts in the block's switch layer
+   (:mod:`moe_mpi.experts`), stacked, one tensor per projection;
+2. splits the block's shared experts along their intermediate dimension, so
+   each rank adds its slice of the shared output to its partial sum;
+3. swaps the block's class for one whose ``__call__`` is the block's own
+   ``__call__`` followed by exactly one all-reduce (:class:`ExpertParallelBlock`).
+
+The block's output must be linear in the switch layer's output and in the
+shared experts' outputs (true of every mlx-lm MoE block: a router-weighted sum
+plus, optionally, a gated shared term). That is the partial-sum contract: the
+sum over ranks of each rank's block output is the unsharded block output.
+
+Parameter paths do not change, so mlx-lm's quantization and weight names keep
+working. The pass returns a plan, ``{param path: source}``, saying which slice
+of which checkpoint tensor each sharded parameter holds; :mod:`moe_mpi.loading`
+reads exactly those slices from disk.
+"""
+
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+from mlx.utils import tree_flatten, tree_unflatten
+from mlx_lm.models.switch_layers import SwitchGLU, SwitchMLP
+
+from .adapters import convert_blocks
+from .experts import LocalExperts, make_local
+from .placement import ExpertPlacement
+
+
+@dataclass(frozen=True, eq=False)
+class Take:
+    """Positions ``index`` along ``axis`` of checkpoint tensor ``key``."""
+
+    key: str
+    axis: int
+    index: np.ndarray
+
+
+@dataclass(frozen=True, eq=False)
+class StackOf:
+    """Checkpoint tensors ``keys`` (one per local expert) stacked on axis 0."""
+
+    keys: Tuple[str, ...]
+
+
+Source = Union[Take, StackOf]
+Plan = Dict[str, Source]
+
+SWITCH_TYPES = (SwitchGLU, SwitchMLP)
+# Names mlx-lm gives the input and output projections of a (shared) MLP.
+IN_PROJ = ("gate_proj", "up_proj", "fc1", "w1", "w3", "v1")
+OUT_PROJ = ("down_proj", "fc2", "w2")
+
+
+class ExpertParallelBlock:
+    """Mixin for an mlx-lm MoE block: the block on local experts, one all-reduce.
+
+    The block's own ``__call__`` routes (its router is replicated, so every
+    rank computes the same routing), runs the local experts and this rank's
+    slice of the shared experts, and returns this rank's partial sum.
+    """
+
+    def __call__(self, x, *args, **kwargs):
+        partial = super().__call__(x, *args, **kwargs)  # [..., D], this rank's share
+        return self.ep_comm.all_sum(partial)  # the one collective of this layer
+
+
+_EP_CLASSES = {}
+
+
+def _make_expert_parallel(block: nn.Module, comm) -> None:
+    cls = type(block)
+    if cls not in _EP_CLASSES:
+        _EP_CLASSES[cls] = type(
+            f"ExpertParallel{cls.__name__}", (ExpertParallelBlock, cls), {}
+        )
+    block.ep_comm = comm
+    block.__class__ = _EP_CLASSES[cls]
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    """What :func:`shard_structure` did, kept on the model as ``model.ep_info``."""
+
+    rank: int
+    size: int
+    num_moe_layers: int
+    placements: Tuple[ExpertPlacement, ...]
+
+
+@dataclass
+class MoEBlock:
+    """A MoE block found in a model: its path and the name of its switch layer."""
+
+    path: str
+    block: nn.Module
+    switch_name: str
+
+    @property
+    def switch(self) -> nn.Module:
+        return self.block[self.switch_name]
+
+    @property
+    def num_experts(self) -> int:
+        sizes = {a.shape[0] for _, a in tree_flatten(self.switch.parameters())}
+        if len(sizes) != 1:
+            raise ValueError(f"{self.path}: expert tensors disagree on experts: {sizes}")
+        return sizes.pop()
+
+
+def find_moe_blocks(model: nn.Module) -> List[MoEBlock]:
+    """Lists the MoE blocks of a model: modules with a switch-layer child."""
+    blocks = []
+    for path, module in model.named_modules():
+        for name, child in module.children().items():
+            if isinstance(child, SWITCH_TYPES):
+                blocks.append(MoEBlock(path, module, name))
+    return sorted(blocks, key=lambda b: b.path)
+
+
+def resolve_placement(
+    placement: Union[ExpertPlacement, str, None],
+    num_experts: int,
+    num_ranks: int,
+    weights: Optional[Sequence[float]] = None,
+) -> ExpertPlacement:
+    """Turns a placement argument into an :class:`ExpertPlacement`.
+
+    Args:
+        placement: An ``ExpertPlacement``; ``"contiguous"``, ``"round-robin"``
+            or a JSON file path; or ``None`` for contiguous blocks.
+        num_experts: Experts the router chooses from.
+        num_ranks: Ranks to place them on.
+        weights: Optional relative share per rank, e.g. ``[2, 1, 1]``.
+    """
+    if isinstance(placement, ExpertPlacement):
+        if (placement.num_experts, placement.num_ranks) != (num_experts, num_ranks):
+            raise ValueError(
+                f"placement is for num_experts={placement.num_experts}, "
+                f"num_ranks={placement.num_ranks}; the model has "
+                f"num_experts={num_experts} and the run has num_ranks={num_ranks}"
+            )
+        return placement
+    return ExpertPlacement.create(
+        num_experts, num_ranks, strategy=placement or "contiguous", weights=weights
+    )
+
+
+def _take(a: mx.array, axis: int, index: np.ndarray) -> mx.array:
+    if index.size and np.all(np.diff(index) == 1):
+        sl = (slice(None),) * axis + (slice(int(index[0]), int(index[-1]) + 1),)
+        return a[sl]
+    return mx.take(a, mx.array(index), axis=axis)
+
+
+def _shard_switch(moe: MoEBlock, placement: ExpertPlacement, rank: int) -> Plan:
+    """Keeps the rank's experts in the switch layer; returns their sources."""
+    switch, num_experts = moe.switch, moe.num_experts
+    local = np.asarray(placement.local_experts(rank), dtype=np.int64)
+    prefix = f"{moe.path}.{moe.switch_name}" if moe.path else moe.switch_name
+    # Adapters for models that store experts one module each (dbrx) say where
+    # expert e's tensors are; otherwise the checkpoint holds stacked tensors.
+    templates = getattr(moe.block, "ep_expert_keys", None)
+    plan, sliced = {}, []
+    for name, a in tree_flatten(switch.parameters()):
+        key = f"{prefix}.{name}"
+        if templates:
+            proj, leaf = name.rsplit(".", 1)
+            block_prefix = f"{moe.path}." if moe.path else ""
+            plan[key] = StackOf(
+                tuple(
+                    f"{block_prefix}{templates[proj].format(e=e)}.{leaf}"
+                    for e in local
+                )
+            )
+        else:
+            plan[key] = Take(key, 0, local)
+        sliced.append((name, _take(a, 0, local)))
+    switch.update(tree_unflatten(sliced))
+    make_local(switch, local, num_experts)
+    return plan
+
+
+def _linear_dims(m: nn.Module) -> Optional[Tuple[int, int]]:
+    """(in_dims, out_dims) of a float or quantized linear layer, else None."""
+    if isinstance(m, nn.QuantizedLinear):
+        return m.weight.shape[1] * 32 // m.bits, m.weight.shape[0]
+    if isinstance(m, nn.Linear):
+        return m.weight.shape[1], m.weight.shape[0]
+    return None
+
+
+def _split_bounds(mlp: nn.Module, rank: int, size: int) -> Optional[Tuple[int, int]]:
+    """This rank's [start, stop) of a shared MLP's intermediate dimension.
+
+    Returns None where the MLP is not a plain in-projections / elementwise /
+    out-projection MLP, or cannot be cut into ``size`` non-empty slices that
+    respect the quantization groups.
+    """
+    children = mlp.children()
+    outs = [n for n in children if n in OUT_PROJ]
+    ins = [n for n in children if n in IN_PROJ]
+    if len(outs) != 1 or not ins or len(ins) + 1 != len(children):
+        return None
+    dims = {n: _linear_dims(children[n]) for n in children}
+    if any(d is None for d in dims.values()):
+        return None
+    out = children[outs[0]]
+    inter = dims[outs[0]][0]
+    if any(dims[n][1] != inter for n in ins) or "bias" in out:
+        return None
+    unit = 1
+    if isinstance(out, nn.QuantizedLinear):
+        # A slice of the packed input axis must hold whole groups and words.
+        unit = out.group_size
+        if (unit * out.bits) % 32:
+            return None
+    if inter % unit or inter // unit < size:
+        return None
+    chunks = np.array_split(np.arange(inter // unit), size)[rank]
+    return int(chunks[0]) * unit, (int(chunks[-1]) + 1) * unit
+
+
+def _shard_shared(
+    block_path: str, name: str, mlp: nn.Module, rank: int, size: int
+) -> Optional[Plan]:
+    """Keeps this rank's slice of a shared MLP; None if it cannot be split."""
+    bounds = _split_bounds(mlp, rank, size)
+    if bounds is None:
+        return None
+    start, stop = bounds
+    prefix = f"{block_path}.{name}" if block_path else name
+    plan, sliced = {}, []
+    for pname, a in tree_flatten(mlp.parameters()):
+        proj, leaf = pname.split(".", 1)
+        lin = mlp[proj]
+        if proj in IN_PROJ:  # rows of the intermediate dimension
+            axis, lo, hi = 0, start, stop
+        elif leaf == "weight" and isinstance(lin, nn.QuantizedLinear):
+            axis, lo, hi = 1, start * lin.bits // 32, stop * lin.bits // 32
+        elif isinstance(lin, nn.QuantizedLinear):  # scales, biases: per group
+            axis, lo, hi = 1, start // lin.group_size, stop // lin.group_size
+        else:
+            axis, lo, hi = 1, start, stop
+        index = np.arange(lo, hi)
+        plan[f"{prefix}.{pname}"] = Take(f"{prefix}.{pname}", axis, index)
+        sliced.append((pname, _take(a, axis, index)))
+    mlp.update(tree_unflatten(sliced))
+    return plan
+
+
+class NoOutput(nn.Module):
+    """Stands in for a shared MLP on ranks that do not compute it."""
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return mx.zeros_like(x)
+
+
+def _shared_children(block: nn.Module) -> List[str]:
+    """Names of a block's shared-expert MLPs (``shared_expert(s)``, ``shared_mlp``)."""
+    return [
+        n
+        for n, c in block.children().items()
+        if n.startswith("shared") and not n.endswith("gate") and isinstance(c, nn.Module)
+    ]
+
+
+def shard_structure(
+    model: nn.Module,
+    comm,
+    placement: Union[ExpertPlacement, str, None] = None,
+    weights: Optional[Sequence[float]] = None,
+) -> Plan:
+    """Rewrites a model in place into this rank's expert-parallel shard.
+
+    Arrays are sliced lazily: on a model with real weights the caller
+    evaluates them (:func:`shard_experts`); :func:`moe_mpi.loading.load`
+    instead overwrites them with slices read from disk.
+
+    Returns:
+        The plan: for each sharded parameter path, where its values come from.
+
+    Raises:
+        ValueError: The model has no MoE block, or the placement cannot work.
+    """
+    convert_blocks(model)
+    blocks = find_moe_blocks(model)
+    if not blocks:
+        model_type = getattr(getattr(model, "args", None), "model_type", type(model).__name__)
+        raise ValueError(
+            f"model_type={model_type!r} has no MoE block (no SwitchGLU/SwitchMLP "
+            "layer): moe_mpi shards Mixture-of-Experts models only"
+        )
+    for moe in blocks:
+        if isinstance(moe.switch, LocalExperts):
+            raise ValueError(f"{moe.path} is already sharded")
+    rank, size = comm.rank, comm.size
+    plan: Plan = {}
+    placements = {}
+    for moe in blocks:
+        n = moe.num_experts
+        if n not in placements:
+            placements[n] = resolve_placement(placement, n, size, weights)
+        plan.update(_shard_switch(moe, placements[n], rank))
+        for name in _shared_children(moe.block):
+            shared_plan = _shard_shared(moe.path, name, moe.block[name], rank, size)
+            if shared_plan is not None:
+                plan.update(shared_plan)
+            else:
+                # Not splittable: the rank with the fewest experts computes it.
+                owner = int(np.argmin(placements[n].counts))
+                if rank != owner:
+                    setattr(moe.block, name, NoOutput())
+        _make_expert_parallel(moe.block, comm)
+    # A dataclass, not a tuple: nn.Module would take a tuple for parameters.
+    model.ep_info = ShardInfo(rank, size, len(blocks), tuple(placements.values()))
+    return plan
+
+
+def shard_experts(
+    model: nn.Module,
+    comm=None,
+    placement: Union[ExpertPlacement, str, None] = None,
+    weights: Optional[Sequence[float]] = None,
+) -> nn.Module:
+    """Shards an already built (and loaded) mlx-lm MoE model across ranks.
+
+    Each rank keeps its own experts and its slice of the shared experts, and
+    every MoE block ends in one all-reduce. The model stays an mlx-lm model:
+    ``mlx_lm.generate`` and prompt caches work with it unchanged.
+
+    Args:
+        model: An mlx-lm model with MoE blocks. It is changed in place.
+        comm: A :class:`moe_mpi.Communicator`; ``Communicator()`` if None.
+        placement: See :func:`resolve_placement`.
+        weights: Optional relative share of experts per rank.
+
+    Returns:
+        The same model, sharded.
+    """
+    if comm is None:
+        from .comm import Communicator
+
+        comm = Communicator()
+    shard_structure(model, comm, placement, weights)
+    mx.eval(model.parameters())
+    return model
