@@ -112,7 +112,11 @@ def _read(index: CheckpointIndex, raw: dict, tensors: dict, codes: dict, src) ->
     if isinstance(src, StackOf):
         if all(k in index for k in src.keys):
             return index.read_stack(src.keys)
-        missing = [k for k in src.keys if k not in index]
+        if all(k in tensors and k not in raw for k in src.keys):
+            # Made by sanitize from a fused tensor (dbrx's Hugging Face
+            # layout): correct, but evaluating them reads the fused tensor.
+            return mx.stack([tensors[k] for k in src.keys])
+        missing = [k for k in src.keys if k not in index and k not in tensors]
         raise CheckpointError(f"checkpoint has no tensor {missing[0]!r}")
     key = src.key
     if key in raw and tensors.get(key) is raw[key]:
@@ -159,7 +163,9 @@ def load_model(
         if k not in raw and v.ndim == 2 and v.shape[1] == 1 and v.dtype == mx.float32 and names:
             codes[k] = [names[int(c)] for c in np.asarray(v).reshape(-1)]
 
-    _quantize(model, config, tensors)
+    # The quantization predicate reads shapes: give it the real (lazy, unread)
+    # arrays where sanitize passed a per-expert tensor through unchanged.
+    _quantize(model, config, {**tensors, **{k: raw[k] for k in names if k in tensors}})
     model.eval()
     plan: Plan = shard_structure(model, comm, placement, weights)
 

@@ -1,0 +1,813 @@
+"""Tiny random-weight MoE checkpoints in the on-disk format mlx-lm loads.
+
+The checkpoints written here need no network: ``mlx_lm.load(path)`` (or
+``mlx_lm.utils.load``) reads them like any local model directory. They are
+used by the tests (tiny shapes) and by benchmarks (bigger shapes through
+``tiny_config(arch, **overrides)``).
+
+Weights come from the real mlx-lm model class of each architecture, so the
+parameter names and shapes are exactly the ones mlx-lm expects. Every
+parameter is redrawn from a key derived from ``(seed, name)``, which makes
+its value independent of construction order and of the expert layout on disk.
+The scales are chosen so that router logits and output logits are well
+spread: greedy decoding should then have no near-ties that a 1e-4 numerical
+difference (e.g. a different summation order across ranks) could flip.
+
+Expert layouts (``expert_format``):
+
+* ``"stacked"``: the mlx-community layout, one ``switch_mlp.{gate,up,down}_proj``
+  tensor of shape ``[E, out, in]`` per layer. For dbrx, whose mlx-lm model
+  keeps a list of per-expert MLPs, "stacked" means the Hugging Face fused
+  layout ``ffn.experts.mlp.{w1,v1,w2}`` of shape ``[E * ffn, d_model]`` (w2
+  stored transposed), which dbrx's ``sanitize()`` splits (unquantized only).
+* ``"per_expert"``: the Hugging Face layout, one tensor per expert, e.g.
+  ``mlp.experts.{e}.gate_proj.weight`` or, for mixtral,
+  ``block_sparse_moe.experts.{e}.w1.weight``. Each model's ``sanitize()``
+  restacks them. For dbrx this is the layout mlx-lm itself saves
+  (``ffn.experts.{e}.w1.weight``). For deepseek_v3 (unquantized) the MLA
+  ``embed_q``/``unembed_out`` pair is also written back as the Hugging Face
+  ``kv_b_proj`` that its ``sanitize()`` splits.
+* ``"native"``: whatever mlx-lm's own ``save_model`` would write
+  (``"per_expert"`` for dbrx, ``"stacked"`` otherwise).
+
+Note: on the mlx CPU backend (0.32) ``gather_mm`` supports float32 only, so
+an unquantized bfloat16/float16 checkpoint of a ``SwitchGLU`` model writes and
+loads but cannot run a forward pass on CPU; quantized ones (``gather_qmm``)
+run in any dtype.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import json
+import math
+import re
+import zlib
+from pathlib import Path
+from typing import Any, Dict, Iterable, List, Optional, Tuple, Union
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten, tree_unflatten
+
+ARCHITECTURES = ("mixtral", "qwen3_moe", "qwen2_moe", "deepseek_v3", "dbrx", "olmoe")
+
+EXPERT_FORMATS = ("stacked", "per_expert", "native")
+
+# Std of a router logit is ROUTER_GAIN (inputs are RMS-normalised to ~1), so
+# softmax routing is decisive and top-k has no near-ties.
+ROUTER_GAIN = 4.0
+# deepseek_v3 scores experts with a sigmoid: keep its logits in the sigmoid's
+# sensitive range or many scores saturate at ~1.0 and tie.
+SIGMOID_ROUTER_GAIN = 2.0
+E_SCORE_BIAS_STD = 0.1
+# Std of an output logit is ~LM_HEAD_GAIN: a wide spread keeps the top-2 gap
+# of greedy decoding far above float32 noise.
+LM_HEAD_GAIN = 16.0
+NORM_NOISE = 0.1
+BIAS_STD = 0.1
+
+_SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+_EOS_TOKEN = "<|endoftext|>"
+_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content']"
+    " + '<|im_end|>' + '\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+# Short built-in text to train the offline tokenizer on.
+_CORPUS = """\
+hello world. the quick brown fox jumps over the lazy dog.
+a mixture of experts model routes every token to a few experts out of many.
+each expert is a small feed forward network; a router picks the top experts
+and mixes their outputs with the router weights. expert parallel inference
+places different experts on different machines and sends the tokens to them.
+message passing moves the hidden states between the ranks, then the results
+are gathered and summed. the attention layers stay the same on every rank.
+numbers 0 1 2 3 4 5 6 7 8 9 10 100 1000 and symbols , . ; : ! ? ( ) [ ] { }
+once upon a time there was a small model with random weights that wrote
+random words, and everyone was happy because the tests passed on the first try.
+"""
+
+_TINY_CONFIGS: Dict[str, Dict[str, Any]] = {
+    "mixtral": {
+        "architectures": ["MixtralForCausalLM"],
+        "model_type": "mixtral",
+        "vocab_size": 512,
+        "hidden_size": 64,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "num_local_experts": 8,
+        "num_experts_per_tok": 2,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 1e6,
+        "max_position_embeddings": 4096,
+        "tie_word_embeddings": False,
+    },
+    "qwen3_moe": {
+        "architectures": ["Qwen3MoeForCausalLM"],
+        "model_type": "qwen3_moe",
+        "vocab_size": 512,
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "moe_intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 16,
+        "num_experts": 8,
+        "num_experts_per_tok": 2,
+        "decoder_sparse_step": 1,
+        "mlp_only_layers": [],
+        "norm_topk_prob": True,
+        "rms_norm_eps": 1e-6,
+        "rope_theta": 1e6,
+        "max_position_embeddings": 4096,
+        "tie_word_embeddings": False,
+    },
+    "qwen2_moe": {
+        "architectures": ["Qwen2MoeForCausalLM"],
+        "model_type": "qwen2_moe",
+        "vocab_size": 512,
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "moe_intermediate_size": 64,
+        "shared_expert_intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "num_experts": 8,
+        "num_experts_per_tok": 2,
+        "rms_norm_eps": 1e-6,
+        "rope_theta": 1e6,
+        "max_position_embeddings": 4096,
+        "tie_word_embeddings": False,
+    },
+    "deepseek_v3": {
+        "architectures": ["DeepseekV3ForCausalLM"],
+        "model_type": "deepseek_v3",
+        "vocab_size": 512,
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "moe_intermediate_size": 64,
+        "num_hidden_layers": 3,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 4,
+        "n_shared_experts": 1,
+        "n_routed_experts": 8,
+        "num_experts_per_tok": 2,
+        "routed_scaling_factor": 2.5,
+        "scoring_func": "sigmoid",
+        "topk_method": "noaux_tc",
+        "norm_topk_prob": True,
+        "n_group": 4,
+        "topk_group": 2,
+        "first_k_dense_replace": 1,
+        "moe_layer_freq": 1,
+        "kv_lora_rank": 32,
+        "q_lora_rank": 32,
+        "qk_rope_head_dim": 16,
+        "qk_nope_head_dim": 32,
+        "v_head_dim": 32,
+        "rms_norm_eps": 1e-6,
+        "rope_theta": 10000.0,
+        "rope_scaling": None,
+        "attention_bias": False,
+        "max_position_embeddings": 4096,
+        "tie_word_embeddings": False,
+    },
+    "dbrx": {
+        "architectures": ["DbrxForCausalLM"],
+        "model_type": "dbrx",
+        "vocab_size": 512,
+        "d_model": 64,
+        "n_layers": 2,
+        "n_heads": 4,
+        "max_seq_len": 4096,
+        "attn_config": {"kv_n_heads": 2, "clip_qkv": 8.0, "rope_theta": 500000.0},
+        "ffn_config": {
+            "ffn_hidden_size": 64,
+            "moe_num_experts": 8,
+            "moe_top_k": 2,
+        },
+        "tie_word_embeddings": False,
+    },
+    "olmoe": {
+        "architectures": ["OlmoeForCausalLM"],
+        "model_type": "olmoe",
+        "vocab_size": 512,
+        "hidden_size": 64,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 4,
+        "num_experts": 8,
+        "num_experts_per_tok": 2,
+        "norm_topk_prob": False,
+        "attention_bias": False,
+        "mlp_bias": False,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 10000.0,
+        "max_position_embeddings": 4096,
+        "tie_word_embeddings": False,
+    },
+}
+
+# Generic override names -> the architecture's own config key ("a.b" nests).
+_ALIASES: Dict[str, Dict[str, str]] = {
+    "mixtral": {
+        "num_experts": "num_local_experts",
+        "moe_intermediate_size": "intermediate_size",
+    },
+    "qwen3_moe": {},
+    "qwen2_moe": {},
+    "deepseek_v3": {"num_experts": "n_routed_experts"},
+    "olmoe": {"moe_intermediate_size": "intermediate_size"},
+    "dbrx": {
+        "hidden_size": "d_model",
+        "num_hidden_layers": "n_layers",
+        "num_attention_heads": "n_heads",
+        "num_key_value_heads": "attn_config.kv_n_heads",
+        "num_experts": "ffn_config.moe_num_experts",
+        "num_experts_per_tok": "ffn_config.moe_top_k",
+        "moe_intermediate_size": "ffn_config.ffn_hidden_size",
+        "max_position_embeddings": "max_seq_len",
+    },
+}
+
+
+# --------------------------------------------------------------------------
+# Configs
+# --------------------------------------------------------------------------
+
+
+def tiny_config(arch: str, **overrides: Any) -> Dict[str, Any]:
+    """Returns a tiny Hugging Face style ``config.json`` dict for ``arch``.
+
+    Besides the architecture's own keys, a few generic names are accepted for
+    every architecture and mapped to its own key: ``hidden_size``,
+    ``num_hidden_layers``, ``num_attention_heads``, ``num_key_value_heads``,
+    ``num_experts``, ``num_experts_per_tok``, ``moe_intermediate_size``
+    (e.g. ``num_experts`` -> ``num_local_experts`` for mixtral,
+    ``ffn_config.moe_num_experts`` for dbrx). Dict values (dbrx's
+    ``ffn_config``/``attn_config``) are merged, not replaced.
+
+    Args:
+        arch: One of ``ARCHITECTURES`` (an mlx-lm ``model_type``).
+        **overrides: Config keys to change, e.g. ``hidden_size=1024``.
+
+    Returns:
+        A new config dict.
+
+    Raises:
+        ValueError: If ``arch`` is unknown.
+    """
+    if arch not in _TINY_CONFIGS:
+        raise ValueError(f"Unknown arch {arch!r}; expected one of {ARCHITECTURES}")
+    config = copy.deepcopy(_TINY_CONFIGS[arch])
+    aliases = _ALIASES[arch]
+    for key, value in overrides.items():
+        _set_nested(config, aliases.get(key, key), copy.deepcopy(value))
+    # qwen3_moe keeps head_dim explicit; follow the hidden size unless given.
+    if arch == "qwen3_moe" and "head_dim" not in overrides:
+        config["head_dim"] = config["hidden_size"] // config["num_attention_heads"]
+    return config
+
+
+def _set_nested(config: Dict[str, Any], dotted_key: str, value: Any) -> None:
+    """Sets ``config[a][b] = value`` for ``"a.b"``, merging dict values."""
+    *parents, leaf = dotted_key.split(".")
+    node = config
+    for name in parents:
+        node = node.setdefault(name, {})
+    if isinstance(value, dict) and isinstance(node.get(leaf), dict):
+        node[leaf].update(value)
+    else:
+        node[leaf] = value
+
+
+def _num_experts(config: Dict[str, Any]) -> int:
+    """Returns the number of routed experts of a config of any arch."""
+    for key in ("num_local_experts", "num_experts", "n_routed_experts"):
+        if config.get(key):
+            return config[key]
+    return config["ffn_config"]["moe_num_experts"]
+
+
+# --------------------------------------------------------------------------
+# Weights
+# --------------------------------------------------------------------------
+
+
+def _key(seed: int, name: str) -> mx.array:
+    """A PRNG key for one parameter: independent of any other parameter."""
+    return mx.random.key(((seed & 0xFFFFFFFF) << 32) | zlib.crc32(name.encode()))
+
+
+def _module_paths(model: nn.Module, types: Tuple[type, ...]) -> set:
+    """Returns the dotted paths of the submodules that are instances of types."""
+    return {path for path, m in model.named_modules() if isinstance(m, types)}
+
+
+_ROUTER_RE = re.compile(r"(\.gate|\.router\.layer)\.weight$")
+
+
+def _random_value(
+    name: str,
+    shape: Tuple[int, ...],
+    key: mx.array,
+    *,
+    is_norm: bool,
+    is_embedding: bool,
+    router_gain: float,
+) -> mx.array:
+    """Draws one parameter; the scale depends on the role of the parameter."""
+    noise = mx.random.normal(shape, key=key)
+    if is_norm:
+        # Non-trivial norm weights, so a wrong or missing norm shows up.
+        return 1.0 + NORM_NOISE * noise if name.endswith("weight") else BIAS_STD * noise
+    if name.endswith("e_score_correction_bias"):
+        return E_SCORE_BIAS_STD * noise
+    if name.endswith("bias"):
+        return BIAS_STD * noise
+    if is_embedding:
+        return noise
+    fan_in = shape[-1]
+    if name == "lm_head.weight":
+        return noise * (LM_HEAD_GAIN / math.sqrt(fan_in))
+    if _ROUTER_RE.search(name):
+        return noise * (router_gain / math.sqrt(fan_in))
+    return noise / math.sqrt(fan_in)
+
+
+def randomize_parameters(model: nn.Module, config: Dict[str, Any], seed: int) -> None:
+    """Redraws every parameter of ``model`` in place (float32).
+
+    Args:
+        model: An mlx-lm model, not yet quantized.
+        config: Its config (selects the router scale).
+        seed: Base seed; each parameter uses a key from ``(seed, name)``.
+    """
+    norms = _module_paths(model, (nn.RMSNorm, nn.LayerNorm))
+    embeddings = _module_paths(model, (nn.Embedding,))
+    sigmoid = config.get("scoring_func") == "sigmoid"
+    router_gain = SIGMOID_ROUTER_GAIN if sigmoid else ROUTER_GAIN
+    new_params = []
+    for name, value in tree_flatten(model.parameters()):
+        owner = name.rsplit(".", 1)[0]
+        new = _random_value(
+            name,
+            value.shape,
+            _key(seed, name),
+            is_norm=owner in norms,
+            is_embedding=owner in embeddings,
+            router_gain=router_gain,
+        )
+        new_params.append((name, new.astype(mx.float32)))
+        # Evaluate as we go so a large model never holds two lazy graphs.
+        mx.eval(new_params[-1][1])
+    model.update(tree_unflatten(new_params))
+
+
+def _cast(model: nn.Module, dtype: str) -> None:
+    """Casts floating parameters to ``dtype`` as ``mlx_lm.convert`` does."""
+    target = getattr(mx, dtype)
+    keep = getattr(model, "cast_predicate", lambda _: True)
+    params = [
+        (k, v.astype(target) if keep(k) and mx.issubdtype(v.dtype, mx.floating) else v)
+        for k, v in tree_flatten(model.parameters())
+    ]
+    model.update(tree_unflatten(params))
+
+
+def build_model(
+    config: Dict[str, Any],
+    *,
+    seed: int = 0,
+    dtype: str = "float32",
+    quantize: Optional[int] = None,
+    group_size: int = 32,
+) -> Tuple[nn.Module, Dict[str, Any]]:
+    """Builds a random mlx-lm model and the config to save next to it.
+
+    Args:
+        config: HF-style config (see ``tiny_config``).
+        seed: Weight seed.
+        dtype: ``"float32"``, ``"bfloat16"`` or ``"float16"``.
+        quantize: ``None``, 4 or 8 (mlx affine quantization).
+        group_size: Quantization group size (32 or 64).
+
+    Returns:
+        ``(model, config)``; the config has ``quantization`` when quantized.
+    """
+    from mlx_lm.utils import _get_classes, quantize_model
+
+    config = copy.deepcopy(config)
+    config["torch_dtype"] = dtype
+    model_class, args_class = _get_classes(config)
+    mx.random.seed(seed)
+    model = model_class(args_class.from_dict(config))
+    randomize_parameters(model, config, seed)
+    if dtype != "float32":
+        _cast(model, dtype)
+    if quantize is not None:
+        if quantize not in (4, 8):
+            raise ValueError(f"quantize must be None, 4 or 8, not {quantize!r}")
+        # quantize_model prints a bits-per-weight line; keep test output clean.
+        with contextlib.redirect_stdout(io.StringIO()):
+            model, config = quantize_model(
+                model, config, group_size=group_size, bits=quantize
+            )
+    mx.eval(model.parameters())
+    return model, config
+
+
+# --------------------------------------------------------------------------
+# Expert layouts
+# --------------------------------------------------------------------------
+
+# (layer-container prefix, MoE block name, {switch_mlp proj: per-expert name})
+_PER_EXPERT_NAMES: Dict[str, Tuple[str, Dict[str, str]]] = {
+    "mixtral": (
+        "block_sparse_moe",
+        {"gate_proj": "w1", "down_proj": "w2", "up_proj": "w3"},
+    ),
+    "qwen3_moe": ("mlp", {p: p for p in ("gate_proj", "down_proj", "up_proj")}),
+    "qwen2_moe": ("mlp", {p: p for p in ("gate_proj", "down_proj", "up_proj")}),
+    "deepseek_v3": ("mlp", {p: p for p in ("gate_proj", "down_proj", "up_proj")}),
+    "olmoe": ("mlp", {p: p for p in ("gate_proj", "down_proj", "up_proj")}),
+}
+
+_SWITCH_RE = re.compile(
+    r"^(?P<prefix>.*)\.switch_mlp\.(?P<proj>gate_proj|up_proj|down_proj)"
+    r"\.(?P<kind>weight|scales|biases|bias)$"
+)
+
+
+def _unstack_experts(arch: str, weights: Dict[str, mx.array]) -> Dict[str, mx.array]:
+    """Splits ``switch_mlp`` tensors into Hugging Face per-expert tensors.
+
+    A Linear ``bias`` of the experts (olmoe ``mlp_bias``) stays stacked:
+    no ``sanitize()`` restacks per-expert biases.
+    """
+    block, names = _PER_EXPERT_NAMES[arch]
+    out: Dict[str, mx.array] = {}
+    for key, value in weights.items():
+        match = _SWITCH_RE.match(key)
+        if match is None or match["kind"] == "bias":
+            out[key] = value
+            continue
+        prefix = match["prefix"]
+        assert prefix.endswith(block), key
+        for e in range(value.shape[0]):
+            name = f"{prefix}.experts.{e}.{names[match['proj']]}.{match['kind']}"
+            out[name] = value[e]
+    return out
+
+
+def _to_kv_b_proj(
+    config: Dict[str, Any], weights: Dict[str, mx.array]
+) -> Dict[str, mx.array]:
+    """Rebuilds deepseek's HF ``kv_b_proj`` from mlx's ``embed_q``/``unembed_out``.
+
+    The inverse of the split in ``deepseek_v3.Model.sanitize``: per head, the
+    rows are ``qk_nope_head_dim`` key rows then ``v_head_dim`` value rows.
+    """
+    out: Dict[str, mx.array] = {}
+    for key, value in weights.items():
+        if key.endswith(".unembed_out.weight"):
+            continue
+        if not key.endswith(".embed_q.weight"):
+            out[key] = value
+            continue
+        prefix = key[: -len(".embed_q.weight")]
+        wk = value.swapaxes(-1, -2)  # [H, nope, kv_lora]
+        wv = weights[f"{prefix}.unembed_out.weight"]  # [H, v_head, kv_lora]
+        fused = mx.concatenate([wk, wv], axis=1)
+        out[f"{prefix}.kv_b_proj.weight"] = fused.reshape(-1, config["kv_lora_rank"])
+    return out
+
+
+_DBRX_EXPERT_RE = re.compile(
+    r"^(?P<prefix>.*\.ffn\.experts)\.(?P<e>\d+)\.(?P<w>w1|v1|w2)\.weight$"
+)
+
+
+def _fuse_dbrx_experts(weights: Dict[str, mx.array]) -> Dict[str, mx.array]:
+    """Fuses dbrx per-expert MLPs into the HF ``ffn.experts.mlp.{w1,v1,w2}``.
+
+    Each fused tensor is ``[E * ffn, d_model]``; HF stores ``w2`` transposed.
+    """
+    out: Dict[str, mx.array] = {}
+    groups: Dict[str, List[Tuple[int, mx.array]]] = {}
+    for key, value in weights.items():
+        match = _DBRX_EXPERT_RE.match(key)
+        if match is None:
+            out[key] = value
+            continue
+        fused_key = f"{match['prefix']}.mlp.{match['w']}"
+        if fused_key not in groups:
+            groups[fused_key] = []
+            out[fused_key] = None  # keep the key's place in the order
+        part = value.T if match["w"] == "w2" else value
+        groups[fused_key].append((int(match["e"]), part))
+    for fused_key, parts in groups.items():
+        out[fused_key] = mx.concatenate([p for _, p in sorted(parts, key=lambda t: t[0])])
+    return out
+
+
+def _resolve_format(arch: str, expert_format: str) -> str:
+    """Maps ``"native"`` to the layout mlx-lm itself saves for ``arch``."""
+    if expert_format not in EXPERT_FORMATS:
+        raise ValueError(
+            f"expert_format must be one of {EXPERT_FORMATS}, not {expert_format!r}"
+        )
+    if expert_format == "native":
+        return "per_expert" if arch == "dbrx" else "stacked"
+    return expert_format
+
+
+def to_expert_format(
+    arch: str,
+    config: Dict[str, Any],
+    weights: Dict[str, mx.array],
+    expert_format: str,
+) -> Dict[str, mx.array]:
+    """Rewrites mlx-lm model weights into the requested expert layout.
+
+    Args:
+        arch: The mlx-lm model_type.
+        config: The config to be saved (``quantization`` tells if quantized).
+        weights: ``tree_flatten(model.parameters())`` as a dict.
+        expert_format: ``"stacked"``, ``"per_expert"`` or ``"native"``.
+
+    Returns:
+        The weights to write, in a layout the model's ``sanitize()`` reads.
+
+    Raises:
+        ValueError: For a layout mlx-lm cannot load back (dbrx fused or
+            qwen3_moe per-expert, quantized).
+    """
+    expert_format = _resolve_format(arch, expert_format)
+    quantized = "quantization" in config
+    if arch == "dbrx":
+        if expert_format == "per_expert":
+            return weights
+        if quantized:
+            raise ValueError(
+                "dbrx 'stacked' is the HF fused layout, which dbrx sanitize() "
+                "only reads unquantized; use expert_format='per_expert'"
+            )
+        return _fuse_dbrx_experts(weights)
+    if expert_format == "stacked":
+        return weights
+    if quantized and arch == "qwen3_moe":
+        raise ValueError(
+            "qwen3_moe sanitize() restacks only '.weight' per-expert tensors; "
+            "a quantized qwen3_moe needs expert_format='stacked'"
+        )
+    weights = _unstack_experts(arch, weights)
+    if arch == "deepseek_v3" and not quantized:
+        # Quantized kv_b_proj would be dequantized and requantized by
+        # sanitize(), changing the values, so keep mlx's split form then.
+        weights = _to_kv_b_proj(config, weights)
+    return weights
+
+
+# --------------------------------------------------------------------------
+# Writing
+# --------------------------------------------------------------------------
+
+
+def _make_shards(
+    weights: Dict[str, mx.array], max_shard_bytes: Optional[int]
+) -> List[Dict[str, mx.array]]:
+    """Greedy split in order, as ``mlx_lm.utils.make_shards`` but in bytes."""
+    if max_shard_bytes is None:
+        return [dict(weights)]
+    shards: List[Dict[str, mx.array]] = []
+    size = 0
+    for key, value in weights.items():
+        if not shards or size + value.nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][key] = value
+        size += value.nbytes
+    return shards
+
+
+def write_weights(
+    path: Path,
+    weights: Dict[str, mx.array],
+    *,
+    max_shard_bytes: Optional[int] = None,
+    total_parameters: Optional[int] = None,
+) -> List[Path]:
+    """Writes safetensors shards and ``model.safetensors.index.json``.
+
+    File names and index follow ``mlx_lm.utils.save_model``: one
+    ``model.safetensors``, or ``model-0000i-of-0000n.safetensors`` when split.
+    Old ``model*.safetensors`` in ``path`` are removed first, because mlx-lm
+    loads every file matching that pattern.
+
+    Args:
+        path: Output directory (created).
+        weights: Name -> array, in the order to write.
+        max_shard_bytes: Split so each file holds at most this many bytes of
+            tensors (a bigger tensor gets a file of its own). None: one file.
+        total_parameters: For the index metadata.
+
+    Returns:
+        The shard paths written.
+    """
+    path.mkdir(parents=True, exist_ok=True)
+    for old in path.glob("model*.safetensors"):
+        old.unlink()
+    shards = _make_shards(weights, max_shard_bytes)
+    count = len(shards)
+    index: Dict[str, Any] = {
+        "metadata": {"total_size": sum(v.nbytes for v in weights.values())},
+        "weight_map": {},
+    }
+    if total_parameters is not None:
+        index["metadata"]["total_parameters"] = total_parameters
+    files = []
+    for i, shard in enumerate(shards):
+        name = "model.safetensors"
+        if count > 1:
+            name = f"model-{i + 1:05d}-of-{count:05d}.safetensors"
+        mx.save_safetensors(str(path / name), shard, metadata={"format": "mlx"})
+        index["weight_map"].update({k: name for k in shard})
+        files.append(path / name)
+    index["weight_map"] = dict(sorted(index["weight_map"].items()))
+    with open(path / "model.safetensors.index.json", "w") as f:
+        json.dump(index, f, indent=4)
+    return files
+
+
+def write_checkpoint(
+    path: Union[str, Path],
+    arch_or_config: Union[str, Dict[str, Any]],
+    *,
+    seed: int = 0,
+    dtype: str = "float32",
+    quantize: Optional[int] = None,
+    group_size: int = 32,
+    expert_format: str = "stacked",
+    max_shard_bytes: Optional[int] = None,
+    tokenizer: bool = True,
+) -> Path:
+    """Writes a random-weight checkpoint that ``mlx_lm.load(path)`` loads.
+
+    Args:
+        path: Output directory (created; old weight files are replaced).
+        arch_or_config: An arch name (uses ``tiny_config(arch)``) or a config
+            dict with ``model_type``.
+        seed: Weight seed; the same seed gives the same model in any layout.
+        dtype: Dtype of the unquantized parameters.
+        quantize: ``None``, 4 or 8 bits (mlx affine, via
+            ``mlx_lm.utils.quantize_model``, so ``config.json`` gets the
+            ``quantization`` key exactly as mlx-lm writes it).
+        group_size: Quantization group size (32 or 64).
+        expert_format: ``"stacked"``, ``"per_expert"`` or ``"native"`` (see
+            the module docstring).
+        max_shard_bytes: Split the weights into several files of at most
+            this many bytes each. None: one file.
+        tokenizer: Also write an offline tokenizer.
+
+    Returns:
+        The checkpoint directory.
+    """
+    from mlx_lm.utils import get_total_parameters, save_config
+
+    path = Path(path)
+    if isinstance(arch_or_config, str):
+        config = tiny_config(arch_or_config)
+    else:
+        config = copy.deepcopy(arch_or_config)
+    arch = config["model_type"]
+    expert_format = _resolve_format(arch, expert_format)
+    model, config = build_model(
+        config, seed=seed, dtype=dtype, quantize=quantize, group_size=group_size
+    )
+    weights = dict(tree_flatten(model.parameters()))
+    weights = to_expert_format(arch, config, weights, expert_format)
+    write_weights(
+        path,
+        weights,
+        max_shard_bytes=max_shard_bytes,
+        total_parameters=get_total_parameters(model),
+    )
+    del model, weights
+    if tokenizer:
+        config["eos_token_id"] = write_tokenizer(path, config["vocab_size"])
+    save_config(config, config_path=path / "config.json")
+    return path
+
+
+# --------------------------------------------------------------------------
+# Tokenizer
+# --------------------------------------------------------------------------
+
+
+def _corpus_lines() -> Iterable[str]:
+    """The built-in training text, plus a few variants for more merges."""
+    lines = [line for line in _CORPUS.splitlines() if line]
+    yield from lines
+    yield from (line.upper() for line in lines)
+    yield from (line.title() for line in lines)
+
+
+def _train_tokenizer(vocab_size: int):
+    """Trains a small BPE tokenizer in code (no files, no network).
+
+    Byte-level BPE (any text encodes) when the vocab has room for the 256
+    byte tokens; otherwise a character-level BPE with an ``<unk>`` token.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    specials = list(_SPECIAL_TOKENS)
+    byte_level = vocab_size >= 256 + len(specials)
+    if byte_level:
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        alphabet = pre_tokenizers.ByteLevel.alphabet()
+    else:
+        specials.append("<unk>")
+        tok = Tokenizer(models.BPE(unk_token="<unk>"))
+        tok.pre_tokenizer = pre_tokenizers.Metaspace()
+        tok.decoder = decoders.Metaspace()
+        alphabet = []
+    # A character-level vocab must leave room for the specials.
+    limit = {} if byte_level else {"limit_alphabet": max(vocab_size - len(specials), 1)}
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=specials,
+        initial_alphabet=alphabet,
+        show_progress=False,
+        **limit,
+    )
+    tok.train_from_iterator(_corpus_lines(), trainer)
+    return tok, byte_level
+
+
+def _pad_vocab(tokenizer_json: Dict[str, Any], vocab_size: int) -> None:
+    """Fills unused ids with ``<extra_i>`` vocab entries.
+
+    Random models emit every id below ``vocab_size``; giving each one a
+    token keeps decoding well defined. ASCII names decode to themselves in
+    the byte-level decoder.
+    """
+    vocab = tokenizer_json["model"]["vocab"]
+    used = set(vocab.values()) | {t["id"] for t in tokenizer_json["added_tokens"]}
+    for i in range(vocab_size):
+        if i not in used:
+            vocab[f"<extra_{i}>"] = i
+
+
+def write_tokenizer(path: Union[str, Path], vocab_size: int) -> int:
+    """Writes an offline ``tokenizer.json`` + ``tokenizer_config.json``.
+
+    The tokenizer is a BPE trained in code on a short built-in text; ids run
+    over exactly ``[0, vocab_size)``. ``mlx_lm.utils.load_tokenizer(path)``
+    loads it; its config has a ChatML ``chat_template``.
+
+    Args:
+        path: Output directory (created).
+        vocab_size: The model's vocab size; every token id is below it.
+
+    Returns:
+        The eos token id.
+    """
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tok, byte_level = _train_tokenizer(vocab_size)
+    tokenizer_json = json.loads(tok.to_str())
+    _pad_vocab(tokenizer_json, vocab_size)
+    with open(path / "tokenizer.json", "w", encoding="utf-8") as f:
+        json.dump(tokenizer_json, f, ensure_ascii=False)
+    eos_id = tok.token_to_id(_EOS_TOKEN)
+    tokenizer_config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "eos_token": _EOS_TOKEN,
+        "pad_token": _EOS_TOKEN,
+        "bos_token": None,
+        "unk_token": None if byte_level else "<unk>",
+        "add_bos_token": False,
+        "add_eos_token": False,
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": 1 << 20,
+        "chat_template": _CHAT_TEMPLATE,
+    }
+    with open(path / "tokenizer_config.json", "w", encoding="utf-8") as f:
+        json.dump(tokenizer_config, f, indent=2)
+    with open(path / "special_tokens_map.json", "w", encoding="utf-8") as f:
+        json.dump({"eos_token": _EOS_TOKEN, "pad_token": _EOS_TOKEN}, f, indent=2)
+    return eos_id
