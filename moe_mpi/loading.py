@@ -172,7 +172,11 @@ def load_model(
     params = []
     for path, _ in tree_flatten(model.parameters()):
         if path in plan:
-            params.append((path, _read(index, raw, tensors, codes, plan[path])))
+            arr = _read(index, raw, tensors, codes, plan[path])
+            # Evaluate now: a lazy stack or take would keep its inputs (every
+            # expert's piece, or a whole tensor) alive until the end.
+            mx.eval(arr)
+            params.append((path, arr))
         elif path in tensors and path not in codes:
             params.append((path, tensors[path]))
         else:

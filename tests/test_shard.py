@@ -1,0 +1,136 @@
+"""The sharding pass in one process: the partial-sum contract, block by block.
+
+N rank shards of a model are built side by side with a stand-in
+communicator whose all-reduce returns its input, so each MoE block returns
+its rank's partial sum. Summed over ranks, the partials must equal the
+unsharded block. (The real multi-rank runs are in test_equivalence.py.)
+"""
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+from mlx_lm.utils import _get_classes
+
+from moe_mpi import ExpertPlacement, shard_experts
+from moe_mpi.shard import NoOutput, find_moe_blocks, shard_structure
+from moe_mpi.synthetic import ARCHITECTURES, build_model, tiny_config
+
+from configs import EXTRA_CONFIGS
+
+
+class LocalComm:
+    """One rank of a simulated group: all_sum returns the partial sum."""
+
+    def __init__(self, rank: int, size: int):
+        self.rank, self.size, self.calls = rank, size, 0
+
+    def all_sum(self, x):
+        self.calls += 1
+        return x
+
+
+CONFIGS = {arch: tiny_config(arch) for arch in ARCHITECTURES} | EXTRA_CONFIGS
+
+
+def _model(config: dict, quantize=None) -> nn.Module:
+    model, _ = build_model(config, seed=3, quantize=quantize)
+    mx.eval(model.parameters())
+    return model
+
+
+def _rank_models(config, size, quantize=None, **kw):
+    models = []
+    for rank in range(size):
+        model = _model(config, quantize)
+        comm = LocalComm(rank, size)
+        shard_structure(model, comm, **kw)
+        mx.eval(model.parameters())
+        models.append((model, comm))
+    return models
+
+
+def _block_inputs(model, seed=0):
+    # The blocks' own inputs: [1, 5, D] activations.
+    hidden = model.args.hidden_size if hasattr(model.args, "hidden_size") else model.args.d_model
+    return mx.random.normal((1, 5, hidden), key=mx.random.key(seed))
+
+
+@pytest.mark.parametrize("quantize", [None, 4])
+@pytest.mark.parametrize("size", [1, 2, 3])
+@pytest.mark.parametrize("arch", sorted(CONFIGS))
+def test_partial_sums_add_up_to_the_block(arch, size, quantize):
+    config = CONFIGS[arch]
+    ref = _model(config, quantize)
+    from moe_mpi.adapters import convert_blocks
+
+    convert_blocks(ref)  # dbrx: the stacked equivalent of its block
+    x = _block_inputs(ref)
+    expected = [b.block(x) for b in find_moe_blocks(ref)]
+    ranks = _rank_models(config, size, quantize)
+    partials = [[b.block(x) for b in find_moe_blocks(m)] for m, _ in ranks]
+    for i, want in enumerate(expected):
+        got = sum(p[i] for p in partials)
+        np.testing.assert_allclose(np.array(got), np.array(want), rtol=1e-5, atol=1e-5)
+    for model, comm in ranks:  # one all-reduce per MoE block per call
+        assert comm.calls == len(expected)
+
+
+def test_experts_are_stacked_and_split_by_placement():
+    config = CONFIGS["mixtral"]
+    placement = ExpertPlacement.weighted(8, [2, 1, 1])
+    for (model, _), rank in zip(_rank_models(config, 3, placement=placement), range(3)):
+        local = placement.local_experts(rank)
+        for b in find_moe_blocks(model):
+            assert b.switch.ep_experts == local
+            assert b.switch.gate_proj.weight.shape[0] == len(local)  # one stacked tensor
+        assert model.ep_info.placements == (placement,)
+
+
+def test_shared_expert_split_along_intermediate():
+    config = CONFIGS["qwen2_moe"]
+    inter = config["shared_expert_intermediate_size"]
+    rows = []
+    for model, _ in _rank_models(config, 2):
+        shared = find_moe_blocks(model)[0].block.shared_expert
+        rows.append(shared.gate_proj.weight.shape[0])
+        assert shared.down_proj.weight.shape[1] == shared.gate_proj.weight.shape[0]
+    assert sum(rows) == inter and max(rows) - min(rows) <= 1
+
+
+def test_unsplittable_shared_expert_has_one_owner():
+    # 4-bit, group 32: a 64-wide shared expert has 2 groups, so 3 ranks cannot
+    # split it; exactly one rank computes it.
+    config = tiny_config("qwen2_moe", shared_expert_intermediate_size=64)
+    owners = [
+        not isinstance(find_moe_blocks(m)[0].block.shared_expert, NoOutput)
+        for m, _ in _rank_models(config, 3, quantize=4)
+    ]
+    assert sum(owners) == 1
+
+
+def test_dense_model_is_rejected():
+    config = dict(
+        model_type="llama", hidden_size=64, num_hidden_layers=1, intermediate_size=64,
+        num_attention_heads=4, rms_norm_eps=1e-5, vocab_size=64, num_key_value_heads=2,
+    )
+    model_class, args_class = _get_classes(config)
+    with pytest.raises(ValueError, match="model_type='llama' has no MoE block"):
+        shard_structure(model_class(args_class.from_dict(config)), LocalComm(0, 2))
+
+
+def test_more_ranks_than_experts_names_the_numbers():
+    with pytest.raises(ValueError, match="num_experts=8 is less than num_ranks=9"):
+        shard_structure(_model(CONFIGS["mixtral"]), LocalComm(0, 9))
+
+
+def test_placement_for_another_model_is_rejected():
+    with pytest.raises(ValueError, match="num_experts=6.*num_experts=8"):
+        shard_structure(_model(CONFIGS["mixtral"]), LocalComm(0, 2), ExpertPlacement.contiguous(6, 2))
+
+
+def test_sharding_twice_is_rejected():
+    model = _model(CONFIGS["mixtral"])
+    shard_experts(model, LocalComm(0, 1))
+    with pytest.raises(ValueError, match="already sharded"):
+        shard_experts(model, LocalComm(0, 1))
