@@ -51,14 +51,25 @@ class LocalExperts:
         slots = np.flatnonzero(local >= 0)  # [M]
         out = mx.zeros((flat.size, d), dtype=x.dtype)  # [T*k, D]
         if slots.size:
-            rows = mx.array(slots // k)  # [M] token of each local slot
-            ids = mx.array(local[slots])[:, None]  # [M, 1] local expert ids
-            y = super().__call__(x_flat[rows], ids)  # [M, 1, D]
-            out[mx.array(slots)] = y[:, 0].astype(x.dtype)
+            rows = x_flat[mx.array(slots // k)]  # [M, D] token of each local slot
+            out[mx.array(slots)] = self.compute(rows, local[slots]).astype(x.dtype)
         return out.reshape(*indices.shape, d)  # [..., k, D]
 
+    def compute(self, rows: mx.array, local_ids: np.ndarray) -> mx.array:
+        """Runs local experts on token rows: row i through expert ``local_ids[i]``.
 
-_LOCAL_CLASSES = {}
+        Args:
+            rows: ``[M, D]`` activations, one per (token, slot) pair.
+            local_ids: ``[M]`` local expert index of each row.
+
+        Returns:
+            ``[M, D]`` expert outputs, not weighted by router scores.
+        """
+        ids = mx.array(local_ids)[:, None]  # [M, 1]: one "slot" per row
+        return super().__call__(rows, ids)[:, 0]  # the switch layer's own compute
+
+
+_MIXED = {}
 
 
 def make_local(switch, local_experts: Sequence[int], num_experts: int) -> None:
@@ -78,8 +89,17 @@ def make_local(switch, local_experts: Sequence[int], num_experts: int) -> None:
     # A numpy attribute, not an mx.array: it must not become a parameter.
     switch.ep_local_of = lookup
     switch.ep_experts = tuple(int(e) for e in local_experts)
-    cls = type(switch)
-    if not issubclass(cls, LocalExperts):
-        if cls not in _LOCAL_CLASSES:
-            _LOCAL_CLASSES[cls] = type(f"Local{cls.__name__}", (LocalExperts, cls), {})
-        switch.__class__ = _LOCAL_CLASSES[cls]
+    switch.__class__ = with_mixin(LocalExperts, type(switch))
+
+
+def with_mixin(mixin: type, cls: type) -> type:
+    """``cls`` with ``mixin`` in front (cached), for swapping a module's class.
+
+    The module keeps its attributes, children and parameter paths; only
+    ``__call__`` (and what the mixin adds) changes.
+    """
+    if issubclass(cls, mixin):
+        return cls
+    if (mixin, cls) not in _MIXED:
+        _MIXED[mixin, cls] = type(f"{mixin.__name__}{cls.__name__}", (mixin, cls), {})
+    return _MIXED[mixin, cls]

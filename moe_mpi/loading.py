@@ -29,7 +29,7 @@ from mlx_lm.utils import _get_classes, infer_quant_config, load_config, load_tok
 
 from .placement import ExpertPlacement
 from .safetensors_io import CheckpointError, CheckpointIndex
-from .shard import Plan, StackOf, Take, _take, shard_structure
+from .shard import Plan, StackOf, Take, _take, drop_dense, shard_structure
 
 PER_EXPERT_KEY = re.compile(r"\.experts\.\d+\.")
 
@@ -134,6 +134,7 @@ def load_model(
     placement: Union[ExpertPlacement, str, None] = None,
     weights: Optional[Sequence[float]] = None,
     model_config: Optional[dict] = None,
+    mode: str = "ep",
 ) -> Tuple[nn.Module, dict]:
     """Builds this rank's shard of a model and reads its weights from disk.
 
@@ -167,10 +168,15 @@ def load_model(
     # arrays where sanitize passed a per-expert tensor through unchanged.
     _quantize(model, config, {**tensors, **{k: raw[k] for k in names if k in tensors}})
     model.eval()
-    plan: Plan = shard_structure(model, comm, placement, weights)
+    plan: Plan = shard_structure(model, comm, placement, weights, mode)
+    worker = mode == "central" and comm.rank != 0
+    if worker:
+        drop_dense(model)  # central-mode workers hold only their experts
 
     params = []
     for path, _ in tree_flatten(model.parameters()):
+        if worker and path not in plan:
+            continue
         if path in plan:
             arr = _read(index, raw, tensors, codes, plan[path])
             # Evaluate now: a lazy stack or take would keep its inputs (every
@@ -181,7 +187,7 @@ def load_model(
             params.append((path, tensors[path]))
         else:
             raise CheckpointError(f"{model_path}: checkpoint has no tensor {path!r}")
-    model.load_weights(params, strict=True)
+    model.load_weights(params, strict=not worker)
     mx.eval(model.parameters())
     return model, config
 
@@ -194,6 +200,7 @@ def load(
     tokenizer_config: Optional[dict] = None,
     model_config: Optional[dict] = None,
     return_config: bool = False,
+    mode: str = "ep",
 ):
     """Loads this rank's shard of an MoE model and the tokenizer.
 
@@ -209,6 +216,9 @@ def load(
         tokenizer_config: Extra tokenizer arguments, as for ``mlx_lm.load``.
         model_config: Overrides for config.json, as for ``mlx_lm.load``.
         return_config: Also return the config dict.
+        mode: ``"ep"`` (expert parallel, the default) or ``"central"``
+            (rank 0 routes and the experts' owners serve it; the baseline
+            this library improves on, see :mod:`moe_mpi.central`).
 
     Returns:
         ``(model, tokenizer)`` or ``(model, tokenizer, config)``.
@@ -218,7 +228,7 @@ def load(
 
         comm = Communicator()
     model_path = resolve_model_path(path_or_hf_repo)
-    model, config = load_model(model_path, comm, placement, weights, model_config)
+    model, config = load_model(model_path, comm, placement, weights, model_config, mode)
     tokenizer = load_tokenizer(
         model_path, tokenizer_config, eos_token_ids=config.get("eos_token_id", None)
     )

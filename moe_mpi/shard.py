@@ -30,8 +30,9 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 from mlx_lm.models.switch_layers import SwitchGLU, SwitchMLP
 
+from . import central
 from .adapters import convert_blocks
-from .experts import LocalExperts, make_local
+from .experts import LocalExperts, make_local, with_mixin
 from .placement import ExpertPlacement
 
 
@@ -55,6 +56,7 @@ Source = Union[Take, StackOf]
 Plan = Dict[str, Source]
 
 SWITCH_TYPES = (SwitchGLU, SwitchMLP)
+MODES = ("ep", "central")
 # Names mlx-lm gives the input and output projections of a (shared) MLP.
 IN_PROJ = ("gate_proj", "up_proj", "fc1", "w1", "w3", "v1")
 OUT_PROJ = ("down_proj", "fc2", "w2")
@@ -73,17 +75,9 @@ class ExpertParallelBlock:
         return self.ep_comm.all_sum(partial)  # the one collective of this layer
 
 
-_EP_CLASSES = {}
-
-
 def _make_expert_parallel(block: nn.Module, comm) -> None:
-    cls = type(block)
-    if cls not in _EP_CLASSES:
-        _EP_CLASSES[cls] = type(
-            f"ExpertParallel{cls.__name__}", (ExpertParallelBlock, cls), {}
-        )
     block.ep_comm = comm
-    block.__class__ = _EP_CLASSES[cls]
+    block.__class__ = with_mixin(ExpertParallelBlock, type(block))
 
 
 @dataclass(frozen=True)
@@ -94,6 +88,8 @@ class ShardInfo:
     size: int
     num_moe_layers: int
     placements: Tuple[ExpertPlacement, ...]
+    mode: str = "ep"
+    switches: Tuple[nn.Module, ...] = ()
 
 
 @dataclass
@@ -278,12 +274,22 @@ def shard_structure(
     comm,
     placement: Union[ExpertPlacement, str, None] = None,
     weights: Optional[Sequence[float]] = None,
+    mode: str = "ep",
 ) -> Plan:
-    """Rewrites a model in place into this rank's expert-parallel shard.
+    """Rewrites a model in place into this rank's shard.
 
     Arrays are sliced lazily: on a model with real weights the caller
     evaluates them (:func:`shard_experts`); :func:`moe_mpi.loading.load`
     instead overwrites them with slices read from disk.
+
+    Args:
+        model: An mlx-lm model with MoE blocks.
+        comm: The communicator (``rank``, ``size``, ``all_sum``, ...).
+        placement: See :func:`resolve_placement`.
+        weights: Optional relative share of experts per rank.
+        mode: ``"ep"``, expert parallel: replicated dense part, one
+            all-reduce per MoE layer. ``"central"``: rank 0 runs the dense
+            part and routes; the experts' owners serve it (:mod:`moe_mpi.central`).
 
     Returns:
         The plan: for each sharded parameter path, where its values come from.
@@ -291,6 +297,8 @@ def shard_structure(
     Raises:
         ValueError: The model has no MoE block, or the placement cannot work.
     """
+    if mode not in MODES:
+        raise ValueError(f"mode={mode!r}: expected one of {MODES}")
     convert_blocks(model)
     blocks = find_moe_blocks(model)
     if not blocks:
@@ -310,6 +318,10 @@ def shard_structure(
         if n not in placements:
             placements[n] = resolve_placement(placement, n, size, weights)
         plan.update(_shard_switch(moe, placements[n], rank))
+        if mode == "central":
+            # The dense part, shared experts included, runs on rank 0 alone.
+            central.make_central([moe.switch], placements[n], comm)
+            continue
         for name in _shared_children(moe.block):
             shared_plan = _shard_shared(moe.path, name, moe.block[name], rank, size)
             if shared_plan is not None:
@@ -320,9 +332,29 @@ def shard_structure(
                 if rank != owner:
                     setattr(moe.block, name, NoOutput())
         _make_expert_parallel(moe.block, comm)
+    switches = tuple(moe.switch for moe in blocks)
+    for layer, switch in enumerate(switches):
+        switch.ep_layer = layer
     # A dataclass, not a tuple: nn.Module would take a tuple for parameters.
-    model.ep_info = ShardInfo(rank, size, len(blocks), tuple(placements.values()))
+    model.ep_info = ShardInfo(rank, size, len(blocks), tuple(placements.values()), mode, switches)
     return plan
+
+
+def expert_parameters(model: nn.Module) -> set:
+    """Paths of the parameters that belong to (this rank's) experts."""
+    return {
+        f"{i}.{name}"
+        for moe in find_moe_blocks(model)
+        for i in [f"{moe.path}.{moe.switch_name}" if moe.path else moe.switch_name]
+        for name, _ in tree_flatten(moe.switch.parameters())
+    }
+
+
+def drop_dense(model: nn.Module) -> None:
+    """Central-mode workers: frees every parameter that is not an expert's."""
+    keep = expert_parameters(model)
+    empty = [(k, mx.zeros((0,), a.dtype)) for k, a in tree_flatten(model.parameters()) if k not in keep]
+    model.update(tree_unflatten(empty))
 
 
 def shard_experts(
@@ -330,6 +362,7 @@ def shard_experts(
     comm=None,
     placement: Union[ExpertPlacement, str, None] = None,
     weights: Optional[Sequence[float]] = None,
+    mode: str = "ep",
 ) -> nn.Module:
     """Shards an already built (and loaded) mlx-lm MoE model across ranks.
 
@@ -342,6 +375,7 @@ def shard_experts(
         comm: A :class:`moe_mpi.Communicator`; ``Communicator()`` if None.
         placement: See :func:`resolve_placement`.
         weights: Optional relative share of experts per rank.
+        mode: ``"ep"`` (default) or ``"central"``; see :func:`shard_structure`.
 
     Returns:
         The same model, sharded.
@@ -350,6 +384,8 @@ def shard_experts(
         from .comm import Communicator
 
         comm = Communicator()
-    shard_structure(model, comm, placement, weights)
+    shard_structure(model, comm, placement, weights, mode)
+    if mode == "central" and comm.rank != 0:
+        drop_dense(model)  # workers hold only their experts
     mx.eval(model.parameters())
     return model

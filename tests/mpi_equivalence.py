@@ -7,6 +7,10 @@ the model and checks, against the reference single-process mlx-lm results:
 * exactly one all-reduce per MoE layer per forward call, no other collective;
 * 16 greedy tokens from mlx-lm's own ``generate_step`` with a prompt cache.
 
+Cases with ``"parallel": "central"`` run the central-router mode instead:
+rank 0 does the checks while the other ranks serve their experts; there is
+no all-reduce, and every exchange is a counted point-to-point message.
+
 An exception on any rank aborts every rank (``python -m mpi4py``).
 """
 
@@ -20,6 +24,7 @@ from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.utils import load as mlx_lm_load
 
 from moe_mpi import Communicator, load, shard_experts
+from moe_mpi.central import drive
 
 
 def _collectives(comm) -> dict:
@@ -28,14 +33,22 @@ def _collectives(comm) -> dict:
 
 def check_case(comm: Communicator, case: dict) -> str:
     ref = np.load(case["reference"])
+    parallel = case.get("parallel", "ep")
+    kwargs = dict(placement=case.get("placement"), weights=case.get("weights"), mode=parallel)
     if case["mode"] == "load":
-        model, _ = load(case["model"], comm=comm, placement=case.get("placement"), weights=case.get("weights"))
+        model, _ = load(case["model"], comm=comm, **kwargs)
     else:  # a model already loaded by plain mlx-lm, then sharded
         model, _ = mlx_lm_load(case["model"])
-        shard_experts(model, comm, placement=case.get("placement"), weights=case.get("weights"))
+        shard_experts(model, comm, **kwargs)
     layers = model.ep_info.num_moe_layers
     assert layers == int(ref["moe_layers"]), (layers, int(ref["moe_layers"]))
+    if parallel == "central":
+        return drive(model, lambda m: check_central(m, comm, ref, case["name"]))
+    return check_ep(model, comm, ref, case["name"])
 
+
+def check_ep(model, comm: Communicator, ref, name: str) -> str:
+    layers = model.ep_info.num_moe_layers
     prompt = mx.array(ref["prompt"])
     comm.reset_stats()
     logits = model(prompt[None])
@@ -53,7 +66,24 @@ def check_case(comm: Communicator, case: dict) -> str:
 
     tokens = [int(t) for t, _ in generate_step(prompt, model, max_tokens=len(ref["greedy"]))]
     assert tokens == ref["greedy"].tolist(), (tokens, ref["greedy"].tolist())
-    return f"{case['name']}: {layers} MoE layers, logits and {len(tokens)} greedy tokens match"
+    return f"{name}: {layers} MoE layers, logits and {len(tokens)} greedy tokens match"
+
+
+def check_central(model, comm: Communicator, ref, name: str) -> str:
+    """Rank 0 of central mode: same checks; exchanges are point-to-point."""
+    layers = model.ep_info.num_moe_layers
+    prompt = mx.array(ref["prompt"])
+    comm.reset_stats()
+    logits = model(prompt[None])
+    mx.eval(logits)
+    counts = _collectives(comm)
+    assert "all_sum" not in counts, counts
+    if comm.size > 1:  # a request and its rows to each owner, a reply back
+        assert counts.get("send", 0) >= 2 * layers and counts.get("recv", 0) >= layers, counts
+    np.testing.assert_allclose(np.array(logits), ref["logits"], rtol=1e-4, atol=1e-4)
+    tokens = [int(t) for t, _ in generate_step(prompt, model, max_tokens=len(ref["greedy"]))]
+    assert tokens == ref["greedy"].tolist(), (tokens, ref["greedy"].tolist())
+    return f"{name}: {layers} MoE layers, central mode ({counts}), logits and {len(tokens)} greedy tokens match"
 
 
 def main() -> None:
@@ -62,6 +92,7 @@ def main() -> None:
         cases = json.load(f)
     for case in cases:
         msg = check_case(comm, case)
+        comm.barrier()
         if comm.rank == 0:
             print(f"[{comm.size} ranks] {msg}", flush=True)
     comm.barrier()

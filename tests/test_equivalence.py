@@ -107,6 +107,13 @@ def test_sharded_matches_mlx_lm(arch, n, arch_checkpoints, tmp_path):
         cases.append(
             dict(name=f"{arch}/{name}", model=str(path), reference=str(ref), mode=mode, placement=placement)
         )
+    if n > 1:  # the central-router mode gives the same results
+        for name in ("fp32", "q4"):
+            path, ref = files[name]
+            cases.append(
+                dict(name=f"{arch}/{name}-central", model=str(path), reference=str(ref),
+                     mode="load", placement=None, parallel="central")
+            )
     if n in WEIGHTS:
         path, ref = files["fp32"]
         cases.append(
