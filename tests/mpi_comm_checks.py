@@ -4,11 +4,13 @@ Usage::
 
     mpirun -n N python -m mpi4py tests/mpi_comm_checks.py [--backend B] CHECK...
 
-Each CHECK names a function below (``all`` runs every check that is valid with
-a normal start-up). Every rank prints ``OK <check> rank=<r> size=<n>`` after a
-check passes; an exception on any rank aborts the whole job (``-m mpi4py``
-does that, and so does :func:`main` when the script is run plainly) so a
-failure can never leave the other ranks blocked in a collective.
+Each CHECK names a ``check_*`` function below (``all`` runs every one that is
+meant to pass), or is one of STARTUP_CHECKS, which must run alone because they
+control how MPI gets initialised. Every rank prints
+``OK <check> rank=<r> size=<n>`` after a check passes; an exception on any
+rank aborts the whole job (``-m mpi4py`` does that, and so does :func:`main`
+when the script is run plainly) so a failure can never leave the other ranks
+blocked in a collective.
 
 Values are chosen so every sum is exact in the tested dtype: results are
 compared with ``==``, not a tolerance.
@@ -232,9 +234,8 @@ CHECKS = {
     for name, fn in sorted(globals().items())
     if name.startswith("check_") and callable(fn)
 }
-# Checks that are not part of "all" (they need a special process set-up or are
-# meant to fail).
-SPECIAL = {"fail_on_last_rank", "mlx_after_mpi4py_init"}
+# Checks left out of "all" because they are meant to fail.
+SPECIAL = {"fail_on_last_rank"}
 
 
 def mlx_after_mpi4py_init() -> None:
@@ -259,15 +260,34 @@ def mlx_after_mpi4py_init() -> None:
     assert comm.all_sum(mx.array([1.0])).item() == comm.size
 
 
+def mlx_initialised_first() -> None:
+    """MLX initialised MPI before moe_mpi (mx.distributed.init()): both work."""
+    from moe_mpi.comm import _default_mlx_mpi_libname
+
+    _default_mlx_mpi_libname()
+    group = mx.distributed.init()
+    for backend in ("mlx", "mpi4py"):
+        comm = Communicator(backend=backend)
+        assert comm.size == group.size(), (comm.size, group.size())
+        assert comm.all_sum(mx.array([1.0])).item() == comm.size
+
+
+# Checks that need their own process (they control MPI initialisation).
+STARTUP_CHECKS = {
+    "mlx_after_mpi4py_init": mlx_after_mpi4py_init,
+    "mlx_initialised_first": mlx_initialised_first,
+}
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backend", default="mpi4py", choices=("mpi4py", "mlx"))
     parser.add_argument("checks", nargs="+")
     args = parser.parse_args(argv)
 
-    if args.checks == ["mlx_after_mpi4py_init"]:
-        mlx_after_mpi4py_init()
-        _report("mlx_after_mpi4py_init")
+    if len(args.checks) == 1 and args.checks[0] in STARTUP_CHECKS:
+        STARTUP_CHECKS[args.checks[0]]()
+        _report(args.checks[0])
         return
 
     comm = Communicator(backend=args.backend)

@@ -87,6 +87,12 @@ def test_mlx_backend_refused_after_mpi4py_init(n):
     _assert_all_ok(proc, n, ["mlx_after_mpi4py_init"])
 
 
+def test_mlx_initialised_mpi_first():
+    """An earlier mx.distributed.init() is reused by both backends."""
+    proc = _run(2, ["mlx_initialised_first"])
+    _assert_all_ok(proc, 2, ["mlx_initialised_first"])
+
+
 @pytest.mark.parametrize("module_mpi4py", [True, False], ids=["m_mpi4py", "plain"])
 def test_failure_on_one_rank_aborts_job(module_mpi4py):
     """An exception on one rank ends the job (no hang, non-zero exit)."""

