@@ -11,10 +11,15 @@ ranks' partial sums::
     logits = model(tokens)  # the same on every rank
 """
 
-from .comm import Communicator
-from .loading import load
-from .placement import ExpertPlacement
-from .shard import shard_experts
+# Before anything imports mlx.core: MLX then uses OpenBLAS (see blas.py).
+from .blas import preload_openblas
+
+preload_openblas()
+
+from .comm import Communicator  # noqa: E402  (after the BLAS preload)
+from .loading import load  # noqa: E402
+from .placement import ExpertPlacement  # noqa: E402
+from .shard import shard_experts  # noqa: E402
 
 __all__ = ["Communicator", "ExpertPlacement", "load", "shard_experts"]
 __version__ = "0.1.0"

@@ -13,10 +13,13 @@ block's single all-reduce (see :mod:`moe_mpi.shard`) adds the partial sums of
 all ranks.
 """
 
+import os
 from typing import Sequence
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
+from mlx_lm.models.switch_layers import SwitchGLU, SwitchMLP
 
 
 class LocalExperts:
@@ -65,8 +68,83 @@ class LocalExperts:
         Returns:
             ``[M, D]`` expert outputs, not weighted by router scores.
         """
+        if self.ep_kernel == "gather":
+            return self._gather(rows, local_ids)
+        # "dense": rows grouped by expert, one matmul per expert and projection:
+        # on the CPU these run on BLAS, which gather_mm does not use. An expert
+        # with fewer than `dense_min_rows` rows (decode: one token) is a
+        # matrix-vector product, where MLX's gather_mm is as fast or faster;
+        # those rows go through one gather_mm call together.
+        order = np.argsort(local_ids, kind="stable")  # [M]
+        ids = local_ids[order]
+        starts = np.flatnonzero(np.diff(ids, prepend=-1))
+        ends = np.append(starts[1:], ids.size)
+        small = (ends - starts) < self.ep_dense_min_rows
+        parts, perm = [], []
+        if small.any():
+            rows_small = np.concatenate([order[s:e] for s, e in zip(starts[small], ends[small])])
+            parts.append(self._gather(rows[mx.array(rows_small)], local_ids[rows_small]))
+            perm.append(rows_small)
+        for s, e in zip(starts[~small].tolist(), ends[~small].tolist()):
+            parts.append(self._expert(int(ids[s]), rows[mx.array(order[s:e])]))  # [m_e, D]
+            perm.append(order[s:e])
+        y = parts[0] if len(parts) == 1 else mx.concatenate(parts)  # [M, D] in `perm` order
+        perm = np.concatenate(perm)
+        if np.all(perm == np.arange(perm.size)):
+            return y
+        inverse = np.empty_like(perm)
+        inverse[perm] = np.arange(perm.size)
+        return y[mx.array(inverse)]
+
+    def _gather(self, rows: mx.array, local_ids: np.ndarray) -> mx.array:
+        """The switch layer's own compute (gather_mm / gather_qmm) on rows."""
         ids = mx.array(local_ids)[:, None]  # [M, 1]: one "slot" per row
-        return super().__call__(rows, ids)[:, 0]  # the switch layer's own compute
+        return super().__call__(rows, ids)[:, 0]
+
+    def _expert(self, e: int, x: mx.array) -> mx.array:
+        """One expert on ``[m, D]`` rows, as the switch layer computes it."""
+        if "gate_proj" in self:  # SwitchGLU
+            up = _expert_linear(self.up_proj, e, x)
+            gate = _expert_linear(self.gate_proj, e, x)
+            return _expert_linear(self.down_proj, e, self.activation(up, gate))
+        return _expert_linear(self.fc2, e, self.activation(_expert_linear(self.fc1, e, x)))
+
+
+def _expert_linear(lin, e: int, x: mx.array) -> mx.array:
+    """``x`` through expert ``e`` of a (quantized) switch linear: ``x @ W[e].T``.
+
+    ``W[e]`` is a view into the stacked tensor and ``.T`` a transposed view,
+    so no weight is copied.
+    """
+    if "scales" in lin:
+        biases = lin["biases"][e] if lin.get("biases") is not None else None
+        y = mx.quantized_matmul(
+            x, lin["weight"][e], lin["scales"][e], biases, transpose=True,
+            group_size=lin.group_size, bits=lin.bits, mode=lin.mode,
+        )
+    else:
+        y = x @ lin["weight"][e].T
+    if "bias" in lin:
+        y = y + lin["bias"][e]
+    return y
+
+
+def default_kernel(switch) -> str:
+    """``"dense"`` (per-expert matmuls) or ``"gather"`` (the layer's own call).
+
+    Dense is for the CPU, where ``gather_mm`` does not use BLAS; on a GPU
+    (Metal) ``gather_mm``/``gather_qmm`` are the fast path. Only plain
+    ``SwitchGLU``/``SwitchMLP`` layers get the dense kernel: a subclass may
+    compute differently. ``MOE_MPI_EXPERT_KERNEL`` overrides the choice.
+    """
+    forced = os.environ.get("MOE_MPI_EXPERT_KERNEL")
+    if forced in ("dense", "gather"):
+        return forced
+    plain = type(switch) in (SwitchGLU, SwitchMLP)  # called before the class swap
+    projections = [c for c in switch.children().values() if isinstance(c, nn.Module)]
+    global_scale = any(getattr(p, "global_scale", None) is not None for p in projections)
+    on_cpu = mx.default_device() == mx.cpu
+    return "dense" if plain and on_cpu and not global_scale else "gather"
 
 
 _MIXED = {}
@@ -89,6 +167,8 @@ def make_local(switch, local_experts: Sequence[int], num_experts: int) -> None:
     # A numpy attribute, not an mx.array: it must not become a parameter.
     switch.ep_local_of = lookup
     switch.ep_experts = tuple(int(e) for e in local_experts)
+    switch.ep_kernel = default_kernel(switch)
+    switch.ep_dense_min_rows = int(os.environ.get("MOE_MPI_DENSE_MIN_ROWS", "2"))
     switch.__class__ = with_mixin(LocalExperts, type(switch))
 
 

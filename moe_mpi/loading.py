@@ -29,7 +29,7 @@ from mlx_lm.utils import _get_classes, infer_quant_config, load_config, load_tok
 
 from .placement import ExpertPlacement
 from .safetensors_io import CheckpointError, CheckpointIndex
-from .shard import Plan, StackOf, Take, _take, drop_dense, shard_structure
+from .shard import Plan, Take, _take, drop_dense, per_expert_source, shard_structure
 
 PER_EXPERT_KEY = re.compile(r"\.experts\.\d+\.")
 
@@ -109,23 +109,29 @@ def _quantize(model: nn.Module, config: dict, tensors: Dict[str, Any]) -> None:
 
 def _read(index: CheckpointIndex, raw: dict, tensors: dict, codes: dict, src) -> mx.array:
     """Reads one sharded parameter from disk, following its plan entry."""
-    if isinstance(src, StackOf):
-        if all(k in index for k in src.keys):
+    if isinstance(src, Take):
+        key = src.key
+        if key in raw and tensors.get(key) is raw[key]:
+            return index.read_take(key, src.axis, src.index)  # untouched by sanitize
+        if key in codes:  # stacked by sanitize from per-expert tensors
+            src = per_expert_source(codes[key], src)
+        elif key in tensors:  # transformed by sanitize: correct, but reads it whole
+            return _take(tensors[key], src.axis, src.index)
+        else:
+            raise CheckpointError(f"checkpoint has no tensor {key!r}")
+    if all(k in index for k in src.keys):
+        if src.index is None:
             return index.read_stack(src.keys)
-        if all(k in tensors and k not in raw for k in src.keys):
-            # Made by sanitize from a fused tensor (dbrx's Hugging Face
-            # layout): correct, but evaluating them reads the fused tensor.
-            return mx.stack([tensors[k] for k in src.keys])
-        missing = [k for k in src.keys if k not in index and k not in tensors]
-        raise CheckpointError(f"checkpoint has no tensor {missing[0]!r}")
-    key = src.key
-    if key in raw and tensors.get(key) is raw[key]:
-        return index.read_take(key, src.axis, src.index)  # untouched by sanitize
-    if key in codes:  # stacked by sanitize from per-expert tensors
-        return index.read_stack([codes[key][i] for i in src.index])
-    if key in tensors:  # transformed by sanitize: correct, but reads it whole
-        return _take(tensors[key], src.axis, src.index)
-    raise CheckpointError(f"checkpoint has no tensor {key!r}")
+        return mx.stack([index.read_take(k, src.axis, src.index) for k in src.keys])
+    if all(k in tensors and k not in raw for k in src.keys):
+        # Made by sanitize from a fused tensor (dbrx's Hugging Face layout):
+        # correct, but evaluating them reads the fused tensor.
+        parts = [tensors[k] for k in src.keys]
+        if src.index is not None:
+            parts = [_take(p, src.axis, src.index) for p in parts]
+        return mx.stack(parts)
+    missing = [k for k in src.keys if k not in index and k not in tensors]
+    raise CheckpointError(f"checkpoint has no tensor {missing[0]!r}")
 
 
 def load_model(

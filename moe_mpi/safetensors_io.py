@@ -10,7 +10,7 @@ import json
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Iterable, List, Sequence
+from typing import Dict, Iterable, List, Optional, Sequence
 
 import mlx.core as mx
 import numpy as np
@@ -31,6 +31,9 @@ _DTYPES = {
     "U8": (np.uint8, None),
     "BOOL": (np.bool_, None),
 }
+
+
+CHUNK = 64 << 20  # bytes read at a time when slicing an inner axis
 
 
 class CheckpointError(ValueError):
@@ -113,10 +116,14 @@ class CheckpointIndex:
 
         Each run of consecutive rows is one read; nothing else is read.
         """
+        return self._to_mx(key, self._rows_host(key, rows))
+
+    def _rows_host(self, key: str, rows: Optional[Sequence[int]]) -> np.ndarray:
+        """Rows of a tensor as a host array (bfloat16 as its uint16 bits)."""
         info = self.tensors[key]
         if info.dtype not in _DTYPES:
             raise CheckpointError(f"{info.file}: tensor {key!r} has unsupported dtype {info.dtype}")
-        np_dtype, mx_view = _DTYPES[info.dtype]
+        np_dtype = _DTYPES[info.dtype][0]
         if rows is None:  # a scalar
             out = np.empty((), dtype=np_dtype)
             self._read_into(info.file, info.offset, out)
@@ -135,6 +142,10 @@ class CheckpointIndex:
                     view = out[run[0] : run[-1] + 1]
                     if f.readinto(memoryview(view).cast("B")) != view.nbytes:
                         raise CheckpointError(f"{info.file}: short read of {key!r}")
+        return out
+
+    def _to_mx(self, key: str, out: np.ndarray) -> mx.array:
+        mx_view = _DTYPES[self.tensors[key].dtype][1]
         a = mx.array(out)
         return a.view(mx_view) if mx_view is not None else a
 
@@ -148,12 +159,27 @@ class CheckpointIndex:
         """Reads positions ``index`` along ``axis`` of a tensor.
 
         Axis 0 (experts, or rows of an input projection) reads only those
-        rows; other axes read the tensor and slice it, which only shared
-        experts' output projections need (replicated-sized tensors).
+        rows. Another axis with a contiguous range (a slice of the
+        intermediate dimension) streams the tensor in blocks of at most
+        ``CHUNK`` bytes and keeps only the slice, so memory never holds more
+        than the slice plus one block.
         """
+        index = np.asarray(index, dtype=np.int64)
         if axis == 0:
             return self.read_rows(key, index)
-        return mx.take(self.read(key), mx.array(index), axis=axis)
+        info = self.tensors[key]
+        if index.size == 0 or np.any(np.diff(index) != 1):
+            return mx.take(self.read(key), mx.array(index), axis=axis)
+        outer = int(np.prod(info.shape[:1]))  # blocks along axis 0
+        step = max(1, CHUNK // max(1, info.nbytes // max(1, outer)))
+        sl = (slice(None),) * axis + (slice(int(index[0]), int(index[-1]) + 1),)
+        shape = list(info.shape)
+        shape[axis] = index.size
+        out = np.empty(shape, dtype=_DTYPES[info.dtype][0])
+        for o in range(0, outer, step):
+            block = self._rows_host(key, np.arange(o, min(o + step, outer)))
+            out[o : o + block.shape[0]] = block[sl]  # the block is freed next round
+        return self._to_mx(key, out)
 
     def read_stack(self, keys: Sequence[str]) -> mx.array:
         """Reads whole tensors and stacks them on a new axis 0."""

@@ -28,7 +28,12 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
-from mlx_lm.models.switch_layers import SwitchGLU, SwitchMLP
+from mlx_lm.models.switch_layers import (
+    QuantizedSwitchLinear,
+    SwitchGLU,
+    SwitchLinear,
+    SwitchMLP,
+)
 
 from . import central
 from .adapters import convert_blocks
@@ -47,16 +52,31 @@ class Take:
 
 @dataclass(frozen=True, eq=False)
 class StackOf:
-    """Checkpoint tensors ``keys`` (one per local expert) stacked on axis 0."""
+    """Checkpoint tensors ``keys`` (one per expert) stacked on a new axis 0.
+
+    With ``index``, each tensor contributes only positions ``index`` along
+    its ``axis`` (mode="sliced": the same slice of every expert).
+    """
 
     keys: Tuple[str, ...]
+    axis: int = 0
+    index: Optional[np.ndarray] = None
+
+
+def per_expert_source(keys: Sequence[str], take: Take) -> StackOf:
+    """Turns a :class:`Take` of a stacked ``[E, ...]`` tensor into reads of
+    the per-expert tensors ``keys`` (expert e's tensor is ``keys[e]``)."""
+    if take.axis == 0:  # whole experts: only the local ones
+        return StackOf(tuple(keys[int(i)] for i in take.index))
+    return StackOf(tuple(keys), take.axis - 1, take.index)
 
 
 Source = Union[Take, StackOf]
 Plan = Dict[str, Source]
 
 SWITCH_TYPES = (SwitchGLU, SwitchMLP)
-MODES = ("ep", "central")
+MODES = ("ep", "sliced", "central")
+LINEAR_TYPES = (nn.Linear, nn.QuantizedLinear, SwitchLinear, QuantizedSwitchLinear)
 # Names mlx-lm gives the input and output projections of a (shared) MLP.
 IN_PROJ = ("gate_proj", "up_proj", "fc1", "w1", "w3", "v1")
 OUT_PROJ = ("down_proj", "fc2", "w2")
@@ -103,6 +123,13 @@ class MoEBlock:
     @property
     def switch(self) -> nn.Module:
         return self.block[self.switch_name]
+
+    @property
+    def num_experts_total(self) -> int:
+        """Experts the router chooses from (the switch may hold fewer)."""
+        if isinstance(self.switch, LocalExperts):
+            return len(self.switch.ep_local_of)
+        return self.num_experts
 
     @property
     def num_experts(self) -> int:
@@ -164,44 +191,50 @@ def _shard_switch(moe: MoEBlock, placement: ExpertPlacement, rank: int) -> Plan:
     prefix = f"{moe.path}.{moe.switch_name}" if moe.path else moe.switch_name
     # Adapters for models that store experts one module each (dbrx) say where
     # expert e's tensors are; otherwise the checkpoint holds stacked tensors.
-    templates = getattr(moe.block, "ep_expert_keys", None)
     plan, sliced = {}, []
     for name, a in tree_flatten(switch.parameters()):
-        key = f"{prefix}.{name}"
-        if templates:
-            proj, leaf = name.rsplit(".", 1)
-            block_prefix = f"{moe.path}." if moe.path else ""
-            plan[key] = StackOf(
-                tuple(
-                    f"{block_prefix}{templates[proj].format(e=e)}.{leaf}"
-                    for e in local
-                )
-            )
-        else:
-            plan[key] = Take(key, 0, local)
+        plan[f"{prefix}.{name}"] = Take(f"{prefix}.{name}", 0, local)
         sliced.append((name, _take(a, 0, local)))
     switch.update(tree_unflatten(sliced))
     make_local(switch, local, num_experts)
-    return plan
+    return _adapter_sources(moe, plan)
+
+
+def _adapter_sources(moe: MoEBlock, plan: Plan) -> Plan:
+    """Where an adapter says expert e's tensors are (dbrx), reads those."""
+    templates = getattr(moe.block, "ep_expert_keys", None)
+    if not templates:
+        return plan
+    block_prefix = f"{moe.path}." if moe.path else ""
+    out = {}
+    for key, take in plan.items():
+        proj, leaf = key.rsplit(".", 2)[-2:]
+        keys = [f"{block_prefix}{templates[proj].format(e=e)}.{leaf}" for e in range(moe.num_experts_total)]
+        out[key] = per_expert_source(keys, take)
+    return out
+
+
+def _is_quantized(m: nn.Module) -> bool:
+    return isinstance(m, (nn.QuantizedLinear, QuantizedSwitchLinear))
 
 
 def _linear_dims(m: nn.Module) -> Optional[Tuple[int, int]]:
-    """(in_dims, out_dims) of a float or quantized linear layer, else None."""
-    if isinstance(m, nn.QuantizedLinear):
-        return m.weight.shape[1] * 32 // m.bits, m.weight.shape[0]
-    if isinstance(m, nn.Linear):
-        return m.weight.shape[1], m.weight.shape[0]
-    return None
+    """(in_dims, out_dims) of a float or quantized (switch) linear, else None."""
+    if not isinstance(m, LINEAR_TYPES):
+        return None
+    w = m.weight  # [(E,) out, in] (in packed when quantized)
+    return (w.shape[-1] * 32 // m.bits if _is_quantized(m) else w.shape[-1]), w.shape[-2]
 
 
 def _split_bounds(mlp: nn.Module, rank: int, size: int) -> Optional[Tuple[int, int]]:
-    """This rank's [start, stop) of a shared MLP's intermediate dimension.
+    """This rank's [start, stop) of an MLP's intermediate dimension.
 
-    Returns None where the MLP is not a plain in-projections / elementwise /
-    out-projection MLP, or cannot be cut into ``size`` non-empty slices that
-    respect the quantization groups.
+    Works for a shared MLP and for a stacked switch layer alike. Returns None
+    where the module is not in-projections / elementwise / out-projection, or
+    cannot be cut into ``size`` non-empty slices that respect the
+    quantization groups.
     """
-    children = mlp.children()
+    children = {n: c for n, c in mlp.children().items() if tree_flatten(c.parameters())}
     outs = [n for n in children if n in OUT_PROJ]
     ins = [n for n in children if n in IN_PROJ]
     if len(outs) != 1 or not ins or len(ins) + 1 != len(children):
@@ -214,7 +247,7 @@ def _split_bounds(mlp: nn.Module, rank: int, size: int) -> Optional[Tuple[int, i
     if any(dims[n][1] != inter for n in ins) or "bias" in out:
         return None
     unit = 1
-    if isinstance(out, nn.QuantizedLinear):
+    if _is_quantized(out):
         # A slice of the packed input axis must hold whole groups and words.
         unit = out.group_size
         if (unit * out.bits) % 32:
@@ -225,27 +258,30 @@ def _split_bounds(mlp: nn.Module, rank: int, size: int) -> Optional[Tuple[int, i
     return int(chunks[0]) * unit, (int(chunks[-1]) + 1) * unit
 
 
-def _shard_shared(
-    block_path: str, name: str, mlp: nn.Module, rank: int, size: int
-) -> Optional[Plan]:
-    """Keeps this rank's slice of a shared MLP; None if it cannot be split."""
+def _shard_intermediate(prefix: str, mlp: nn.Module, rank: int, size: int) -> Optional[Plan]:
+    """Keeps this rank's slice of an MLP's intermediate dimension.
+
+    For a shared MLP (``[out, in]`` weights) or a stacked switch layer
+    (``[E, out, in]``: every expert keeps the same slice). Returns None if the
+    module cannot be split.
+    """
     bounds = _split_bounds(mlp, rank, size)
     if bounds is None:
         return None
     start, stop = bounds
-    prefix = f"{block_path}.{name}" if block_path else name
     plan, sliced = {}, []
     for pname, a in tree_flatten(mlp.parameters()):
         proj, leaf = pname.split(".", 1)
         lin = mlp[proj]
+        lead = lin.weight.ndim - 2  # 1 for stacked experts
         if proj in IN_PROJ:  # rows of the intermediate dimension
-            axis, lo, hi = 0, start, stop
-        elif leaf == "weight" and isinstance(lin, nn.QuantizedLinear):
-            axis, lo, hi = 1, start * lin.bits // 32, stop * lin.bits // 32
-        elif isinstance(lin, nn.QuantizedLinear):  # scales, biases: per group
-            axis, lo, hi = 1, start // lin.group_size, stop // lin.group_size
+            axis, lo, hi = lead, start, stop
+        elif leaf == "weight" and _is_quantized(lin):
+            axis, lo, hi = lead + 1, start * lin.bits // 32, stop * lin.bits // 32
+        elif _is_quantized(lin):  # scales, biases: one per group
+            axis, lo, hi = lead + 1, start // lin.group_size, stop // lin.group_size
         else:
-            axis, lo, hi = 1, start, stop
+            axis, lo, hi = lead + 1, start, stop
         index = np.arange(lo, hi)
         plan[f"{prefix}.{pname}"] = Take(f"{prefix}.{pname}", axis, index)
         sliced.append((pname, _take(a, axis, index)))
@@ -287,9 +323,13 @@ def shard_structure(
         comm: The communicator (``rank``, ``size``, ``all_sum``, ...).
         placement: See :func:`resolve_placement`.
         weights: Optional relative share of experts per rank.
-        mode: ``"ep"``, expert parallel: replicated dense part, one
-            all-reduce per MoE layer. ``"central"``: rank 0 runs the dense
-            part and routes; the experts' owners serve it (:mod:`moe_mpi.central`).
+        mode: ``"ep"``, expert parallel: each rank owns whole experts;
+            replicated dense part; one all-reduce per MoE layer.
+            ``"sliced"``: each rank holds a slice of every expert's
+            intermediate dimension (like the shared experts); perfectly
+            balanced; still one all-reduce per MoE layer.
+            ``"central"``: rank 0 runs the dense part and routes; the
+            experts' owners serve it (:mod:`moe_mpi.central`).
 
     Returns:
         The plan: for each sharded parameter path, where its values come from.
@@ -315,15 +355,29 @@ def shard_structure(
     placements = {}
     for moe in blocks:
         n = moe.num_experts
-        if n not in placements:
-            placements[n] = resolve_placement(placement, n, size, weights)
-        plan.update(_shard_switch(moe, placements[n], rank))
+        if mode == "sliced":
+            # Every rank holds every expert, a slice of its intermediate dim.
+            prefix = f"{moe.path}.{moe.switch_name}" if moe.path else moe.switch_name
+            switch_plan = _shard_intermediate(prefix, moe.switch, rank, size)
+            if switch_plan is None:
+                raise ValueError(
+                    f"{moe.path}: mode='sliced' needs expert layers with in/out "
+                    f"projections, no output bias, and an intermediate size that "
+                    f"splits into num_ranks={size} whole quantization groups"
+                )
+            plan.update(_adapter_sources(moe, switch_plan))
+            make_local(moe.switch, range(n), n)
+        else:
+            if n not in placements:
+                placements[n] = resolve_placement(placement, n, size, weights)
+            plan.update(_shard_switch(moe, placements[n], rank))
         if mode == "central":
             # The dense part, shared experts included, runs on rank 0 alone.
             central.make_central([moe.switch], placements[n], comm)
             continue
         for name in _shared_children(moe.block):
-            shared_plan = _shard_shared(moe.path, name, moe.block[name], rank, size)
+            prefix = f"{moe.path}.{name}" if moe.path else name
+            shared_plan = _shard_intermediate(prefix, moe.block[name], rank, size)
             if shared_plan is not None:
                 plan.update(shared_plan)
             else:

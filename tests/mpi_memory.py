@@ -1,7 +1,7 @@
 """Rank side of the memory test: peak RSS growth while loading a shard.
 
-Run as ``mpirun -n N python -m mpi4py tests/mpi_memory.py MODEL`` (sharded
-load), or plainly as ``python tests/mpi_memory.py MODEL --plain`` (plain
+Run as ``mpirun -n N python -m mpi4py tests/mpi_memory.py MODEL [MODE]``
+(sharded load), or plainly as ``python tests/mpi_memory.py MODEL --plain`` (plain
 mlx-lm load, for contrast). Prints one JSON line on rank 0: each rank's
 growth of peak RSS during the load, and the bytes of parameters it holds.
 """
@@ -45,7 +45,7 @@ def main() -> None:
 
     comm = Communicator()
     before = peak_rss_bytes()
-    model, _ = load(path, comm=comm)
+    model, _ = load(path, comm=comm, mode=sys.argv[2] if len(sys.argv) > 2 else "ep")
     mx.eval(model.parameters())
     held = sum(a.nbytes for _, a in tree_flatten(model.parameters()))
     ranks = comm.allgather([peak_rss_bytes() - before, held])

@@ -46,7 +46,8 @@ def _run(argv, n=None) -> list:
     return json.loads(proc.stdout.strip().splitlines()[-1])["ranks"]
 
 
-def test_rank_never_holds_the_full_model(big_checkpoint):
+@pytest.mark.parametrize("mode", ["ep", "sliced"])
+def test_rank_never_holds_the_full_model(big_checkpoint, mode):
     path, total, experts = big_checkpoint
     assert experts > 0.85 * total  # the experts dominate, so the difference shows
     replicated = total - experts
@@ -55,9 +56,9 @@ def test_rank_never_holds_the_full_model(big_checkpoint):
     assert plain_held == total
     assert plain_growth > 0.9 * total  # the measurement sees a full load
 
-    ranks = _run([sys.executable, "-m", "mpi4py", str(HERE / "mpi_memory.py"), str(path)], n=2)
+    ranks = _run([sys.executable, "-m", "mpi4py", str(HERE / "mpi_memory.py"), str(path), mode], n=2)
     for growth, held in ranks:
-        assert held == replicated + experts // 2
+        assert held == replicated + experts // 2  # half the experts, or half of each
         # Peak growth: what the rank holds plus at most one tensor's transient
         # copies, far below the full model.
         assert growth < held + 0.15 * total, (growth, held, total)

@@ -40,6 +40,7 @@ def _model(config: dict, quantize=None) -> nn.Module:
 
 
 def _rank_models(config, size, quantize=None, **kw):
+    """The ``size`` rank shards of a model, each with its LocalComm."""
     models = []
     for rank in range(size):
         model = _model(config, quantize)
@@ -51,15 +52,24 @@ def _rank_models(config, size, quantize=None, **kw):
 
 
 def _block_inputs(model, seed=0):
-    # The blocks' own inputs: [1, 5, D] activations.
+    # The blocks' own inputs: [1, 9, D] activations.
     hidden = model.args.hidden_size if hasattr(model.args, "hidden_size") else model.args.d_model
-    return mx.random.normal((1, 5, hidden), key=mx.random.key(seed))
+    # 9 tokens: experts with one row and with several, on any rank count
+    return mx.random.normal((1, 9, hidden), key=mx.random.key(seed))
 
 
+# Expert kernels: every expert through BLAS matmuls; the default (one-row
+# experts through gather_mm, the rest through BLAS); the switch layer's own.
+KERNELS = {"dense": ("dense", "1"), "hybrid": ("dense", "2"), "gather": ("gather", "2")}
+
+
+@pytest.mark.parametrize("kernel", sorted(KERNELS))
 @pytest.mark.parametrize("quantize", [None, 4])
 @pytest.mark.parametrize("size", [1, 2, 3])
 @pytest.mark.parametrize("arch", sorted(CONFIGS))
-def test_partial_sums_add_up_to_the_block(arch, size, quantize):
+def test_partial_sums_add_up_to_the_block(arch, size, quantize, kernel, monkeypatch):
+    monkeypatch.setenv("MOE_MPI_EXPERT_KERNEL", KERNELS[kernel][0])
+    monkeypatch.setenv("MOE_MPI_DENSE_MIN_ROWS", KERNELS[kernel][1])
     config = CONFIGS[arch]
     ref = _model(config, quantize)
     from moe_mpi.adapters import convert_blocks
@@ -74,6 +84,7 @@ def test_partial_sums_add_up_to_the_block(arch, size, quantize):
         np.testing.assert_allclose(np.array(got), np.array(want), rtol=1e-5, atol=1e-5)
     for model, comm in ranks:  # one all-reduce per MoE block per call
         assert comm.calls == len(expected)
+        assert all(b.switch.ep_kernel == KERNELS[kernel][0] for b in find_moe_blocks(model))
 
 
 def test_experts_are_stacked_and_split_by_placement():
@@ -134,3 +145,29 @@ def test_sharding_twice_is_rejected():
     shard_experts(model, LocalComm(0, 1))
     with pytest.raises(ValueError, match="already sharded"):
         shard_experts(model, LocalComm(0, 1))
+
+
+@pytest.mark.parametrize("quantize", [None, 4])
+@pytest.mark.parametrize("size", [2, 3])
+@pytest.mark.parametrize("arch", ["qwen3_moe", "deepseek_v3", "dbrx"])
+def test_sliced_mode_partial_sums(arch, size, quantize):
+    """mode='sliced': every rank a slice of every expert; still one all-reduce."""
+    config = CONFIGS[arch]
+    if quantize and size == 3:  # 64 units in 32-groups cannot go to 3 ranks
+        with pytest.raises(ValueError, match="mode='sliced' needs"):
+            _rank_models(config, size, quantize, mode="sliced")
+        return
+    ref = _model(config, quantize)
+    from moe_mpi.adapters import convert_blocks
+
+    convert_blocks(ref)
+    x = _block_inputs(ref)
+    expected = [b.block(x) for b in find_moe_blocks(ref)]
+    ranks = _rank_models(config, size, quantize, mode="sliced")
+    for i, want in enumerate(expected):
+        got = sum(b.block(x) for m, _ in ranks for b in find_moe_blocks(m)[i : i + 1])
+        np.testing.assert_allclose(np.array(got), np.array(want), rtol=1e-5, atol=1e-5)
+    inter = {m.switch.gate_proj.weight.shape[1] for r, _ in ranks for m in find_moe_blocks(r)}
+    assert max(inter) * size >= config.get("moe_intermediate_size", 64) > min(inter)
+    for model, comm in ranks:
+        assert comm.calls == len(expected)
