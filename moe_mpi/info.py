@@ -30,29 +30,12 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from .errors import format_error, parse_args, print_error
-from .loading import ModelNotFoundError, _build_model, _quantize
+from .loading import ModelNotFoundError, plan_load, read_config, read_parameters
 from .placement import ExpertPlacement
-from .safetensors_io import CheckpointError, CheckpointIndex
-from .shard import Plan, StackOf, _shared_children, _take, find_moe_blocks, shard_structure
+from .safetensors_io import ShapeOnlyIndex
+from .shard import Plan, StackOf, _shared_children, find_moe_blocks
 
 # safetensors dtype -> the mlx dtype mx.load gives it. fp8 is loaded as bytes.
-_MX_DTYPES = {
-    "F64": mx.float64,
-    "F32": mx.float32,
-    "F16": mx.float16,
-    "BF16": mx.bfloat16,
-    "I64": mx.int64,
-    "I32": mx.int32,
-    "I16": mx.int16,
-    "I8": mx.int8,
-    "U64": mx.uint64,
-    "U32": mx.uint32,
-    "U16": mx.uint16,
-    "U8": mx.uint8,
-    "BOOL": mx.bool_,
-    "F8_E4M3": mx.uint8,
-    "F8_E5M2": mx.uint8,
-}
 
 # mlx-lm's generate_step feeds the prompt in chunks of this many tokens.
 DEFAULT_PREFILL_STEP = 2048
@@ -170,48 +153,6 @@ def _resolve_local(path_or_repo: Union[str, Path]) -> Path:
             f"{name!r} is not a local directory nor in the Hugging Face cache; "
             "moe-mpi info reads local files only (download the model first)"
         ) from None
-
-
-def _load_config(model_path: Path) -> dict:
-    from mlx_lm.utils import load_config
-
-    try:
-        return load_config(model_path)
-    except FileNotFoundError:
-        raise InfoError(f"{model_path} has no config.json: not an mlx-lm model directory") from None
-    except json.JSONDecodeError as e:
-        raise InfoError(f"{model_path / 'config.json'} is not valid JSON: {e}") from None
-
-
-def _placeholders(index: CheckpointIndex) -> Dict[str, mx.array]:
-    """One lazy array per checkpoint tensor, of its dtype and shape; never evaluated."""
-    out = {}
-    for key, t in index.tensors.items():
-        if t.dtype not in _MX_DTYPES:
-            raise CheckpointError(f"{t.file}: tensor {key!r} has unsupported dtype {t.dtype}")
-        out[key] = mx.zeros(t.shape, dtype=_MX_DTYPES[t.dtype])
-    return out
-
-
-def _shape_only(plan: Plan, path: str, tensors: dict, raw: dict) -> mx.array:
-    """The (lazy) array ``load`` would put at ``path``: its dtype and shape.
-
-    Mirrors :func:`moe_mpi.loading._read`: stacked reads come from the files
-    as they are; everything else from the tensors after ``sanitize``.
-    """
-    if path not in plan:
-        if path not in tensors:
-            raise CheckpointError(f"checkpoint has no tensor {path!r}")
-        return tensors[path]
-    src = plan[path]
-    if isinstance(src, StackOf):
-        missing = [k for k in src.keys if k not in raw and k not in tensors]
-        if missing:
-            raise CheckpointError(f"checkpoint has no tensor {missing[0]!r}")
-        return mx.stack([raw[k] if k in raw else tensors[k] for k in src.keys])
-    if src.key not in tensors:
-        raise CheckpointError(f"checkpoint has no tensor {src.key!r}")
-    return _take(tensors[src.key], src.axis, src.index)
 
 
 def _read_buffer_bytes(plan: Plan, model_params: Dict[str, mx.array], tensors: dict, raw: dict) -> int:
@@ -404,30 +345,18 @@ def plan_memory(
     if context < 1 or prefill_step < 1:
         raise InfoError("--context and --prefill-step must be positive")
     model_path = _resolve_local(path_or_repo)
-    config = _load_config(model_path)
-    files = sorted(model_path.glob("model*.safetensors"))
-    if not files:
-        raise CheckpointError(f"no model*.safetensors files in {model_path}")
-    index = CheckpointIndex(files)
-    raw = _placeholders(index)
-
-    probe = _build_model(config)
-    tensors = probe.sanitize(dict(raw)) if hasattr(probe, "sanitize") else dict(raw)
-    num_layers = len(getattr(probe, "layers", getattr(getattr(probe, "model", None), "layers", [])))
+    config = read_config(model_path)
 
     ranks: List[RankMemory] = []
     result = None
     for rank in range(num_ranks):
-        model = probe if rank == 0 else _build_model(config)
-        _quantize(model, config, tensors)
-        model.eval()
-        plan = shard_structure(model, _PlanningComm(rank, num_ranks), placement, weights)
-        params = [
-            (path, _shape_only(plan, path, tensors, raw))
-            for path, _ in tree_flatten(model.parameters())
-        ]
+        # The real loader's plan, with reads that return shapes, not data.
+        lp = plan_load(model_path, _PlanningComm(rank, num_ranks), placement, weights)
+        model, plan, index = lp.model, lp.plan, lp.index
+        params = read_parameters(lp, ShapeOnlyIndex(index), evaluate=False)
         # strict: the shapes are checked exactly as they are by a real load.
         model.load_weights(params, strict=True)
+        num_layers = len(getattr(model, "layers", []))
 
         blocks = find_moe_blocks(model)
         switch = tuple(f"{b.path}.{b.switch_name}." if b.path else f"{b.switch_name}." for b in blocks)
@@ -467,7 +396,7 @@ def plan_memory(
                 shared_expert_bytes=sizes["shared"],
                 kv_cache_bytes=kv_bytes,
                 activation_bytes=act_bytes,
-                load_buffer_bytes=_read_buffer_bytes(plan, flat, tensors, raw),
+                load_buffer_bytes=_read_buffer_bytes(plan, flat, lp.tensors, lp.raw),
             )
         )
 

@@ -17,9 +17,11 @@ Both expert layouts are read in place:
 """
 
 import glob
+import json
 import re
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -134,20 +136,45 @@ def _read(index: CheckpointIndex, raw: dict, tensors: dict, codes: dict, src) ->
     raise CheckpointError(f"checkpoint has no tensor {missing[0]!r}")
 
 
-def load_model(
+@dataclass
+class LoadPlan:
+    """One rank's sharded model before any weight is read, and where each
+    of its parameters comes from (see :func:`plan_load`)."""
+
+    model: nn.Module
+    config: dict
+    index: CheckpointIndex
+    raw: Dict[str, mx.array]  # checkpoint tensors as lazy arrays: nothing read
+    tensors: Dict[str, mx.array]  # after sanitize(), placeholders for per-expert ones
+    codes: Dict[str, List[str]]  # stacked key -> per-expert checkpoint keys
+    plan: Plan
+    worker: bool  # a central-mode worker: only expert parameters
+
+
+def read_config(model_path: Path) -> dict:
+    """config.json of a model directory, with errors that say what is wrong."""
+    try:
+        return load_config(model_path)
+    except FileNotFoundError:
+        raise CheckpointError(f"{model_path} has no config.json: not an mlx-lm model directory") from None
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{model_path / 'config.json'} is not valid JSON: {e}") from None
+
+
+def plan_load(
     model_path: Path,
     comm,
     placement: Union[ExpertPlacement, str, None] = None,
     weights: Optional[Sequence[float]] = None,
     model_config: Optional[dict] = None,
     mode: str = "ep",
-) -> Tuple[nn.Module, dict]:
-    """Builds this rank's shard of a model and reads its weights from disk.
+) -> LoadPlan:
+    """Builds this rank's shard of a model and plans its reads; reads no data.
 
-    Returns:
-        ``(model, config)``.
+    ``comm`` needs only ``rank`` and ``size`` here (``moe-mpi info`` plans
+    every rank of a run in one process).
     """
-    config = load_config(model_path)
+    config = read_config(model_path)
     config.update(model_config or {})
     files = glob.glob(str(model_path / "model*.safetensors"))
     if not files:
@@ -178,24 +205,54 @@ def load_model(
     worker = mode == "central" and comm.rank != 0
     if worker:
         drop_dense(model)  # central-mode workers hold only their experts
+    return LoadPlan(model, config, index, raw, tensors, codes, plan, worker)
 
+
+def read_parameters(lp: LoadPlan, index=None, evaluate: bool = True) -> List[Tuple[str, mx.array]]:
+    """The (path, array) pairs that fill the planned model.
+
+    Args:
+        lp: The plan.
+        index: Where sharded parameters are read from: the checkpoint
+            (default), or a :class:`ShapeOnlyIndex` for shapes without data.
+        evaluate: Evaluate each sharded parameter as soon as it is read, so
+            that a lazy stack or take does not keep its inputs (every
+            expert's piece, or a whole tensor) alive until the end.
+    """
+    index = lp.index if index is None else index
     params = []
-    for path, _ in tree_flatten(model.parameters()):
-        if worker and path not in plan:
+    for path, _ in tree_flatten(lp.model.parameters()):
+        if lp.worker and path not in lp.plan:
             continue
-        if path in plan:
-            arr = _read(index, raw, tensors, codes, plan[path])
-            # Evaluate now: a lazy stack or take would keep its inputs (every
-            # expert's piece, or a whole tensor) alive until the end.
-            mx.eval(arr)
+        if path in lp.plan:
+            arr = _read(index, lp.raw, lp.tensors, lp.codes, lp.plan[path])
+            if evaluate:
+                mx.eval(arr)
             params.append((path, arr))
-        elif path in tensors and path not in codes:
-            params.append((path, tensors[path]))
+        elif path in lp.tensors and path not in lp.codes:
+            params.append((path, lp.tensors[path]))
         else:
-            raise CheckpointError(f"{model_path}: checkpoint has no tensor {path!r}")
-    model.load_weights(params, strict=not worker)
-    mx.eval(model.parameters())
-    return model, config
+            raise CheckpointError(f"{lp.index.files[0].parent}: checkpoint has no tensor {path!r}")
+    return params
+
+
+def load_model(
+    model_path: Path,
+    comm,
+    placement: Union[ExpertPlacement, str, None] = None,
+    weights: Optional[Sequence[float]] = None,
+    model_config: Optional[dict] = None,
+    mode: str = "ep",
+) -> Tuple[nn.Module, dict]:
+    """Builds this rank's shard of a model and reads its weights from disk.
+
+    Returns:
+        ``(model, config)``.
+    """
+    lp = plan_load(model_path, comm, placement, weights, model_config, mode)
+    lp.model.load_weights(read_parameters(lp), strict=not lp.worker)
+    mx.eval(lp.model.parameters())
+    return lp.model, lp.config
 
 
 def load(

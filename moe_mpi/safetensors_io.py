@@ -15,6 +15,22 @@ from typing import Dict, Iterable, List, Optional, Sequence
 import mlx.core as mx
 import numpy as np
 
+# safetensors dtype -> mlx dtype
+MX_DTYPES = {
+    "F64": mx.float64,
+    "F32": mx.float32,
+    "F16": mx.float16,
+    "BF16": mx.bfloat16,
+    "I64": mx.int64,
+    "I32": mx.int32,
+    "I16": mx.int16,
+    "I8": mx.int8,
+    "U64": mx.uint64,
+    "U32": mx.uint32,
+    "U16": mx.uint16,
+    "U8": mx.uint8,
+    "BOOL": mx.bool_,
+}
 # safetensors dtype -> (numpy dtype to read as, mlx dtype to view as or None)
 _DTYPES = {
     "F64": (np.float64, None),
@@ -184,3 +200,31 @@ class CheckpointIndex:
     def read_stack(self, keys: Sequence[str]) -> mx.array:
         """Reads whole tensors and stacks them on a new axis 0."""
         return mx.stack([self.read(k) for k in keys])
+
+
+class ShapeOnlyIndex:
+    """Stands in for a :class:`CheckpointIndex` where only shapes matter.
+
+    Its reads return lazy zeros of the shape and dtype a real read would
+    give; nothing is read or allocated (``moe-mpi info`` plans memory so).
+    """
+
+    def __init__(self, index: CheckpointIndex):
+        self.index = index
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.index
+
+    def _zeros(self, key: str, shape) -> mx.array:
+        info = self.index.tensors[key]
+        if info.dtype not in MX_DTYPES:
+            raise CheckpointError(f"{info.file}: tensor {key!r} has unsupported dtype {info.dtype}")
+        return mx.zeros(tuple(shape), dtype=MX_DTYPES[info.dtype])
+
+    def read_take(self, key: str, axis: int, index: np.ndarray) -> mx.array:
+        shape = list(self.index.tensors[key].shape)
+        shape[axis] = len(index)
+        return self._zeros(key, shape)
+
+    def read_stack(self, keys: Sequence[str]) -> mx.array:
+        return self._zeros(keys[0], (len(keys), *self.index.tensors[keys[0]].shape))
