@@ -46,6 +46,11 @@ class LocalExperts:
         """
         k = indices.shape[-1]
         d = x.shape[-1]
+        if self.ep_all_local and indices.size == k:
+            # One token, every expert here (mode="sliced"): each chosen expert
+            # has one row, gather_mm's best case, and no routing needs to be
+            # read to the host; the layer's own call stays lazy.
+            return super().__call__(x, indices)
         x_flat = x.reshape(-1, d)  # [T, D]
         # Reading the routing to the host is one sync per layer; it lets the
         # rank compute only its own (token, slot) pairs instead of all T*k.
@@ -167,6 +172,7 @@ def make_local(switch, local_experts: Sequence[int], num_experts: int) -> None:
     # A numpy attribute, not an mx.array: it must not become a parameter.
     switch.ep_local_of = lookup
     switch.ep_experts = tuple(int(e) for e in local_experts)
+    switch.ep_all_local = len(switch.ep_experts) == num_experts
     switch.ep_kernel = default_kernel(switch)
     switch.ep_dense_min_rows = int(os.environ.get("MOE_MPI_DENSE_MIN_ROWS", "2"))
     switch.__class__ = with_mixin(LocalExperts, type(switch))
