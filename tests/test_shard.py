@@ -58,9 +58,16 @@ def _block_inputs(model, seed=0):
     return mx.random.normal((1, 9, hidden), key=mx.random.key(seed))
 
 
-# Expert kernels: every expert through BLAS matmuls; the default (one-row
-# experts through gather_mm, the rest through BLAS); the switch layer's own.
-KERNELS = {"dense": ("dense", "1"), "hybrid": ("dense", "2"), "gather": ("gather", "2")}
+# Expert kernels (MOE_MPI_EXPERT_KERNEL, MOE_MPI_DENSE_MIN_ROWS,
+# MOE_MPI_HOST_GEMV): every expert through BLAS matmuls; the default (float
+# one-row experts through numpy's sgemv, the rest through BLAS); one-row
+# experts through gather_mm instead; the switch layer's own call.
+KERNELS = {
+    "dense": ("dense", "1", "1"),
+    "hybrid": ("dense", "2", "1"),
+    "hybrid-gather": ("dense", "2", "0"),
+    "gather": ("gather", "2", "1"),
+}
 
 
 @pytest.mark.parametrize("kernel", sorted(KERNELS))
@@ -70,6 +77,7 @@ KERNELS = {"dense": ("dense", "1"), "hybrid": ("dense", "2"), "gather": ("gather
 def test_partial_sums_add_up_to_the_block(arch, size, quantize, kernel, monkeypatch):
     monkeypatch.setenv("MOE_MPI_EXPERT_KERNEL", KERNELS[kernel][0])
     monkeypatch.setenv("MOE_MPI_DENSE_MIN_ROWS", KERNELS[kernel][1])
+    monkeypatch.setenv("MOE_MPI_HOST_GEMV", KERNELS[kernel][2])
     config = CONFIGS[arch]
     ref = _model(config, quantize)
     from moe_mpi.adapters import convert_blocks

@@ -32,6 +32,7 @@ BENCHMARKS = {
     "decode": "Decode tokens/s of an MoE model across the ranks.",
     "prefill": "Prefill tokens/s of an MoE model across the ranks.",
     "layer": "Time of one expert-parallel MoE layer.",
+    "roofline": "Memory-bandwidth limit of decode per mode (STREAM probe + bytes per token).",
 }
 
 

@@ -1,0 +1,184 @@
+"""``moe-mpi bench roofline``: the memory-bandwidth limit of decode, per mode.
+
+Decode at small batch is bound by reading weights: every step each rank
+reads the dense weights it holds and the expert weights routed to it. The
+limit on tokens/s is the bytes the *slowest* rank must read per token over
+the memory bandwidth each rank gets while all ranks read at once (a
+STREAM-like triad run on every rank together, in this job).
+
+Bytes per step, per rank, for a model of float weights:
+
+* dense: attention, norms, routers and the LM head (the embedding table
+  contributes B rows, nothing in comparison); mlx-lm's tensor parallel
+  splits attention (and the dense MLPs) over the ranks, the other modes
+  replicate it;
+* experts: ``expert_bytes`` per distinct expert a rank must read this step.
+  Routing is taken as uniform (a random-weight model is close to it):
+  ``single`` reads every distinct chosen expert; ``sliced`` and mlx-lm's
+  tensor parallel read 1/N of each; ``ep`` reads whole experts, and the
+  slowest rank (most distinct local experts chosen) sets the pace; that
+  imbalance is the price of whole-expert placement at batch 1.
+
+Run under mpirun with the same ranks as the decode benchmark; pass its JSON
+(``--decode-json``) to print measured tokens/s beside the limit.
+"""
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+
+from ..errors import add_debug_argument, parse_args
+
+N_SAMPLES = 20000  # routing draws for the expected number of experts read
+
+
+def stream_triad(comm, mbytes: int = 256, repeats: int = 5) -> float:
+    """GB/s of a STREAM triad ``a = b + s*c`` on this rank, all ranks at once.
+
+    Counts 3 arrays of traffic per element, as STREAM does.
+    """
+    n = mbytes * (1 << 20) // 4 // 3
+    a, b, c = (np.full(n, v, dtype=np.float32) for v in (0.0, 1.0, 2.0))
+    best = float("inf")
+    for _ in range(repeats):
+        comm.barrier()  # all ranks read memory at the same time
+        t = time.perf_counter()
+        np.multiply(c, 3.0, out=a)
+        np.add(a, b, out=a)
+        best = min(best, time.perf_counter() - t)
+    # multiply+add is two passes (5 arrays of traffic); STREAM counts 3 for triad.
+    return 5 * n * 4 / best / 1e9
+
+
+def expected_experts(num_experts: int, top_k: int, batch: int, owners: Optional[Sequence[int]], seed: int = 0) -> float:
+    """Expected experts the slowest reader reads in one decode step.
+
+    Args:
+        num_experts, top_k, batch: Routing shape; uniform routing is assumed.
+        owners: Expert -> rank (whole-expert placement), or None when every
+            rank reads every chosen expert (single, sliced, tensor parallel).
+    """
+    rng = np.random.default_rng(seed)
+    picks = np.argsort(rng.random((N_SAMPLES, batch, num_experts)), axis=-1)[..., :top_k]
+    chosen = np.zeros((N_SAMPLES, num_experts), dtype=bool)
+    np.put_along_axis(chosen, picks.reshape(N_SAMPLES, -1), True, axis=1)
+    if owners is None:
+        return float(chosen.sum(1).mean())
+    owners = np.asarray(owners)
+    per_rank = np.stack([chosen[:, owners == r].sum(1) for r in range(owners.max() + 1)], 1)
+    return float(per_rank.max(1).mean())
+
+
+def model_bytes(config: Dict) -> Dict[str, float]:
+    """Weight bytes of a qwen3_moe/mixtral-style float32 config, by part."""
+    d = config["hidden_size"]
+    heads = config["num_attention_heads"]
+    kv = config.get("num_key_value_heads", heads)
+    head_dim = config.get("head_dim", d // heads)
+    inter = config.get("moe_intermediate_size", config.get("intermediate_size"))
+    layers = config["num_hidden_layers"]
+    attention = (d * heads * head_dim * 2 + d * kv * head_dim * 2) * 4
+    experts = config.get("num_experts", config.get("num_local_experts"))
+    return {
+        "attention_per_layer": attention,
+        "router_per_layer": d * experts * 4,
+        "expert": 3 * d * inter * 4,
+        "lm_head": config["vocab_size"] * d * 4,
+        "layers": layers,
+        "num_experts": experts,
+        "top_k": config["num_experts_per_tok"],
+    }
+
+
+def bytes_per_step(parts: Dict[str, float], mode: str, size: int, batch: int) -> float:
+    """Weight bytes the slowest rank reads in one decode step of ``batch`` tokens."""
+    e, k, layers = parts["num_experts"], parts["top_k"], parts["layers"]
+    attention = parts["attention_per_layer"] / (size if mode == "mlx-lm-tp" else 1)
+    dense = layers * (attention + parts["router_per_layer"]) + parts["lm_head"]
+    if mode == "single":
+        experts = expected_experts(e, k, batch, None) * parts["expert"]
+    elif mode in ("sliced", "mlx-lm-tp"):
+        experts = expected_experts(e, k, batch, None) * parts["expert"] / size
+    else:  # ep, central: whole experts, contiguous placement
+        owners = np.repeat(np.arange(size), [len(c) for c in np.array_split(np.arange(e), size)])
+        experts = expected_experts(e, k, batch, owners) * parts["expert"]
+    return dense + layers * experts
+
+
+def setup_arg_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="moe-mpi bench roofline", description=__doc__.split("\n\n")[0])
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--model", metavar="PATH", help="local model directory (its config.json)")
+    source.add_argument("--synthetic", default="dbrx-like", help="synthetic shape name (default: dbrx-like)")
+    parser.add_argument("--batch", default="1,8", help="comma-separated batch sizes (default: 1,8)")
+    parser.add_argument("--modes", default="ep,sliced,central,mlx-lm-tp,single")
+    parser.add_argument("--decode-json", metavar="FILE", help="`moe-mpi bench decode --json` output to compare with")
+    parser.add_argument("--json", metavar="FILE", help="write the limits as JSON")
+    add_debug_argument(parser)
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    from ..comm import Communicator
+
+    comm = Communicator()
+    args = parse_args(setup_arg_parser(), argv)
+    if args.model:
+        config = json.loads((Path(args.model) / "config.json").read_text())
+    else:
+        from .models import synthetic_config
+
+        config = synthetic_config(args.synthetic)
+    parts = model_bytes(config)
+    # Bandwidth with every rank reading (what ep/sliced/tp/central get), and
+    # with rank 0 alone (what a single process gets).
+    together = comm.allgather(stream_triad(comm))
+    comm.barrier()
+    alone = stream_triad_alone(comm)
+    measured = {}
+    if args.decode_json:
+        for row in json.loads(Path(args.decode_json).read_text())["rows"]:
+            measured[row["mode"], row["batch"]] = row["tokens_per_s"]
+    rows = []
+    for mode in args.modes.split(","):
+        bandwidth = alone if mode == "single" else min(together)
+        for batch in (int(b) for b in args.batch.split(",")):
+            step = bytes_per_step(parts, mode, comm.size, batch)
+            limit = bandwidth * 1e9 / step * batch
+            got = measured.get((mode, batch))
+            rows.append(dict(mode=mode, batch=batch, bytes_per_step=step, bandwidth_gbs=bandwidth,
+                             limit_tokens_per_s=limit, measured_tokens_per_s=got,
+                             fraction=(got / limit if got else None)))
+    if comm.rank == 0:
+        print(f"# STREAM triad per rank, all {comm.size} ranks at once: "
+              + ", ".join(f"{g:.1f}" for g in together) + f" GB/s; rank 0 alone: {alone:.1f} GB/s")
+        print(f"# model: {parts['layers']} layers, {parts['num_experts']} experts top-{parts['top_k']}, "
+              f"expert {parts['expert'] / 1e6:.1f} MB, attention/layer {parts['attention_per_layer'] / 1e6:.1f} MB, "
+              f"LM head {parts['lm_head'] / 1e6:.1f} MB")
+        print(f"{'mode':>10} {'B':>3} {'MB/step':>9} {'GB/s':>6} {'limit tok/s':>12} {'measured':>9} {'of limit':>9}")
+        for r in rows:
+            got = f"{r['measured_tokens_per_s']:.1f}" if r["measured_tokens_per_s"] else "-"
+            frac = f"{100 * r['fraction']:.0f}%" if r["fraction"] else "-"
+            print(f"{r['mode']:>10} {r['batch']:>3} {r['bytes_per_step'] / 1e6:>9.0f} {r['bandwidth_gbs']:>6.1f} "
+                  f"{r['limit_tokens_per_s']:>12.1f} {got:>9} {frac:>9}")
+        if args.json:
+            Path(args.json).write_text(json.dumps({"stream_together_gbs": together, "stream_alone_gbs": alone,
+                                                   "parts": parts, "rows": rows}, indent=1))
+
+
+def stream_triad_alone(comm) -> float:
+    """Rank 0's triad bandwidth while the other ranks wait (single process)."""
+    result = stream_triad(_Self()) if comm.rank == 0 else 0.0
+    comm.barrier()
+    return comm.bcast(result)
+
+
+class _Self:
+    """A one-rank stand-in for :func:`stream_triad`'s barrier."""
+
+    def barrier(self) -> None:
+        pass
