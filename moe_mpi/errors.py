@@ -60,6 +60,7 @@ import contextlib
 import json
 import os
 import sys
+import time
 import traceback
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
 
@@ -139,6 +140,10 @@ def format_error(exc: BaseException) -> str:
     return message
 
 
+# How long ranks other than 0 wait on a command-line error (see parse_args).
+ARGPARSE_GRACE_SECONDS = 10.0
+
+
 def env_rank() -> int:
     """This process's rank as told by the launcher's environment, else 0.
 
@@ -195,7 +200,17 @@ def parse_args(
         return parse()
     with open(os.devnull, "w") as devnull:
         with contextlib.redirect_stdout(devnull), contextlib.redirect_stderr(devnull):
-            return parse()
+            try:
+                return parse()
+            except SystemExit as e:
+                if e.code:
+                    # mpirun ends the job at the first non-zero exit: if this
+                    # rank went first, rank 0 could be killed before its usage
+                    # message is written. Rank 0 fails the same way and exits
+                    # at once, which ends this rank too; the sleep only bounds
+                    # the wait should it not.
+                    time.sleep(ARGPARSE_GRACE_SECONDS)
+                raise
 
 
 def _rank(comm) -> int:

@@ -428,22 +428,6 @@ class _Case:
     result: Callable[[], Any]
 
 
-def _mpi_float16_ok(MPI) -> bool:
-    # Open MPI 5 maps numpy float16 to MPI_SHORT_FLOAT (summable); other
-    # libraries may have no half type at all, so mpi4py could not send it.
-    from mpi4py.util import dtlib
-
-    try:
-        datatype = dtlib.from_numpy_dtype(np.float16)
-    except (KeyError, ValueError, TypeError, MPI.Exception):
-        return False
-    try:
-        return datatype != MPI.DATATYPE_NULL
-    finally:
-        if datatype != MPI.DATATYPE_NULL:
-            datatype.Free()
-
-
 def _as_float32(out):
     import mlx.core as mx
 
@@ -501,7 +485,7 @@ def _open_paths(
     """
     from mpi4py import MPI
 
-    from ..comm import Communicator
+    from ..comm import Communicator, _native_float16
 
     comms: dict[str, Any] = {"mpi4py": comm}
     local_reason = None
@@ -522,7 +506,7 @@ def _open_paths(
     if "mpi4py-numpy" in wanted:
         if dtype == "bfloat16":
             skipped["mpi4py-numpy"] = "numpy has no bfloat16 type"
-        elif dtype == "float16" and not _mpi_float16_ok(MPI):
+        elif dtype == "float16" and not _native_float16(MPI):
             skipped["mpi4py-numpy"] = "this MPI library has no float16 type"
     runnable = [path for path in wanted if path not in skipped]
     return comms, runnable, skipped
