@@ -1,0 +1,190 @@
+"""``moe-mpi bench decode``: decode tokens/s of an MoE model, every mode side by side.
+
+Every mode runs the same model in one ``mpirun`` job, one after another::
+
+    mpirun -n 2 -x LD_PRELOAD=/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0 \\
+        -x OPENBLAS_NUM_THREADS=1 moe-mpi bench decode --synthetic dbrx-like --batch 1,8
+
+(as root add ``--allow-run-as-root``; more ranks than cores need
+``--oversubscribe``). Modes: ``ep`` and ``central`` (:func:`moe_mpi.load`),
+``mlx-lm-tp`` (mlx-lm's ``model.shard``) and ``single`` (plain mlx-lm on rank
+0); see :mod:`moe_mpi.bench.models`.
+
+Method, per mode and batch size B: prefill a ``--prompt-tokens`` prompt per
+sequence into a fresh KV cache (``make_prompt_cache``), run ``--warmup``
+decode steps (untimed; they also sample the routing for the load-imbalance
+proxy), then barrier, reset the communication counters, and time
+``--steps`` steps. A step feeds the ``[B, 1]`` argmax tokens back (the same
+on every rank) and ends in ``mx.eval``; each is timed alone with
+``time.perf_counter`` on rank 0. B > 1 is B independent sequences decoded
+together.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from typing import Any, Dict, List, Optional, Sequence
+
+import mlx.core as mx
+import numpy as np
+
+from ..errors import add_debug_argument, parse_args
+from . import models, report
+
+__all__ = ["decode_rows", "main", "setup_arg_parser"]
+
+DEFAULT_STEPS = 32
+DEFAULT_WARMUP = 8
+DEFAULT_PROMPT_TOKENS = 32
+
+IMBALANCE_METHOD = (
+    "routing proxy: busiest rank's routed (token, slot) pairs over the mean rank's, "
+    "per MoE layer call, averaged over the warm-up steps (each layer's all-reduce "
+    "waits for the busiest rank); 1.00 = balanced; mlx-lm-tp is 1.00 by construction"
+)
+
+
+def step(model, cache, tokens: mx.array) -> mx.array:
+    """One decode step: ``[B]`` tokens in, the ``[B]`` argmax tokens out (evaluated)."""
+    logits = model(tokens[:, None], cache=cache)  # [B, 1, V]
+    tokens = mx.argmax(logits[:, -1, :], axis=-1)  # [B]
+    mx.eval(tokens)
+    return tokens
+
+
+def _decode_one(
+    ctx: models.Context, built: models.Built, batch: int
+) -> Optional[Dict[str, Any]]:
+    """Times one batch size in one mode; the row on rank 0, None elsewhere."""
+    from mlx_lm.models.cache import make_prompt_cache
+
+    args = ctx.args
+    rng = np.random.default_rng(args.seed + batch)
+    prompts = rng.integers(
+        0, ctx.config["vocab_size"], (batch, args.prompt_tokens), dtype=np.int32
+    )
+    state: Dict[str, Any] = {}
+
+    def setup(model) -> None:
+        cache = make_prompt_cache(model)
+        logits = model(mx.array(prompts), cache=cache)  # [B, P, V]
+        tokens = mx.argmax(logits[:, -1, :], axis=-1)  # [B]
+        mx.eval(tokens)
+        with models.record_routing(model if ctx.rank == 0 else None) as calls:
+            for _ in range(args.warmup):
+                tokens = step(model, cache, tokens)
+        state.update(cache=cache, tokens=tokens)
+        if ctx.rank == 0:
+            state["imbalance"] = models.imbalance_for(built, model, calls, ctx.size)
+
+    def timed(model) -> List[float]:
+        cache, tokens = state["cache"], state["tokens"]
+        seconds = []
+        for _ in range(args.steps):
+            start = time.perf_counter()
+            tokens = step(model, cache, tokens)
+            seconds.append(time.perf_counter() - start)
+        return seconds
+
+    built.run(setup)
+    seconds, wall, counters = models.timed_run(ctx, built, timed)
+    everyone = ctx.ctl.allgather({"wall": wall, "counters": counters})
+    imbalance, method = state.get("imbalance", (None, ""))
+    state.clear()  # the KV cache
+    if ctx.rank != 0:
+        return None
+    return report.throughput_row(
+        built.name,
+        built.counted,
+        {"batch": batch},
+        batch,
+        seconds,
+        [e["wall"] for e in everyone],
+        [e["counters"] for e in everyone],
+        code_counts=models.tp_code_counts(ctx.config, batch),
+        imbalance=imbalance,
+        imbalance_method=method,
+    )
+
+
+def decode_rows(ctx: models.Context, built: models.Built) -> List[Dict[str, Any]]:
+    """The workload: every ``--batch`` size in mode ``built``; rows on rank 0."""
+    rows = [_decode_one(ctx, built, batch) for batch in ctx.args.batch]
+    return [r for r in rows if r is not None]
+
+
+def setup_arg_parser() -> argparse.ArgumentParser:
+    """The options of ``moe-mpi bench decode``."""
+    parser = argparse.ArgumentParser(
+        prog="moe-mpi bench decode",
+        description="Decode tokens/s of an MoE model in every mode (expert parallel, "
+        "central router, mlx-lm tensor parallel, single process), same model, same "
+        "job. Run under mpirun: mpirun -n N moe-mpi bench decode ...",
+    )
+    models.add_common_arguments(parser)
+    parser.add_argument(
+        "--batch",
+        type=models.int_list,
+        default=[1, 8],
+        help="comma-separated batch sizes: B sequences decoded together (default: 1,8)",
+    )
+    parser.add_argument(
+        "--steps",
+        type=models.positive_int,
+        default=DEFAULT_STEPS,
+        help=f"timed decode steps (default: {DEFAULT_STEPS})",
+    )
+    parser.add_argument(
+        "--warmup",
+        type=models.non_negative_int,
+        default=DEFAULT_WARMUP,
+        help=f"untimed decode steps first (default: {DEFAULT_WARMUP})",
+    )
+    parser.add_argument(
+        "--prompt-tokens",
+        type=models.positive_int,
+        default=DEFAULT_PROMPT_TOKENS,
+        help=f"prompt length prefilled before decoding (default: {DEFAULT_PROMPT_TOKENS})",
+    )
+    add_debug_argument(parser)
+    return parser
+
+
+def _render(rows: List[Dict[str, Any]]) -> List[str]:
+    lines = ["#", "# decode"]
+    lines += report.format_table(report.throughput_columns("batch", "B"), rows)
+    lines += ["#"] + ["# " + line for line in report.legend_lines(IMBALANCE_METHOD)]
+    return lines
+
+
+def _plot(rows: List[Dict[str, Any]], filename: str, title: str) -> None:
+    report.plot_bars(
+        rows, "batch", "tokens_per_s", filename, "decode " + title, "tokens/s"
+    )
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run ``moe-mpi bench decode`` with ``argv`` (default: ``sys.argv[1:]``)."""
+    args = parse_args(setup_arg_parser(), argv)
+    method = [
+        f"decode: prompt {args.prompt_tokens} tokens per sequence, {args.warmup} warm-up steps, "
+        f"{args.steps} timed steps per batch size; batch sizes {args.batch}",
+        "timing: barrier, counters reset, barrier; each step (model call + argmax + mx.eval) "
+        "timed alone with time.perf_counter on rank 0",
+    ]
+    return models.run_benchmark(
+        args,
+        benchmark="decode",
+        title="moe-mpi bench decode: decode tokens/s per mode",
+        workload=decode_rows,
+        method_lines=method,
+        render=_render,
+        plot=_plot,
+        config_record={
+            "batch": args.batch,
+            "steps": args.steps,
+            "warmup": args.warmup,
+            "prompt_tokens": args.prompt_tokens,
+        },
+    )

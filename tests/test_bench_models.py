@@ -1,0 +1,201 @@
+"""Tests for ``moe-mpi bench decode | prefill | layer | plot``.
+
+The benchmarks run end to end under real ``mpirun`` on 2 ranks with the
+``tiny`` synthetic model and very short settings. Nothing here asserts speed
+(the machine may be loaded); the tests check that every mode ran on the same
+model, that the JSON says what ran where, that the communication counts are
+right (``ep``: exactly one all-reduce per MoE layer per forward pass), and that
+every mode's logits match plain mlx-lm's. The pytest process never
+initialises MPI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from moe_mpi import launch
+from moe_mpi.bench import models
+from moe_mpi.bench import plot as bench_plot
+from moe_mpi.shard import MODES as LOAD_MODES
+
+REPO = Path(__file__).resolve().parent.parent
+TIMEOUT = 150.0  # a hang fails the test instead of blocking the suite
+# Every moe_mpi load mode plus the two mlx-lm baselines.
+ALL_MODES = set(LOAD_MODES) | {"mlx-lm-tp", "single"}
+TINY_MOE_LAYERS = 2  # models.SYNTHETIC["tiny"]: every layer is an MoE layer
+HAVE_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
+
+RUNS = {
+    "decode": ["--batch", "1,2", "--steps", "3", "--warmup", "1", "--prompt-tokens", "8"],
+    "prefill": ["--lengths", "8,16", "--repeats", "1"],
+    "layer": ["--tokens", "1,8", "--iters", "2", "--warmup", "1"],
+}
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    """Runs each benchmark once on 2 ranks; benchmark -> parsed JSON."""
+    tmp = tmp_path_factory.mktemp("bench")
+    cache = tmp / "cache"  # shared: the first run writes tiny, the others reuse it
+    out = {}
+    for name, extra in RUNS.items():
+        path = tmp / f"{name}.json"
+        argv = [
+            sys.executable, "-m", "moe_mpi", "bench", name,
+            "--synthetic", "tiny", "--cache-dir", str(cache), "--json", str(path), *extra,
+        ]
+        proc = launch.run_mpirun(2, argv, timeout=TIMEOUT, cwd=REPO)
+        assert proc.returncode == 0, f"{name}:\n{proc.stdout}\n{proc.stderr}"
+        with open(path) as f:
+            out[name] = json.load(f)
+        out[name]["_stdout"] = proc.stdout
+        out[name]["_file"] = str(path)
+    return out
+
+
+def _rows(result, mode):
+    return [r for r in result["rows"] if r["mode"] == mode]
+
+
+@pytest.mark.parametrize("name", list(RUNS))
+def test_every_mode_ran_and_is_recorded(results, name):
+    result = results[name]
+    assert result["benchmark"] == name
+    assert {r["mode"] for r in result["rows"]} == ALL_MODES
+    assert not any(r.get("skipped") for r in result["rows"])
+    assert f"bench {name}" in result["command"]
+    machine = result["machine"]
+    assert machine["world_size"] == 2 and len(machine["hosts"]) == 2
+    assert machine["cpu"] and machine["mlx"] and machine["mlx_lm"]
+    assert len(result["blas"]) == 2
+    assert all(b["kind"] and "OPENBLAS_NUM_THREADS" in b["env"] for b in result["blas"])
+    assert result["model"]["synthetic"] == "tiny"
+    for row in result["rows"]:
+        assert len(row["mlx_peak_bytes"]) == 2 and len(row["peak_rss_bytes"]) == 2
+    # The table is printed once, by rank 0.
+    assert result["_stdout"].count("# mode ep: built") == 1
+    assert "blas rank 1:" in result["_stdout"]
+
+
+@pytest.mark.parametrize("name", list(RUNS))
+def test_logits_match_plain_mlx_lm(results, name):
+    for mode, entry in results[name]["modes"].items():
+        assert entry["status"] == "ok", mode
+        assert entry["logits_max_abs_diff"] < 1e-4, mode
+        assert entry["argmax_agrees"], mode
+
+
+def test_decode_ep_does_one_all_reduce_per_moe_layer(results):
+    for row in _rows(results["decode"], "ep"):
+        assert row["collective_kinds_per_step"] == {"all_sum": TINY_MOE_LAYERS}
+        assert row["collectives_per_token"] == TINY_MOE_LAYERS / row["batch"]
+        assert row["counted"] == "measured"
+        # float32 [B, 1, 64] partial sums, one per layer.
+        assert row["bytes_per_token"] == TINY_MOE_LAYERS * 64 * 4
+        assert len(row["comm_share"]) == 2 and all(0 <= s <= 1 for s in row["comm_share"])
+        assert row["imbalance"] >= 1.0
+
+
+def test_decode_other_modes_count_their_communication(results):
+    decode = results["decode"]
+    for row in _rows(decode, "central"):
+        kinds = row["collective_kinds_per_step"]
+        assert set(kinds) <= {"send", "recv"} and row["collectives_per_token"] > 0
+    for row in _rows(decode, "mlx-lm-tp"):
+        assert row["counted"] == "code"
+        assert row["collectives_per_token"] == 2 * TINY_MOE_LAYERS / row["batch"]
+        assert row["imbalance"] == 1.0
+    for row in _rows(decode, "single"):
+        assert row["collectives_per_token"] == 0 and row["imbalance"] is None
+    assert {r["batch"] for r in decode["rows"]} == {1, 2}
+    for row in decode["rows"]:
+        assert row["steps"] == 3 and row["tokens_per_s"] > 0
+
+
+def test_prefill_counts(results):
+    prefill = results["prefill"]
+    for row in _rows(prefill, "ep"):
+        assert row["collectives_per_step"] == TINY_MOE_LAYERS  # one forward per step
+        assert row["collectives_per_token"] == TINY_MOE_LAYERS / row["length"]
+    for row in _rows(prefill, "central"):
+        assert row["collectives_per_step"] > 0
+    assert {r["length"] for r in prefill["rows"]} == {8, 16}
+
+
+def test_layer_counts_and_parts(results):
+    layer = results["layer"]
+    for row in _rows(layer, "ep"):
+        assert row["collectives_per_call"] == 1
+        assert len(row["experts_ms_per_rank"]) == 2 and row["imbalance"] >= 1.0
+    for row in _rows(layer, "central"):
+        assert row["collectives_per_call"] > 0
+    for row in _rows(layer, "single"):
+        assert row["combine_ms"] == 0 and len(row["experts_ms_per_rank"]) == 1
+    for row in layer["rows"]:
+        assert row["layer_ms"] > 0 and row["router_ms"] > 0 and row["experts_ms"] > 0
+
+
+@pytest.mark.skipif(not HAVE_MATPLOTLIB, reason="matplotlib not installed")
+def test_plot_command(results, tmp_path):
+    out = tmp_path / "all.png"
+    files = [results[name]["_file"] for name in RUNS]
+    assert bench_plot.main([*files, "-o", str(out)]) == 0
+    assert out.stat().st_size > 1000
+
+
+def test_plot_rejects_non_results(tmp_path, capsys):
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"benchmark": "nope"}))
+    assert bench_plot.main([str(bad), "-o", str(tmp_path / "x.png")]) == 1
+    assert "not a result" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------ unit tests
+
+
+def test_mode_registry_accepts_every_load_mode():
+    names = models.mode_names()
+    assert set(LOAD_MODES) <= set(names)
+    assert {"mlx-lm-tp", "single"} <= set(names)
+    for mode in LOAD_MODES:
+        builder = models.get_mode(mode)
+        assert isinstance(builder, models.MoeMpiMode) and builder.mode == mode
+    with pytest.raises(KeyError):
+        models.get_mode("no-such-mode")
+
+
+def test_modes_option_rejects_unknown_names():
+    with pytest.raises(argparse.ArgumentTypeError):
+        models._modes_arg("ep,bogus")
+    assert models._modes_arg("single,ep,ep") == ["single", "ep"]
+
+
+def test_synthetic_shapes():
+    dbrx = models.synthetic_config("dbrx-like")
+    assert (dbrx["hidden_size"], dbrx["num_experts"], dbrx["num_experts_per_tok"]) == (768, 16, 4)
+    assert (dbrx["moe_intermediate_size"], dbrx["num_hidden_layers"]) == (2688, 8)
+    assert dbrx["model_type"] == "qwen3_moe"
+    assert models.synthetic_config("qwen3-moe-like")["num_experts"] == 128
+    assert models.synthetic_config("mixtral-like")["num_experts_per_tok"] == 2
+    a, b = models.synthetic_dir("tiny", "/c"), models.synthetic_dir("dbrx-like", "/c")
+    assert a != b and a == models.synthetic_dir("tiny", "/c")
+    assert a.name.startswith("tiny-")
+
+
+def test_routing_imbalance():
+    owners = [0, 0, 1, 1]
+    balanced = [np.array([1, 1, 1, 1])]
+    assert models.routing_imbalance(balanced, owners, 2)["per_layer"] == 1.0
+    skewed = [np.array([2, 0, 0, 0]), np.array([1, 0, 1, 0])]  # 2/0, then 1/1
+    result = models.routing_imbalance(skewed, owners, 2)
+    assert result["per_layer"] == pytest.approx((2.0 + 1.0) / 2)
+    assert result["pairs_per_rank"] == [3, 1]
+    assert models.routing_imbalance([], owners, 2) is None
+    assert models.routing_imbalance(balanced, None, 2) is None
