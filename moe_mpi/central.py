@@ -91,9 +91,12 @@ class CentralExperts(LocalExperts):
             pending.append((int(r), slots))
         out = mx.zeros((flat.size, d), dtype=x.dtype)  # [T*k, D]
         mine = np.flatnonzero(owner == comm.rank)
-        if mine.size:  # overlaps with the owners' compute
+        if mine.size:
             rows = x_flat[mx.array(mine // k)]
             out[mx.array(mine)] = self.compute(rows, index[mine]).astype(x.dtype)
+            # Evaluate now, while the owners compute theirs: left lazy, it
+            # would run only after the receives below, serially.
+            mx.eval(out)
         # Step 2, gather: each owner's outputs, one row per slot.
         for r, slots in pending:
             y = comm.recv_array((slots.size, d), host_x.dtype, r, TAG_REPLY)

@@ -33,6 +33,7 @@ BENCHMARKS = {
     "prefill": "Prefill tokens/s of an MoE model across the ranks.",
     "layer": "Time of one expert-parallel MoE layer.",
     "roofline": "Memory-bandwidth limit of decode per mode (STREAM probe + bytes per token).",
+    "plot": "Plot results of several runs (tokens/s by mode and rank count, all-reduce latency).",
 }
 
 
