@@ -306,6 +306,58 @@ def loop_counts(args: argparse.Namespace, nbytes: int) -> tuple[int, int]:
     return args.iterations, args.warmup
 
 
+def emit_footer(emit: Callable[[str], None], wrong: int, check: bool) -> list[float] | None:
+    """Prints the closing lines of a run (``#wrong`` total, end load).
+
+    Returns:
+        The load average at the end, for the JSON.
+    """
+    if check:
+        emit("#")
+        emit(f"# #wrong in total: {wrong} " + ("(OK)" if wrong == 0 else "(FAILED)"))
+    load_end = load_average()
+    emit("# load average (1/5/15 min) at end, rank 0's host: " + format_load(load_end))
+    return load_end
+
+
+def write_results(
+    args: argparse.Namespace,
+    benchmark: str,
+    info: Mapping[str, Any],
+    config: Mapping[str, Any],
+    rows: list[dict],
+    wrong: int,
+    load_end: list[float] | None,
+    csv_columns: Sequence[str],
+) -> None:
+    """Writes ``--json`` and ``--csv`` (rank 0) with the loop settings in the config."""
+    iterations_large, warmup_large = loop_counts(args, args.large_threshold + 1)
+    if args.json:
+        loops = {
+            "sizes": list(args.message_size),
+            "iterations": args.iterations,
+            "warmup": args.warmup,
+            "iterations_large": iterations_large,
+            "warmup_large": warmup_large,
+            "large_threshold": args.large_threshold,
+            "check": not args.no_check,
+        }
+        write_json(
+            args.json,
+            {
+                "benchmark": benchmark,
+                "machine": info,
+                "command": info["command"],
+                "config": {**config, **loops},
+                "rows": rows,
+                "wrong_total": wrong,
+                "loadavg_end": load_end,
+            },
+        )
+    if args.csv:
+        write_csv(args.csv, rows, csv_columns)
+
+
 def add_output_arguments(parser: argparse.ArgumentParser) -> None:
     """Add ``--csv``, ``--json`` and ``--plot`` (shared with pingpong)."""
     parser.add_argument("--csv", metavar="FILE", help="also write the rows as CSV")
@@ -899,50 +951,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         wrong = sum(row["wrong"] or 0 for row in rows)
         for line in summary_lines(rows, paths):
             emit(line)
-        if not args.no_check:
-            emit("#")
-            emit(
-                f"# #wrong in total: {wrong} " + ("(OK)" if wrong == 0 else "(FAILED)")
-            )
-        load_end = load_average()
-        emit(
-            "# load average (1/5/15 min) at end, rank 0's host: "
-            + format_load(load_end)
-        )
-
-        iterations_large, warmup_large = loop_counts(args, args.large_threshold + 1)
+        load_end = emit_footer(emit, wrong, not args.no_check)
         with collective_phase(comm, debug=args.debug):
             if comm.rank == 0:
-                if args.json:
-                    write_json(
-                        args.json,
-                        {
-                            "benchmark": "collectives",
-                            "machine": info,
-                            "command": info["command"],
-                            "config": {
-                                "dtype": args.dtype,
-                                "op": "sum",
-                                "sizes": list(args.message_size),
-                                "iterations": args.iterations,
-                                "warmup": args.warmup,
-                                "iterations_large": iterations_large,
-                                "warmup_large": warmup_large,
-                                "large_threshold": args.large_threshold,
-                                "check": not args.no_check,
-                                "paths": paths,
-                                "skipped_paths": skipped,
-                                "timing": "OSU: each call timed alone with MPI.Wtime, "
-                                "untimed Barrier after each; per-rank mean; "
-                                "avg/min/max over ranks; algbw/busbw from the avg",
-                            },
-                            "rows": rows,
-                            "wrong_total": wrong,
-                            "loadavg_end": load_end,
-                        },
-                    )
-                if args.csv:
-                    write_csv(args.csv, rows, _CSV_COLUMNS)
+                config = {
+                    "dtype": args.dtype,
+                    "op": "sum",
+                    "paths": paths,
+                    "skipped_paths": skipped,
+                    "timing": "OSU: each call timed alone with MPI.Wtime, "
+                    "untimed Barrier after each; per-rank mean; "
+                    "avg/min/max over ranks; algbw/busbw from the avg",
+                }
+                write_results(args, "collectives", info, config, rows, wrong, load_end, _CSV_COLUMNS)
                 if args.plot:
                     _plot_rows(rows, paths, args.plot, info, args.dtype)
     return 1 if wrong else 0

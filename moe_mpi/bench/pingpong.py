@@ -44,19 +44,13 @@ from .collectives import (
     add_loop_arguments,
     add_output_arguments,
     check_outputs,
+    emit_footer,
     loop_counts,
     message_sizes,
     plot_latency,
+    write_results,
 )
-from .machine import (
-    format_load,
-    format_size,
-    header_lines,
-    load_average,
-    machine_info,
-    write_csv,
-    write_json,
-)
+from .machine import format_size, header_lines, machine_info
 
 __all__ = ["main", "pingpong", "setup_arg_parser"]
 
@@ -309,44 +303,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         emit(_TABLE_HEADER)
         rows = run_pingpong(comm, args, emit)
         wrong = comm.bcast(sum(row["wrong"] or 0 for row in rows))
-        if not args.no_check:
-            emit("#")
-            emit(
-                f"# #wrong in total: {wrong} " + ("(OK)" if wrong == 0 else "(FAILED)")
-            )
-        load_end = load_average()
-        emit(
-            "# load average (1/5/15 min) at end, rank 0's host: "
-            + format_load(load_end)
-        )
-        iterations_large, warmup_large = loop_counts(args, args.large_threshold + 1)
+        load_end = emit_footer(emit, wrong, not args.no_check)
         with collective_phase(comm, debug=args.debug):
             if comm.rank == 0:
-                if args.json:
-                    write_json(
-                        args.json,
-                        {
-                            "benchmark": "pingpong",
-                            "machine": info,
-                            "command": info["command"],
-                            "config": {
-                                "sizes": list(args.message_size),
-                                "iterations": args.iterations,
-                                "warmup": args.warmup,
-                                "iterations_large": iterations_large,
-                                "warmup_large": warmup_large,
-                                "large_threshold": args.large_threshold,
-                                "check": not args.no_check,
-                                "timing": "osu_latency: rank 0 times the loop of round "
-                                "trips with MPI.Wtime; one-way = elapsed / (2 * iterations)",
-                            },
-                            "rows": rows,
-                            "wrong_total": wrong,
-                            "loadavg_end": load_end,
-                        },
-                    )
-                if args.csv:
-                    write_csv(args.csv, rows, _CSV_COLUMNS)
+                config = {
+                    "timing": "osu_latency: rank 0 times the loop of round "
+                    "trips with MPI.Wtime; one-way = elapsed / (2 * iterations)",
+                }
+                write_results(args, "pingpong", info, config, rows, wrong, load_end, _CSV_COLUMNS)
                 if args.plot:
                     latencies = [row["latency_us"] for row in rows]
                     name = "mpi4py Send/Recv (numpy)"
