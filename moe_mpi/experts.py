@@ -56,6 +56,9 @@ class LocalExperts:
         # Reading the routing to the host is one sync per layer; it lets the
         # rank compute only its own (token, slot) pairs instead of all T*k.
         flat = np.asarray(indices.reshape(-1))  # [T*k] global ids
+        if flat.size == k and self.ep_host_gemv and x.dtype == mx.float32:
+            # Decode, one token: all on the host, no MLX op but the result.
+            return self._one_token_host(x_flat, flat).reshape(*indices.shape, d)
         local = self.ep_local_of[flat]  # [T*k], -1 where another rank owns it
         slots = np.flatnonzero(local >= 0)  # [M]
         out = mx.zeros((flat.size, d), dtype=x.dtype)  # [T*k, D]
@@ -103,7 +106,29 @@ class LocalExperts:
         inverse[perm] = np.arange(perm.size)
         return y[mx.array(inverse)]
 
+    def _one_token_host(self, x: mx.array, flat: np.ndarray) -> mx.array:
+        """One token's ``k`` slots on the host: ``[1, D]`` in, ``[k, D]`` out.
+
+        The token's experts are distinct, so each is one matrix-vector
+        product per projection (:meth:`_gemv_host`); slots of other ranks'
+        experts stay zero. Building the output in numpy spares the gather,
+        zeros and scatter ops, each a scheduler round trip on MLX's CPU
+        stream, that the general path needs.
+        """
+        local = self.ep_local_of[flat]  # [k], -1 where another rank owns it
+        out = np.zeros((flat.size, x.shape[-1]), dtype=np.float32)  # [k, D]
+        slots = np.flatnonzero(local >= 0)
+        if slots.size:
+            # memoryview() evaluates x, already computed with the routing.
+            row = np.asarray(memoryview(x)).reshape(-1)  # [D]
+            out[slots] = self._gemv_rows(np.broadcast_to(row, (slots.size, row.size)), local[slots])
+        return mx.array(out)
+
     def _gemv_host(self, rows: mx.array, local_ids: np.ndarray) -> mx.array:
+        """One row per expert: matrix-vector products with numpy's BLAS."""
+        return mx.array(self._gemv_rows(np.asarray(rows), local_ids))
+
+    def _gemv_rows(self, x: np.ndarray, local_ids: np.ndarray) -> np.ndarray:
         """One row per expert: matrix-vector products with numpy's BLAS.
 
         Decode reads each chosen expert's weights once for one row, so its
@@ -113,7 +138,6 @@ class LocalExperts:
         (docs/benchmarks.md).
         """
         w = self._host_weights()
-        x = np.asarray(rows)  # [M, D]
 
         def mv(proj: str, e: int, v: np.ndarray) -> np.ndarray:
             y = w[proj][e] @ v  # BLAS sgemv on a view of expert e's weights
@@ -127,7 +151,7 @@ class LocalExperts:
             else:  # SwitchMLP
                 h = np.asarray(self.activation(mx.array(mv("fc1", e, x[i]))))
                 out.append(mv("fc2", e, h))
-        return mx.array(np.stack(out))  # [M, D]
+        return np.stack(out)  # [M, D]
 
     def _host_activation(self, up: np.ndarray, gate: np.ndarray) -> np.ndarray:
         if type(self.activation) is SwiGLU:  # silu(gate) * up, as mlx-lm's swiglu
@@ -224,8 +248,9 @@ def make_local(switch, local_experts: Sequence[int], num_experts: int) -> None:
     switch.ep_dense_min_rows = int(os.environ.get("MOE_MPI_DENSE_MIN_ROWS", "2"))
     # One-row experts through numpy's sgemv: float weights on the CPU only.
     floats = all(a.dtype == mx.float32 for _, a in tree_flatten(switch.parameters()))
-    host = os.environ.get("MOE_MPI_HOST_GEMV", "1") == "1"
-    switch.ep_host_gemv = host and floats and switch.ep_kernel == "dense"
+    from .host import host_gemv_enabled  # here: moe_mpi.host imports this module
+
+    switch.ep_host_gemv = host_gemv_enabled() and floats and switch.ep_kernel == "dense"
     switch.__class__ = with_mixin(LocalExperts, type(switch))
 
 

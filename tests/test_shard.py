@@ -51,11 +51,11 @@ def _rank_models(config, size, quantize=None, **kw):
     return models
 
 
-def _block_inputs(model, seed=0):
-    # The blocks' own inputs: [1, 9, D] activations.
+def _block_inputs(model, seed=0, tokens=9):
+    # The blocks' own inputs: [1, tokens, D] activations. 9 tokens: experts
+    # with one row and with several, on any rank count; 1 token: decode.
     hidden = model.args.hidden_size if hasattr(model.args, "hidden_size") else model.args.d_model
-    # 9 tokens: experts with one row and with several, on any rank count
-    return mx.random.normal((1, 9, hidden), key=mx.random.key(seed))
+    return mx.random.normal((1, tokens, hidden), key=mx.random.key(seed))
 
 
 # Expert kernels (MOE_MPI_EXPERT_KERNEL, MOE_MPI_DENSE_MIN_ROWS,
@@ -70,11 +70,14 @@ KERNELS = {
 }
 
 
+@pytest.mark.parametrize("tokens", [9, 1])
 @pytest.mark.parametrize("kernel", sorted(KERNELS))
 @pytest.mark.parametrize("quantize", [None, 4])
 @pytest.mark.parametrize("size", [1, 2, 3])
 @pytest.mark.parametrize("arch", sorted(CONFIGS))
-def test_partial_sums_add_up_to_the_block(arch, size, quantize, kernel, monkeypatch):
+def test_partial_sums_add_up_to_the_block(arch, size, quantize, kernel, tokens, monkeypatch):
+    """Every kernel, for prefill-like (9 tokens) and decode (1 token) input;
+    one float token with host gemv on takes the all-numpy path."""
     monkeypatch.setenv("MOE_MPI_EXPERT_KERNEL", KERNELS[kernel][0])
     monkeypatch.setenv("MOE_MPI_DENSE_MIN_ROWS", KERNELS[kernel][1])
     monkeypatch.setenv("MOE_MPI_HOST_GEMV", KERNELS[kernel][2])
@@ -83,7 +86,7 @@ def test_partial_sums_add_up_to_the_block(arch, size, quantize, kernel, monkeypa
     from moe_mpi.adapters import convert_blocks
 
     convert_blocks(ref)  # dbrx: the stacked equivalent of its block
-    x = _block_inputs(ref)
+    x = _block_inputs(ref, tokens=tokens)
     expected = [b.block(x) for b in find_moe_blocks(ref)]
     ranks = _rank_models(config, size, quantize)
     partials = [[b.block(x) for b in find_moe_blocks(m)] for m, _ in ranks]
