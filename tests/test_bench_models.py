@@ -23,6 +23,7 @@ import pytest
 from moe_mpi import launch
 from moe_mpi.bench import models
 from moe_mpi.bench import plot as bench_plot
+from moe_mpi.bench import report
 from moe_mpi.shard import MODES as LOAD_MODES
 
 REPO = Path(__file__).resolve().parent.parent
@@ -34,7 +35,7 @@ HAVE_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
 
 RUNS = {
     "decode": ["--batch", "1,2", "--steps", "3", "--warmup", "1", "--prompt-tokens", "8"],
-    "prefill": ["--lengths", "8,16", "--repeats", "1"],
+    "prefill": ["--lengths", "8,16", "--repeats", "1", "--rounds", "3"],
     "layer": ["--tokens", "1,8", "--iters", "2", "--warmup", "1"],
 }
 
@@ -79,8 +80,8 @@ def test_every_mode_ran_and_is_recorded(results, name):
     assert result["model"]["synthetic"] == "tiny"
     for row in result["rows"]:
         assert len(row["mlx_peak_bytes"]) == 2 and len(row["peak_rss_bytes"]) == 2
-    # The table is printed once, by rank 0.
-    assert result["_stdout"].count("# mode ep: built") == 1
+    # Printed by rank 0 only: once per round.
+    assert result["_stdout"].count("# mode ep: built") == result["config"]["rounds"]
     assert "blas rank 1:" in result["_stdout"]
 
 
@@ -143,6 +144,39 @@ def test_layer_counts_and_parts(results):
 
 
 @pytest.mark.skipif(not HAVE_MATPLOTLIB, reason="matplotlib not installed")
+def test_rounds_report_each_modes_median_round(results):
+    """--rounds 3: every mode ran 3 times; each row is its median round."""
+    prefill = results["prefill"]
+    assert prefill["config"]["rounds"] == 3 and len(prefill["rounds"]) == 3
+    for row in prefill["rows"]:
+        figures = row["rounds_tokens_per_s"]
+        assert len(figures) == 3
+        assert row["tokens_per_s"] == sorted(figures)[1]
+        same = [
+            r for rows in prefill["rounds"] for r in rows
+            if r["mode"] == row["mode"] and r["length"] == row["length"]
+        ]
+        assert sorted(r["tokens_per_s"] for r in same) == sorted(figures)
+        assert row in [dict(r, rounds_tokens_per_s=figures) for r in same]
+    assert "tok/s by round" in prefill["_stdout"]
+
+
+def test_median_rounds_picks_lower_median_and_keeps_skips():
+    def row(mode, batch, tps, rnd):
+        return {"mode": mode, "batch": batch, "tokens_per_s": tps, "round": rnd}
+
+    rounds = [
+        [row("ep", 1, 5.0, 1), row("ep", 8, 9.0, 1), {"mode": "x", "skipped": "why"}],
+        [row("ep", 1, 3.0, 2), row("ep", 8, 7.0, 2), {"mode": "x", "skipped": "why"}],
+    ]
+    rows = report.median_rounds(rounds)
+    assert [(r["mode"], r.get("batch"), r.get("round")) for r in rows] == [
+        ("ep", 1, 2), ("ep", 8, 2), ("x", None, None)
+    ]
+    assert rows[0]["rounds_tokens_per_s"] == [5.0, 3.0]
+    assert report.median_rounds(rounds[:1]) == rounds[0]
+
+
 def test_plot_command(results, tmp_path):
     out = tmp_path / "all.png"
     files = [results[name]["_file"] for name in RUNS]

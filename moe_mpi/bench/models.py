@@ -500,6 +500,14 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the token ids")
     parser.add_argument(
+        "--rounds",
+        type=positive_int,
+        default=1,
+        help="run the whole sequence of modes this many times in the job and report, "
+        "per mode, the round with the median tok/s (a slow spell of a shared machine "
+        "then cannot fall on one mode only; default 1)",
+    )
+    parser.add_argument(
         "--json", metavar="FILE", help="write machine info, command and rows as JSON"
     )
     parser.add_argument(
@@ -878,8 +886,19 @@ def run_benchmark(
             emit(line)
         if comm.size == 1:
             emit("# NOTE: 1 rank: ep/central/mlx-lm-tp degenerate to one process")
-        results = run_modes(ctx, modes, workload, emit)
-        rows = report.attach_mode_info(results)
+        rounds = []
+        for number in range(args.rounds):
+            if args.rounds > 1:
+                emit(f"# round {number + 1} of {args.rounds}")
+            results = run_modes(ctx, modes, workload, emit)
+            rows = report.attach_mode_info(results)
+            for row in rows:
+                row["round"] = number + 1
+            rounds.append(rows)
+        rows = report.median_rounds(rounds)
+        if args.rounds > 1:
+            for line in report.round_lines(rounds):
+                emit(line)
         for line in render(rows):
             emit(line)
         for name, entry in results.items():
@@ -909,7 +928,11 @@ def run_benchmark(
                         "description": model_line,
                     },
                     "config": dict(
-                        config_record, modes=modes, backend=args.backend, seed=args.seed
+                        config_record,
+                        modes=modes,
+                        backend=args.backend,
+                        seed=args.seed,
+                        rounds=args.rounds,
                     ),
                     "method": list(method_lines),
                     "modes": {
@@ -917,6 +940,7 @@ def run_benchmark(
                         for n, e in results.items()
                     },
                     "rows": rows,
+                    "rounds": rounds,
                 }
                 if args.json:
                     report.write_results(args.json, payload)

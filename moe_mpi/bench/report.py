@@ -322,6 +322,59 @@ def attach_mode_info(results: Mapping[str, Mapping[str, Any]]) -> List[Dict[str,
     return rows
 
 
+# ------------------------------------------------------------------ rounds
+
+_ROW_KEYS = ("batch", "length", "tokens")  # a row's workload parameter
+
+
+def _row_key(row: Mapping[str, Any]) -> tuple:
+    return (row["mode"],) + tuple((k, row[k]) for k in _ROW_KEYS if k in row)
+
+
+def median_rounds(rounds: Sequence[Sequence[Dict[str, Any]]]) -> List[Dict[str, Any]]:
+    """Per mode and workload, the row of the round with the median tok/s.
+
+    With one round, its rows unchanged. Otherwise each returned row is one
+    measured round (so its columns stay consistent with each other), with
+    ``rounds_tokens_per_s`` listing every round's figure; with an even count
+    the lower median is taken. Rows keep the first round's order.
+    """
+    if len(rounds) == 1:
+        return list(rounds[0])
+    groups: Dict[tuple, List[Dict[str, Any]]] = {}
+    for rows in rounds:
+        for row in rows:
+            groups.setdefault(_row_key(row), []).append(row)
+    out = []
+    for row in rounds[0]:
+        members = groups[_row_key(row)]
+        if row.get("skipped"):
+            out.append(row)
+            continue
+        ranked = sorted(members, key=lambda r: r["tokens_per_s"])
+        chosen = dict(ranked[(len(ranked) - 1) // 2])
+        chosen["rounds_tokens_per_s"] = [r["tokens_per_s"] for r in members]
+        out.append(chosen)
+    return out
+
+
+def round_lines(rounds: Sequence[Sequence[Mapping[str, Any]]]) -> List[str]:
+    """One line per mode and workload: tok/s of every round."""
+    lines = ["#", "# tok/s by round (the table below shows each mode's median round)"]
+    seen = []
+    for row in rounds[0]:
+        if not row.get("skipped"):
+            seen.append(_row_key(row))
+    for key in seen:
+        figures = [
+            f"{r['tokens_per_s']:.1f}" for rows in rounds for r in rows
+            if not r.get("skipped") and _row_key(r) == key
+        ]
+        label = " ".join([key[0]] + [f"{k}={v}" for k, v in key[1:]])
+        lines.append(f"#   {label:24s} " + " ".join(f"{f:>8}" for f in figures))
+    return lines
+
+
 # ------------------------------------------------------------------ tables
 
 
