@@ -80,15 +80,23 @@ class LocalExperts:
         if self.ep_kernel == "gather":
             return self._gather(rows, local_ids)
         # "dense": rows grouped by expert, one matmul per expert and projection:
-        # on the CPU these run on BLAS, which gather_mm does not use. An expert
-        # with fewer than `dense_min_rows` rows (decode: one token) is a
-        # matrix-vector product, where MLX's gather_mm is as fast or faster;
-        # those rows go through one gather_mm call together.
+        # on the CPU these run on BLAS, which gather_mm does not use. Experts
+        # with few rows (decode) are matrix-vector products: float ones with
+        # up to `host_max_rows` rows go through numpy's sgemv, a row at a
+        # time; otherwise those with fewer than `dense_min_rows` rows go
+        # through one gather_mm (gather_qmm) call together.
         order = np.argsort(local_ids, kind="stable")  # [M]
         ids = local_ids[order]
         starts = np.flatnonzero(np.diff(ids, prepend=-1))
         ends = np.append(starts[1:], ids.size)
-        small = (ends - starts) < self.ep_dense_min_rows
+        if self.ep_host_gemv:
+            # Float experts with a few rows: one numpy sgemv per row, the
+            # expert's weights read from memory once and then from cache.
+            # Measured far faster than MLX's BLAS matmul on 2-4 rows, whose
+            # sgemm packs the weights first (docs/benchmarks.md).
+            small = (ends - starts) <= self.ep_host_max_rows
+        else:
+            small = (ends - starts) < self.ep_dense_min_rows
         parts, perm = [], []
         if small.any():
             rows_small = np.concatenate([order[s:e] for s, e in zip(starts[small], ends[small])])
@@ -246,6 +254,7 @@ def make_local(switch, local_experts: Sequence[int], num_experts: int) -> None:
     switch.ep_all_local = len(switch.ep_experts) == num_experts
     switch.ep_kernel = default_kernel(switch)
     switch.ep_dense_min_rows = int(os.environ.get("MOE_MPI_DENSE_MIN_ROWS", "2"))
+    switch.ep_host_max_rows = int(os.environ.get("MOE_MPI_HOST_MAX_ROWS", "4"))
     # One-row experts through numpy's sgemv: float weights on the CPU only.
     floats = all(a.dtype == mx.float32 for _, a in tree_flatten(switch.parameters()))
     from .host import host_gemv_enabled  # here: moe_mpi.host imports this module

@@ -59,14 +59,15 @@ def _block_inputs(model, seed=0, tokens=9):
 
 
 # Expert kernels (MOE_MPI_EXPERT_KERNEL, MOE_MPI_DENSE_MIN_ROWS,
-# MOE_MPI_HOST_GEMV): every expert through BLAS matmuls; the default (float
-# one-row experts through numpy's sgemv, the rest through BLAS); one-row
-# experts through gather_mm instead; the switch layer's own call.
+# MOE_MPI_HOST_GEMV, MOE_MPI_HOST_MAX_ROWS): every expert through BLAS
+# matmuls; the default (float experts with up to 4 rows through numpy's
+# sgemv, the rest through BLAS); one-row experts through gather_mm instead;
+# the switch layer's own call.
 KERNELS = {
-    "dense": ("dense", "1", "1"),
-    "hybrid": ("dense", "2", "1"),
-    "hybrid-gather": ("dense", "2", "0"),
-    "gather": ("gather", "2", "1"),
+    "dense": ("dense", "1", "1", "0"),
+    "hybrid": ("dense", "2", "1", "4"),
+    "hybrid-gather": ("dense", "2", "0", "4"),
+    "gather": ("gather", "2", "1", "4"),
 }
 
 
@@ -81,6 +82,7 @@ def test_partial_sums_add_up_to_the_block(arch, size, quantize, kernel, tokens, 
     monkeypatch.setenv("MOE_MPI_EXPERT_KERNEL", KERNELS[kernel][0])
     monkeypatch.setenv("MOE_MPI_DENSE_MIN_ROWS", KERNELS[kernel][1])
     monkeypatch.setenv("MOE_MPI_HOST_GEMV", KERNELS[kernel][2])
+    monkeypatch.setenv("MOE_MPI_HOST_MAX_ROWS", KERNELS[kernel][3])
     config = CONFIGS[arch]
     ref = _model(config, quantize)
     from moe_mpi.adapters import convert_blocks
