@@ -34,7 +34,9 @@ TINY_MOE_LAYERS = 2  # models.SYNTHETIC["tiny"]: every layer is an MoE layer
 HAVE_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
 
 RUNS = {
-    "decode": ["--batch", "1,2", "--steps", "3", "--warmup", "1", "--prompt-tokens", "8"],
+    "decode": [
+        "--batch", "1,2", "--steps", "3", "--warmup", "1", "--prompt-tokens", "8", "--stream-mb", "8",
+    ],
     "prefill": ["--lengths", "8,16", "--repeats", "1", "--rounds", "3"],
     "layer": ["--tokens", "1,8", "--iters", "2", "--warmup", "1"],
 }
@@ -118,6 +120,20 @@ def test_decode_other_modes_count_their_communication(results):
     assert {r["batch"] for r in decode["rows"]} == {1, 2}
     for row in decode["rows"]:
         assert row["steps"] == 3 and row["tokens_per_s"] > 0
+
+
+def test_decode_prints_each_rows_bandwidth_limit(results):
+    from moe_mpi.bench import roofline
+
+    decode = results["decode"]
+    parts = roofline.limit_parts(decode["model"]["config"])
+    for row in decode["rows"]:
+        assert row["stream_gbs"] > 0
+        step = roofline.bytes_per_step(parts, row["mode"], 2, row["batch"])
+        assert row["weight_bytes_per_step"] == pytest.approx(step)
+        assert row["limit_tokens_per_s"] == pytest.approx(row["stream_gbs"] * 1e9 / step * row["batch"])
+        assert row["of_limit"] == pytest.approx(row["tokens_per_s"] / row["limit_tokens_per_s"])
+    assert "%limit" in decode["_stdout"] and "# roofline: GB/s = STREAM triad" in decode["_stdout"]
 
 
 def test_prefill_counts(results):

@@ -30,7 +30,7 @@ import mlx.core as mx
 import numpy as np
 
 from ..errors import add_debug_argument, parse_args
-from . import models, report
+from . import models, report, roofline
 
 __all__ = ["decode_rows", "main", "setup_arg_parser"]
 
@@ -88,13 +88,16 @@ def _decode_one(
         return seconds
 
     built.run(setup)
+    # The bandwidth the weights are read at, measured now, in this job, with
+    # the ranks that drive this mode reading together (`single`: rank 0 alone).
+    gbs = _stream_gbs(ctx, built) if args.roofline else None
     seconds, wall, counters = models.timed_run(ctx, built, timed)
     everyone = ctx.ctl.allgather({"wall": wall, "counters": counters})
     imbalance, method = state.get("imbalance", (None, ""))
     state.clear()  # the KV cache
     if ctx.rank != 0:
         return None
-    return report.throughput_row(
+    row = report.throughput_row(
         built.name,
         built.counted,
         {"batch": batch},
@@ -106,6 +109,24 @@ def _decode_one(
         imbalance=imbalance,
         imbalance_method=method,
     )
+    parts = roofline.limit_parts(ctx.config)
+    if gbs is not None and parts is not None:
+        limit = roofline.decode_limit(parts, built.name, ctx.size, batch, gbs)
+        row.update(
+            stream_gbs=gbs,
+            weight_bytes_per_step=roofline.bytes_per_step(parts, built.name, ctx.size, batch),
+            limit_tokens_per_s=limit,
+            of_limit=row["tokens_per_s"] / limit,
+        )
+    return row
+
+
+def _stream_gbs(ctx: models.Context, built: models.Built) -> float:
+    """STREAM triad GB/s per rank (the slowest) as this mode reads memory."""
+    mbytes = ctx.args.stream_mb
+    if len(built.drivers) == 1 and ctx.size > 1:  # `single`: the others sleep
+        return roofline.stream_triad_alone(ctx.ctl, mbytes)
+    return min(ctx.ctl.allgather(roofline.stream_triad(ctx.ctl, mbytes)))
 
 
 def decode_rows(ctx: models.Context, built: models.Built) -> List[Dict[str, Any]]:
@@ -147,15 +168,51 @@ def setup_arg_parser() -> argparse.ArgumentParser:
         default=DEFAULT_PROMPT_TOKENS,
         help=f"prompt length prefilled before decoding (default: {DEFAULT_PROMPT_TOKENS})",
     )
+    parser.add_argument(
+        "--roofline",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="measure memory bandwidth (STREAM triad) before each mode's timed steps and "
+        "print each row's bandwidth limit beside it (default: on)",
+    )
+    parser.add_argument(
+        "--stream-mb",
+        type=models.positive_int,
+        default=roofline.STREAM_MB,
+        help=f"STREAM triad arrays, MB per rank in all (default: {roofline.STREAM_MB})",
+    )
     add_debug_argument(parser)
     return parser
 
 
 def _render(rows: List[Dict[str, Any]]) -> List[str]:
     lines = ["#", "# decode"]
-    lines += report.format_table(report.throughput_columns("batch", "B"), rows)
+    columns = report.throughput_columns("batch", "B")
+    if any("limit_tokens_per_s" in r for r in rows):
+        columns += ROOFLINE_COLUMNS
+    lines += report.format_table(columns, rows)
     lines += ["#"] + ["# " + line for line in report.legend_lines(IMBALANCE_METHOD)]
+    if any("limit_tokens_per_s" in r for r in rows):
+        lines.append("# " + ROOFLINE_LEGEND)
     return lines
+
+
+def _maybe(value, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+ROOFLINE_COLUMNS = [
+    ("GB/s", 6, lambda r: _maybe(r.get("stream_gbs"), ".1f")),
+    ("MB/step", 8, lambda r: _maybe(r.get("weight_bytes_per_step") and r["weight_bytes_per_step"] / 1e6, ".4g")),
+    ("limit", 7, lambda r: _maybe(r.get("limit_tokens_per_s"), ".1f")),
+    ("%limit", 7, lambda r: _maybe(r.get("of_limit") and 100 * r["of_limit"], ".0f")),
+]
+ROOFLINE_LEGEND = (
+    "roofline: GB/s = STREAM triad per rank measured right before the mode's timed steps "
+    "(slowest rank, all driving ranks reading at once; single: rank 0 alone); MB/step = "
+    "weight bytes the slowest rank reads per step (moe_mpi.bench.roofline, uniform "
+    "routing); limit = GB/s / MB/step x B tokens/s; %limit = tok/s / limit"
+)
 
 
 def _plot(rows: List[Dict[str, Any]], filename: str, title: str) -> None:

@@ -31,12 +31,13 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
-from ..errors import add_debug_argument, parse_args
+from ..errors import CollectiveError, abort_on_error, add_debug_argument, parse_args
 
 N_SAMPLES = 20000  # routing draws for the expected number of experts read
+STREAM_MB = 256  # triad arrays per rank, far beyond any cache
 
 
-def stream_triad(comm, mbytes: int = 256, repeats: int = 5) -> float:
+def stream_triad(comm, mbytes: int = STREAM_MB, repeats: int = 5) -> float:
     """GB/s of a STREAM triad ``a = b + s*c`` on this rank, all ranks at once.
 
     Counts 3 arrays of traffic per element, as STREAM does.
@@ -73,21 +74,24 @@ def expected_experts(num_experts: int, top_k: int, batch: int, owners: Optional[
     return float(per_rank.max(1).mean())
 
 
-def model_bytes(config: Dict) -> Dict[str, float]:
-    """Weight bytes of a qwen3_moe/mixtral-style float32 config, by part."""
+ITEMSIZE = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+def model_bytes(config: Dict, itemsize: int = 4) -> Dict[str, float]:
+    """Weight bytes of a qwen3_moe/mixtral-style float config, by part."""
     d = config["hidden_size"]
     heads = config["num_attention_heads"]
     kv = config.get("num_key_value_heads", heads)
     head_dim = config.get("head_dim", d // heads)
     inter = config.get("moe_intermediate_size", config.get("intermediate_size"))
     layers = config["num_hidden_layers"]
-    attention = (d * heads * head_dim * 2 + d * kv * head_dim * 2) * 4
+    attention = (d * heads * head_dim * 2 + d * kv * head_dim * 2) * itemsize
     experts = config.get("num_experts", config.get("num_local_experts"))
     return {
         "attention_per_layer": attention,
-        "router_per_layer": d * experts * 4,
-        "expert": 3 * d * inter * 4,
-        "lm_head": config["vocab_size"] * d * 4,
+        "router_per_layer": d * experts * itemsize,
+        "expert": 3 * d * inter * itemsize,
+        "lm_head": config["vocab_size"] * d * itemsize,
         "layers": layers,
         "num_experts": experts,
         "top_k": config["num_experts_per_tok"],
@@ -109,6 +113,29 @@ def bytes_per_step(parts: Dict[str, float], mode: str, size: int, batch: int) ->
     return dense + layers * experts
 
 
+def limit_parts(config: Dict) -> Optional[Dict[str, float]]:
+    """:func:`model_bytes` of a config this model covers, else None.
+
+    Covered: float weights (``torch_dtype`` float32, bfloat16 or float16, not
+    quantized) of a qwen3_moe/mixtral-style config (``hidden_size``,
+    ``num_experts``/``num_local_experts``, ``num_experts_per_tok``, ...).
+    Other layouts (DeepSeek's MLA, quantized experts) would need their own
+    byte count, and get no limit rather than a wrong one.
+    """
+    itemsize = ITEMSIZE.get(config.get("torch_dtype", "float32"))
+    if itemsize is None or "quantization" in config or "kv_lora_rank" in config:
+        return None
+    try:
+        return model_bytes(config, itemsize)
+    except KeyError:
+        return None
+
+
+def decode_limit(parts: Dict[str, float], mode: str, size: int, batch: int, gbs: float) -> float:
+    """Tokens/s at which ``mode`` would read its weights at ``gbs`` GB/s per rank."""
+    return gbs * 1e9 / bytes_per_step(parts, mode, size, batch) * batch
+
+
 def setup_arg_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moe-mpi bench roofline", description=__doc__.split("\n\n")[0])
     source = parser.add_mutually_exclusive_group()
@@ -127,13 +154,25 @@ def main(argv: Optional[List[str]] = None) -> None:
 
     comm = Communicator()
     args = parse_args(setup_arg_parser(), argv)
+    with abort_on_error(comm, debug=args.debug):
+        _run(comm, args)
+
+
+def _run(comm, args: argparse.Namespace) -> None:
     if args.model:
         config = json.loads((Path(args.model) / "config.json").read_text())
     else:
         from .models import synthetic_config
 
         config = synthetic_config(args.synthetic)
-    parts = model_bytes(config)
+    parts = limit_parts(config)
+    if parts is None:
+        # Every rank reads the same config: the same error everywhere.
+        raise CollectiveError(
+            "bench roofline covers float (float32/bfloat16/float16) qwen3_moe/mixtral-style "
+            f"configs; this one is {config.get('model_type')} {config.get('torch_dtype')}"
+            + (" quantized" if "quantization" in config else "")
+        )
     # Bandwidth with every rank reading (what ep/sliced/tp/central get), and
     # with rank 0 alone (what a single process gets).
     together = comm.allgather(stream_triad(comm))
@@ -148,7 +187,7 @@ def main(argv: Optional[List[str]] = None) -> None:
         bandwidth = alone if mode == "single" else min(together)
         for batch in (int(b) for b in args.batch.split(",")):
             step = bytes_per_step(parts, mode, comm.size, batch)
-            limit = bandwidth * 1e9 / step * batch
+            limit = decode_limit(parts, mode, comm.size, batch, bandwidth)
             got = measured.get((mode, batch))
             rows.append(dict(mode=mode, batch=batch, bytes_per_step=step, bandwidth_gbs=bandwidth,
                              limit_tokens_per_s=limit, measured_tokens_per_s=got,
@@ -170,9 +209,9 @@ def main(argv: Optional[List[str]] = None) -> None:
                                                    "parts": parts, "rows": rows}, indent=1))
 
 
-def stream_triad_alone(comm) -> float:
+def stream_triad_alone(comm, mbytes: int = STREAM_MB) -> float:
     """Rank 0's triad bandwidth while the other ranks wait (single process)."""
-    result = stream_triad(_Self()) if comm.rank == 0 else 0.0
+    result = stream_triad(_Self(), mbytes) if comm.rank == 0 else 0.0
     comm.barrier()
     return comm.bcast(result)
 

@@ -1,0 +1,65 @@
+"""Tests for the decode roofline model (``moe_mpi.bench.roofline``).
+
+The byte counts are checked against hand-computed values for the
+``dbrx-like`` shape and the whole-expert imbalance against its exact
+hypergeometric expectation; the STREAM probe itself is exercised by the
+decode benchmark run in ``test_bench_models.py``.
+"""
+
+from math import comb
+
+import pytest
+
+from moe_mpi.bench import roofline
+from moe_mpi.bench.models import synthetic_config
+
+
+def test_model_bytes_of_dbrx_like_by_hand():
+    parts = roofline.limit_parts(synthetic_config("dbrx-like"))
+    d, f, heads, kv, hd = 768, 2688, 12, 6, 64
+    assert parts["expert"] == 3 * d * f * 4
+    assert parts["attention_per_layer"] == (2 * d * heads * hd + 2 * d * kv * hd) * 4
+    assert parts["router_per_layer"] == d * 16 * 4
+    assert parts["lm_head"] == 8192 * d * 4
+    assert (parts["layers"], parts["num_experts"], parts["top_k"]) == (8, 16, 4)
+
+
+def test_itemsize_follows_torch_dtype():
+    config = dict(synthetic_config("dbrx-like"), torch_dtype="bfloat16")
+    assert roofline.limit_parts(config)["expert"] == 3 * 768 * 2688 * 2
+
+
+@pytest.mark.parametrize(
+    "extra", [{"quantization": {"bits": 4, "group_size": 64}}, {"kv_lora_rank": 512}, {"torch_dtype": "int8"}]
+)
+def test_layouts_it_does_not_model_get_no_limit(extra):
+    assert roofline.limit_parts(dict(synthetic_config("dbrx-like"), **extra)) is None
+
+
+def test_every_reader_of_all_experts_reads_top_k_at_batch_1():
+    assert roofline.expected_experts(16, 4, 1, None) == 4.0
+
+
+def test_whole_expert_imbalance_matches_the_hypergeometric_expectation():
+    # 4 of 16 experts chosen, 8 per rank: the busier rank gets max(j, 4 - j).
+    exact = sum(max(j, 4 - j) * comb(8, j) * comb(8, 4 - j) for j in range(5)) / comb(16, 4)
+    owners = [0] * 8 + [1] * 8
+    assert roofline.expected_experts(16, 4, 1, owners) == pytest.approx(exact, abs=0.02)
+    assert exact == pytest.approx(2.646, abs=1e-3)
+
+
+def test_bytes_per_step_and_limit_by_mode():
+    parts = roofline.limit_parts(synthetic_config("dbrx-like"))
+    dense = 8 * (parts["attention_per_layer"] + parts["router_per_layer"]) + parts["lm_head"]
+    single = roofline.bytes_per_step(parts, "single", 2, 1)
+    assert single == pytest.approx(dense + 8 * 4 * parts["expert"])
+    sliced = roofline.bytes_per_step(parts, "sliced", 2, 1)
+    assert sliced == pytest.approx(dense + 8 * 2 * parts["expert"])
+    tp = roofline.bytes_per_step(parts, "mlx-lm-tp", 2, 1)
+    assert tp == pytest.approx(sliced - 8 * parts["attention_per_layer"] / 2)
+    ep = roofline.bytes_per_step(parts, "ep", 2, 1)
+    assert sliced < ep < single  # the busier rank reads ~2.65 whole experts per layer
+    assert roofline.bytes_per_step(parts, "central", 2, 1) == ep
+    assert roofline.decode_limit(parts, "sliced", 2, 8, 10.0) == pytest.approx(
+        10e9 / roofline.bytes_per_step(parts, "sliced", 2, 8) * 8
+    )
