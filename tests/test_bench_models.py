@@ -33,9 +33,11 @@ ALL_MODES = set(LOAD_MODES) | {"mlx-lm-tp", "single"}
 TINY_MOE_LAYERS = 2  # models.SYNTHETIC["tiny"]: every layer is an MoE layer
 HAVE_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
 
+STREAM_MB = 160  # far more than the tiny model's load transients
+
 RUNS = {
     "decode": [
-        "--batch", "1,2", "--steps", "3", "--warmup", "1", "--prompt-tokens", "8", "--stream-mb", "8",
+        "--batch", "1,2", "--steps", "3", "--warmup", "1", "--prompt-tokens", "8", "--stream-mb", str(STREAM_MB),
     ],
     "prefill": ["--lengths", "8,16", "--repeats", "1", "--rounds", "3"],
     "layer": ["--tokens", "1,8", "--iters", "2", "--warmup", "1"],
@@ -134,6 +136,14 @@ def test_decode_prints_each_rows_bandwidth_limit(results):
         assert row["limit_tokens_per_s"] == pytest.approx(row["stream_gbs"] * 1e9 / step * row["batch"])
         assert row["of_limit"] == pytest.approx(row["tokens_per_s"] / row["limit_tokens_per_s"])
     assert "%limit" in decode["_stdout"] and "# roofline: GB/s = STREAM triad" in decode["_stdout"]
+
+
+def test_decode_peak_rss_leaves_out_the_stream_arrays(results):
+    # The probe's arrays would lift every rank's peak STREAM_MB above its
+    # resident set; the tiny model's own load leaves far less.
+    for mode, entry in results["decode"]["modes"].items():
+        for m in entry["memory"]:
+            assert m["peak_rss_bytes"] - m["rss_bytes"] < STREAM_MB / 2 * 2**20, mode
 
 
 def test_prefill_counts(results):

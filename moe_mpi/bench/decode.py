@@ -124,9 +124,10 @@ def _decode_one(
 def _stream_gbs(ctx: models.Context, built: models.Built) -> float:
     """STREAM triad GB/s per rank (the slowest) as this mode reads memory."""
     mbytes = ctx.args.stream_mb
-    if len(built.drivers) == 1 and ctx.size > 1:  # `single`: the others sleep
-        return roofline.stream_triad_alone(ctx.ctl, mbytes)
-    return min(ctx.ctl.allgather(roofline.stream_triad(ctx.ctl, mbytes)))
+    with models.exclude_from_peak_rss(ctx):  # the triad's arrays are not the mode's
+        if len(built.drivers) == 1 and ctx.size > 1:  # `single`: the others sleep
+            return roofline.stream_triad_alone(ctx.ctl, mbytes)
+        return min(ctx.ctl.allgather(roofline.stream_triad(ctx.ctl, mbytes)))
 
 
 def decode_rows(ctx: models.Context, built: models.Built) -> List[Dict[str, Any]]:

@@ -244,6 +244,8 @@ class Context:
         config: Its ``config.json``.
         group: MLX's MPI group (``mx.distributed``), or None.
         args: Parsed command line.
+        rss_floor_bytes: The mode's peak RSS before a workload's own probe
+            reset it (:func:`exclude_from_peak_rss`); 0 if none did.
     """
 
     comm: Any
@@ -252,6 +254,7 @@ class Context:
     config: Dict[str, Any]
     group: Any
     args: argparse.Namespace
+    rss_floor_bytes: int = 0
 
     @property
     def rank(self) -> int:
@@ -526,6 +529,19 @@ def delta(after: Dict[str, Dict[str, float]], before: Dict[str, Dict[str, float]
     }
 
 
+@contextlib.contextmanager
+def exclude_from_peak_rss(ctx: Context) -> Iterator[None]:
+    """The memory a benchmark's own probe allocates (the STREAM arrays) does
+    not count in the mode's peak RSS: the peak so far is kept in
+    ``ctx.rss_floor_bytes`` and VmHWM is reset after the probe frees it."""
+    peak = report.memory_info()["peak_rss_bytes"] or 0
+    ctx.rss_floor_bytes = max(ctx.rss_floor_bytes, peak)
+    try:
+        yield
+    finally:
+        report.reset_peak_rss()
+
+
 def timed_run(ctx: Context, built: Built, fn: Callable[[nn.Module], Any]):
     """Runs ``fn`` in ``built`` with the counters reset; per-rank wall time.
 
@@ -715,6 +731,7 @@ def run_modes(
         _release()
         mx.reset_peak_memory()
         report.reset_peak_rss()
+        ctx.rss_floor_bytes = 0
         start = time.perf_counter()
         built = None
         with collective_phase(ctx.ctl, debug=debug):
@@ -741,7 +758,7 @@ def run_modes(
         entry["notes"] = list(built.notes)
         entry["load_seconds"] = load_seconds
         entry["rows"] = workload(ctx, built)
-        entry["memory"] = ctx.ctl.allgather(report.memory_info())
+        entry["memory"] = ctx.ctl.allgather(report.memory_info(ctx.rss_floor_bytes))
         # Drop every reference (the run closure holds the model too) before
         # the next mode allocates its own.
         built.model = built.run_fn = None

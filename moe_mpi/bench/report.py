@@ -211,15 +211,20 @@ def _status_kib(field: str) -> Optional[int]:
     return None
 
 
-def memory_info() -> Dict[str, Optional[int]]:
-    """This rank's MLX peak memory and peak/current RSS, in bytes."""
+def memory_info(rss_floor_bytes: int = 0) -> Dict[str, Optional[int]]:
+    """This rank's MLX peak memory and peak/current RSS, in bytes.
+
+    Args:
+        rss_floor_bytes: A peak RSS seen before VmHWM was last reset, taken
+            into the peak.
+    """
     import mlx.core as mx
 
     hwm, rss = _status_kib("VmHWM"), _status_kib("VmRSS")
     return {
         "mlx_peak_bytes": int(mx.get_peak_memory()),
         "mlx_active_bytes": int(mx.get_active_memory()),
-        "peak_rss_bytes": hwm * 1024 if hwm is not None else None,
+        "peak_rss_bytes": max(hwm * 1024, rss_floor_bytes) if hwm is not None else None,
         "rss_bytes": rss * 1024 if rss is not None else None,
     }
 
