@@ -263,6 +263,36 @@ def make_local(switch, local_experts: Sequence[int], num_experts: int) -> None:
     switch.__class__ = with_mixin(LocalExperts, type(switch))
 
 
+def host_layout_paths(model: nn.Module) -> set:
+    """Parameter paths of the stacked float expert weights the host path reads.
+
+    These are stored by :func:`to_host_layout`: on the benchmark machine
+    OpenBLAS reads a matrix for a matrix-vector product about 20% faster
+    from ``[in, out]`` memory (``sgemv`` "N") than from ``[out, in]``
+    (``sgemv`` "T"), and a one-token decode step got ~15% faster
+    (docs/benchmarks.md). Only layers with the host path on
+    (``ep_host_gemv``) are listed; MLX's matmuls read either layout
+    without a copy, so prefill does not change.
+    """
+    paths = set()
+    for name, m in model.named_modules():
+        if isinstance(m, LocalExperts) and m.ep_host_gemv:
+            for leaf, a in tree_flatten(m.parameters()):
+                if leaf.endswith(".weight") and a.ndim == 3:
+                    paths.add(f"{name}.{leaf}" if name else leaf)
+    return paths
+
+
+def to_host_layout(w: mx.array) -> mx.array:
+    """``[n, out, in]`` weights with each expert's matrix stored transposed.
+
+    Shape, values and parameter path are unchanged: the result is a
+    transposed view of a contiguous ``[n, in, out]`` array, so
+    ``np.asarray(memoryview(w))[e] @ x`` runs BLAS ``sgemv`` "N".
+    """
+    return mx.swapaxes(mx.contiguous(mx.swapaxes(w, 1, 2)), 1, 2)
+
+
 def with_mixin(mixin: type, cls: type) -> type:
     """``cls`` with ``mixin`` in front (cached), for swapping a module's class.
 

@@ -29,6 +29,7 @@ import numpy as np
 from mlx.utils import tree_flatten
 from mlx_lm.utils import _get_classes, infer_quant_config, load_config, load_tokenizer
 
+from .experts import host_layout_paths, to_host_layout
 from .placement import ExpertPlacement
 from .safetensors_io import CheckpointError, CheckpointIndex
 from .shard import Plan, Take, _take, drop_dense, per_expert_source, shard_structure
@@ -220,12 +221,15 @@ def read_parameters(lp: LoadPlan, index=None, evaluate: bool = True) -> List[Tup
             expert's piece, or a whole tensor) alive until the end.
     """
     index = lp.index if index is None else index
+    host_layout = host_layout_paths(lp.model)
     params = []
     for path, _ in tree_flatten(lp.model.parameters()):
         if lp.worker and path not in lp.plan:
             continue
         if path in lp.plan:
             arr = _read(index, lp.raw, lp.tensors, lp.codes, lp.plan[path])
+            if path in host_layout:
+                arr = to_host_layout(arr)  # same shape; faster host sgemv
             if evaluate:
                 mx.eval(arr)
             params.append((path, arr))

@@ -77,3 +77,53 @@ def test_quantized_and_disabled_are_left_alone(monkeypatch):
     fresh = _net()
     assert use_host_linears(fresh) == 0
     assert type(fresh.proj) is nn.Linear
+
+
+class _Rank0Of2:
+    rank, size = 0, 2
+
+    def all_sum(self, x):
+        return x
+
+
+def _sharded_tiny(monkeypatch, host: str):
+    from moe_mpi import shard_experts
+    from moe_mpi.synthetic import build_model, tiny_config
+
+    monkeypatch.setenv("MOE_MPI_HOST_GEMV", host)
+    model, _ = build_model(tiny_config("qwen3_moe"), seed=3)
+    mx.eval(model.parameters())
+    switch = model.layers[0].mlp.switch_mlp
+    full = np.array(switch.gate_proj.weight)  # [E, out, in]
+    shard_experts(model, _Rank0Of2())
+    return model, switch, full
+
+
+@pytest.mark.skipif(not host_gemv_enabled(), reason="host path is CPU only")
+def test_expert_weights_are_stored_for_sgemv_n(monkeypatch):
+    """Host-path experts keep shape and values, in [in, out] memory."""
+    from moe_mpi.experts import host_layout_paths
+
+    model, switch, full = _sharded_tiny(monkeypatch, "1")
+    paths = host_layout_paths(model)
+    assert "model.layers.0.mlp.switch_mlp.gate_proj.weight" in paths and len(paths) == 3 * len(model.layers)
+    w = switch.gate_proj.weight
+    n = full.shape[0] // 2  # rank 0 of 2, contiguous placement
+    assert w.shape == (n, *full.shape[1:])
+    np.testing.assert_array_equal(np.array(w), full[:n])
+    view = switch._host_weights()["gate_proj"]
+    assert view.strides[1] == view.itemsize  # each expert's matrix column-major
+    x = mx.random.normal((1, 1, full.shape[2]), key=mx.random.key(2))
+    ids = mx.array([[[0, 1]]])
+    want = (x @ mx.array(full[:2]).swapaxes(1, 2)).reshape(2, -1)  # gate rows of experts 0, 1
+    got = np.stack([view[e] @ np.array(x).reshape(-1) for e in (0, 1)])
+    np.testing.assert_allclose(got, np.array(want), rtol=1e-5, atol=1e-5)
+    assert switch(x, ids).shape == (1, 1, 2, full.shape[2])
+
+
+def test_without_host_path_the_layout_is_unchanged(monkeypatch):
+    from moe_mpi.experts import host_layout_paths
+
+    model, switch, _ = _sharded_tiny(monkeypatch, "0")
+    assert host_layout_paths(model) == set()
+    assert np.asarray(memoryview(switch.gate_proj.weight)).flags["C_CONTIGUOUS"]
