@@ -8,7 +8,9 @@ bandwidth as they do in a decode step (each rank prints; rank 0 first):
 It measures, on this rank's own copies of dbrx-like shapes:
 
 * matrix-vector products (one row) through numpy's BLAS ``sgemv`` on a
-  numpy view of the weights, against MLX's ``x @ W.T`` (BLAS ``sgemm``) and
+  numpy view of the weights, stored ``[out, in]`` as in the checkpoint
+  (``sgemv`` "T") and ``[in, out]`` as moe_mpi stores host-path experts
+  (``sgemv`` "N"), against MLX's ``x @ W.T`` (BLAS ``sgemm``) and
   ``gather_mm``;
 * a few rows (2, 4, 8) through numpy and MLX;
 * the cost of small MLX ops on the CPU stream (an add, ``rms_norm``, RoPE),
@@ -43,6 +45,7 @@ def matvec(rank_tag: str, shape, rows_list=(1, 2, 4, 8)) -> None:
     count = int(TOTAL_BYTES / (shape[0] * shape[1] * 4))
     rng = np.random.default_rng(0)
     host = [rng.standard_normal(shape, dtype=np.float32) for _ in range(count)]
+    host_t = [np.ascontiguousarray(w.T) for w in host]  # [in, out] in memory
     dev = [mx.array(w) for w in host]
     mx.eval(dev)
     nbytes = count * host[0].nbytes
@@ -52,16 +55,18 @@ def matvec(rank_tag: str, shape, rows_list=(1, 2, 4, 8)) -> None:
         v = x[0]
         if rows == 1:
             numpy_s = _best(lambda: [w @ v for w in host])
+            numpy_t_s = _best(lambda: [w.T @ v for w in host_t])
         else:
             numpy_s = _best(lambda: [w @ x.T for w in host])
+            numpy_t_s = _best(lambda: [w.T @ x.T for w in host_t])
         mlx_s = _best(lambda: mx.eval([xm @ w.T for w in dev]))
         idx = mx.zeros((rows,), dtype=mx.uint32)
         gather_s = _best(
             lambda: mx.eval([mx.gather_mm(xm, w.T[None], rhs_indices=idx) for w in dev])
         )
         print(
-            f"{rank_tag} {shape[0]}x{shape[1]} rows={rows}: numpy {nbytes / numpy_s / 1e9:5.1f} GB/s"
-            f" | mlx matmul {nbytes / mlx_s / 1e9:5.1f} | mlx gather_mm {nbytes / gather_s / 1e9:5.1f}",
+            f"{rank_tag} {shape[0]}x{shape[1]} rows={rows}: numpy [out,in] {nbytes / numpy_s / 1e9:5.1f} GB/s"
+            f" | numpy [in,out] {nbytes / numpy_t_s / 1e9:5.1f} | mlx matmul {nbytes / mlx_s / 1e9:5.1f} | mlx gather_mm {nbytes / gather_s / 1e9:5.1f}",
             flush=True,
         )
 

@@ -207,10 +207,24 @@ def _expert_linear(lin, e: int, x: mx.array) -> mx.array:
             group_size=lin.group_size, bits=lin.bits, mode=lin.mode,
         )
     else:
-        y = x @ lin["weight"][e].T
+        y = x @ _transposed_expert(lin["weight"], e)
     if "bias" in lin:
         y = y + lin["bias"][e]
     return y
+
+
+def _transposed_expert(w: mx.array, e: int) -> mx.array:
+    """``w[e].T`` (``[in, out]``) as a view MLX's matmul reads without a copy.
+
+    On the CPU MLX copies a transposed slice unless its memory is row-major:
+    ``w[e].T`` for weights in the checkpoint's layout, ``swapaxes(w)[e]``
+    for weights stored by :func:`to_host_layout` (measured: 1.4 ms against
+    12-14 ms for a 4-row product with an 8.3 MB expert).
+    """
+    # Only float32 weights are ever stored so (and MLX exports no bf16 buffer).
+    if w.dtype == mx.float32 and memoryview(w).strides[1] == w.itemsize:  # [in, out] in memory
+        return mx.swapaxes(w, 1, 2)[e]
+    return w[e].T
 
 
 def default_kernel(switch) -> str:

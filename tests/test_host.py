@@ -127,3 +127,16 @@ def test_without_host_path_the_layout_is_unchanged(monkeypatch):
     model, switch, _ = _sharded_tiny(monkeypatch, "0")
     assert host_layout_paths(model) == set()
     assert np.asarray(memoryview(switch.gate_proj.weight)).flags["C_CONTIGUOUS"]
+
+
+def test_stored_layout_gives_the_same_expert_outputs(monkeypatch):
+    """Many rows per expert (MLX matmuls on the stored layout) and one row
+    per expert (host sgemv) agree with the checkpoint's layout."""
+    _, on, _ = _sharded_tiny(monkeypatch, "1")
+    _, off, _ = _sharded_tiny(monkeypatch, "0")
+    d = on.gate_proj.weight.shape[2]
+    n = on.gate_proj.weight.shape[0]
+    for tokens in (1, 3, 24):
+        x = mx.random.normal((1, tokens, d), key=mx.random.key(tokens))
+        ids = mx.random.randint(0, 2 * n, (1, tokens, 2), key=mx.random.key(7))
+        np.testing.assert_allclose(np.array(on(x, ids)), np.array(off(x, ids)), rtol=1e-4, atol=1e-5)
