@@ -18,6 +18,10 @@ proxy), then barrier, reset the communication counters, and time
 on every rank) and ends in ``mx.eval``; each is timed alone with
 ``time.perf_counter`` on rank 0. B > 1 is B independent sequences decoded
 together.
+
+Between the warm-up and the timed steps a STREAM triad runs on the ranks
+that drive the mode (:mod:`moe_mpi.bench.roofline`), and the row gets the
+bandwidth limit on tokens/s it implies (``--no-roofline`` skips it).
 """
 
 from __future__ import annotations
