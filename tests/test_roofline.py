@@ -63,3 +63,20 @@ def test_bytes_per_step_and_limit_by_mode():
     assert roofline.decode_limit(parts, "sliced", 2, 8, 10.0) == pytest.approx(
         10e9 / roofline.bytes_per_step(parts, "sliced", 2, 8) * 8
     )
+
+
+def test_a_config_it_does_not_model_is_one_error_on_every_rank(tmp_path):
+    import json
+    import sys
+    from pathlib import Path
+
+    from moe_mpi import launch
+
+    config = dict(synthetic_config("dbrx-like"), quantization={"group_size": 64, "bits": 4})
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    argv = [sys.executable, "-m", "moe_mpi", "bench", "roofline", "--model", str(tmp_path)]
+    proc = launch.run_mpirun(2, argv, timeout=120, cwd=Path(__file__).resolve().parent.parent)
+    assert proc.returncode != 0
+    output = proc.stdout + proc.stderr
+    assert output.count("bench roofline covers float") == 1, output
+    assert "Traceback" not in output, output
