@@ -47,7 +47,8 @@ class LocalExperts:
         """
         k = indices.shape[-1]
         d = x.shape[-1]
-        if self.ep_all_local and indices.size == k and not self.ep_host_gemv:
+        host = self._host_path(x)
+        if self.ep_all_local and indices.size == k and not host and self._gather_ok(x):
             # One token, every expert here (mode="sliced"): each chosen expert
             # has one row, gather_mm's best case, and no routing needs to be
             # read to the host; the layer's own call stays lazy.
@@ -56,7 +57,7 @@ class LocalExperts:
         # Reading the routing to the host is one sync per layer; it lets the
         # rank compute only its own (token, slot) pairs instead of all T*k.
         flat = np.asarray(indices.reshape(-1))  # [T*k] global ids
-        if flat.size == k and self.ep_host_gemv and x.dtype == mx.float32:
+        if flat.size == k and host:
             # Decode, one token: all on the host, no MLX op but the result.
             return self._one_token_host(x_flat, flat).reshape(*indices.shape, d)
         local = self.ep_local_of[flat]  # [T*k], -1 where another rank owns it
@@ -89,18 +90,21 @@ class LocalExperts:
         ids = local_ids[order]
         starts = np.flatnonzero(np.diff(ids, prepend=-1))
         ends = np.append(starts[1:], ids.size)
-        if self.ep_host_gemv:
+        host = self._host_path(rows)
+        if host:
             # Float experts with a few rows: one numpy sgemv per row, the
             # expert's weights read from memory once and then from cache.
             # Measured far faster than MLX's BLAS matmul on 2-4 rows, whose
             # sgemm packs the weights first (docs/benchmarks.md).
             small = (ends - starts) <= self.ep_host_max_rows
-        else:
+        elif self._gather_ok(rows):
             small = (ends - starts) < self.ep_dense_min_rows
+        else:  # e.g. bfloat16 on the CPU: one matmul per expert instead
+            small = np.zeros(ends.size, dtype=bool)
         parts, perm = [], []
         if small.any():
             rows_small = np.concatenate([order[s:e] for s, e in zip(starts[small], ends[small])])
-            one_row = self._gemv_host if self.ep_host_gemv else self._gather
+            one_row = self._gemv_host if host else self._gather
             parts.append(one_row(rows[mx.array(rows_small)], local_ids[rows_small]))
             perm.append(rows_small)
         for s, e in zip(starts[~small].tolist(), ends[~small].tolist()):
@@ -113,6 +117,16 @@ class LocalExperts:
         inverse = np.empty_like(perm)
         inverse[perm] = np.arange(perm.size)
         return y[mx.array(inverse)]
+
+    def _gather_ok(self, x: mx.array) -> bool:
+        """Whether gather_mm/gather_qmm take ``x``: MLX's CPU gather_mm takes
+        float32 only (gather_qmm any float)."""
+        return x.dtype == mx.float32 or self.ep_quantized or mx.default_device() != mx.cpu
+
+    def _host_path(self, x: mx.array) -> bool:
+        """Whether ``x`` and the loaded weights can take numpy's ``sgemv``:
+        the layer allows it and both are float32 (numpy has no bfloat16)."""
+        return self.ep_host_gemv and x.dtype == mx.float32 and self._host_weights() is not None
 
     def _one_token_host(self, x: mx.array, flat: np.ndarray) -> mx.array:
         """One token's ``k`` slots on the host: ``[1, D]`` in, ``[k, D]`` out.
@@ -166,15 +180,21 @@ class LocalExperts:
             return gate / (1.0 + np.exp(-gate)) * up
         return np.asarray(self.activation(mx.array(up), mx.array(gate)))
 
-    def _host_weights(self) -> dict:
-        """Zero-copy numpy views of the (evaluated) stacked weights, cached."""
-        key = tuple(id(a) for _, a in tree_flatten(self.parameters()))
+    def _host_weights(self):
+        """Zero-copy numpy views of the (evaluated) stacked weights, cached;
+        None unless every parameter is float32 (the checkpoint decides:
+        ``make_local`` runs before the weights are loaded)."""
+        # Cheaper than flattening the parameters: this runs on every call.
+        key = tuple(id(a) for name in self.ep_projections for a in self[name].values())
         if getattr(self, "_ep_host_key", None) != key:
-            views = {}
-            for name, a in tree_flatten(self.parameters()):
-                proj, leaf = name.rsplit(".", 1)
-                mx.eval(a)
-                views[proj if leaf == "weight" else name] = np.asarray(memoryview(a))
+            params = tree_flatten(self.parameters())
+            views = None
+            if all(a.dtype == mx.float32 for _, a in params):
+                views = {}
+                for name, a in params:
+                    proj, leaf = name.rsplit(".", 1)
+                    mx.eval(a)
+                    views[proj if leaf == "weight" else name] = np.asarray(memoryview(a))
             # Plain attributes: nn.Module would take a dict or tuple for parameters.
             object.__setattr__(self, "_ep_host", views)
             object.__setattr__(self, "_ep_host_key", key)
@@ -267,6 +287,9 @@ def make_local(switch, local_experts: Sequence[int], num_experts: int) -> None:
     switch.ep_experts = tuple(int(e) for e in local_experts)
     switch.ep_all_local = len(switch.ep_experts) == num_experts
     switch.ep_kernel = default_kernel(switch)
+    projections = {n: c for n, c in switch.children().items() if isinstance(c, nn.Module) and "weight" in c}
+    switch.ep_projections = tuple(projections)
+    switch.ep_quantized = any("scales" in c for c in projections.values())
     switch.ep_dense_min_rows = int(os.environ.get("MOE_MPI_DENSE_MIN_ROWS", "2"))
     switch.ep_host_max_rows = int(os.environ.get("MOE_MPI_HOST_MAX_ROWS", "4"))
     # One-row experts through numpy's sgemv: float weights on the CPU only.

@@ -140,3 +140,32 @@ def test_stored_layout_gives_the_same_expert_outputs(monkeypatch):
         x = mx.random.normal((1, tokens, d), key=mx.random.key(tokens))
         ids = mx.random.randint(0, 2 * n, (1, tokens, 2), key=mx.random.key(7))
         np.testing.assert_allclose(np.array(on(x, ids)), np.array(off(x, ids)), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("tokens", [1, 3])
+def test_bfloat16_experts_run_on_the_cpu(monkeypatch, tokens):
+    """bf16 weights: no numpy (it has no bfloat16) and no gather_mm (MLX's
+    CPU gather_mm takes float32 only): one matmul per expert instead."""
+    from moe_mpi import shard_experts
+    from moe_mpi.synthetic import build_model, tiny_config
+
+    monkeypatch.setenv("MOE_MPI_HOST_GEMV", "1")
+    model, _ = build_model(tiny_config("qwen3_moe"), seed=3)
+    mx.eval(model.parameters())
+    switch = model.layers[0].mlp.switch_mlp
+    # As moe_mpi.load does: shard a float32-built model, then bf16 weights arrive.
+    shard_experts(model, _Rank0Of2())
+    model.set_dtype(mx.bfloat16)
+    assert switch.ep_host_gemv and switch._host_weights() is None
+    full = np.array(switch.gate_proj.weight.astype(mx.float32))
+    d = full.shape[2]
+    x = mx.random.normal((1, tokens, d), key=mx.random.key(4)).astype(mx.bfloat16)
+    ids = mx.broadcast_to(mx.array([0, 1]), (1, tokens, 2))  # both local to rank 0
+    got = np.array(switch(x, ids).astype(mx.float32))  # [1, T, 2, D]
+    # Reference: the same bf16 weights in float32.
+    w = {n: mx.array(np.array(getattr(switch, n).weight.astype(mx.float32))) for n in ("gate_proj", "up_proj", "down_proj")}
+    xf = x.astype(mx.float32)
+    for slot, e in enumerate((0, 1)):
+        g, u = xf @ w["gate_proj"][e].T, xf @ w["up_proj"][e].T
+        want = np.array((nn.silu(g) * u) @ w["down_proj"][e].T)  # [1, T, D]
+        np.testing.assert_allclose(got[:, :, slot], want, rtol=5e-2, atol=5e-2)
