@@ -79,7 +79,7 @@ def main() -> None:
     seconds = comm.allreduce(seconds, op=MPI.MAX)
     gbs = min(comm.allgather(roofline.stream_triad(_Comm(comm))))
     parts = roofline.limit_parts(config)
-    limit = roofline.decode_limit(parts, "ep", size, 1, gbs)
+    limit = roofline.decode_limit(roofline.bytes_per_step(parts, "ep", size, 1), 1, gbs)
     if rank == 0:
         print(f"# {size} ranks, dbrx-like shapes, numpy sgemv only (no MLX, no all-reduce data)")
         print(f"kernel ceiling: {seconds * 1e3:.1f} ms/step = {1 / seconds:.1f} tok/s")

@@ -321,12 +321,16 @@ def host_layout_paths(model: nn.Module) -> set:
 
 
 def to_host_layout(w: mx.array) -> mx.array:
-    """``[n, out, in]`` weights with each expert's matrix stored transposed.
+    """``[n, out, in]`` float32 weights with each expert's matrix stored transposed.
 
     Shape, values and parameter path are unchanged: the result is a
     transposed view of a contiguous ``[n, in, out]`` array, so
-    ``np.asarray(memoryview(w))[e] @ x`` runs BLAS ``sgemv`` "N".
+    ``np.asarray(memoryview(w))[e] @ x`` runs BLAS ``sgemv`` "N". Any other
+    dtype is returned as it is: only float32 takes the host path, and the
+    dtype is known only once the checkpoint's tensor is read.
     """
+    if w.dtype != mx.float32:
+        return w
     return mx.swapaxes(mx.contiguous(mx.swapaxes(w, 1, 2)), 1, 2)
 
 

@@ -228,7 +228,7 @@ def read_parameters(lp: LoadPlan, index=None, evaluate: bool = True) -> List[Tup
             continue
         if path in lp.plan:
             arr = _read(index, lp.raw, lp.tensors, lp.codes, lp.plan[path])
-            if path in host_layout and arr.dtype == mx.float32:
+            if path in host_layout:
                 arr = to_host_layout(arr)  # same shape; faster host sgemv
             if evaluate:
                 mx.eval(arr)

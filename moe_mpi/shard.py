@@ -446,7 +446,6 @@ def shard_experts(
     if mode == "central" and comm.rank != 0:
         drop_dense(model)  # workers hold only their experts
     params = dict(tree_flatten(model.parameters()))
-    layout = [(p, to_host_layout(params[p])) for p in host_layout_paths(model) if params[p].dtype == mx.float32]
-    model.update(tree_unflatten(layout))
+    model.update(tree_unflatten([(p, to_host_layout(params[p])) for p in host_layout_paths(model)]))
     mx.eval(model.parameters())
     return model

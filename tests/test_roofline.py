@@ -60,9 +60,8 @@ def test_bytes_per_step_and_limit_by_mode():
     ep = roofline.bytes_per_step(parts, "ep", 2, 1)
     assert sliced < ep < single  # the busier rank reads ~2.65 whole experts per layer
     assert roofline.bytes_per_step(parts, "central", 2, 1) == ep
-    assert roofline.decode_limit(parts, "sliced", 2, 8, 10.0) == pytest.approx(
-        10e9 / roofline.bytes_per_step(parts, "sliced", 2, 8) * 8
-    )
+    step = roofline.bytes_per_step(parts, "sliced", 2, 8)
+    assert roofline.decode_limit(step, 8, 10.0) == pytest.approx(10e9 / step * 8)
 
 
 def test_a_config_it_does_not_model_is_one_error_on_every_rank(tmp_path):

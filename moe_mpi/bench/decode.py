@@ -115,10 +115,11 @@ def _decode_one(
     )
     parts = roofline.limit_parts(ctx.config)
     if gbs is not None and parts is not None:
-        limit = roofline.decode_limit(parts, built.name, ctx.size, batch, gbs)
+        step_bytes = roofline.bytes_per_step(parts, built.name, ctx.size, batch)
+        limit = roofline.decode_limit(step_bytes, batch, gbs)
         row.update(
             stream_gbs=gbs,
-            weight_bytes_per_step=roofline.bytes_per_step(parts, built.name, ctx.size, batch),
+            weight_bytes_per_step=step_bytes,
             limit_tokens_per_s=limit,
             of_limit=row["tokens_per_s"] / limit,
         )
@@ -192,12 +193,13 @@ def setup_arg_parser() -> argparse.ArgumentParser:
 
 def _render(rows: List[Dict[str, Any]]) -> List[str]:
     lines = ["#", "# decode"]
+    roofline_rows = any("limit_tokens_per_s" in r for r in rows)
     columns = report.throughput_columns("batch", "B")
-    if any("limit_tokens_per_s" in r for r in rows):
+    if roofline_rows:
         columns += ROOFLINE_COLUMNS
     lines += report.format_table(columns, rows)
     lines += ["#"] + ["# " + line for line in report.legend_lines(IMBALANCE_METHOD)]
-    if any("limit_tokens_per_s" in r for r in rows):
+    if roofline_rows:
         lines.append("# " + ROOFLINE_LEGEND)
     return lines
 

@@ -131,9 +131,10 @@ def limit_parts(config: Dict) -> Optional[Dict[str, float]]:
         return None
 
 
-def decode_limit(parts: Dict[str, float], mode: str, size: int, batch: int, gbs: float) -> float:
-    """Tokens/s at which ``mode`` would read its weights at ``gbs`` GB/s per rank."""
-    return gbs * 1e9 / bytes_per_step(parts, mode, size, batch) * batch
+def decode_limit(step_bytes: float, batch: int, gbs: float) -> float:
+    """Tokens/s of ``batch``-token steps that read ``step_bytes``
+    (:func:`bytes_per_step`) at ``gbs`` GB/s per rank."""
+    return gbs * 1e9 / step_bytes * batch
 
 
 def setup_arg_parser() -> argparse.ArgumentParser:
@@ -187,7 +188,7 @@ def _run(comm, args: argparse.Namespace) -> None:
         bandwidth = alone if mode == "single" else min(together)
         for batch in (int(b) for b in args.batch.split(",")):
             step = bytes_per_step(parts, mode, comm.size, batch)
-            limit = decode_limit(parts, mode, comm.size, batch, bandwidth)
+            limit = decode_limit(step, batch, bandwidth)
             got = measured.get((mode, batch))
             rows.append(dict(mode=mode, batch=batch, bytes_per_step=step, bandwidth_gbs=bandwidth,
                              limit_tokens_per_s=limit, measured_tokens_per_s=got,
