@@ -238,7 +238,7 @@ def _transposed_expert(w: mx.array, e: int) -> mx.array:
 
     On the CPU MLX copies a transposed slice unless its memory is row-major:
     ``w[e].T`` for weights in the checkpoint's layout, ``swapaxes(w)[e]``
-    for weights stored by :func:`to_host_layout` (measured: 1.4 ms against
+    for weights stored by :func:`to_host_layout` (a one-off timing, one process, one BLAS thread: 1.4 ms against
     12-14 ms for a 4-row product with an 8.3 MB expert).
     """
     # Only float32 weights are ever stored so (and MLX exports no bf16 buffer).
@@ -304,10 +304,10 @@ def host_layout_paths(model: nn.Module) -> set:
     """Parameter paths of the stacked float expert weights the host path reads.
 
     These are stored by :func:`to_host_layout`: on the benchmark machine
-    OpenBLAS reads a matrix for a matrix-vector product about 20% faster
-    from ``[in, out]`` memory (``sgemv`` "N") than from ``[out, in]``
-    (``sgemv`` "T"), and a one-token decode step got ~15% faster
-    (docs/benchmarks.md). Only layers with the host path on
+    OpenBLAS read a 2688x768 expert matrix for a matrix-vector product at
+    20-22 GB/s from ``[in, out]`` memory (``sgemv`` "N") against 13 GB/s
+    from ``[out, in]`` (``sgemv`` "T"), 2 ranks reading at once
+    (docs/results/decode-kernels-n2.txt). Only layers with the host path on
     (``ep_host_gemv``) are listed; MLX's matmuls read either layout
     without a copy, so prefill does not change.
     """
