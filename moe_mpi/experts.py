@@ -238,8 +238,9 @@ def _transposed_expert(w: mx.array, e: int) -> mx.array:
 
     On the CPU MLX copies a transposed slice unless its memory is row-major:
     ``w[e].T`` for weights in the checkpoint's layout, ``swapaxes(w)[e]``
-    for weights stored by :func:`to_host_layout` (a one-off timing, one process, one BLAS thread: 1.4 ms against
-    12-14 ms for a 4-row product with an 8.3 MB expert).
+    for weights stored by :func:`to_host_layout` (a one-off timing, one
+    process, one BLAS thread: 1.4 ms against 12-14 ms for a 4-row product
+    with an 8.3 MB expert).
     """
     # Only float32 weights are ever stored so (and MLX exports no bf16 buffer).
     if w.dtype == mx.float32 and memoryview(w).strides[1] == w.itemsize:  # [in, out] in memory
