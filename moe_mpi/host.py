@@ -1,4 +1,4 @@
-"""One-row float32 matmuls of the dense part on numpy's BLAS (CPU only).
+"""Decode-sized float32 work of the dense part on numpy (CPU only).
 
 Decode multiplies one row by every weight matrix: matrix-vector products,
 whose speed is memory bandwidth. MLX's CPU matmul hands them to BLAS
@@ -10,18 +10,32 @@ expert layers get the same treatment in :mod:`moe_mpi.experts`; this module
 does it for the replicated dense part (attention projections, routers, the
 LM head), which every rank reads in full at every step.
 
+The same holds for the small elementwise layers around them. MLX's CPU
+backend builds ``fast.rms_norm`` and ``fast.rope`` from primitive ops, each
+a round trip to its stream thread; inside a decode step, between layers
+that stream tens of megabytes of weights through the caches, RoPE cost
+450-560 us and the input norms ~165 us per layer (``examples/decode_phases.py``).
+:class:`HostRMSNorm` and :class:`HostRoPE` do them in numpy for
+decode-sized inputs.
+
 The price is one host sync per call (numpy needs the input's values), so
-only one-row inputs take this path; prefill and batches stay lazy in MLX.
-On a GPU (Metal) nothing changes.
+only small inputs take this path: one row for a matmul, at most
+``HOST_MAX_ELEMENTS`` elements for a norm or RoPE; prefill stays lazy in
+MLX. On a GPU (Metal) nothing changes.
 """
 
 import os
+from typing import Optional
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
 from .experts import with_mixin
+
+# Largest input (elements) a norm or RoPE takes to numpy: a few decode tokens
+# (batch 8 of hidden 768 is 6144); prefill stays in MLX.
+HOST_MAX_ELEMENTS = 16384
 
 
 class HostLinear:
@@ -44,7 +58,8 @@ class HostLinear:
         y = w @ v  # [out]: BLAS sgemv on a view of the weights
         if b is not None:
             y += b
-        return mx.array(y).reshape(*x.shape[:-1], w.shape[0])  # [..., out]
+        # Shaped in numpy: a reshape in MLX would be one more op to schedule.
+        return mx.array(y.reshape(*x.shape[:-1], w.shape[0]))  # [..., out]
 
     def _host_view(self):
         """Zero-copy numpy views of (weight, bias), rebuilt if they change;
@@ -66,30 +81,117 @@ class HostLinear:
         return self._host_views
 
 
+def _host_input(x: mx.array) -> Optional[np.ndarray]:
+    """``x`` as a numpy view if it is float32 and decode-sized, else None.
+
+    Taking the view evaluates ``x``: the one sync of the host path.
+    """
+    if x.dtype != mx.float32 or x.size > HOST_MAX_ELEMENTS:
+        return None
+    return np.asarray(memoryview(x))
+
+
+class HostRMSNorm:
+    """Mixin for ``nn.RMSNorm``: a decode-sized float32 input is normalised in numpy.
+
+    ``x * rsqrt(mean(x**2, -1) + eps) * weight``, as ``mx.fast.rms_norm``
+    computes it; any other input runs the layer's own ``__call__``.
+    """
+
+    def __call__(self, x: mx.array) -> mx.array:
+        weight = self["weight"]
+        v = _host_input(x) if weight.dtype == mx.float32 else None
+        if v is None:
+            return super().__call__(x)
+        w = np.asarray(memoryview(weight))  # [D], zero-copy
+        # einsum: the sum of squares without np.mean's overhead (~2x faster here).
+        mean_sq = np.einsum("...i,...i->...", v, v)[..., None] * (1.0 / v.shape[-1])  # [..., 1]
+        return mx.array(v * (1.0 / np.sqrt(mean_sq + self.eps)) * w)  # [..., D]
+
+
+class HostRoPE:
+    """Mixin for ``nn.RoPE``: a decode-sized float32 input is rotated in numpy.
+
+    The same rotation as ``mx.fast.rope``: positions ``offset + i`` along
+    axis -2, the first ``dims`` features of the last axis rotated in pairs
+    (halves, or neighbours if ``traditional``), frequencies
+    ``base ** (-2j / dims)``, positions times ``scale``, angles in float32. An ``mx.array``
+    offset, or fewer than 3 dimensions, runs the layer's own ``__call__``.
+    """
+
+    def __call__(self, x: mx.array, offset: int = 0) -> mx.array:
+        if x.ndim < 3 or not isinstance(offset, int):
+            return super().__call__(x, offset=offset)
+        v = _host_input(x)  # [..., L, D]
+        if v is None:
+            return super().__call__(x, offset=offset)
+        cos, sin = self._angles(offset, v.shape[-2])  # [L, dims/2] each
+        dims = self.dims
+        if self.traditional:  # pairs (0, 1), (2, 3), ...
+            x1, x2 = v[..., 0:dims:2], v[..., 1:dims:2]
+        else:  # pairs (j, j + dims/2)
+            x1, x2 = v[..., : dims // 2], v[..., dims // 2 : dims]
+        y = np.array(v)  # features past `dims` pass through
+        if self.traditional:
+            y[..., 0:dims:2] = x1 * cos - x2 * sin
+            y[..., 1:dims:2] = x1 * sin + x2 * cos
+        else:
+            y[..., : dims // 2] = x1 * cos - x2 * sin
+            y[..., dims // 2 : dims] = x1 * sin + x2 * cos
+        return mx.array(y)
+
+    def _angles(self, offset: int, length: int):
+        """cos and sin of the rotation angles, float32 ``[length, dims/2]``.
+
+        Computed in float32 the way MLX's CPU ``fast.rope`` does, so far-off
+        positions round alike. Cached for the last (offset, length): decode
+        rotates a layer's queries and keys at the same offset.
+        """
+        key = (offset, length)
+        if getattr(self, "_host_angles_key", None) != key:
+            f32 = np.float32
+            half = self.dims // 2
+            inv_freqs = np.exp(np.arange(0, -half, -1, dtype=f32) * f32(np.log(self.base) / half))
+            positions = (np.arange(length, dtype=f32) + f32(offset)) * f32(self.scale)
+            theta = positions[:, None] * inv_freqs[None]  # [L, dims/2]
+            # Plain attributes: nn.Module would take a tuple for parameters.
+            object.__setattr__(self, "_host_angles", (np.cos(theta), np.sin(theta)))
+            object.__setattr__(self, "_host_angles_key", key)
+        return self._host_angles
+
+
 def host_gemv_enabled() -> bool:
     """Whether one-row float32 products go to numpy (CPU, and not disabled).
 
-    ``MOE_MPI_HOST_GEMV=0`` turns the host path off, for the dense part and
-    the experts alike.
+    ``MOE_MPI_HOST_GEMV=0`` turns the host path off, for the dense part
+    (linears, norms, RoPE) and the experts alike.
     """
     return os.environ.get("MOE_MPI_HOST_GEMV", "1") == "1" and mx.default_device() == mx.cpu
 
 
-def use_host_linears(model: nn.Module) -> int:
-    """Routes the one-row float32 products of every plain ``nn.Linear`` to numpy.
+HOST_KERNELS = ((nn.Linear, HostLinear), (nn.RMSNorm, HostRMSNorm), (nn.RoPE, HostRoPE))
 
-    Quantized layers, expert layers and subclasses of ``nn.Linear`` are left
-    alone; a layer whose weights are not float32 keeps its own path at call
-    time. Does nothing unless :func:`host_gemv_enabled`.
+
+def use_host_kernels(model: nn.Module) -> int:
+    """Gives every plain ``nn.Linear``, ``nn.RMSNorm`` and ``nn.RoPE`` its host path.
+
+    Decode-sized float32 inputs then run in numpy (:class:`HostLinear`,
+    :class:`HostRMSNorm`, :class:`HostRoPE`). Only those exact classes are
+    changed: quantized layers, expert layers, subclasses and other RoPE
+    variants (llama3, yarn, ...) are left alone; a layer whose weights are
+    not float32 keeps its own path at call time. Does nothing unless
+    :func:`host_gemv_enabled`.
 
     Returns:
         The number of layers changed.
     """
     if not host_gemv_enabled():
         return 0
+    mixins = dict(HOST_KERNELS)
     changed = 0
     for _, m in model.named_modules():
-        if type(m) is nn.Linear:
-            m.__class__ = with_mixin(HostLinear, nn.Linear)
+        mixin = mixins.get(type(m))
+        if mixin is not None:
+            m.__class__ = with_mixin(mixin, type(m))
             changed += 1
     return changed

@@ -38,7 +38,7 @@ from mlx_lm.models.switch_layers import (
 from . import central
 from .adapters import convert_blocks
 from .experts import LocalExperts, host_layout_paths, make_local, to_host_layout, with_mixin
-from .host import use_host_linears
+from .host import use_host_kernels
 from .placement import ExpertPlacement
 
 
@@ -387,9 +387,9 @@ def shard_structure(
                 if rank != owner:
                     setattr(moe.block, name, NoOutput())
         _make_expert_parallel(moe.block, comm)
-    # Decode's one-row products of the replicated dense part: numpy's sgemv
-    # on the CPU (moe_mpi.host); no change on a GPU.
-    use_host_linears(model)
+    # Decode's small work in the replicated dense part (one-row products,
+    # norms, RoPE): numpy on the CPU (moe_mpi.host); no change on a GPU.
+    use_host_kernels(model)
     switches = tuple(moe.switch for moe in blocks)
     for layer, switch in enumerate(switches):
         switch.ep_layer = layer

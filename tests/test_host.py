@@ -1,11 +1,18 @@
-"""moe_mpi.host: one-row float32 products of nn.Linear through numpy's sgemv."""
+"""moe_mpi.host: decode-sized float32 linears, RMS norms and RoPE in numpy."""
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
 
-from moe_mpi.host import HostLinear, host_gemv_enabled, use_host_linears
+from moe_mpi.host import (
+    HOST_MAX_ELEMENTS,
+    HostLinear,
+    HostRMSNorm,
+    HostRoPE,
+    host_gemv_enabled,
+    use_host_kernels,
+)
 
 
 class Net(nn.Module):
@@ -28,7 +35,7 @@ def test_one_row_matches_mlx(bias, shape):
     net = _net(bias)
     x = mx.random.normal(shape, key=mx.random.key(1))
     want = net.proj(x)
-    assert use_host_linears(net) == 1
+    assert use_host_kernels(net) == 1
     assert isinstance(net.proj, HostLinear)
     got = net.proj(x)
     assert got.shape == want.shape and got.dtype == mx.float32
@@ -37,7 +44,7 @@ def test_one_row_matches_mlx(bias, shape):
 
 def test_other_inputs_keep_mlx_path(monkeypatch):
     net = _net()
-    use_host_linears(net)
+    use_host_kernels(net)
     calls = []
     real = HostLinear._host_view
     monkeypatch.setattr(HostLinear, "_host_view", lambda self: calls.append(1) or real(self))
@@ -57,7 +64,7 @@ def test_other_inputs_keep_mlx_path(monkeypatch):
 def test_weights_loaded_later_are_used():
     """The numpy views follow the parameters: new weights, or bf16 ones."""
     net = _net()
-    use_host_linears(net)
+    use_host_kernels(net)
     x = mx.ones((1, 24))
     net.proj(x)  # caches views of the first weights
     net.proj.weight = mx.full((40, 24), 0.5)
@@ -70,13 +77,86 @@ def test_weights_loaded_later_are_used():
 
 def test_quantized_and_disabled_are_left_alone(monkeypatch):
     net = _net()
-    use_host_linears(net)
+    use_host_kernels(net)
     assert not isinstance(net.quant, HostLinear)
     monkeypatch.setenv("MOE_MPI_HOST_GEMV", "0")
     assert not host_gemv_enabled()
     fresh = _net()
-    assert use_host_linears(fresh) == 0
+    assert use_host_kernels(fresh) == 0
     assert type(fresh.proj) is nn.Linear
+
+
+class Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.norm = nn.RMSNorm(64, eps=1e-5)
+        self.rope = nn.RoPE(48, traditional=False, base=10000)
+        self.rope_trad = nn.RoPE(64, traditional=True, base=1e6, scale=0.5)
+        self.scaled = nn.RoPE(32)
+
+
+class Llama3RoPE(nn.RoPE):  # a subclass computes differently: left alone
+    pass
+
+
+def test_norm_and_rope_kernels_are_swapped():
+    block = Block()
+    block.sub = Llama3RoPE(16)
+    mx.eval(block.parameters())
+    assert use_host_kernels(block) == 4
+    assert isinstance(block.norm, HostRMSNorm) and isinstance(block.rope_trad, HostRoPE)
+    assert type(block.sub) is Llama3RoPE
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 64), (1, 4, 1, 64), (8, 1, 64)])
+def test_rms_norm_matches_mlx(shape):
+    block = Block()
+    block.norm.weight = mx.random.normal((64,), key=mx.random.key(3))
+    mx.eval(block.parameters())
+    x = mx.random.normal(shape, key=mx.random.key(4)) * 3
+    want = np.array(block.norm(x))
+    use_host_kernels(block)
+    got = block.norm(x)
+    assert got.shape == x.shape and got.dtype == mx.float32
+    np.testing.assert_allclose(np.array(got), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["rope", "rope_trad", "scaled"])
+@pytest.mark.parametrize(
+    "shape,offset,atol",
+    # At position 1000 a float32 angle is only good to ~6e-5 rad (one ulp),
+    # and MLX's sin/cos round it differently from numpy's.
+    [((1, 4, 1, 64), 0, 2e-5), ((1, 4, 1, 64), 37, 2e-5), ((2, 4, 3, 64), 1000, 5e-4)],
+)
+def test_rope_matches_mlx(name, shape, offset, atol):
+    """Half-split and traditional pairs, partial dims, scale, offsets, L > 1."""
+    block = Block()
+    x = mx.random.normal(shape, key=mx.random.key(5))
+    want = np.array(block[name](x, offset=offset))
+    use_host_kernels(block)
+    got = block[name](x, offset=offset)
+    assert isinstance(block[name], HostRoPE)
+    assert got.shape == x.shape and got.dtype == mx.float32
+    np.testing.assert_allclose(np.array(got), want, rtol=1e-5, atol=atol)
+    # A strided view, as attention passes it (transposed heads): same values.
+    strided = mx.contiguous(x.transpose(0, 2, 1, 3)).transpose(0, 2, 1, 3)
+    np.testing.assert_allclose(np.array(block[name](strided, offset=offset)), want, rtol=1e-5, atol=atol)
+
+
+def test_norm_and_rope_leave_large_or_other_inputs_to_mlx(monkeypatch):
+    block = Block()
+    mx.eval(block.parameters())
+    use_host_kernels(block)
+    seen = []
+    real = np.asarray
+    monkeypatch.setattr(np, "asarray", lambda a, *k, **kw: seen.append(1) or real(a, *k, **kw))
+    big = mx.ones((1, HOST_MAX_ELEMENTS // 64 + 1, 64))  # prefill-sized
+    half = mx.ones((1, 4, 1, 64), dtype=mx.float16)
+    block.norm(big), block.rope(big), block.norm(half), block.rope(half)
+    block.rope(mx.ones((1, 4, 1, 64)), offset=mx.array(3))  # an array offset
+    assert seen == []
+    block.rope(mx.ones((1, 4, 1, 64)), offset=3)
+    assert seen  # the spy sees the host path
 
 
 class _Rank0Of2:
