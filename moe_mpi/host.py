@@ -10,13 +10,14 @@ expert layers get the same treatment in :mod:`moe_mpi.experts`; this module
 does it for the replicated dense part (attention projections, routers, the
 LM head), which every rank reads in full at every step.
 
-The same holds for the small elementwise layers around them. MLX's CPU
-backend builds ``fast.rms_norm`` and ``fast.rope`` from primitive ops, each
-a round trip to its stream thread; inside a decode step, between layers
-that stream tens of megabytes of weights through the caches, RoPE cost
-450-560 us and the input norms ~165 us per layer (``examples/decode_phases.py``).
-:class:`HostRMSNorm` and :class:`HostRoPE` do them in numpy for
-decode-sized inputs.
+The small layers around them get the same: MLX's CPU backend builds
+``fast.rms_norm`` and ``fast.rope`` from primitive ops, each a round trip
+to its stream thread, and :class:`HostRMSNorm` and :class:`HostRoPE` do
+them in numpy for decode-sized inputs. Evaluated one by one inside an ep
+decode step, the norms took 5-6 ms and RoPE 5-5.5 ms of a step, in numpy
+about 2 and 1 ms; the plain step (where MLX evaluates them lazily, with
+their neighbours) was 4.1 ms faster on average over 6 alternating runs
+(``docs/results/host-norms-ab-n2.txt``, ``examples/decode_phases.py``).
 
 The price is one host sync per call (numpy needs the input's values), so
 only small inputs take this path: one row for a matmul, at most
