@@ -350,7 +350,9 @@ def test_batch_resume_skips_done_ids_and_drops_partial_line(ckpt, reference, tmp
 
 
 def test_batch_interrupted_run_keeps_rows_and_rerun_completes(ckpt, tmp_path):
-    total = 8
+    # Enough prompts that the job cannot finish between its first row and
+    # the signal: 8 of them did once decode got faster.
+    total = 32
     rows = [{"id": i, "prompt": f"numbers {i} and the quick brown fox"} for i in range(total)]
     prompts = write_prompts(tmp_path / "prompts.jsonl", rows)
     out = tmp_path / "results.jsonl"
