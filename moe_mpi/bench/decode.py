@@ -204,15 +204,11 @@ def _render(rows: List[Dict[str, Any]]) -> List[str]:
     return lines
 
 
-def _maybe(value, spec: str) -> str:
-    return "-" if value is None else format(value, spec)
-
-
 ROOFLINE_COLUMNS = [
-    ("GB/s", 6, lambda r: _maybe(r.get("stream_gbs"), ".1f")),
-    ("MB/step", 8, lambda r: _maybe(r.get("weight_bytes_per_step") and r["weight_bytes_per_step"] / 1e6, ".4g")),
-    ("limit", 7, lambda r: _maybe(r.get("limit_tokens_per_s"), ".1f")),
-    ("%limit", 7, lambda r: _maybe(r.get("of_limit") and 100 * r["of_limit"], ".0f")),
+    ("GB/s", 6, lambda r: report.fmt(r.get("stream_gbs"), ".1f")),
+    ("MB/step", 8, lambda r: report.fmt(r.get("weight_bytes_per_step") and r["weight_bytes_per_step"] / 1e6, ".4g")),
+    ("limit", 7, lambda r: report.fmt(r.get("limit_tokens_per_s"), ".1f")),
+    ("%limit", 7, lambda r: report.fmt(r.get("of_limit") and 100 * r["of_limit"], ".0f")),
 ]
 ROOFLINE_LEGEND = (
     "roofline: GB/s = STREAM triad per rank measured right before the mode's timed steps "

@@ -316,10 +316,6 @@ def _ms_list(values: Optional[Sequence[float]]) -> str:
     return "/".join(f"{v:.2f}" for v in values) if values else "n/a"
 
 
-def _fmt(value, spec: str) -> str:
-    return "n/a" if value is None else format(value, spec)
-
-
 COLUMNS = [
     ("mode", 10, lambda r: r["mode"]),
     ("T", 5, lambda r: str(r["tokens"])),
@@ -329,11 +325,11 @@ COLUMNS = [
     ("experts ms/rank", 16, lambda r: _ms_list(r["experts_ms_per_rank"])),
     ("combine", 8, lambda r: f"{r['combine_ms']:.3f}"),
     ("sum", 7, lambda r: f"{r['parts_ms']:.3f}"),
-    ("coll", 5, lambda r: _fmt(r["collectives_per_call"], ".3g") + ("*" if r["counted"] == "code" else "")),
-    ("KiB", 7, lambda r: _fmt(r["bytes_per_call"] / 1024, ".3g")),
+    ("coll", 5, lambda r: report.fmt(r["collectives_per_call"], ".3g") + ("*" if r["counted"] == "code" else "")),
+    ("KiB", 7, lambda r: report.fmt(r["bytes_per_call"] / 1024, ".3g")),
     ("comm%", 7, lambda r: "/".join(f"{100 * s:.0f}" for s in r["comm_share"]) if r.get("comm_share") else "n/a"),
-    ("imb(t)", 6, lambda r: _fmt(r["imbalance"], ".2f")),
-    ("imb(p)", 6, lambda r: _fmt(r["imbalance_pairs"], ".2f")),
+    ("imb(t)", 6, lambda r: report.fmt(r["imbalance"], ".2f")),
+    ("imb(p)", 6, lambda r: report.fmt(r["imbalance_pairs"], ".2f")),
     ("peakMiB", 8, lambda r: report._mib_max(r.get("mlx_peak_bytes"))),
 ]
 

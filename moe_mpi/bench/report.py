@@ -383,10 +383,9 @@ def round_lines(rounds: Sequence[Sequence[Mapping[str, Any]]]) -> List[str]:
 # ------------------------------------------------------------------ tables
 
 
-def _fmt(value: Any, spec: str) -> str:
-    if value is None:
-        return "n/a"
-    return format(value, spec)
+def fmt(value: Any, spec: str) -> str:
+    """``value`` formatted with ``spec``; "n/a" for a missing (None) value."""
+    return "n/a" if value is None else format(value, spec)
 
 
 def _mib_max(values: Optional[Sequence[Optional[int]]]) -> str:
@@ -420,24 +419,24 @@ def throughput_columns(key: str, key_title: str) -> List[tuple]:
     return [
         ("mode", 10, lambda r: r["mode"]),
         (key_title, 6, lambda r: str(r[key])),
-        ("tok/s", 9, lambda r: _fmt(r["tokens_per_s"], ".1f")),
-        ("ms/tok", 8, lambda r: _fmt(r["ms_per_token"], ".2f")),
-        ("ms/step", 9, lambda r: _fmt(r["step_ms"], ".2f")),
+        ("tok/s", 9, lambda r: fmt(r["tokens_per_s"], ".1f")),
+        ("ms/tok", 8, lambda r: fmt(r["ms_per_token"], ".2f")),
+        ("ms/step", 9, lambda r: fmt(r["step_ms"], ".2f")),
         (
             "coll/tok",
             8,
             lambda r: (
-                _fmt(r["collectives_per_token"], ".3g")
+                fmt(r["collectives_per_token"], ".3g")
                 + ("*" if r["counted"] == "code" else "")
             ),
         ),
-        ("KiB/tok", 8, lambda r: _fmt(r["bytes_per_token"] / 1024, ".3g")),
+        ("KiB/tok", 8, lambda r: fmt(r["bytes_per_token"] / 1024, ".3g")),
         ("comm%/rank", 11, lambda r: _percent_list(r.get("comm_share"))),
-        ("imbal", 6, lambda r: _fmt(r["imbalance"], ".2f")),
+        ("imbal", 6, lambda r: fmt(r["imbalance"], ".2f")),
         ("modelMiB", 8, lambda r: _mib_max(r.get("model_bytes"))),
         ("peakMiB", 8, lambda r: _mib_max(r.get("mlx_peak_bytes"))),
         ("rssMiB", 7, lambda r: _mib_max(r.get("peak_rss_bytes"))),
-        ("|dlogit|", 9, lambda r: _fmt(r.get("logits_max_abs_diff"), ".1e")),
+        ("|dlogit|", 9, lambda r: fmt(r.get("logits_max_abs_diff"), ".1e")),
     ]
 
 
