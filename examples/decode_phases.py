@@ -86,10 +86,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mode", default="ep", choices=["ep", "sliced"])
     parser.add_argument("--synthetic", default="dbrx-like")
+    parser.add_argument("--cache-dir", default=None, help="where synthetic checkpoints live (as for moe-mpi bench)")
     parser.add_argument("--mlx-norms", action="store_true", help="RMS norms and RoPE in MLX, not numpy")
     args = parser.parse_args()
     comm = moe_mpi.Communicator()
-    path = ensure_synthetic(args.synthetic, comm, None, False)
+    path = ensure_synthetic(args.synthetic, comm, args.cache_dir, False)
     model, _ = moe_mpi.load(path, comm=comm, mode=args.mode)
     if args.mlx_norms:
         for _, m in model.named_modules():
