@@ -79,3 +79,29 @@ def test_a_config_it_does_not_model_is_one_error_on_every_rank(tmp_path):
     output = proc.stdout + proc.stderr
     assert output.count("bench roofline covers float") == 1, output
     assert "Traceback" not in output, output
+
+
+def test_bench_roofline_prints_triad_and_read_only_limits(tmp_path):
+    import json
+    import sys
+    from pathlib import Path
+
+    from moe_mpi import launch
+
+    out = tmp_path / "roofline.json"
+    argv = [sys.executable, "-m", "moe_mpi", "bench", "roofline", "--synthetic", "tiny",
+            "--stream-mb", "24", "--json", str(out)]
+    proc = launch.run_mpirun(2, argv, timeout=120, cwd=Path(__file__).resolve().parent.parent)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    result = json.loads(out.read_text())
+    assert len(result["read_together_gbs"]) == 2 and min(result["read_together_gbs"]) > 0
+    parts = roofline.limit_parts(synthetic_config("tiny"))
+    for row in result["rows"]:
+        step = roofline.bytes_per_step(parts, row["mode"], 2, row["batch"])
+        assert row["limit_tokens_per_s"] == pytest.approx(roofline.decode_limit(step, row["batch"], row["bandwidth_gbs"]))
+        if row["mode"] == "single":  # one process: no all-ranks read probe
+            assert row["read_limit_tokens_per_s"] is None
+        else:
+            want = roofline.decode_limit(step, row["batch"], min(result["read_together_gbs"]))
+            assert row["read_limit_tokens_per_s"] == pytest.approx(want)
+    assert "read-only (sdot) per rank" in proc.stdout and "of read" in proc.stdout

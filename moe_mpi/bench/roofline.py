@@ -4,7 +4,10 @@ Decode at small batch is bound by reading weights: every step each rank
 reads the dense weights it holds and the expert weights routed to it. The
 limit on tokens/s is the bytes the *slowest* rank must read per token over
 the memory bandwidth each rank gets while all ranks read at once (a
-STREAM-like triad run on every rank together, in this job).
+STREAM-like triad run on every rank together, in this job). For context it
+also measures a read-only pass (BLAS ``sdot``), decode's own access
+pattern, and prints each measured figure against the limit at that
+bandwidth too ("of read").
 
 Bytes per step, per rank, for a model of float weights:
 
@@ -55,6 +58,23 @@ def stream_triad(comm, mbytes: int = STREAM_MB, repeats: int = 5) -> float:
         best = min(best, time.perf_counter() - t)
     # multiply+add is two passes (5 arrays of traffic); STREAM counts 3 for triad.
     return 5 * n * 4 / best / 1e9
+
+
+def stream_read(comm, mbytes: int = STREAM_MB, repeats: int = 5) -> float:
+    """GB/s of a read-only pass over ``mbytes`` on this rank, all ranks at once.
+
+    Decode only reads weights, so this is the access pattern the limit is
+    about; the triad also writes. BLAS ``sdot`` of an array with itself reads
+    it once; best of ``repeats``.
+    """
+    a = np.ones(mbytes * (1 << 20) // 4, dtype=np.float32)
+    best = float("inf")
+    for _ in range(repeats):
+        comm.barrier()  # all ranks read memory at the same time
+        t = time.perf_counter()
+        np.dot(a, a)
+        best = min(best, time.perf_counter() - t)
+    return a.nbytes / best / 1e9
 
 
 def expected_experts(num_experts: int, top_k: int, batch: int, owners: Optional[Sequence[int]], seed: int = 0) -> float:
@@ -148,6 +168,7 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     parser.add_argument("--modes", default="ep,sliced,central,mlx-lm-tp,single")
     parser.add_argument("--decode-json", metavar="FILE", help="`moe-mpi bench decode --json` output to compare with")
     parser.add_argument("--json", metavar="FILE", help="write the limits as JSON")
+    parser.add_argument("--stream-mb", type=int, default=STREAM_MB, help=f"probe arrays per rank, MB (default: {STREAM_MB})")
     add_debug_argument(parser)
     return parser
 
@@ -178,9 +199,11 @@ def _run(comm, args: argparse.Namespace) -> None:
         )
     # Bandwidth with every rank reading (what ep/sliced/tp/central get), and
     # with rank 0 alone (what a single process gets).
-    together = comm.allgather(stream_triad(comm))
+    together = comm.allgather(stream_triad(comm, args.stream_mb))
     comm.barrier()
-    alone = stream_triad_alone(comm)
+    alone = stream_triad_alone(comm, args.stream_mb)
+    # Context, not the limit: decode's own access pattern, read-only.
+    read = comm.allgather(stream_read(comm, args.stream_mb))
     measured = {}
     if args.decode_json:
         for row in json.loads(Path(args.decode_json).read_text())["rows"]:
@@ -191,25 +214,32 @@ def _run(comm, args: argparse.Namespace) -> None:
         for batch in (int(b) for b in args.batch.split(",")):
             step = bytes_per_step(parts, mode, comm.size, batch)
             limit = decode_limit(step, batch, bandwidth)
+            read_limit = decode_limit(step, batch, min(read)) if mode != "single" else None
             got = measured.get((mode, batch))
             rows.append(dict(mode=mode, batch=batch, bytes_per_step=step, bandwidth_gbs=bandwidth,
                              limit_tokens_per_s=limit, measured_tokens_per_s=got,
-                             fraction=(got / limit if got else None)))
+                             fraction=(got / limit if got else None),
+                             read_limit_tokens_per_s=read_limit,
+                             read_fraction=(got / read_limit if got and read_limit else None)))
     if comm.rank == 0:
         print(f"# STREAM triad per rank, all {comm.size} ranks at once: "
               + ", ".join(f"{g:.1f}" for g in together) + f" GB/s; rank 0 alone: {alone:.1f} GB/s")
+        print(f"# read-only (sdot) per rank, all {comm.size} ranks at once: "
+              + ", ".join(f"{g:.1f}" for g in read) + " GB/s (context: 'of read' = measured / the limit at that bandwidth)")
         print(f"# model: {parts['layers']} layers, {parts['num_experts']} experts top-{parts['top_k']}, "
               f"expert {parts['expert'] / 1e6:.1f} MB, attention/layer {parts['attention_per_layer'] / 1e6:.1f} MB, "
               f"LM head {parts['lm_head'] / 1e6:.1f} MB")
-        print(f"{'mode':>10} {'B':>3} {'MB/step':>9} {'GB/s':>6} {'limit tok/s':>12} {'measured':>9} {'of limit':>9}")
+        print(f"{'mode':>10} {'B':>3} {'MB/step':>9} {'GB/s':>6} {'limit tok/s':>12} {'measured':>9} {'of limit':>9}"
+              f" {'of read':>8}")
         for r in rows:
             got = f"{r['measured_tokens_per_s']:.1f}" if r["measured_tokens_per_s"] else "-"
             frac = f"{100 * r['fraction']:.0f}%" if r["fraction"] else "-"
+            read_frac = f"{100 * r['read_fraction']:.0f}%" if r["read_fraction"] else "-"
             print(f"{r['mode']:>10} {r['batch']:>3} {r['bytes_per_step'] / 1e6:>9.0f} {r['bandwidth_gbs']:>6.1f} "
-                  f"{r['limit_tokens_per_s']:>12.1f} {got:>9} {frac:>9}")
+                  f"{r['limit_tokens_per_s']:>12.1f} {got:>9} {frac:>9} {read_frac:>8}")
         if args.json:
             Path(args.json).write_text(json.dumps({"stream_together_gbs": together, "stream_alone_gbs": alone,
-                                                   "parts": parts, "rows": rows}, indent=1))
+                                                   "read_together_gbs": read, "parts": parts, "rows": rows}, indent=1))
 
 
 def stream_triad_alone(comm, mbytes: int = STREAM_MB) -> float:
