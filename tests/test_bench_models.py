@@ -134,8 +134,12 @@ def test_decode_prints_each_rows_bandwidth_limit(results):
         step = roofline.bytes_per_step(parts, row["mode"], 2, row["batch"])
         assert row["weight_bytes_per_step"] == pytest.approx(step)
         assert row["limit_tokens_per_s"] == pytest.approx(row["stream_gbs"] * 1e9 / step * row["batch"])
+        # Probed right before and right after the timed steps; the limit uses their mean.
+        assert row["stream_gbs_before"] > 0 and row["stream_gbs_after"] > 0
+        assert row["stream_gbs"] == pytest.approx((row["stream_gbs_before"] + row["stream_gbs_after"]) / 2)
         assert row["of_limit"] == pytest.approx(row["tokens_per_s"] / row["limit_tokens_per_s"])
-    assert "%limit" in decode["_stdout"] and "# roofline: GB/s = STREAM triad" in decode["_stdout"]
+    assert "%limit" in decode["_stdout"] and "before/after" in decode["_stdout"]
+    assert "# roofline: GB/s = mean of a STREAM triad" in decode["_stdout"]
 
 
 def test_decode_peak_rss_leaves_out_the_stream_arrays(results):

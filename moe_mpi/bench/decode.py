@@ -19,9 +19,10 @@ on every rank) and ends in ``mx.eval``; each is timed alone with
 ``time.perf_counter`` on rank 0. B > 1 is B independent sequences decoded
 together.
 
-Between the warm-up and the timed steps a STREAM triad runs on the ranks
-that drive the mode (:mod:`moe_mpi.bench.roofline`), and the row gets the
-bandwidth limit on tokens/s it implies (``--no-roofline`` skips it).
+Right before and right after the timed steps a STREAM triad runs on the
+ranks that drive the mode (:mod:`moe_mpi.bench.roofline`), and the row gets
+the bandwidth limit on tokens/s that the mean of the two implies
+(``--no-roofline`` skips it).
 """
 
 from __future__ import annotations
@@ -92,10 +93,13 @@ def _decode_one(
         return seconds
 
     built.run(setup)
-    # The bandwidth the weights are read at, measured now, in this job, with
-    # the ranks that drive this mode reading together (`single`: rank 0 alone).
-    gbs = _stream_gbs(ctx, built) if args.roofline else None
+    # The bandwidth the weights are read at, measured in this job right
+    # before and right after the timed steps (this drifts: a VM's bandwidth
+    # can change within seconds), with the ranks that drive this mode reading
+    # together (`single`: rank 0 alone).
+    before = _stream_gbs(ctx, built) if args.roofline else None
     seconds, wall, counters = models.timed_run(ctx, built, timed)
+    after = _stream_gbs(ctx, built) if args.roofline else None
     everyone = ctx.ctl.allgather({"wall": wall, "counters": counters})
     imbalance, method = state.get("imbalance", (None, ""))
     state.clear()  # the KV cache
@@ -114,11 +118,14 @@ def _decode_one(
         imbalance_method=method,
     )
     parts = roofline.limit_parts(ctx.config)
-    if gbs is not None and parts is not None:
+    if before is not None and parts is not None:
+        gbs = (before + after) / 2  # the window's bandwidth, as well as two samples tell
         step_bytes = roofline.bytes_per_step(parts, built.name, ctx.size, batch)
         limit = roofline.decode_limit(step_bytes, batch, gbs)
         row.update(
             stream_gbs=gbs,
+            stream_gbs_before=before,
+            stream_gbs_after=after,
             weight_bytes_per_step=step_bytes,
             limit_tokens_per_s=limit,
             of_limit=row["tokens_per_s"] / limit,
@@ -204,15 +211,23 @@ def _render(rows: List[Dict[str, Any]]) -> List[str]:
     return lines
 
 
+def _before_after(row: Dict[str, Any]) -> str:
+    if row.get("stream_gbs_before") is None:
+        return "n/a"
+    return f"{row['stream_gbs_before']:.1f}/{row['stream_gbs_after']:.1f}"
+
+
 ROOFLINE_COLUMNS = [
     ("GB/s", 6, lambda r: report.fmt(r.get("stream_gbs"), ".1f")),
+    ("before/after", 12, lambda r: _before_after(r)),
     ("MB/step", 8, lambda r: report.fmt(r.get("weight_bytes_per_step") and r["weight_bytes_per_step"] / 1e6, ".4g")),
     ("limit", 7, lambda r: report.fmt(r.get("limit_tokens_per_s"), ".1f")),
     ("%limit", 7, lambda r: report.fmt(r.get("of_limit") and 100 * r["of_limit"], ".0f")),
 ]
 ROOFLINE_LEGEND = (
-    "roofline: GB/s = STREAM triad per rank measured right before the mode's timed steps "
-    "(slowest rank, all driving ranks reading at once; single: rank 0 alone); MB/step = "
+    "roofline: GB/s = mean of a STREAM triad per rank measured right before and right after "
+    "the mode's timed steps (before/after: the two; slowest rank, all driving ranks reading "
+    "at once; single: rank 0 alone); MB/step = "
     "weight bytes the slowest rank reads per step (moe_mpi.bench.roofline, uniform "
     "routing); limit = GB/s / MB/step x B tokens/s; %limit = tok/s / limit"
 )
