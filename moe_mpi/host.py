@@ -129,16 +129,13 @@ class HostRoPE:
         cos, sin = self._angles(offset, v.shape[-2])  # [L, dims/2] each
         dims = self.dims
         if self.traditional:  # pairs (0, 1), (2, 3), ...
-            x1, x2 = v[..., 0:dims:2], v[..., 1:dims:2]
+            first, second = slice(0, dims, 2), slice(1, dims, 2)
         else:  # pairs (j, j + dims/2)
-            x1, x2 = v[..., : dims // 2], v[..., dims // 2 : dims]
+            first, second = slice(0, dims // 2), slice(dims // 2, dims)
+        x1, x2 = v[..., first], v[..., second]
         y = np.array(v)  # features past `dims` pass through
-        if self.traditional:
-            y[..., 0:dims:2] = x1 * cos - x2 * sin
-            y[..., 1:dims:2] = x1 * sin + x2 * cos
-        else:
-            y[..., : dims // 2] = x1 * cos - x2 * sin
-            y[..., dims // 2 : dims] = x1 * sin + x2 * cos
+        y[..., first] = x1 * cos - x2 * sin
+        y[..., second] = x1 * sin + x2 * cos
         return mx.array(y)
 
     def _angles(self, offset: int, length: int):

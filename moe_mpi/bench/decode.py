@@ -219,7 +219,7 @@ def _before_after(row: Dict[str, Any]) -> str:
 
 ROOFLINE_COLUMNS = [
     ("GB/s", 6, lambda r: report.fmt(r.get("stream_gbs"), ".1f")),
-    ("before/after", 12, lambda r: _before_after(r)),
+    ("before/after", 12, _before_after),
     ("MB/step", 8, lambda r: report.fmt(r.get("weight_bytes_per_step") and r["weight_bytes_per_step"] / 1e6, ".4g")),
     ("limit", 7, lambda r: report.fmt(r.get("limit_tokens_per_s"), ".1f")),
     ("%limit", 7, lambda r: report.fmt(r.get("of_limit") and 100 * r["of_limit"], ".0f")),

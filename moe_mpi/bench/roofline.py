@@ -49,15 +49,13 @@ def stream_triad(comm, mbytes: int = STREAM_MB, repeats: int = 5) -> float:
     """
     n = mbytes * (1 << 20) // 4 // 3
     a, b, c = (np.full(n, v, dtype=np.float32) for v in (0.0, 1.0, 2.0))
-    best = float("inf")
-    for _ in range(repeats):
-        comm.barrier()  # all ranks read memory at the same time
-        t = time.perf_counter()
+
+    def triad():
         np.multiply(c, 3.0, out=a)
         np.add(a, b, out=a)
-        best = min(best, time.perf_counter() - t)
+
     # multiply+add is two passes (5 arrays of traffic); STREAM counts 3 for triad.
-    return 5 * n * 4 / best / 1e9
+    return 5 * n * 4 / _best_seconds(comm, triad, repeats) / 1e9
 
 
 def stream_read(comm, mbytes: int = STREAM_MB, repeats: int = 5) -> float:
@@ -68,13 +66,19 @@ def stream_read(comm, mbytes: int = STREAM_MB, repeats: int = 5) -> float:
     it once; best of ``repeats``.
     """
     a = np.ones(mbytes * (1 << 20) // 4, dtype=np.float32)
+    return a.nbytes / _best_seconds(comm, lambda: np.dot(a, a), repeats) / 1e9
+
+
+def _best_seconds(comm, fn, repeats: int) -> float:
+    """The fastest of ``repeats`` runs of ``fn``, each started at a barrier
+    so that all ranks read memory at the same time."""
     best = float("inf")
     for _ in range(repeats):
-        comm.barrier()  # all ranks read memory at the same time
+        comm.barrier()
         t = time.perf_counter()
-        np.dot(a, a)
+        fn()
         best = min(best, time.perf_counter() - t)
-    return a.nbytes / best / 1e9
+    return best
 
 
 def expected_experts(num_experts: int, top_k: int, batch: int, owners: Optional[Sequence[int]], seed: int = 0) -> float:
@@ -231,10 +235,12 @@ def _run(comm, args: argparse.Namespace) -> None:
               f"LM head {parts['lm_head'] / 1e6:.1f} MB")
         print(f"{'mode':>10} {'B':>3} {'MB/step':>9} {'GB/s':>6} {'limit tok/s':>12} {'measured':>9} {'of limit':>9}"
               f" {'of read':>8}")
+        def percent(fraction):
+            return f"{100 * fraction:.0f}%" if fraction else "-"
+
         for r in rows:
             got = f"{r['measured_tokens_per_s']:.1f}" if r["measured_tokens_per_s"] else "-"
-            frac = f"{100 * r['fraction']:.0f}%" if r["fraction"] else "-"
-            read_frac = f"{100 * r['read_fraction']:.0f}%" if r["read_fraction"] else "-"
+            frac, read_frac = percent(r["fraction"]), percent(r["read_fraction"])
             print(f"{r['mode']:>10} {r['batch']:>3} {r['bytes_per_step'] / 1e6:>9.0f} {r['bandwidth_gbs']:>6.1f} "
                   f"{r['limit_tokens_per_s']:>12.1f} {got:>9} {frac:>9} {read_frac:>8}")
         if args.json:
