@@ -22,6 +22,8 @@ import numpy as np
 from mlx.utils import tree_flatten
 from mlx_lm.models.switch_layers import SwiGLU, SwitchGLU, SwitchMLP
 
+from . import gemv
+
 
 class LocalExperts:
     """Mixin for an mlx-lm switch layer that holds only this rank's experts.
@@ -83,17 +85,17 @@ class LocalExperts:
         # "dense": rows grouped by expert, one matmul per expert and projection:
         # on the CPU these run on BLAS, which gather_mm does not use. Experts
         # with few rows (decode) are matrix-vector products: float ones with
-        # up to `host_max_rows` rows go through numpy's sgemv, a row at a
-        # time; otherwise those with fewer than `dense_min_rows` rows go
-        # through one gather_mm (gather_qmm) call together.
+        # up to `host_max_rows` rows go to the host (moe_mpi.gemv), all of
+        # an expert's rows in one pass; otherwise those with fewer than
+        # `dense_min_rows` rows go through one gather_mm (gather_qmm) call together.
         order = np.argsort(local_ids, kind="stable")  # [M]
         ids = local_ids[order]
         starts = np.flatnonzero(np.diff(ids, prepend=-1))
         ends = np.append(starts[1:], ids.size)
         host = self._host_path(rows)
         if host:
-            # Float experts with a few rows: one numpy sgemv per row, the
-            # expert's weights read from memory once and then from cache.
+            # Float experts with a few rows: matrix-vector products on the
+            # host (moe_mpi.gemv), the expert's weights read from memory once.
             # Measured far faster than MLX's BLAS matmul on 2-4 rows, whose
             # sgemm packs the weights first (docs/benchmarks.md).
             small = (ends - starts) <= self.ep_host_max_rows
@@ -124,7 +126,7 @@ class LocalExperts:
         return x.dtype == mx.float32 or self.ep_quantized or mx.default_device() != mx.cpu
 
     def _host_path(self, x: mx.array) -> bool:
-        """Whether ``x`` and the loaded weights can take numpy's ``sgemv``:
+        """Whether ``x`` and the loaded weights can take the host path (moe_mpi.gemv):
         the layer allows it and both are float32 (numpy has no bfloat16)."""
         return self.ep_host_gemv and x.dtype == mx.float32 and self._host_weights() is not None
 
@@ -151,29 +153,36 @@ class LocalExperts:
         return mx.array(self._gemv_rows(np.asarray(rows), local_ids))
 
     def _gemv_rows(self, x: np.ndarray, local_ids: np.ndarray) -> np.ndarray:
-        """One row per expert: matrix-vector products with numpy's BLAS.
+        """Rows through their experts, matrix-vector products on the host.
 
-        Decode reads each chosen expert's weights once for one row, so its
-        speed is memory bandwidth. On the CPU, numpy's BLAS ``sgemv`` on
-        zero-copy views of the stacked weights reads them about twice as
-        fast as ``gather_mm``, and much faster than MLX's ``sgemm`` path
+        Decode reads each chosen expert's weights once for a row or a few,
+        so its speed is memory bandwidth. :func:`moe_mpi.gemv.matvec` reads
+        zero-copy views of the stacked weights, with the compiled loop (one
+        pass for all of an expert's rows) or numpy's BLAS ``sgemv``; both
+        read them much faster than ``gather_mm`` or MLX's ``sgemm`` path
         (docs/benchmarks.md).
+
+        Args:
+            x: ``[M, D]`` rows, those of one expert next to each other.
+            local_ids: ``[M]`` local expert of each row.
         """
         w = self._host_weights()
 
         def mv(proj: str, e: int, v: np.ndarray) -> np.ndarray:
-            y = w[proj][e] @ v  # BLAS sgemv on a view of expert e's weights
+            y = gemv.matvec(w[proj][e], v)  # [m, out], from a view of expert e's weights
             return y + w[f"{proj}.bias"][e] if f"{proj}.bias" in w else y
 
+        cuts = np.flatnonzero(np.diff(local_ids)) + 1  # where the expert changes
         out = []
-        for i, e in enumerate(local_ids.tolist()):
+        for s, t in zip([0, *cuts.tolist()], [*cuts.tolist(), local_ids.size]):
+            e, v = int(local_ids[s]), x[s:t]  # expert e's rows, [m, D]
             if "gate_proj" in w:  # SwitchGLU
-                h = self._host_activation(mv("up_proj", e, x[i]), mv("gate_proj", e, x[i]))
+                h = self._host_activation(mv("up_proj", e, v), mv("gate_proj", e, v))
                 out.append(mv("down_proj", e, h))
             else:  # SwitchMLP
-                h = np.asarray(self.activation(mx.array(mv("fc1", e, x[i]))))
+                h = np.asarray(self.activation(mx.array(mv("fc1", e, v))))
                 out.append(mv("fc2", e, h))
-        return np.stack(out)  # [M, D]
+        return np.concatenate(out)  # [M, D]
 
     def _host_activation(self, up: np.ndarray, gate: np.ndarray) -> np.ndarray:
         if type(self.activation) is SwiGLU:  # silu(gate) * up, as mlx-lm's swiglu
@@ -293,7 +302,7 @@ def make_local(switch, local_experts: Sequence[int], num_experts: int) -> None:
     switch.ep_quantized = any("scales" in c for c in projections.values())
     switch.ep_dense_min_rows = int(os.environ.get("MOE_MPI_DENSE_MIN_ROWS", "2"))
     switch.ep_host_max_rows = int(os.environ.get("MOE_MPI_HOST_MAX_ROWS", "4"))
-    # One-row experts through numpy's sgemv: float weights on the CPU only.
+    # Few-row experts on the host (moe_mpi.gemv): float weights on the CPU only.
     floats = all(a.dtype == mx.float32 for _, a in tree_flatten(switch.parameters()))
     from .host import host_gemv_enabled  # here: moe_mpi.host imports this module
 
@@ -302,16 +311,21 @@ def make_local(switch, local_experts: Sequence[int], num_experts: int) -> None:
 
 
 def host_layout_paths(model: nn.Module) -> set:
-    """Parameter paths of the stacked float expert weights the host path reads.
+    """Parameter paths of the stacked float expert weights to store ``[in, out]``.
 
-    These are stored by :func:`to_host_layout`: on the benchmark machine
-    OpenBLAS read a 2688x768 expert matrix for a matrix-vector product at
-    20-22 GB/s from ``[in, out]`` memory (``sgemv`` "N") against 13 GB/s
-    from ``[out, in]`` (``sgemv`` "T"), 2 ranks reading at once
-    (docs/results/decode-kernels-n2.txt). Only layers with the host path on
-    (``ep_host_gemv``) are listed; MLX's matmuls read either layout
-    without a copy, so prefill does not change.
+    Only for numpy's BLAS: on the benchmark machine OpenBLAS read a
+    2688x768 expert matrix for a matrix-vector product at 20-22 GB/s from
+    ``[in, out]`` memory (``sgemv`` "N") against 13 GB/s from ``[out, in]``
+    (``sgemv`` "T"), 2 ranks reading at once
+    (docs/results/decode-kernels-n2.txt). The compiled loop
+    (:mod:`moe_mpi.gemv`) reads MLX's own ``[out, in]`` layout fastest, so
+    with it nothing is listed. Otherwise the layers with the host path on
+    (``ep_host_gemv``) are; these are stored by :func:`to_host_layout`.
+    MLX's matmuls read either layout without a copy, so prefill does not
+    change.
     """
+    if gemv.compiled() is not None:
+        return set()
     paths = set()
     for name, m in model.named_modules():
         if isinstance(m, LocalExperts) and m.ep_host_gemv:

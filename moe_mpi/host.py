@@ -32,6 +32,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from . import gemv
 from .experts import with_mixin
 
 # Largest input (elements) a norm or RoPE takes to numpy: a few decode tokens
@@ -40,7 +41,7 @@ HOST_MAX_ELEMENTS = 16384
 
 
 class HostLinear:
-    """Mixin for ``nn.Linear``: one float32 row goes through numpy's ``sgemv``.
+    """Mixin for ``nn.Linear``: one float32 row goes through :func:`moe_mpi.gemv.matvec`.
 
     Any other input (several rows, another dtype) runs the layer's own
     ``__call__``. Parameters and their paths do not change.
@@ -56,7 +57,7 @@ class HostLinear:
         w, b = views
         # memoryview() evaluates x: the one sync this path costs.
         v = np.asarray(memoryview(x)).reshape(d)  # [D]
-        y = w @ v  # [out]: BLAS sgemv on a view of the weights
+        y = gemv.matvec(w, v)  # [out], from a view of the weights
         if b is not None:
             y += b
         # Shaped in numpy: a reshape in MLX would be one more op to schedule.

@@ -229,7 +229,7 @@ def read_parameters(lp: LoadPlan, index=None, evaluate: bool = True) -> List[Tup
         if path in lp.plan:
             arr = _read(index, lp.raw, lp.tensors, lp.codes, lp.plan[path])
             if path in host_layout:
-                arr = to_host_layout(arr)  # same shape; faster host sgemv
+                arr = to_host_layout(arr)  # same shape; faster numpy sgemv
             if evaluate:
                 mx.eval(arr)
             params.append((path, arr))

@@ -87,6 +87,9 @@ def test_every_mode_ran_and_is_recorded(results, name):
     # Printed by rank 0 only: once per round.
     assert result["_stdout"].count("# mode ep: built") == result["config"]["rounds"]
     assert "blas rank 1:" in result["_stdout"]
+    # Every rank says which matrix-vector kernel decode used.
+    assert all(b["gemv"] for b in result["blas"])
+    assert result["_stdout"].count("decode matrix-vector: ") == 2
 
 
 @pytest.mark.parametrize("name", list(RUNS))

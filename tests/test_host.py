@@ -181,9 +181,12 @@ def _sharded_tiny(monkeypatch, host: str):
 
 @pytest.mark.skipif(not host_gemv_enabled(), reason="host path is CPU only")
 def test_expert_weights_are_stored_for_sgemv_n(monkeypatch):
-    """Host-path experts keep shape and values, in [in, out] memory."""
+    """Without the compiled loop, host-path experts keep shape and values,
+    in [in, out] memory for numpy's sgemv "N"."""
+    from moe_mpi import gemv
     from moe_mpi.experts import host_layout_paths
 
+    monkeypatch.setattr(gemv, "_KERNEL", None)
     model, switch, full = _sharded_tiny(monkeypatch, "1")
     paths = host_layout_paths(model)
     assert "model.layers.0.mlp.switch_mlp.gate_proj.weight" in paths and len(paths) == 3 * len(model.layers)
@@ -201,6 +204,37 @@ def test_expert_weights_are_stored_for_sgemv_n(monkeypatch):
     assert switch(x, ids).shape == (1, 1, 2, full.shape[2])
 
 
+@pytest.mark.skipif(not host_gemv_enabled(), reason="host path is CPU only")
+def test_compiled_loop_keeps_mlx_layout(monkeypatch):
+    """With the compiled loop, expert weights stay [out, in] (the layout it
+    reads fastest), and the host path reads them there."""
+    from moe_mpi import gemv
+    from moe_mpi.experts import host_layout_paths
+
+    if gemv.compiled() is None:
+        pytest.skip("moe_mpi._gemv not built")
+    model, switch, full = _sharded_tiny(monkeypatch, "1")
+    assert host_layout_paths(model) == set()
+    view = switch._host_weights()["gate_proj"]
+    assert view.flags["C_CONTIGUOUS"]
+    calls = []
+    real = gemv._KERNEL
+    monkeypatch.setattr(gemv, "_KERNEL", type("Spy", (), {
+        "isa": staticmethod(real.isa),
+        "gemv": staticmethod(lambda *a: calls.append(a[5]) or real.gemv(*a)),
+    }))
+    d = full.shape[2]
+    x = mx.random.normal((1, 1, d), key=mx.random.key(2))
+    got = np.array(switch(x, mx.array([[[0, 1]]])))  # [1, 1, 2, D]
+    assert calls == [1] * 6  # 2 experts x 3 projections, one row each
+    for slot, e in enumerate((0, 1)):
+        w = {n: np.array(getattr(switch, n).weight[e]) for n in ("gate_proj", "up_proj", "down_proj")}
+        v = np.array(x).reshape(-1)
+        g, u = w["gate_proj"] @ v, w["up_proj"] @ v
+        want = (g / (1 + np.exp(-g)) * u) @ w["down_proj"].T
+        np.testing.assert_allclose(got[0, 0, slot], want, rtol=1e-4, atol=1e-5)
+
+
 def test_without_host_path_the_layout_is_unchanged(monkeypatch):
     from moe_mpi.experts import host_layout_paths
 
@@ -216,9 +250,13 @@ def test_stored_layout_gives_the_same_expert_outputs(monkeypatch):
     _, off, _ = _sharded_tiny(monkeypatch, "0")
     d = on.gate_proj.weight.shape[2]
     n = on.gate_proj.weight.shape[0]
-    for tokens in (1, 3, 24):
+    # Expert 0 with 3 rows and expert 1 with 2 (the host path takes up to 4
+    # rows of an expert in one pass), then random routings.
+    cases = [mx.array([[[0, 1], [0, 2], [1, 0]]])]
+    cases += [mx.random.randint(0, 2 * n, (1, t, 2), key=mx.random.key(7)) for t in (1, 3, 24)]
+    for ids in cases:
+        tokens = ids.shape[1]
         x = mx.random.normal((1, tokens, d), key=mx.random.key(tokens))
-        ids = mx.random.randint(0, 2 * n, (1, tokens, 2), key=mx.random.key(7))
         np.testing.assert_allclose(np.array(on(x, ids)), np.array(off(x, ids)), rtol=1e-4, atol=1e-5)
 
 

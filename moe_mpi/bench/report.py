@@ -17,6 +17,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
 
+from .. import gemv
 from ..errors import UserError
 from .machine import write_json
 
@@ -113,6 +114,7 @@ def blas_info(probe: bool = True) -> Dict[str, Any]:
         "preload": preload,
         "env": {var: os.environ.get(var) for var in BLAS_ENV},
         "matmul_gflops": _matmul_gflops() if probe else None,
+        "gemv": gemv.describe(),
     }
 
 
@@ -152,7 +154,8 @@ def blas_lines(
         gflops = info.get("matmul_gflops")
         speed = f"; matmul {gflops:.1f} GFLOP/s" if gflops else ""
         lines.append(
-            f"blas rank {rank}: {info['kind']}; OPENBLAS_NUM_THREADS={threads}{speed}"
+            f"blas rank {rank}: {info['kind']}; OPENBLAS_NUM_THREADS={threads}{speed}; "
+            f"decode matrix-vector: {info.get('gemv', 'n/a')}"
         )
     return lines + blas_warnings(per_rank, ranks_per_host)
 
@@ -170,6 +173,8 @@ def blas_warnings(
         )
     if len(threads) > 1:
         warnings.append("WARNING: ranks have different OPENBLAS_NUM_THREADS")
+    if len({info.get("gemv") for info in per_rank}) > 1:
+        warnings.append("WARNING: ranks use different matrix-vector kernels for decode")
     if any(k.startswith("reference") for k in kinds):
         warnings.append(
             "WARNING: MLX's bundled reference BLAS is slow: install OpenBLAS on every host "

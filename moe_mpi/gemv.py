@@ -1,0 +1,68 @@
+"""Matrix-vector products for CPU decode: a compiled loop, or numpy's BLAS.
+
+Decode reads every weight once per token for one row (or a few), so its
+speed is how fast one core streams the weights from memory.
+``moe_mpi/_gemv.c`` does it in one sequential pass over ``[out, in]``
+memory with software prefetch. It is built with the package (a C
+compiler is needed; without one the package installs without it). In the
+kernel probe (2 ranks reading at once, ``docs/results/gemv-kernels-n2.txt``)
+it read a 2688x768 matrix at about 24 GB/s per rank, OpenBLAS ``sgemv`` at
+12-13 GB/s from the same memory and 17-20 GB/s from ``[in, out]`` memory.
+
+Without the compiled loop, or with ``MOE_MPI_GEMV_KERNEL=0``, the products
+go to numpy's BLAS, and the expert weights are stored ``[in, out]`` for it
+(:func:`moe_mpi.experts.host_layout_paths`).
+"""
+
+import os
+from typing import Optional
+
+import numpy as np
+
+try:
+    from . import _gemv
+except ImportError:  # built without a C compiler
+    _gemv = None
+
+# Read once: the expert weights' layout is chosen at load time to suit it.
+_KERNEL = _gemv if os.environ.get("MOE_MPI_GEMV_KERNEL", "1") == "1" else None
+
+
+def compiled() -> Optional[str]:
+    """The compiled loop in use (``"avx512f"``, ``"avx2"`` or ``"plain"``),
+    or None when the products go to numpy's BLAS."""
+    return None if _KERNEL is None else _KERNEL.isa()
+
+
+def describe() -> str:
+    """One line for reports: which matrix-vector kernel decode uses."""
+    isa = compiled()
+    if isa is not None:
+        return f"moe_mpi._gemv ({isa})"
+    why = "MOE_MPI_GEMV_KERNEL=0" if _gemv is not None else "not built"
+    return f"numpy BLAS sgemv (compiled loop {why})"
+
+
+def matvec(w: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """``x @ w.T``: a few rows through one weight matrix, reading it once.
+
+    Args:
+        w: float32 ``[n, k]``: a weight in MLX's ``[out, in]`` layout. A
+            C-contiguous one goes to the compiled loop; any other view (the
+            ``[in, out]`` host layout) to numpy's BLAS ``sgemv``.
+        x: float32 ``[k]`` or ``[m, k]``, a few rows (decode).
+
+    Returns:
+        float32 ``[n]`` or ``[m, n]``.
+    """
+    if _KERNEL is None or not w.flags.c_contiguous or w.dtype != np.float32:
+        if x.ndim == 1:
+            return w @ x  # [n]
+        return np.stack([w @ row for row in x])  # [m, n]: one sgemv per row
+    n, k = w.shape
+    if x.shape[-1] != k:
+        raise ValueError(f"matvec: x has {x.shape[-1]} features, w [{n}, {k}] takes k={k}")
+    rows = np.ascontiguousarray(x, dtype=np.float32).reshape(-1, k)  # [m, k]
+    y = np.empty((rows.shape[0], n), dtype=np.float32)  # [m, n]
+    _KERNEL.gemv(w, rows, y, n, k, rows.shape[0])
+    return y.reshape(*x.shape[:-1], n)
