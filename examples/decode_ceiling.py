@@ -1,9 +1,8 @@
-"""The kernel ceiling of batch-1 expert-parallel decode (docs/benchmarks.md, target 2).
+"""The kernel ceiling of batch-1 expert-parallel decode (docs/benchmarks.md, targets 2 and 7).
 
 How fast could ``ep`` decode at batch 1 go if MLX, Python dispatch and the
 all-reduce cost nothing? This runs only the weight reads of a dbrx-like
-decode step, with the kernels moe_mpi uses (numpy's OpenBLAS ``sgemv`` on
-``[in, out]`` weights), on random weights of the same shapes:
+decode step, on random weights of the same shapes:
 
 * per layer: the attention projections and the router (replicated: every
   rank reads them), then this rank's share of 4 experts drawn uniformly out
@@ -11,40 +10,68 @@ decode step, with the kernels moe_mpi uses (numpy's OpenBLAS ``sgemv`` on
   for the all-reduce: the busier rank sets the pace, as in ``ep``;
 * per step: the LM head.
 
+It does so with each kernel in turn:
+
+* ``gemv``: :func:`moe_mpi.gemv.matvec`, the compiled loop on ``[out, in]``
+  weights (decode's default);
+* ``sgemv``: numpy's OpenBLAS ``sgemv`` "N" on ``[in, out]`` weights (the
+  expert path without the compiled loop);
+* ``read``: no product at all, BLAS ``sdot`` of each weight with itself,
+  which reads it once: how fast this CPU reads the step's bytes.
+
 In the same job it measures the STREAM triad of ``moe-mpi bench roofline``
-(all ranks at once) and prints the ceiling beside the bandwidth limit that
-``moe-mpi bench decode`` prints for ``ep`` (same byte model)::
+(all ranks at once, before and after the kernels) and prints each ceiling
+beside the bandwidth limit that ``moe-mpi bench decode`` prints for ``ep``
+(same byte model)::
 
-    mpirun -n 2 .venv/bin/python examples/decode_ceiling.py
+    mpirun -n 2 .venv/bin/python examples/decode_ceiling.py [--kernels gemv,sgemv,read]
 
-(as root add ``--allow-run-as-root``). Each rank allocates ~1.7 GB.
+(as root add ``--allow-run-as-root``). Each rank allocates ~1.7 GB per kernel.
 """
 
+import argparse
 import time
 
 import moe_mpi  # noqa: F401  (OpenBLAS for numpy and MLX, one thread per rank)
 import numpy as np
 from mpi4py import MPI
 
+from moe_mpi import gemv
 from moe_mpi.bench import roofline
 from moe_mpi.bench.models import synthetic_config
 
 STEPS, WARMUP = 40, 5
 
 
-def main() -> None:
-    comm = MPI.COMM_WORLD
+def _sdot(w: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """Reads ``w`` once (BLAS sdot of w with itself); returns zeros of the product's shape."""
+    flat = w.reshape(-1)
+    np.dot(flat, flat)
+    return np.zeros(w.shape[0], dtype=np.float32)
+
+
+# name: (layout of each weight in memory, product of [out, in]-shaped w and x)
+KERNELS = {
+    "gemv": ("out_in", gemv.matvec),
+    "sgemv": ("in_out", lambda w, x: w @ x),  # w: transposed view of [in, out] memory
+    "read": ("out_in", _sdot),
+}
+
+
+def ceiling(comm, config: dict, kernel: str) -> float:
+    """Seconds per ep decode step with only the weight reads, slowest rank."""
     rank, size = comm.rank, comm.size
-    config = synthetic_config("dbrx-like")
     d, f = config["hidden_size"], config["moe_intermediate_size"]
     e, k, layers = config["num_experts"], config["num_experts_per_tok"], config["num_hidden_layers"]
     heads, kv, hd = config["num_attention_heads"], config["num_key_value_heads"], config["head_dim"]
     local = e // size
     rng = np.random.default_rng(rank)
+    layout, mv = KERNELS[kernel]
 
-    def weights(*shape):
-        # [in, out] in memory, read as the transposed view: sgemv "N", as moe_mpi does.
-        return np.ascontiguousarray(rng.standard_normal(shape[::-1], dtype=np.float32)).T
+    def weights(out: int, inp: int) -> np.ndarray:  # shape [out, in] either way
+        if layout == "out_in":
+            return rng.standard_normal((out, inp), dtype=np.float32)
+        return np.ascontiguousarray(rng.standard_normal((inp, out), dtype=np.float32)).T
 
     experts = [[[weights(f, d), weights(f, d), weights(d, f)] for _ in range(local)] for _ in range(layers)]
     attention = [[weights(heads * hd, d), weights(kv * hd, d), weights(kv * hd, d), weights(d, heads * hd)]
@@ -56,18 +83,18 @@ def main() -> None:
 
     def step() -> None:
         for layer in range(layers):
-            q = attention[layer][0] @ x
+            q = mv(attention[layer][0], x)
             for w in attention[layer][1:3]:
-                w @ x
-            attention[layer][3] @ q
-            routers[layer] @ x
+                mv(w, x)
+            mv(attention[layer][3], q)
+            mv(routers[layer], x)
             for expert in routing.permutation(e)[:k]:
                 if expert // local == rank:
                     gate, up, down = experts[layer][expert % local]
-                    g = gate @ x
-                    down @ (g / (1 + np.exp(-np.clip(g, -30, 30))) * (up @ x))
+                    g = mv(gate, x)
+                    mv(down, g / (1 + np.exp(-np.clip(g, -30, 30))) * mv(up, x))
             comm.Barrier()  # the all-reduce: wait for the busier rank
-        head @ x
+        mv(head, x)
 
     for _ in range(WARMUP):
         step()
@@ -75,16 +102,37 @@ def main() -> None:
     start = MPI.Wtime()
     for _ in range(STEPS):
         step()
-    seconds = (MPI.Wtime() - start) / STEPS
-    seconds = comm.allreduce(seconds, op=MPI.MAX)
-    gbs = min(comm.allgather(roofline.stream_triad(_Comm(comm))))
+    return comm.allreduce((MPI.Wtime() - start) / STEPS, op=MPI.MAX)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--kernels", default=",".join(KERNELS), help="comma-separated: gemv, sgemv, read")
+    args = parser.parse_args()
+    kernels = args.kernels.split(",")
+    unknown = sorted(set(kernels) - set(KERNELS))
+    if unknown:
+        parser.error(f"unknown kernel(s) {', '.join(unknown)}; choose from {', '.join(KERNELS)}")
+    comm = MPI.COMM_WORLD
+    config = synthetic_config("dbrx-like")
+
+    def triad() -> float:
+        return min(comm.allgather(roofline.stream_triad(_Comm(comm))))
+
+    before = triad()
+    seconds = {name: ceiling(comm, config, name) for name in kernels}
+    after = triad()
+    gbs = (before + after) / 2
     parts = roofline.limit_parts(config)
-    limit = roofline.decode_limit(roofline.bytes_per_step(parts, "ep", size, 1), 1, gbs)
-    if rank == 0:
-        print(f"# {size} ranks, dbrx-like shapes, numpy sgemv only (no MLX, no all-reduce data)")
-        print(f"kernel ceiling: {seconds * 1e3:.1f} ms/step = {1 / seconds:.1f} tok/s")
-        print(f"STREAM triad {gbs:.1f} GB/s per rank -> ep limit {limit:.1f} tok/s; "
-              f"ceiling = {100 / seconds / limit:.0f}% of the limit")
+    limit = roofline.decode_limit(roofline.bytes_per_step(parts, "ep", comm.size, 1), 1, gbs)
+    if comm.rank == 0:
+        print(f"# {comm.size} ranks, dbrx-like shapes, weight reads only (no MLX, no all-reduce data); "
+              f"matrix-vector: {gemv.describe()}")
+        print(f"STREAM triad {before:.1f} before, {after:.1f} after -> {gbs:.1f} GB/s per rank; "
+              f"ep limit {limit:.1f} tok/s")
+        for name, s in seconds.items():
+            print(f"{name:>6s} ceiling: {s * 1e3:5.1f} ms/step = {1 / s:5.1f} tok/s = "
+                  f"{100 / s / limit:3.0f}% of the limit")
 
 
 class _Comm:

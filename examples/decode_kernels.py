@@ -7,11 +7,12 @@ bandwidth as they do in a decode step (each rank prints; rank 0 first):
 
 It measures, on this rank's own copies of dbrx-like shapes:
 
-* matrix-vector products (one row) through numpy's BLAS ``sgemv`` on a
-  numpy view of the weights, stored ``[out, in]`` as in the checkpoint
-  (``sgemv`` "T") and ``[in, out]`` as moe_mpi stores host-path experts
-  (``sgemv`` "N"), against MLX's ``x @ W.T`` (BLAS ``sgemm``) and
-  ``gather_mm``;
+* matrix-vector products (one row) through moe_mpi's compiled loop
+  (:func:`moe_mpi.gemv.matvec` on ``[out, in]`` weights, what decode uses)
+  and numpy's BLAS ``sgemv`` on a numpy view of the weights, stored
+  ``[out, in]`` as in the checkpoint (``sgemv`` "T") and ``[in, out]`` as
+  moe_mpi stores host-path experts without the compiled loop (``sgemv``
+  "N"), against MLX's ``x @ W.T`` (BLAS ``sgemm``) and ``gather_mm``;
 * a few rows (2, 4, 8) through numpy and MLX;
 * the cost of small MLX ops on the CPU stream (an add, ``rms_norm``, RoPE),
   evaluated alone and chained.
@@ -27,6 +28,8 @@ import moe_mpi  # noqa: F401  (loads OpenBLAS for MLX, one thread per rank)
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
+
+from moe_mpi import gemv
 
 TOTAL_BYTES = 400e6  # per shape: well beyond the 32 MiB L3 here
 PASSES = 3
@@ -59,13 +62,16 @@ def matvec(rank_tag: str, shape, rows_list=(1, 2, 4, 8)) -> None:
         else:
             numpy_s = _best(lambda: [w @ x.T for w in host])
             numpy_t_s = _best(lambda: [w.T @ x.T for w in host_t])
+        xs = v if rows == 1 else x
+        loop_s = _best(lambda: [gemv.matvec(w, xs) for w in host])
         mlx_s = _best(lambda: mx.eval([xm @ w.T for w in dev]))
         idx = mx.zeros((rows,), dtype=mx.uint32)
         gather_s = _best(
             lambda: mx.eval([mx.gather_mm(xm, w.T[None], rhs_indices=idx) for w in dev])
         )
         print(
-            f"{rank_tag} {shape[0]}x{shape[1]} rows={rows}: numpy [out,in] {nbytes / numpy_s / 1e9:5.1f} GB/s"
+            f"{rank_tag} {shape[0]}x{shape[1]} rows={rows}: moe_mpi gemv {nbytes / loop_s / 1e9:5.1f} GB/s"
+            f" | numpy [out,in] {nbytes / numpy_s / 1e9:5.1f}"
             f" | numpy [in,out] {nbytes / numpy_t_s / 1e9:5.1f} | mlx matmul {nbytes / mlx_s / 1e9:5.1f} | mlx gather_mm {nbytes / gather_s / 1e9:5.1f}",
             flush=True,
         )
@@ -111,6 +117,8 @@ def main() -> None:
     rank = int(os.environ.get("OMPI_COMM_WORLD_RANK", "0"))
     size = int(os.environ.get("OMPI_COMM_WORLD_SIZE", "1"))
     tag = f"[rank {rank}/{size}]"
+    if rank == 0:
+        print(f"# moe_mpi gemv: {gemv.describe()}", flush=True)
     matvec(tag, (2688, 768))  # an expert's gate/up projection (dbrx-like)
     matvec(tag, (768, 768), rows_list=(1,))  # an attention projection
     small_ops(tag)
