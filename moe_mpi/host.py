@@ -3,12 +3,13 @@
 Decode multiplies one row by every weight matrix: matrix-vector products,
 whose speed is memory bandwidth. MLX's CPU matmul hands them to BLAS
 ``sgemm``, which packs the matrix first. In the kernel probe
-(``docs/results/decode-kernels-n2.txt``, 2 ranks reading at once) numpy's
-``sgemv`` on a zero-copy view read a 2688x768 matrix at 13 GB/s against 7-8
-for MLX's matmul; for 768x768 the two were on par (11-14 GB/s). The
-expert layers get the same treatment in :mod:`moe_mpi.experts`; this module
-does it for the replicated dense part (attention projections, routers, the
-LM head), which every rank reads in full at every step.
+(``docs/results/decode-kernels-n2.txt``, 2 ranks reading at once)
+:func:`moe_mpi.gemv.matvec` on a zero-copy view read a 768x768 matrix at
+19-24 GB/s per rank against 11-13 for MLX's matmul (and 10-12 for numpy's
+``sgemv`` on the same ``[out, in]`` memory). The expert layers get the same
+treatment in :mod:`moe_mpi.experts`; this module does it for the
+replicated dense part (attention projections, routers, the LM head), which
+every rank reads in full at every step.
 
 The small layers around them get the same: MLX's CPU backend builds
 ``fast.rms_norm`` and ``fast.rope`` from primitive ops, each a round trip
@@ -17,7 +18,8 @@ them in numpy for decode-sized inputs. Evaluated one by one inside an ep
 decode step, the norms took 5-6 ms and RoPE 5-5.5 ms of a step, in numpy
 about 2 and 1 ms; the plain step (where MLX evaluates them lazily, with
 their neighbours) was 4.1 ms faster on average over 6 alternating runs
-(``docs/results/host-norms-ab-n2.txt``, ``examples/decode_phases.py``).
+(``docs/results/host-norms-ab-n2.txt``, ``decode-phases-norms-n2.txt``,
+``examples/decode_phases.py``).
 
 The price is one host sync per call (numpy needs the input's values), so
 only small inputs take this path: one row for a matmul, at most
