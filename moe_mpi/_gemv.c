@@ -7,11 +7,12 @@
  *
  * Why: decode reads every weight once per token, so its speed is how fast
  * one core streams memory. On the benchmark machine (2-core AMD EPYC VM,
- * 2 ranks reading at once) OpenBLAS sgemv read a 2688x768 matrix at
- * 12-13 GB/s from [out, in] memory and 17-20 GB/s from [in, out], against
- * 24-26 GB/s for this loop and 26 GB/s for a read-only pass (sdot). One
- * sequential stream with software prefetch keeps the core's miss queue
- * full; sgemv's several interleaved row streams do not.
+ * 2 ranks reading at once, docs/results/decode-kernels-n2.txt) this loop
+ * read a 2688x768 matrix at 16-20 GB/s per rank, OpenBLAS sgemv at 9-10
+ * GB/s from the same [out, in] memory and 13-14 GB/s from [in, out]. One
+ * sequential stream keeps the core's miss queue full; sgemv's several
+ * interleaved row streams do not. Over a whole ep decode step's weights it
+ * takes 1.1-1.4x the time of a bare read-only pass (examples/decode_ceiling.py).
  *
  * x86-64 picks an AVX-512 or AVX2+FMA loop at run time; elsewhere (and on
  * older x86) a plain loop the compiler vectorises.
@@ -21,8 +22,10 @@
 #include <stddef.h>
 #include <string.h>
 
-/* Bytes ahead of the current position that the loops prefetch: measured
- * best of 256/512/1024/2048 on the benchmark machine. */
+/* Bytes ahead of the current position that the loops prefetch. On the
+ * benchmark machine 256 was as fast as 128, 512, 1024, 2048 or no software
+ * prefetch at all, or faster, within its noise (scratch probes): the
+ * hardware prefetcher does most of the work on one sequential stream. */
 #ifndef PREFETCH_BYTES
 #define PREFETCH_BYTES 256
 #endif

@@ -5,9 +5,9 @@ speed is how fast one core streams the weights from memory.
 ``moe_mpi/_gemv.c`` does it in one sequential pass over ``[out, in]``
 memory with software prefetch. It is built with the package (a C
 compiler is needed; without one the package installs without it). In the
-kernel probe (2 ranks reading at once, ``docs/results/gemv-kernels-n2.txt``)
-it read a 2688x768 matrix at about 24 GB/s per rank, OpenBLAS ``sgemv`` at
-12-13 GB/s from the same memory and 17-20 GB/s from ``[in, out]`` memory.
+kernel probe (2 ranks reading at once, ``docs/results/decode-kernels-n2.txt``)
+it read a 2688x768 matrix at 16-20 GB/s per rank, OpenBLAS ``sgemv`` at
+9-10 GB/s from the same memory and 13-14 GB/s from ``[in, out]`` memory.
 
 Without the compiled loop, or with ``MOE_MPI_GEMV_KERNEL=0``, the products
 go to numpy's BLAS, and the expert weights are stored ``[in, out]`` for it
