@@ -24,7 +24,7 @@ In the same job it measures the STREAM triad of ``moe-mpi bench roofline``
 beside the bandwidth limit that ``moe-mpi bench decode`` prints for ``ep``
 (same byte model)::
 
-    mpirun -n 2 .venv/bin/python examples/decode_ceiling.py [--kernels gemv,sgemv,read]
+    mpirun -n 2 .venv/bin/python examples/decode_ceiling.py [--kernels gemv,sgemv,read] [--synthetic dbrx-like]
 
 (as root add ``--allow-run-as-root``). Each rank allocates ~1.7 GB per kernel.
 """
@@ -38,7 +38,7 @@ from mpi4py import MPI
 
 from moe_mpi import gemv
 from moe_mpi.bench import roofline
-from moe_mpi.bench.models import synthetic_config
+from moe_mpi.bench.models import SYNTHETIC, synthetic_config
 
 STEPS, WARMUP = 40, 5
 
@@ -108,13 +108,14 @@ def ceiling(comm, config: dict, kernel: str) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--kernels", default=",".join(KERNELS), help="comma-separated: gemv, sgemv, read")
+    parser.add_argument("--synthetic", default="dbrx-like", choices=list(SYNTHETIC), help="the shapes")
     args = parser.parse_args()
     kernels = args.kernels.split(",")
     unknown = sorted(set(kernels) - set(KERNELS))
     if unknown:
         parser.error(f"unknown kernel(s) {', '.join(unknown)}; choose from {', '.join(KERNELS)}")
     comm = MPI.COMM_WORLD
-    config = synthetic_config("dbrx-like")
+    config = synthetic_config(args.synthetic)
 
     def triad() -> float:
         return min(comm.allgather(roofline.stream_triad(_Comm(comm))))
@@ -126,7 +127,7 @@ def main() -> None:
     parts = roofline.limit_parts(config)
     limit = roofline.decode_limit(roofline.bytes_per_step(parts, "ep", comm.size, 1), 1, gbs)
     if comm.rank == 0:
-        print(f"# {comm.size} ranks, dbrx-like shapes, weight reads only (no MLX, no all-reduce data); "
+        print(f"# {comm.size} ranks, {args.synthetic} shapes, weight reads only (no MLX, no all-reduce data); "
               f"matrix-vector: {gemv.describe()}")
         print(f"STREAM triad {before:.1f} before, {after:.1f} after -> {gbs:.1f} GB/s per rank; "
               f"ep limit {limit:.1f} tok/s")

@@ -1,7 +1,8 @@
 """The measurement scripts in ``examples/`` that the docs cite still run.
 
-``decode_phases.py`` runs under real ``mpirun`` on 2 ranks with the ``tiny``
-synthetic model; ``decode_compile.py`` needs no model. Only the shape of the
+``decode_phases.py`` and ``decode_ceiling.py`` run under real ``mpirun`` on
+2 ranks with the ``tiny`` synthetic model (or its shapes);
+``decode_compile.py`` needs no model. Only the shape of the
 output is checked: these are measurements, and speed is not asserted.
 """
 
@@ -46,3 +47,14 @@ def test_decode_compile_prints_eager_and_compiled_times():
     for segment in ("router", "combine", "attention", "residual + norm"):
         assert re.search(rf"^{re.escape(segment)}\s+[\d.]+\s+[\d.]+\s+saves", proc.stdout, re.M), proc.stdout
     assert "numpy norms and RoPE (moe_mpi)" in proc.stdout
+
+
+def test_decode_ceiling_prints_every_kernel_against_the_limit():
+    argv = [sys.executable, "examples/decode_ceiling.py", "--synthetic", "tiny"]
+    proc = launch.run_mpirun(2, argv, timeout=TIMEOUT, cwd=REPO)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    out = proc.stdout
+    assert out.count("# 2 ranks, tiny shapes") == 1, out  # rank 0 prints
+    assert re.search(r"STREAM triad [\d.]+ before, [\d.]+ after -> [\d.]+ GB/s per rank; ep limit [\d.]+ tok/s", out), out
+    for kernel in ("gemv", "sgemv", "read"):
+        assert re.search(rf"^\s*{kernel} ceiling: +[\d.]+ ms/step = +[\d.]+ tok/s = +\d+% of the limit$", out, re.M), out
