@@ -19,7 +19,7 @@ from typing import Sequence
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
-from mlx.utils import tree_flatten
+from mlx.utils import tree_flatten, tree_unflatten
 from mlx_lm.models.switch_layers import SwiGLU, SwitchGLU, SwitchMLP
 
 from . import gemv
@@ -333,6 +333,14 @@ def host_layout_paths(model: nn.Module) -> set:
                 if leaf.endswith(".weight") and a.ndim == 3:
                     paths.add(f"{name}.{leaf}" if name else leaf)
     return paths
+
+
+def store_host_layout(model: nn.Module) -> None:
+    """Stores the weights :func:`host_layout_paths` lists in the host layout, in place."""
+    paths = host_layout_paths(model)
+    if paths:
+        params = dict(tree_flatten(model.parameters()))
+        model.update(tree_unflatten([(p, to_host_layout(params[p])) for p in paths]))
 
 
 def to_host_layout(w: mx.array) -> mx.array:

@@ -35,7 +35,7 @@ import mlx.nn as nn
 import numpy as np
 
 from . import gemv
-from .experts import with_mixin
+from .experts import make_local, store_host_layout, with_mixin
 
 # Largest input (elements) a norm or RoPE takes to numpy: a few decode tokens
 # (batch 8 of hidden 768 is 6144); prefill stays in MLX.
@@ -83,6 +83,23 @@ class HostLinear:
             object.__setattr__(self, "_host_views", views)
             object.__setattr__(self, "_host_key", key)
         return self._host_views
+
+
+class HostShardedToAllLinear(HostLinear):
+    """Mixin for mlx's ``ShardedToAllLinear`` (tensor parallel): one float32
+    row through :func:`moe_mpi.gemv.matvec`, then the layer's own
+    ``mx.distributed.all_sum`` and bias, as its ``__call__`` does."""
+
+    def __call__(self, x: mx.array) -> mx.array:
+        d = x.shape[-1]
+        views = self._host_view() if x.size == d and x.dtype == mx.float32 else None
+        if views is None:
+            return super(HostLinear, self).__call__(x)  # the layer's own call
+        w, _ = views
+        v = np.asarray(memoryview(x)).reshape(d)  # [D]: the one sync
+        y = mx.array(gemv.matvec(w, v).reshape(*x.shape[:-1], w.shape[0]))  # [..., out], partial
+        y = mx.distributed.all_sum(y, group=self.group)
+        return y + self["bias"] if "bias" in self else y
 
 
 def _host_input(x: mx.array) -> Optional[np.ndarray]:
@@ -195,4 +212,43 @@ def use_host_kernels(model: nn.Module) -> int:
         if mixin is not None:
             m.__class__ = with_mixin(mixin, type(m))
             changed += 1
+    return changed
+
+
+def use_host_kernels_tp(model: nn.Module) -> int:
+    """Gives mlx-lm's tensor-parallel model (after ``model.shard()``) moe_mpi's CPU decode kernels.
+
+    For benchmarks that compare like with like (``moe-mpi bench decode
+    --tp-host-kernels``): what :func:`use_host_kernels` does, plus
+    :class:`HostLinear` on mlx's ``AllToShardedLinear``,
+    :class:`HostShardedToAllLinear` on ``ShardedToAllLinear``, and the
+    expert host path (:class:`moe_mpi.experts.LocalExperts` with every
+    expert local, each holding its slice) on float32 switch layers. The
+    all-reduces stay mlx-lm's (``mx.distributed.all_sum``). Does nothing
+    unless :func:`host_gemv_enabled`.
+
+    Returns:
+        The number of layers changed.
+    """
+    if not host_gemv_enabled():
+        return 0
+    from mlx.nn.layers.distributed import AllToShardedLinear, ShardedToAllLinear
+    from mlx.utils import tree_flatten
+    from mlx_lm.models.switch_layers import SwitchGLU, SwitchMLP
+
+    changed = use_host_kernels(model)
+    mixins = {AllToShardedLinear: HostLinear, ShardedToAllLinear: HostShardedToAllLinear}
+    for _, m in model.named_modules():
+        cls = type(m)
+        if cls in mixins:
+            m.__class__ = with_mixin(mixins[cls], cls)
+            changed += 1
+        elif cls in (SwitchGLU, SwitchMLP) and all(
+            a.dtype == mx.float32 for _, a in tree_flatten(m.parameters())
+        ):
+            first = next(c for c in m.children().values() if isinstance(c, nn.Module) and "weight" in c)
+            n = first["weight"].shape[0]  # every expert, each a slice of its intermediate dim
+            make_local(m, range(n), n)
+            changed += 1
+    store_host_layout(model)
     return changed

@@ -37,7 +37,7 @@ from mlx_lm.models.switch_layers import (
 
 from . import central
 from .adapters import convert_blocks
-from .experts import LocalExperts, host_layout_paths, make_local, to_host_layout, with_mixin
+from .experts import LocalExperts, make_local, store_host_layout, with_mixin
 from .host import use_host_kernels
 from .placement import ExpertPlacement
 
@@ -445,7 +445,6 @@ def shard_experts(
     shard_structure(model, comm, placement, weights, mode)
     if mode == "central" and comm.rank != 0:
         drop_dense(model)  # workers hold only their experts
-    params = dict(tree_flatten(model.parameters()))
-    model.update(tree_unflatten([(p, to_host_layout(params[p])) for p in host_layout_paths(model)]))
+    store_host_layout(model)
     mx.eval(model.parameters())
     return model

@@ -266,3 +266,22 @@ def test_routing_imbalance():
     assert result["pairs_per_rank"] == [3, 1]
     assert models.routing_imbalance([], owners, 2) is None
     assert models.routing_imbalance(balanced, None, 2) is None
+
+
+def test_tp_host_kernels_flag_is_applied_and_reported(tmp_path):
+    """--tp-host-kernels: the mlx-lm-tp baseline runs with moe_mpi's host
+    kernels, says so in its header line and JSON, and still matches mlx-lm."""
+    path = tmp_path / "tp.json"
+    argv = [
+        sys.executable, "-m", "moe_mpi", "bench", "decode", "--synthetic", "tiny",
+        "--cache-dir", str(tmp_path / "cache"), "--modes", "mlx-lm-tp", "--tp-host-kernels",
+        "--batch", "1", "--steps", "2", "--warmup", "1", "--prompt-tokens", "8", "--no-roofline",
+        "--json", str(path),
+    ]
+    proc = launch.run_mpirun(2, argv, timeout=TIMEOUT, cwd=REPO)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "# mode mlx-lm-tp: " in proc.stdout and "(--tp-host-kernels)" in proc.stdout, proc.stdout
+    with open(path) as f:
+        entry = json.load(f)["modes"]["mlx-lm-tp"]
+    assert entry["status"] == "ok" and "--tp-host-kernels" in entry["description"]
+    assert entry["logits_max_abs_diff"] < 1e-4 and entry["argmax_agrees"]

@@ -368,6 +368,10 @@ class MlxLmTensorParallel:
         # whole tensors while slicing), not the whole model first.
         model, _ = load_model(ctx.path, lazy=True)
         model.shard(ctx.group)
+        if getattr(ctx.args, "tp_host_kernels", False):
+            from ..host import use_host_kernels_tp
+
+            use_host_kernels_tp(model)
         mx.eval(model.parameters())
         return Built(
             "mlx-lm-tp", model, lambda fn: fn(model), range(ctx.size), counted="code"
@@ -421,6 +425,14 @@ def mode_names() -> List[str]:
     names = [n for n in MODES if n not in ("mlx-lm-tp", "single")]
     names += [n for n in LOAD_MODES if n not in MODES]
     return names + ["mlx-lm-tp", "single"]
+
+
+def mode_description(name: str, args: argparse.Namespace) -> str:
+    """The header line of mode ``name``, with the options that change it."""
+    text = get_mode(name).description
+    if name == "mlx-lm-tp" and getattr(args, "tp_host_kernels", False):
+        text += " + moe_mpi's CPU decode kernels (--tp-host-kernels)"
+    return text
 
 
 def get_mode(name: str):
@@ -502,6 +514,13 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
         help="data path of moe_mpi's all-reduce (Communicator backend; default mpi4py)",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the token ids")
+    parser.add_argument(
+        "--tp-host-kernels",
+        action="store_true",
+        help="give the mlx-lm-tp baseline moe_mpi's CPU decode kernels (one-row products, "
+        "norms, RoPE, experts; moe_mpi.host.use_host_kernels_tp), so that it runs with the "
+        "same fast paths as moe_mpi's modes",
+    )
     parser.add_argument(
         "--rounds",
         type=positive_int,
@@ -712,7 +731,7 @@ def run_modes(
         builder = get_mode(name)
         entry: Dict[str, Any] = {
             "status": "ok",
-            "description": builder.description,
+            "description": mode_description(name, ctx.args),
             "reason": None,
             "rows": [],
             "notes": [],
@@ -896,7 +915,7 @@ def run_benchmark(
                 f"moe_mpi: git {version['commit'][:12]}"
                 + (f" + modified {', '.join(modified)}" if modified else " (clean)")
             )
-        extra += [f"mode {n}: {get_mode(n).description}" for n in modes]
+        extra += [f"mode {n}: {mode_description(n, args)}" for n in modes]
         extra += report.blas_lines(blas, ranks_per_host)
         extra += list(method_lines)
         for line in header_lines(info, title, extra):
