@@ -47,6 +47,25 @@ static void gemv_plain(const float *w, const float *x, float *y, Py_ssize_t n, P
 #include <immintrin.h>
 #define HAVE_X86_DISPATCH 1
 
+/* The row loop of both SIMD versions: each row of w against the rows of x,
+ * 4 at a time; ROW(MB) is the body for MB rows. The row comes from memory
+ * for the first 4 rows of x (`first`: prefetch) and from L1 after. */
+#define GEMV_ROWS(ROW)                                  \
+    for (Py_ssize_t r = 0; r < n; r++) {                \
+        const float *wr = w + r * k;                    \
+        for (Py_ssize_t b = 0; b < m; b += 4) {         \
+            const float *xb = x + b * k;                \
+            float *yb = y + b * n;                      \
+            int first = b == 0;                         \
+            switch (m - b) {                            \
+                case 1: ROW(1); break;                  \
+                case 2: ROW(2); break;                  \
+                case 3: ROW(3); break;                  \
+                default: ROW(4); break;                 \
+            }                                           \
+        }                                               \
+    }
+
 /* One row of w against up to 4 rows of x; MB is a literal so the
  * accumulators stay in registers. 2 accumulators per x row hide the FMA
  * latency. */
@@ -83,20 +102,7 @@ static void gemv_plain(const float *w, const float *x, float *y, Py_ssize_t n, P
 __attribute__((target("avx512f"))) static void gemv_avx512(const float *w, const float *x,
                                                            float *y, Py_ssize_t n,
                                                            Py_ssize_t k, Py_ssize_t m) {
-    for (Py_ssize_t r = 0; r < n; r++) {
-        const float *wr = w + r * k;
-        for (Py_ssize_t b = 0; b < m; b += 4) {
-            const float *xb = x + b * k;
-            float *yb = y + b * n;
-            int first = b == 0; /* the row comes from memory once, then from L1 */
-            switch (m - b) {
-                case 1: ROW_AVX512(1); break;
-                case 2: ROW_AVX512(2); break;
-                case 3: ROW_AVX512(3); break;
-                default: ROW_AVX512(4); break;
-            }
-        }
-    }
+    GEMV_ROWS(ROW_AVX512);
 }
 
 static inline float hsum256(__m256 v) __attribute__((target("avx2,fma")));
@@ -130,20 +136,7 @@ static inline float hsum256(__m256 v) {
 __attribute__((target("avx2,fma"))) static void gemv_avx2(const float *w, const float *x,
                                                          float *y, Py_ssize_t n, Py_ssize_t k,
                                                          Py_ssize_t m) {
-    for (Py_ssize_t r = 0; r < n; r++) {
-        const float *wr = w + r * k;
-        for (Py_ssize_t b = 0; b < m; b += 4) {
-            const float *xb = x + b * k;
-            float *yb = y + b * n;
-            int first = b == 0;
-            switch (m - b) {
-                case 1: ROW_AVX2(1); break;
-                case 2: ROW_AVX2(2); break;
-                case 3: ROW_AVX2(3); break;
-                default: ROW_AVX2(4); break;
-            }
-        }
-    }
+    GEMV_ROWS(ROW_AVX2);
 }
 #endif
 
