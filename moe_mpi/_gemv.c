@@ -1,7 +1,7 @@
 /* Row-major matrix-vector products for CPU decode: moe_mpi._gemv.
  *
  * gemv(w, x, y, n, k, m): y[m, n] = x[m, k] @ w[n, k].T, float32, all three
- * C-contiguous (the Python side, moe_mpi/kernels.py, checks shapes and
+ * C-contiguous (the Python side, moe_mpi/gemv.py, checks shapes and
  * dtypes). w is read once, front to back, whatever m is: each row of w is
  * dotted with every row of x while it is in L1.
  *
@@ -170,28 +170,36 @@ static PyObject *gemv(PyObject *self, PyObject *args) {
     return result;
 }
 
-/* use(isa): pick a loop ("avx512f", "avx2", "plain") this CPU runs; for tests. */
+/* Makes `isa` ("avx512f", "avx2", "plain") the loop in use if this CPU and
+ * build run it; returns whether it did. */
+static int select_isa(const char *isa) {
+    gemv_fn impl = NULL;
+    const char *name = NULL; /* a literal: `isa` may not outlive the call */
+    if (strcmp(isa, "plain") == 0) {
+        impl = gemv_plain;
+        name = "plain";
+    }
+#ifdef HAVE_X86_DISPATCH
+    else if (strcmp(isa, "avx512f") == 0 && __builtin_cpu_supports("avx512f")) {
+        impl = gemv_avx512;
+        name = "avx512f";
+    } else if (strcmp(isa, "avx2") == 0 && __builtin_cpu_supports("avx2") &&
+               __builtin_cpu_supports("fma")) {
+        impl = gemv_avx2;
+        name = "avx2";
+    }
+#endif
+    if (impl == NULL) return 0;
+    gemv_impl = impl;
+    gemv_isa = name;
+    return 1;
+}
+
+/* use(isa): pick a loop this CPU runs; for tests. */
 static PyObject *use(PyObject *self, PyObject *args) {
     const char *isa;
     if (!PyArg_ParseTuple(args, "s", &isa)) return NULL;
-    if (strcmp(isa, "plain") == 0) {
-        gemv_impl = gemv_plain;
-        gemv_isa = "plain";
-        Py_RETURN_NONE;
-    }
-#ifdef HAVE_X86_DISPATCH
-    if (strcmp(isa, "avx512f") == 0 && __builtin_cpu_supports("avx512f")) {
-        gemv_impl = gemv_avx512;
-        gemv_isa = "avx512f";
-        Py_RETURN_NONE;
-    }
-    if (strcmp(isa, "avx2") == 0 && __builtin_cpu_supports("avx2") &&
-        __builtin_cpu_supports("fma")) {
-        gemv_impl = gemv_avx2;
-        gemv_isa = "avx2";
-        Py_RETURN_NONE;
-    }
-#endif
+    if (select_isa(isa)) Py_RETURN_NONE;
     PyErr_Format(PyExc_ValueError, "gemv: this CPU or build has no %s loop", isa);
     return NULL;
 }
@@ -213,13 +221,8 @@ static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_gemv",
 PyMODINIT_FUNC PyInit__gemv(void) {
 #ifdef HAVE_X86_DISPATCH
     __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx512f")) {
-        gemv_impl = gemv_avx512;
-        gemv_isa = "avx512f";
-    } else if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
-        gemv_impl = gemv_avx2;
-        gemv_isa = "avx2";
-    }
 #endif
+    /* The fastest loop this CPU runs; "plain" is the default. */
+    if (!select_isa("avx512f")) select_isa("avx2");
     return PyModule_Create(&module);
 }

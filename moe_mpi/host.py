@@ -50,20 +50,28 @@ class HostLinear:
     """
 
     def __call__(self, x: mx.array) -> mx.array:
-        d = x.shape[-1]
-        if x.size != d or x.dtype != mx.float32:
+        y = self._host_product(x)
+        if y is None:
             return super().__call__(x)
-        views = self._host_view()
-        if views is None:  # weights are not float32 (loaded as another dtype)
-            return super().__call__(x)
-        w, b = views
-        # memoryview() evaluates x: the one sync this path costs.
-        v = np.asarray(memoryview(x)).reshape(d)  # [D]
-        y = gemv.matvec(w, v)  # [out], from a view of the weights
+        b = self._host_views[1]
         if b is not None:
             y += b
         # Shaped in numpy: a reshape in MLX would be one more op to schedule.
-        return mx.array(y.reshape(*x.shape[:-1], w.shape[0]))  # [..., out]
+        return mx.array(y)  # [..., out]
+
+    def _host_product(self, x: mx.array) -> Optional[np.ndarray]:
+        """``x @ weight.T`` in numpy, ``[..., out]``, for one float32 row of
+        float32 weights; None for any other input (the layer's own path)."""
+        d = x.shape[-1]
+        if x.size != d or x.dtype != mx.float32:
+            return None
+        views = self._host_view()
+        if views is None:  # weights are not float32 (loaded as another dtype)
+            return None
+        w = views[0]
+        # memoryview() evaluates x: the one sync this path costs.
+        v = np.asarray(memoryview(x)).reshape(d)  # [D]
+        return gemv.matvec(w, v).reshape(*x.shape[:-1], w.shape[0])  # from a view of the weights
 
     def _host_view(self):
         """Zero-copy numpy views of (weight, bias), rebuilt if they change;
@@ -91,14 +99,10 @@ class HostShardedToAllLinear(HostLinear):
     ``mx.distributed.all_sum`` and bias, as its ``__call__`` does."""
 
     def __call__(self, x: mx.array) -> mx.array:
-        d = x.shape[-1]
-        views = self._host_view() if x.size == d and x.dtype == mx.float32 else None
-        if views is None:
+        y = self._host_product(x)
+        if y is None:
             return super(HostLinear, self).__call__(x)  # the layer's own call
-        w, _ = views
-        v = np.asarray(memoryview(x)).reshape(d)  # [D]: the one sync
-        y = mx.array(gemv.matvec(w, v).reshape(*x.shape[:-1], w.shape[0]))  # [..., out], partial
-        y = mx.distributed.all_sum(y, group=self.group)
+        y = mx.distributed.all_sum(mx.array(y), group=self.group)  # [..., out]: the partials summed
         return y + self["bias"] if "bias" in self else y
 
 
