@@ -22,6 +22,7 @@ import pytest
 from moe_mpi import launch
 from moe_mpi.bench import collectives as coll
 from moe_mpi.bench import main as bench_main
+from moe_mpi.bench import machine
 from moe_mpi.bench.machine import format_size
 from moe_mpi.errors import UserError
 
@@ -335,3 +336,29 @@ def test_pingpong_needs_two_ranks():
     proc = _bench(1, ["pingpong", "-m", "0:8", "-i", "5"])
     assert proc.returncode != 0
     assert "pingpong needs 2 ranks" in proc.stderr, _output(proc)
+
+
+def test_cpu_ranges():
+    assert machine.cpu_ranges([5, 0, 1, 2]) == "0-2,5"
+    assert machine.cpu_ranges([3]) == "3"
+
+
+def _ranks(*specs):
+    return {"ranks": [dict(rank=r, cpus=cpus, cores={"logical": 2}, boot_id=boot, hostname=host)
+                      for r, (cpus, boot, host) in enumerate(specs)]}
+
+
+@pytest.mark.parametrize("specs, warned", [
+    ((([0], "b1", "moe-a"), ([0], "b1", "moe-b")), True),   # fake hosts on one machine, both on core 0
+    ((([0], None, "vm"), ([0], None, "vm")), True),         # no boot id: the hostname decides
+    ((([0], "b1", "moe-a"), ([1], "b1", "moe-b")), False),  # pinned apart
+    ((([0, 1], "b1", "vm"), ([0, 1], "b1", "vm")), False),  # not bound at all
+    ((([0], "b1", "mac1"), ([0], "b2", "mac2")), False),    # two machines
+])
+def test_ranks_bound_to_the_same_cpus_are_warned_about(specs, warned):
+    warnings = machine.shared_cpu_warnings(_ranks(*specs))
+    assert bool(warnings) == warned, warnings
+    if warned:
+        assert warnings == ["WARNING: ranks 0 and 1 are bound to the same CPUs (0) on one machine: they share cores"]
+        lines = machine.header_lines(dict(_ranks(*specs), command="x", world_size=2, nodes=[], date="d"), "t")
+        assert "# cpus per rank: 0: 0; 1: 0" in lines and "# " + warnings[0] in lines

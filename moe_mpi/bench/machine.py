@@ -115,6 +115,58 @@ def _cores() -> dict[str, int | None]:
     return cores
 
 
+def _cpus() -> list[int] | None:
+    """The CPUs this rank may run on (Linux), sorted; None where unknown."""
+    if not hasattr(os, "sched_getaffinity"):
+        return None
+    return sorted(os.sched_getaffinity(0))
+
+
+def _boot_id() -> str | None:
+    # Tells machines apart where hostnames cannot: network namespaces (or
+    # containers) on one machine have hostnames of their own but one kernel.
+    text = _read("/proc/sys/kernel/random/boot_id")
+    return text.strip() if text else None
+
+
+def cpu_ranges(cpus: Sequence[int]) -> str:
+    """``[0, 1, 2, 5]`` -> ``"0-2,5"``."""
+    parts: list[str] = []
+    for cpu in sorted(cpus):
+        if parts and cpu == parts[-1][1] + 1:
+            parts[-1][1] = cpu
+        else:
+            parts.append([cpu, cpu])
+    return ",".join(str(a) if a == b else f"{a}-{b}" for a, b in parts)
+
+
+def shared_cpu_warnings(info: Mapping[str, Any]) -> list[str]:
+    """Warnings for ranks on one machine that are bound to the same CPUs.
+
+    Two ranks pinned to one core run at half speed each, and nothing else
+    would show it. Machines are told apart by boot id where known (fake
+    hosts on one machine share it), else by hostname. Ranks free to run
+    on every CPU of their machine are not bound and never warned about.
+    """
+    warnings = []
+    seen: dict[Any, list[tuple[int, set[int]]]] = {}
+    for facts in info.get("ranks", []):
+        cpus = facts.get("cpus")
+        logical = (facts.get("cores") or {}).get("logical")
+        if not cpus or (logical is not None and len(cpus) >= logical):
+            continue
+        machine = facts.get("boot_id") or facts.get("hostname")
+        for other, other_cpus in seen.setdefault(machine, []):
+            common = other_cpus & set(cpus)
+            if common:
+                warnings.append(
+                    f"WARNING: ranks {other} and {facts['rank']} are bound to the same CPUs "
+                    f"({cpu_ranges(common)}) on one machine: they share cores"
+                )
+        seen[machine].append((facts["rank"], set(cpus)))
+    return warnings
+
+
 def _memory_bytes() -> int | None:
     if sys.platform == "darwin":
         value = _run(["sysctl", "-n", "hw.memsize"])
@@ -228,6 +280,8 @@ def local_info() -> dict[str, Any]:
         "hostname": socket.gethostname(),
         "cpu": _cpu_model(),
         "cores": _cores(),
+        "cpus": _cpus(),
+        "boot_id": _boot_id(),
         "memory_bytes": _memory_bytes(),
         "loadavg": load_average(),
         "os": _os_name(),
@@ -268,7 +322,9 @@ def machine_info(comm=None) -> dict[str, Any]:
         A JSON-serialisable dict. Top-level ``cpu``, ``cores``,
         ``memory_bytes``, ``loadavg`` (1/5/15 min, now), ``os`` and software
         versions are rank 0's;
-        ``ranks`` lists every rank's own facts; ``hosts`` is the hostname of
+        ``ranks`` lists every rank's own facts (among them ``cpus``, the CPUs
+        it may run on, and ``boot_id``, which tells machines apart where
+        hostnames cannot); ``hosts`` is the hostname of
         each rank (index = rank); ``nodes`` groups ranks by host;
         ``mismatches`` names software fields that differ between ranks;
         ``argv``/``command`` are the Python command line,
@@ -348,6 +404,14 @@ def _hosts_text(info: Mapping[str, Any]) -> str:
     return f"{count} host{'s' if count != 1 else ''}: " + ", ".join(parts)
 
 
+def _cpus_lines(info: Mapping[str, Any]) -> list[str]:
+    ranks = info.get("ranks") or []
+    if not ranks or any(not facts.get("cpus") for facts in ranks):
+        return []
+    line = "cpus per rank: " + "; ".join(f"{facts['rank']}: {cpu_ranges(facts['cpus'])}" for facts in ranks)
+    return [line, *shared_cpu_warnings(info)]
+
+
 def header_lines(
     info: Mapping[str, Any], title: str, extra: Iterable[str] = ()
 ) -> list[str]:
@@ -371,6 +435,7 @@ def header_lines(
         f"ranks: {info['world_size']} on {_hosts_text(info)}",
         f"cpu (rank 0): {info.get('cpu')}; cores: {cores_text}; memory: "
         + (format_size(memory) if memory else "unknown"),
+        *_cpus_lines(info),
         "load average (1/5/15 min) at start: "
         + "; ".join(
             f"{node['hostname']} {format_load(node['loadavg'])}"
