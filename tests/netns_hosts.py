@@ -30,7 +30,10 @@ processes inside the cluster's own namespaces).
 
 Run directly to try it by hand::
 
-    sudo python tests/netns_hosts.py 2     # prints the hostfile and agent; Enter tears down
+    sudo python tests/netns_hosts.py 2 [RATE]   # prints the hostfile and agent; Enter tears down
+
+``RATE`` (a tc rate such as ``1gbit``) limits every host's outgoing link; see
+:func:`create_cluster`. ``examples/netns_bench.py`` runs benchmarks this way.
 """
 
 from __future__ import annotations
@@ -77,6 +80,7 @@ class FakeCluster:
     gateway: str
     agent: Path
     hosts: List[FakeHost] = field(default_factory=list)
+    rate: Optional[str] = None  # tc rate of every host's outgoing link, e.g. "1gbit"; None: veth speed
 
     def mpirun_flags(self) -> List[str]:
         """mpirun options: launch through the agent, MPI traffic over TCP on the subnet."""
@@ -168,8 +172,17 @@ def _write_agent(path: Path, hosts: List[FakeHost]) -> None:
     path.chmod(0o755)
 
 
-def create_cluster(n: int, workdir: Path) -> FakeCluster:
+def create_cluster(n: int, workdir: Path, rate: Optional[str] = None) -> FakeCluster:
     """Creates ``n`` fake hosts (namespaces ``moe-<suffix>-a``, ``-b``, ...).
+
+    Args:
+        n: Number of hosts.
+        workdir: Where the rsh agent script is written.
+        rate: If given, a tc rate (``"1gbit"``, ``"100mbit"``) that every
+            host's outgoing link is limited to, with a token bucket one
+            packet deep (``tbf ... burst 1540``), so that every packet waits
+            its serialisation time as on a real link of that speed. Without
+            it the hosts talk at veth speed (memory copies).
 
     Raises:
         NetnsError: Something could not be created; whatever was made is
@@ -187,7 +200,10 @@ def create_cluster(n: int, workdir: Path) -> FakeCluster:
         subnet=subnet,
         gateway=str(addrs[0]),
         agent=Path(workdir) / f"rsh-agent-{suffix}.sh",
+        rate=rate,
     )
+    if rate is not None and shutil.which("tc") is None:
+        raise NetnsError("limiting the link rate needs the 'tc' command (apt-get install -y iproute2)")
     sw = cluster.switch
     try:
         _run("ip", "netns", "add", sw)
@@ -213,6 +229,12 @@ def create_cluster(n: int, workdir: Path) -> FakeCluster:
             _run("ip", "-n", host.netns, "addr", "add", f"{host.ip}/{subnet.prefixlen}", "dev", IFACE)
             _run("ip", "-n", host.netns, "link", "set", IFACE, "up")
             _run("ip", "-n", host.netns, "link", "set", "lo", "up")
+            if rate is not None:
+                # One packet of burst (MTU 1500 + Ethernet header): no message,
+                # however small, skips the queue; the limit itself is the
+                # serialisation delay (tbf's own latency bound only caps the queue).
+                _run("tc", "-n", host.netns, "qdisc", "add", "dev", IFACE, "root",
+                     "tbf", "rate", rate, "burst", "1540", "latency", "200ms")
         _write_agent(cluster.agent, cluster.hosts)
         # The hostname switch needs a UTS namespace; fail here, not in mpirun.
         _run("ip", "netns", "exec", cluster.hosts[0].netns, "unshare", "--uts", "hostname", "moe-probe")
@@ -276,7 +298,7 @@ if __name__ == "__main__":
     if reason:
         sys.exit(f"cannot create fake hosts: {reason}")
     count = int(sys.argv[1]) if len(sys.argv) > 1 else 2
-    c = create_cluster(count, Path.cwd())
+    c = create_cluster(count, Path.cwd(), rate=sys.argv[2] if len(sys.argv) > 2 else None)
     try:
         print("hosts:", ", ".join(f"{h.hostname} {h.ip} ({h.netns})" for h in c.hosts))
         print("hostfile lines:", *(f"  {h.ip} slots=1" for h in c.hosts), sep="\n")

@@ -15,6 +15,11 @@ and reports where it ran. The test checks that
 * the TCP BTL carried the traffic: Open MPI's own log says so, and each
   rank's interface counters show at least its all-reduce payload.
 
+Further tests: a rate-limited cluster (``create_cluster(rate=...)``) really
+slows the hosts' links, and ``examples/netns_bench.py`` runs a ``moe-mpi
+bench`` across fake hosts with its ranks on distinct CPUs and leaves nothing
+behind.
+
 Needs root (network namespaces); elsewhere it skips and says why. Set
 MOE_MPI_REQUIRE_NETNS=1 (CI) to fail instead of skipping.
 """
@@ -24,8 +29,10 @@ import os
 import re
 import shlex
 import signal
+import socket
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -177,3 +184,83 @@ def test_cleanup_leaves_nothing(tmp_path):
         assert netns_hosts.destroy_cluster(c) == []
     assert netns_hosts.leftovers(c) == []
     assert not c.agent.exists()
+
+
+RATE_CLIENT = """
+import socket, sys, time
+s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=20)
+t0 = time.perf_counter()
+s.sendall(b"x" * int(sys.argv[3]))
+s.shutdown(socket.SHUT_WR)
+assert s.recv(1) == b"k"  # the server has every byte
+print(time.perf_counter() - t0)
+"""
+
+
+def test_rate_limit_slows_the_hosts_link(tmp_path):
+    """``rate=`` really limits a host's outgoing link: 256 KiB at 10 Mbit/s take >= 0.2 s (veth: ~1 ms)."""
+    reason = netns_hosts.unavailable_reason()
+    if reason:
+        _unavailable(reason)
+    try:
+        c = netns_hosts.create_cluster(1, tmp_path, rate="10mbit")
+    except netns_hosts.NetnsError as e:
+        _unavailable(str(e))
+    try:
+        host = c.hosts[0]
+        qdisc = netns_hosts._run("tc", "-n", host.netns, "qdisc", "show", "dev", netns_hosts.IFACE).stdout
+        assert "tbf" in qdisc and "rate 10Mbit" in qdisc, qdisc
+        size = 256 * 1024
+        server = socket.create_server((c.gateway, 0))
+        server.settimeout(20)
+        received = []
+
+        def serve():
+            conn, _ = server.accept()
+            with conn:
+                while chunk := conn.recv(65536):
+                    received.append(len(chunk))
+                conn.sendall(b"k")
+
+        thread = threading.Thread(target=serve, daemon=True)
+        thread.start()
+        proc = subprocess.run(
+            ["ip", "netns", "exec", host.netns, sys.executable, "-c", RATE_CLIENT, c.gateway,
+             str(server.getsockname()[1]), str(size)],
+            capture_output=True, text=True, timeout=30,
+        )
+        thread.join(timeout=20)
+        server.close()
+        assert proc.returncode == 0, proc.stderr
+        assert sum(received) == size
+        # 256 KiB = 2.1 Mbit: >= 0.21 s at 10 Mbit/s, whatever the machine's speed.
+        assert float(proc.stdout) >= 0.2, proc.stdout
+    finally:
+        assert netns_hosts.destroy_cluster(c) == []
+    assert netns_hosts.leftovers(c) == []
+
+
+def test_netns_bench_example_runs_a_bench_on_two_hosts():
+    """examples/netns_bench.py: a moe-mpi bench on 2 fake hosts over a limited link, ranks on distinct CPUs, nothing left."""
+    reason = netns_hosts.unavailable_reason()
+    if reason:
+        _unavailable(reason)
+    before = netns_hosts._run("ip", "netns", "list").stdout.split()
+    example = HERE.parent / "examples" / "netns_bench.py"
+    cmd = [sys.executable, str(example), "--rate", "1gbit", "--timeout", str(TIMEOUT), "--",
+           "bench", "decode", "--synthetic", "tiny", "--modes", "ep,mlx-lm-tp", "--batch", "1",
+           "--steps", "4", "--no-roofline"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT + 60)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-6000:]
+    assert "# link: 2 fake hosts" in out and "limited to 1gbit" in out, out[-3000:]
+    assert "# ranks: 2 on 2 hosts: moe-a (rank 0), moe-b (rank 1)" in out, out[-3000:]
+    if (os.cpu_count() or 1) >= 2:
+        # Pinned apart, not left to the fake hosts' own binding (both on core 0).
+        assert "# cpus per rank: 0: 0; 1: 1" in out, out[-3000:]
+        assert "share cores" not in out, out[-3000:]
+    rows = [line.split() for line in proc.stdout.splitlines() if line.strip() and not line.startswith("#")]
+    assert [r[0] for r in rows] == ["ep", "mlx-lm-tp"], out[-3000:]
+    assert all(float(r[2]) > 0 for r in rows), rows
+    after = netns_hosts._run("ip", "netns", "list").stdout.split()
+    assert set(after) <= set(before), f"left behind: {set(after) - set(before)}"
