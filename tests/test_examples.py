@@ -2,10 +2,13 @@
 
 ``decode_phases.py`` and ``decode_ceiling.py`` run under real ``mpirun`` on
 2 ranks with the ``tiny`` synthetic model (or its shapes);
-``decode_compile.py`` needs no model. Only the shape of the
-output is checked: these are measurements, and speed is not asserted.
+``decode_compile.py`` needs no model; ``link_sweep.py`` reads the committed
+results of the link sweep. Only the shape of the output is checked: these
+are measurements, and speed is not asserted.
 """
 
+import importlib.util
+import math
 import re
 import subprocess
 import sys
@@ -58,3 +61,43 @@ def test_decode_ceiling_prints_every_kernel_against_the_limit():
     assert re.search(r"STREAM triad [\d.]+ before, [\d.]+ after -> [\d.]+ GB/s per rank; ep limit [\d.]+ tok/s", out), out
     for kernel in ("gemv", "sgemv", "read"):
         assert re.search(rf"^\s*{kernel} ceiling: +[\d.]+ ms/step = +[\d.]+ tok/s = +\d+% of the limit$", out, re.M), out
+
+
+def _link_sweep():
+    spec = importlib.util.spec_from_file_location("link_sweep", REPO / "examples" / "link_sweep.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_link_sweep_fit_recovers_all_reduces_per_step():
+    """The fit's slope is the number of all-reduce times a step pays (8 and 16 here by construction)."""
+    rows = [dict(mode=mode, batch=1, allreduce_us=us, step_ms=40.0 + n * us / 1000)
+            for mode, n in (("ep", 8), ("mlx-lm-tp", 16)) for us in (10.0, 300.0, 2600.0)]
+    rows.append(dict(mode="ep", batch=1, allreduce_us=None, step_ms=1.0))  # shared memory: not in the fit
+    fits = _link_sweep().fits(rows)
+    assert fits[("ep", 1)][0] == pytest.approx(8) and fits[("ep", 1)][1] == pytest.approx(40)
+    assert fits[("mlx-lm-tp", 1)][0] == pytest.approx(16) and fits[("ep", 1)][2] == 3
+
+
+def test_link_sweep_reads_the_committed_sweep(tmp_path):
+    """docs/benchmarks.md's link table comes from these files through this script."""
+    files = sorted(str(p) for p in (REPO / "docs" / "results").glob("net-*.json"))
+    assert files, "the sweep's result files are missing"
+    proc = subprocess.run([sys.executable, "examples/link_sweep.py", *files, "--plot", str(tmp_path / "sweep.png")],
+                          capture_output=True, text=True, timeout=TIMEOUT, cwd=REPO)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    table, fit = proc.stdout.split("# fit over the TCP runs")
+    lines = [line for line in table.splitlines() if line.strip() and not line.startswith("#")]
+    assert lines[0].split() == ["link", "mode", "B", "allreduce_us", "tok/s", "ms/step", "ar/step"], table
+    assert "# mlx-lm-tp: " in table and "--tp-host-kernels" in table, table
+    rows = [line.split() for line in lines[1:]]
+    links = {" ".join(r[:-6]) for r in rows}
+    assert "shared memory" in links and "tcp (veth)" in links and len(links) >= 4, links
+    for link in links:  # every link has every mode at both batch sizes
+        assert sorted((r[-6], r[-5]) for r in rows if " ".join(r[:-6]) == link) == sorted(
+            (m, b) for m in ("ep", "mlx-lm-tp", "sliced") for b in ("1", "8")), link
+    assert all(r[-4] != "-" for r in rows if r[0] == "tcp"), rows  # TCP rows have an all-reduce time
+    fitted = [line.split() for line in fit.splitlines()[2:] if line.strip() and not line.startswith("#")]
+    assert len(fitted) == 6 and all(math.isfinite(float(r[2])) for r in fitted), fit
+    assert (tmp_path / "sweep.png").stat().st_size > 0
