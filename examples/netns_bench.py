@@ -51,6 +51,7 @@ PIN = 'exec taskset -c $(( OMPI_COMM_WORLD_RANK % $(nproc) )) "$@"'
 
 
 def parse_args(argv=None):
+    """Options, and the moe-mpi command line after ``--`` (usage errors exit 2)."""
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
         usage="%(prog)s [--hosts N] [--rate RATE] [--timeout S] -- MOE_MPI_ARGS...",
@@ -64,12 +65,13 @@ def parse_args(argv=None):
         args.command = args.command[1:]
     if not args.command:
         parser.error("give the moe-mpi command after --, e.g. -- bench collectives -m 4:64K")
-    if args.hosts < 1:
-        parser.error(f"--hosts must be >= 1, got {args.hosts}")
+    if not 1 <= args.hosts <= 26:  # hosts are lettered moe-a .. moe-z
+        parser.error(f"--hosts must be 1..26, got {args.hosts}")
     return args
 
 
 def link_description(rate, hosts: int) -> str:
+    """The ``# link:`` line printed above the command's own output."""
     link = f"each host's outgoing link limited to {rate} (tc tbf, burst 1540 B)" if rate else "no rate limit (veth)"
     return f"# link: {hosts} fake hosts (network namespaces on one machine), MPI over TCP (ob1/tcp); {link}"
 
