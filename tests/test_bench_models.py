@@ -285,3 +285,13 @@ def test_tp_host_kernels_flag_is_applied_and_reported(tmp_path):
         entry = json.load(f)["modes"]["mlx-lm-tp"]
     assert entry["status"] == "ok" and "--tp-host-kernels" in entry["description"]
     assert entry["logits_max_abs_diff"] < 1e-4 and entry["argmax_agrees"]
+
+
+def test_modified_files_keep_their_first_letter():
+    """``git status --porcelain`` lines start with a blank for unstaged changes: the first path kept its 'm'."""
+    status = " M moe_mpi/bench/models.py\n M moe_mpi/shard.py\n?? moe_mpi/pages.py\nA  moe_mpi/new.py\n"
+    assert report.porcelain_paths(status) == [
+        "moe_mpi/bench/models.py", "moe_mpi/shard.py", "moe_mpi/pages.py", "moe_mpi/new.py"]
+    assert report.porcelain_paths("") == []
+    version = report.code_version()
+    assert not version or (len(version["commit"]) == 40 and "\n" not in version["commit"])

@@ -135,13 +135,22 @@ def code_version() -> Dict[str, Any]:
             )
         except (OSError, subprocess.SubprocessError):
             return None
-        return out.stdout.strip()
+        return out.stdout
 
     commit = git("rev-parse", "HEAD")
     if commit is None:
         return {}
     status = git("status", "--porcelain", "--", "moe_mpi") or ""
-    return {"commit": commit, "modified": [line[3:] for line in status.splitlines()]}
+    return {"commit": commit.strip(), "modified": porcelain_paths(status)}
+
+
+def porcelain_paths(status: str) -> List[str]:
+    """The paths of ``git status --porcelain`` output (``XY path`` per line).
+
+    The two status columns may both be blank-led (`` M path``), so the
+    output must not be stripped before the columns are cut off.
+    """
+    return [line[3:] for line in status.splitlines() if len(line) > 3]
 
 
 def blas_lines(
