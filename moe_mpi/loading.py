@@ -30,6 +30,7 @@ from mlx.utils import tree_flatten
 from mlx_lm.utils import _get_classes, infer_quant_config, load_config, load_tokenizer
 
 from .experts import host_layout_paths, to_host_layout
+from .pages import use_huge_pages
 from .placement import ExpertPlacement
 from .safetensors_io import CheckpointError, CheckpointIndex
 from .shard import Plan, Take, _take, drop_dense, per_expert_source, shard_structure
@@ -256,6 +257,7 @@ def load_model(
     lp = plan_load(model_path, comm, placement, weights, model_config, mode)
     lp.model.load_weights(read_parameters(lp), strict=not lp.worker)
     mx.eval(lp.model.parameters())
+    use_huge_pages(lp.model)  # CPU decode streams the weights: fewer page crossings
     return lp.model, lp.config
 
 

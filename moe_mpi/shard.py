@@ -39,6 +39,7 @@ from . import central
 from .adapters import convert_blocks
 from .experts import LocalExperts, make_local, store_host_layout, with_mixin
 from .host import use_host_kernels
+from .pages import use_huge_pages
 from .placement import ExpertPlacement
 
 
@@ -447,4 +448,5 @@ def shard_experts(
         drop_dense(model)  # workers hold only their experts
     store_host_layout(model)
     mx.eval(model.parameters())
+    use_huge_pages(model)  # CPU decode streams the weights: fewer page crossings
     return model

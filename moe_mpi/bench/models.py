@@ -368,11 +368,16 @@ class MlxLmTensorParallel:
         # whole tensors while slicing), not the whole model first.
         model, _ = load_model(ctx.path, lazy=True)
         model.shard(ctx.group)
-        if getattr(ctx.args, "tp_host_kernels", False):
+        tp_host_kernels = getattr(ctx.args, "tp_host_kernels", False)
+        if tp_host_kernels:
             from ..host import use_host_kernels_tp
 
             use_host_kernels_tp(model)
         mx.eval(model.parameters())
+        if tp_host_kernels:
+            from ..pages import use_huge_pages
+
+            use_huge_pages(model)  # as moe_mpi's own loading does
         return Built(
             "mlx-lm-tp", model, lambda fn: fn(model), range(ctx.size), counted="code"
         )
