@@ -101,3 +101,14 @@ def test_link_sweep_reads_the_committed_sweep(tmp_path):
     fitted = [line.split() for line in fit.splitlines()[2:] if line.strip() and not line.startswith("#")]
     assert len(fitted) == 6 and all(math.isfinite(float(r[2])) for r in fitted), fit
     assert (tmp_path / "sweep.png").stat().st_size > 0
+
+
+def test_hugepages_ab_times_both_copies_every_round(tmp_path):
+    argv = [sys.executable, "examples/hugepages_ab.py", "--synthetic", "tiny", "--cache-dir", str(tmp_path),
+            "--rounds", "2", "--steps", "2"]
+    proc = launch.run_mpirun(2, argv, timeout=TIMEOUT, cwd=REPO)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    out = proc.stdout
+    assert re.search(r"^# 2 ranks, tiny, batch 1; rank 0 moved \d+ MiB of \d+ MiB", out, re.M), out
+    rows = re.findall(r"^\s+(\d)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)x$", out, re.M)
+    assert [r[0] for r in rows] == ["0", "1"] and all(float(v) > 0 for r in rows for v in r[1:]), out
