@@ -101,10 +101,11 @@ def _cpu_model() -> str | None:
 
 def _cores() -> dict[str, int | None]:
     cores: dict[str, int | None] = {"logical": os.cpu_count()}
-    if hasattr(os, "sched_getaffinity"):
+    cpus = _cpus()
+    if cpus is not None:
         # The cores this rank may run on: mpirun binds each rank to a core
         # by default, and containers or taskset restrict it further.
-        cores["affinity"] = len(os.sched_getaffinity(0))
+        cores["affinity"] = len(cpus)
     if sys.platform == "darwin":
         # Apple silicon: performance (perflevel0) and efficiency (perflevel1)
         # cores run at very different speeds, so record the split.
