@@ -19,7 +19,6 @@ import time
 os.environ["MOE_MPI_HUGE_PAGES"] = "0"  # both copies load on 4 KiB pages; the second is collapsed below
 
 import mlx.core as mx  # noqa: E402
-from mlx.utils import tree_flatten  # noqa: E402
 from mlx_lm.models.cache import make_prompt_cache  # noqa: E402
 
 from moe_mpi import Communicator, load, pages  # noqa: E402
@@ -54,7 +53,7 @@ def main() -> None:
     path = ensure_synthetic(args.synthetic, comm, args.cache_dir, False)
     small, _ = load(path, comm=comm)
     huge, _ = load(path, comm=comm)
-    weights = [a for _, a in tree_flatten(huge.parameters()) if a.nbytes >= pages.HUGE_PAGE]
+    weights = pages.large_weights(huge)
     start = time.perf_counter()
     collapsed = pages.collapse(weights)
     seconds = time.perf_counter() - start

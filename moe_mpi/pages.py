@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import os
 import sys
 from typing import Iterable, Optional
@@ -28,7 +29,7 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten
 
-__all__ = ["collapse", "huge_pages_enabled", "use_huge_pages"]
+__all__ = ["collapse", "huge_pages_enabled", "large_weights", "use_huge_pages"]
 
 MADV_COLLAPSE = 25  # linux/mman.h, Linux 6.1+
 HUGE_PAGE = 1 << 21  # 2 MiB: x86-64 and arm64 with 4 KiB base pages
@@ -43,6 +44,7 @@ def huge_pages_enabled() -> bool:
     )
 
 
+@functools.lru_cache(maxsize=None)
 def _madvise():
     libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
     fn = libc.madvise
@@ -95,5 +97,9 @@ def use_huge_pages(model: nn.Module) -> int:
     """
     if not huge_pages_enabled():
         return 0
-    arrays = [a for _, a in tree_flatten(model.parameters()) if a.nbytes >= HUGE_PAGE]
-    return collapse(arrays)
+    return collapse(large_weights(model))
+
+
+def large_weights(model: nn.Module) -> list:
+    """The parameters of ``model`` that can hold a whole huge page (>= 2 MiB)."""
+    return [a for _, a in tree_flatten(model.parameters()) if a.nbytes >= HUGE_PAGE]
