@@ -373,6 +373,32 @@ class Communicator:
         stats.seconds += time.perf_counter() - start
         return out
 
+    def all_sum_host(self, x: np.ndarray) -> np.ndarray:
+        """Sum a float32 numpy array over all ranks, in place (the fused decode step's combine).
+
+        Counted as an ``all_sum`` like :meth:`all_sum`. The ``"mlx"`` backend
+        reduces a copy with ``mx.distributed.all_sum``.
+
+        Args:
+            x: C-contiguous float32 array, the same shape on every rank.
+
+        Returns:
+            ``x``, holding the sum (a new array with the ``"mlx"`` backend).
+        """
+        start = time.perf_counter()
+        if self._size > 1:
+            if self.backend == "mlx":
+                out = mx.distributed.all_sum(mx.array(x), group=self._group)
+                mx.eval(out)
+                x = np.array(memoryview(out))
+            else:
+                self.comm.Allreduce(self._MPI.IN_PLACE, x, op=self._SUM)
+        stats = self._all_sum_stats
+        stats.calls += 1
+        stats.bytes += x.nbytes if self._size > 1 else 0
+        stats.seconds += time.perf_counter() - start
+        return x
+
     def _all_sum_mlx(self, x: mx.array) -> mx.array:
         if x.dtype == mx.bool_:
             raise TypeError("all_sum does not support bool arrays")

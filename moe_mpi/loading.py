@@ -30,6 +30,7 @@ from mlx.utils import tree_flatten
 from mlx_lm.utils import _get_classes, infer_quant_config, load_config, load_tokenizer
 
 from .experts import host_layout_paths, to_host_layout
+from .fused import use_fused_decode
 from .pages import use_huge_pages
 from .placement import ExpertPlacement
 from .safetensors_io import CheckpointError, CheckpointIndex
@@ -258,6 +259,7 @@ def load_model(
     lp.model.load_weights(read_parameters(lp), strict=not lp.worker)
     mx.eval(lp.model.parameters())
     use_huge_pages(lp.model)  # CPU decode streams the weights: fewer page crossings
+    use_fused_decode(lp.model)  # CPU, float32 qwen3_moe: decode steps in numpy
     return lp.model, lp.config
 
 

@@ -39,6 +39,7 @@ from . import central
 from .adapters import convert_blocks
 from .experts import LocalExperts, make_local, store_host_layout, with_mixin
 from .host import use_host_kernels
+from .fused import use_fused_decode
 from .pages import use_huge_pages
 from .placement import ExpertPlacement
 
@@ -449,4 +450,5 @@ def shard_experts(
     store_host_layout(model)
     mx.eval(model.parameters())
     use_huge_pages(model)  # CPU decode streams the weights: fewer page crossings
+    use_fused_decode(model)  # CPU, float32 qwen3_moe: decode steps in numpy
     return model

@@ -100,6 +100,15 @@ def test_logits_match_plain_mlx_lm(results, name):
         assert entry["argmax_agrees"], mode
 
 
+def test_decode_says_which_modes_ran_the_fused_step(results):
+    # The tiny synthetic model is float32 qwen3_moe: ep and sliced decode fused.
+    modes = results["decode"]["modes"]
+    for mode, entry in modes.items():
+        assert entry["fused_decode"] == (mode in ("ep", "sliced")), mode
+    assert "# mode ep: built in" in results["decode"]["_stdout"]
+    assert "decode steps: moe_mpi's fused step (moe_mpi.fused)" in results["decode"]["_stdout"]
+
+
 def test_decode_ep_does_one_all_reduce_per_moe_layer(results):
     for row in _rows(results["decode"], "ep"):
         assert row["collective_kinds_per_step"] == {"all_sum": TINY_MOE_LAYERS}
@@ -141,7 +150,12 @@ def test_decode_prints_each_rows_bandwidth_limit(results):
         assert row["stream_gbs_before"] > 0 and row["stream_gbs_after"] > 0
         assert row["stream_gbs"] == pytest.approx((row["stream_gbs_before"] + row["stream_gbs_after"]) / 2)
         assert row["of_limit"] == pytest.approx(row["tokens_per_s"] / row["limit_tokens_per_s"])
-    assert "%limit" in decode["_stdout"] and "before/after" in decode["_stdout"]
+        # The same for a read-only pass, in the same windows.
+        assert row["read_gbs_before"] > 0 and row["read_gbs_after"] > 0
+        assert row["read_gbs"] == pytest.approx((row["read_gbs_before"] + row["read_gbs_after"]) / 2)
+        assert row["read_limit_tokens_per_s"] == pytest.approx(row["read_gbs"] * 1e9 / step * row["batch"])
+        assert row["of_read_limit"] == pytest.approx(row["tokens_per_s"] / row["read_limit_tokens_per_s"])
+    assert "%limit" in decode["_stdout"] and "before/after" in decode["_stdout"] and "%read" in decode["_stdout"]
     assert "# roofline: GB/s = mean of a STREAM triad" in decode["_stdout"]
 
 

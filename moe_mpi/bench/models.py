@@ -599,6 +599,18 @@ class _RecordRouting:
         return super().__call__(x, indices, *args, **kwargs)
 
 
+def _recording_route(block, calls: List[np.ndarray]):
+    """``block.route`` of a fused MoE block, counting its pairs per expert into ``calls``."""
+    route, num_experts = type(block).route, len(block.switch.ep_local_of)
+
+    def recording(h):
+        inds, scores = route(block, h)
+        calls.append(np.bincount(inds.reshape(-1), minlength=num_experts))
+        return inds, scores
+
+    return recording
+
+
 @contextlib.contextmanager
 def record_routing(model: Optional[nn.Module]) -> Iterator[List[np.ndarray]]:
     """Records, per switch-layer call, how many pairs went to each expert.
@@ -620,12 +632,20 @@ def record_routing(model: Optional[nn.Module]) -> Iterator[List[np.ndarray]]:
             switch.bench_routing = calls
             switches.append((switch, type(switch)))
             switch.__class__ = with_mixin(_RecordRouting, type(switch))
+    # The fused decode step (moe_mpi.fused) routes without calling the
+    # switch layer: record its routing where it is computed.
+    fused = getattr(model, "ep_fused_step", None) if model is not None else None
+    blocks = [layer.mlp for layer in fused.layers if hasattr(layer.mlp, "route")] if fused else []
+    for block in blocks:
+        block.route = _recording_route(block, calls)
     try:
         yield calls
     finally:
         for switch, cls in switches:
             switch.__class__ = cls
             del switch.bench_routing, switch.bench_num_experts
+        for block in blocks:
+            del block.route  # the class's own again
 
 
 def routing_imbalance(
@@ -763,7 +783,10 @@ def run_modes(
         load_seconds = ctx.ctl.allreduce_max(time.perf_counter() - start)
         # What the mode keeps resident, as opposed to its peak while loading.
         entry["model_bytes"] = ctx.ctl.allgather(int(mx.get_active_memory()))
-        emit(f"# mode {name}: built in {load_seconds:.1f} s; running")
+        fused = getattr(built.model, "ep_fused_step", None) is not None
+        entry["fused_decode"] = fused
+        step = "moe_mpi's fused step (moe_mpi.fused)" if fused else "the model's own code"
+        emit(f"# mode {name}: built in {load_seconds:.1f} s; decode steps: {step}; running")
         logits = built.run(lambda m: _logits(m, tokens))
         diff = None
         if ctx.rank == 0:

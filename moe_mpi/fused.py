@@ -1,0 +1,265 @@
+"""Fused CPU decode: a whole decode step of a sharded qwen3_moe model in numpy.
+
+On the CPU a decode step of mlx-lm's model code is hundreds of small MLX ops,
+each a round trip to MLX's stream thread, and the host kernels of
+:mod:`moe_mpi.host` add one sync per layer they replace. Measured in place
+(``examples/decode_phases.py``, docs/benchmarks.md) everything but the
+weight reads took 11-15 ms of a 40-50 ms batch-1 step. This module runs the
+step in numpy instead, reading the model's own weights through zero-copy
+views: per layer the matrix-vector products go to :func:`moe_mpi.gemv.matvec`,
+the norms, RoPE, attention and routing are a few numpy calls on ``[B, ...]``
+rows, and the KV cache stays mlx-lm's ``KVCache`` (one update per layer).
+
+It is a kernel, not a second model: :func:`use_fused_decode` puts
+:class:`FusedDecode` in front of the model's class, whose ``__call__`` takes
+only decode-sized calls (``[B, 1]`` token ids, mlx-lm ``KVCache`` per layer,
+float32 weights) and hands every other call (prefill, other caches) to the
+model's own ``__call__``. Only the ``qwen3_moe`` architecture is covered; a
+model it does not cover keeps mlx-lm's code. Every rank runs the same
+step: the dense part and the router are replicated, so each rank routes by
+itself, and each MoE layer ends in the one all-reduce of
+:meth:`FusedMoE.__call__`.
+"""
+
+import os
+from typing import List, Optional, Sequence
+
+import mlx.core as mx
+import numpy as np
+
+from . import gemv
+
+# Rows a fused step takes at most: decode batches (prefill stays in MLX).
+MAX_BATCH = 64
+
+
+def _view(a: mx.array) -> np.ndarray:
+    """A zero-copy numpy view of an evaluated float32 MLX array."""
+    return np.asarray(memoryview(a))
+
+
+def _weight(module, refs: list, name: str = "weight") -> np.ndarray:
+    """A view of ``module[name]``, noted in ``refs`` so a replaced weight is seen."""
+    a = module[name]
+    refs.append((module, name, a))
+    return _view(a)
+
+
+def _rms_norm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
+    """``x * rsqrt(mean(x**2, -1) + eps) * w``, as ``mx.fast.rms_norm``."""
+    mean_sq = np.einsum("...i,...i->...", x, x)[..., None] * (1.0 / x.shape[-1])  # [..., 1]
+    return x * (1.0 / np.sqrt(mean_sq + eps)) * w
+
+
+def _softmax(x: np.ndarray) -> np.ndarray:
+    """Softmax over the last axis in float32 (``mx.softmax(precise=True)``)."""
+    e = np.exp(x - x.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+class FusedAttention:
+    """Zero-copy views of one ``Attention`` of qwen3_moe, and its decode step."""
+
+    def __init__(self, attn, refs: list):
+        self.q, self.k, self.v, self.o = (_weight(attn[p], refs) for p in ("q_proj", "k_proj", "v_proj", "o_proj"))
+        self.q_norm, self.k_norm = _weight(attn.q_norm, refs), _weight(attn.k_norm, refs)
+        self.eps = attn.q_norm.eps
+        self.n_heads, self.n_kv = attn.n_heads, attn.n_kv_heads
+        self.head_dim = self.q.shape[0] // self.n_heads
+        self.scale = attn.scale
+        rope = attn.rope
+        if rope.traditional or rope.dims != self.head_dim:
+            raise ValueError(f"rope traditional={rope.traditional} dims={rope.dims}: not covered")
+        half = rope.dims // 2
+        f32 = np.float32
+        self.inv_freqs = np.exp(np.arange(0, -half, -1, dtype=f32) * f32(np.log(rope.base) / half))
+        self.rope_scale = f32(rope.scale)
+
+    def _rope(self, x: np.ndarray, offset: int) -> np.ndarray:
+        """Rotates ``[B, heads, hd]`` at position ``offset`` (halves paired), as ``fast.rope``."""
+        theta = (np.float32(offset) * self.rope_scale) * self.inv_freqs  # [hd/2], float32 as MLX
+        cos, sin = np.cos(theta), np.sin(theta)
+        half = self.head_dim // 2
+        x1, x2 = x[..., :half], x[..., half:]
+        return np.concatenate([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1)
+
+    def __call__(self, h: np.ndarray, cache) -> np.ndarray:
+        """``[B, D]`` normed rows in, the attention output ``[B, D]`` out; appends to ``cache``."""
+        B, hd = h.shape[0], self.head_dim
+        q = _rms_norm(gemv.matvec(self.q, h).reshape(B, self.n_heads, hd), self.q_norm, self.eps)
+        k = _rms_norm(gemv.matvec(self.k, h).reshape(B, self.n_kv, hd), self.k_norm, self.eps)
+        v = gemv.matvec(self.v, h).reshape(B, self.n_kv, 1, hd)
+        q = self._rope(q, cache.offset)  # [B, H, hd]
+        k = self._rope(k, cache.offset)[:, :, None]  # [B, KV, 1, hd]
+        # mlx-lm's cache keeps the keys and values: one update per layer.
+        keys, values = cache.update_and_fetch(mx.array(k), mx.array(v))  # [B, KV, T, hd]
+        mx.eval(keys, values)
+        keys, values = _view(keys), _view(values)
+        qg = q.reshape(B, self.n_kv, self.n_heads // self.n_kv, hd) * np.float32(self.scale)  # [B, KV, rep, hd]
+        p = _softmax(np.matmul(qg, keys.transpose(0, 1, 3, 2)))  # [B, KV, rep, T]
+        out = np.matmul(p, values).reshape(B, self.n_heads * hd)  # [B, H*hd]
+        return gemv.matvec(self.o, out)  # [B, D]
+
+
+class FusedMoE:
+    """One sharded MoE block: replicated router, this rank's experts, one all-reduce."""
+
+    def __init__(self, block, refs: list):
+        self.gate = _weight(block.gate, refs)  # [E, D], the replicated router
+        self.top_k = block.top_k
+        self.norm_topk_prob = block.norm_topk_prob
+        self.switch = block.switch_mlp  # LocalExperts: this rank's experts (or slices)
+        self.comm = block.ep_comm
+
+    def __call__(self, h: np.ndarray) -> np.ndarray:
+        """``[B, D]`` normed rows in, the block's output ``[B, D]`` (summed over ranks) out."""
+        k = self.top_k
+        inds, scores = self.route(h)  # [B, k] each
+        local = self.switch.ep_local_of[inds.reshape(-1)]  # [B*k], -1 where another rank owns it
+        slots = np.flatnonzero(local >= 0)
+        slots = slots[np.argsort(local[slots], kind="stable")]  # an expert's rows together
+        partial = np.zeros_like(h)  # [B, D], this rank's share
+        if slots.size:
+            y = self.switch._gemv_rows(h[slots // k], local[slots])  # [M, D]
+            np.add.at(partial, slots // k, y * scores.reshape(-1)[slots, None])
+        return self.comm.all_sum_host(partial)  # the one collective of this layer
+
+
+    def route(self, h: np.ndarray):
+        """The top-k experts of each row and their weights, ``[B, k]`` each, as the block routes."""
+        k = self.top_k
+        # Every rank computes the same routing: the router is replicated.
+        gates = _softmax(gemv.matvec(self.gate, h))  # [B, E]
+        inds = np.argpartition(gates, -k, axis=-1)[:, -k:]  # [B, k]
+        scores = np.take_along_axis(gates, inds, axis=-1)  # [B, k]
+        if self.norm_topk_prob:
+            scores = scores / scores.sum(axis=-1, keepdims=True)
+        return inds, scores
+
+
+class FusedMLP:
+    """A replicated dense MLP layer (qwen3_moe ``mlp_only_layers``)."""
+
+    def __init__(self, mlp, refs: list):
+        self.gate, self.up, self.down = (_weight(mlp[p], refs) for p in ("gate_proj", "up_proj", "down_proj"))
+
+    def __call__(self, h: np.ndarray) -> np.ndarray:
+        g = gemv.matvec(self.gate, h)
+        return gemv.matvec(self.down, g / (1.0 + np.exp(-g)) * gemv.matvec(self.up, h))
+
+
+class FusedLayer:
+    """One decoder layer: attention, then the MoE block (or dense MLP), residuals around both."""
+
+    def __init__(self, layer, refs: list):
+        from mlx_lm.models.qwen3_moe import MLP
+
+        self.attn = FusedAttention(layer.self_attn, refs)
+        self.ln_in, self.ln_post = _weight(layer.input_layernorm, refs), _weight(layer.post_attention_layernorm, refs)
+        self.eps_in, self.eps_post = layer.input_layernorm.eps, layer.post_attention_layernorm.eps
+        self.mlp = FusedMLP(layer.mlp, refs) if isinstance(layer.mlp, MLP) else FusedMoE(layer.mlp, refs)
+
+    def __call__(self, x: np.ndarray, cache) -> np.ndarray:
+        h = x + self.attn(_rms_norm(x, self.ln_in, self.eps_in), cache)  # [B, D]
+        return h + self.mlp(_rms_norm(h, self.ln_post, self.eps_post))
+
+
+class FusedStep:
+    """A decode step of a sharded qwen3_moe model in numpy: ``[B]`` tokens in, logits out."""
+
+    def __init__(self, model):
+        inner = model.model
+        # (module, name, array) of every weight viewed: see current().
+        self.refs: List[tuple] = []
+        self.embed = _weight(inner.embed_tokens, self.refs)  # [V, D]
+        self.norm, self.eps = _weight(inner.norm, self.refs), inner.norm.eps
+        self.head = self.embed if model.args.tie_word_embeddings else _weight(model.lm_head, self.refs)
+        self.layers = [FusedLayer(layer, self.refs) for layer in inner.layers]
+        self.steps = 0  # decode steps taken, for tests and benchmarks
+
+    def current(self) -> bool:
+        """Whether the model still holds the weights viewed (``update`` replaces them)."""
+        return all(m.get(name) is a for m, name, a in self.refs)
+
+    def takes(self, inputs: mx.array, cache) -> bool:
+        """Whether ``model(inputs, cache=cache)`` is a decode call this step covers."""
+        from mlx_lm.models.cache import KVCache
+
+        return (
+            inputs.ndim == 2
+            and inputs.shape[1] == 1
+            and inputs.shape[0] <= MAX_BATCH
+            and isinstance(cache, (list, tuple))
+            and len(cache) == len(self.layers)
+            and all(type(c) is KVCache for c in cache)
+        )
+
+    def __call__(self, inputs: mx.array, cache: Sequence) -> mx.array:
+        """Logits ``[B, 1, V]`` of one decode step; the caches advance by one."""
+        tokens = np.asarray(memoryview(inputs)).reshape(-1)  # [B]
+        x = self.embed[tokens]  # [B, D]
+        for layer, c in zip(self.layers, cache):
+            x = layer(x, c)
+        logits = gemv.matvec(self.head, _rms_norm(x, self.norm, self.eps))  # [B, V]
+        self.steps += 1
+        return mx.array(logits[:, None])
+
+
+class FusedDecode:
+    """Mixin for the top-level mlx-lm model: decode calls run :class:`FusedStep`."""
+
+    def __call__(self, inputs, cache=None, input_embeddings=None, **kwargs):
+        step = getattr(self, "ep_fused_step", None)
+        if step is not None and input_embeddings is None and not kwargs and step.takes(inputs, cache):
+            if not step.current():  # weights replaced since: view the new ones
+                step = _build(self)
+            if step is not None:
+                return step(inputs, cache)
+        return super().__call__(inputs, cache=cache, input_embeddings=input_embeddings, **kwargs)
+
+
+def fused_unsupported(model) -> Optional[str]:
+    """Why :func:`use_fused_decode` would leave ``model`` alone, or None."""
+    from mlx.utils import tree_flatten
+    from mlx_lm.models import qwen3_moe
+
+    from .host import host_gemv_enabled
+
+    if os.environ.get("MOE_MPI_FUSED_DECODE", "1") != "1":
+        return "MOE_MPI_FUSED_DECODE=0"
+    if not host_gemv_enabled():
+        return "the host path is off (a GPU, or MOE_MPI_HOST_GEMV=0)"
+    if not isinstance(model, qwen3_moe.Model):
+        return f"model_type={getattr(model, 'model_type', type(model).__name__)!r} is not covered (qwen3_moe only)"
+    if getattr(model, "ep_info", None) is None or model.ep_info.mode not in ("ep", "sliced"):
+        return "not an ep or sliced shard"
+    dtypes = {a.dtype for _, a in tree_flatten(model.parameters())}
+    if dtypes != {mx.float32}:
+        return f"weights are {sorted(str(d) for d in dtypes)}, not float32"
+    return None
+
+
+def use_fused_decode(model) -> bool:
+    """Gives a sharded (``ep`` or ``sliced``) qwen3_moe model the fused CPU decode step.
+
+    Call after the weights are loaded: the step holds views of them.
+    ``MOE_MPI_FUSED_DECODE=0`` turns it off. Returns whether it did.
+    """
+    if fused_unsupported(model) is not None:
+        return False
+    from .experts import with_mixin
+
+    _build(model)
+    model.__class__ = with_mixin(FusedDecode, type(model))
+    return True
+
+
+def _build(model) -> Optional[FusedStep]:
+    """(Re)builds the model's step on its current weights; None if they are no longer covered."""
+    step = None
+    if fused_unsupported(model) is None:
+        mx.eval(model.parameters())
+        step = FusedStep(model)
+    # A plain attribute: nn.Module would take a list of layers for parameters.
+    object.__setattr__(model, "ep_fused_step", step)
+    return step
