@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import argparse
 import time
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import mlx.core as mx
 import numpy as np
@@ -119,27 +119,35 @@ def _decode_one(
     )
     parts = roofline.limit_parts(ctx.config)
     if before is not None and parts is not None:
-        gbs = (before + after) / 2  # the window's bandwidth, as well as two samples tell
+        gbs = (before[0] + after[0]) / 2  # the window's bandwidth, as well as two samples tell
+        read_gbs = (before[1] + after[1]) / 2
         step_bytes = roofline.bytes_per_step(parts, built.name, ctx.size, batch)
         limit = roofline.decode_limit(step_bytes, batch, gbs)
+        read_limit = roofline.decode_limit(step_bytes, batch, read_gbs)
         row.update(
             stream_gbs=gbs,
-            stream_gbs_before=before,
-            stream_gbs_after=after,
+            stream_gbs_before=before[0],
+            stream_gbs_after=after[0],
             weight_bytes_per_step=step_bytes,
             limit_tokens_per_s=limit,
             of_limit=row["tokens_per_s"] / limit,
+            read_gbs=read_gbs,
+            read_gbs_before=before[1],
+            read_gbs_after=after[1],
+            read_limit_tokens_per_s=read_limit,
+            of_read_limit=row["tokens_per_s"] / read_limit,
         )
     return row
 
 
-def _stream_gbs(ctx: models.Context, built: models.Built) -> float:
-    """STREAM triad GB/s per rank (the slowest) as this mode reads memory."""
+def _stream_gbs(ctx: models.Context, built: models.Built) -> Tuple[float, float]:
+    """GB/s per rank (the slowest) of the STREAM triad and of a read-only
+    pass (:func:`moe_mpi.bench.roofline.stream_read`), as this mode reads memory."""
     mbytes = ctx.args.stream_mb
-    with models.exclude_from_peak_rss(ctx):  # the triad's arrays are not the mode's
+    with models.exclude_from_peak_rss(ctx):  # the probes' arrays are not the mode's
         if len(built.drivers) == 1 and ctx.size > 1:  # `single`: the others sleep
-            return roofline.stream_triad_alone(ctx.ctl, mbytes)
-        return min(ctx.ctl.allgather(roofline.stream_triad(ctx.ctl, mbytes)))
+            return tuple(roofline.probe_alone(ctx.ctl, p, mbytes) for p in (roofline.stream_triad, roofline.stream_read))
+        return tuple(min(ctx.ctl.allgather(p(ctx.ctl, mbytes))) for p in (roofline.stream_triad, roofline.stream_read))
 
 
 def decode_rows(ctx: models.Context, built: models.Built) -> List[Dict[str, Any]]:
@@ -223,13 +231,17 @@ ROOFLINE_COLUMNS = [
     ("MB/step", 8, lambda r: report.fmt(r.get("weight_bytes_per_step") and r["weight_bytes_per_step"] / 1e6, ".4g")),
     ("limit", 7, lambda r: report.fmt(r.get("limit_tokens_per_s"), ".1f")),
     ("%limit", 7, lambda r: report.fmt(r.get("of_limit") and 100 * r["of_limit"], ".0f")),
+    ("readGB/s", 8, lambda r: report.fmt(r.get("read_gbs"), ".1f")),
+    ("%read", 6, lambda r: report.fmt(r.get("of_read_limit") and 100 * r["of_read_limit"], ".0f")),
 ]
 ROOFLINE_LEGEND = (
     "roofline: GB/s = mean of a STREAM triad per rank measured right before and right after "
     "the mode's timed steps (before/after: the two; slowest rank, all driving ranks reading "
     "at once; single: rank 0 alone); MB/step = "
     "weight bytes the slowest rank reads per step (moe_mpi.bench.roofline, uniform "
-    "routing); limit = GB/s / MB/step x B tokens/s; %limit = tok/s / limit"
+    "routing); limit = GB/s / MB/step x B tokens/s; %limit = tok/s / limit; readGB/s = the same "
+    "for a read-only pass (BLAS sdot or moe_mpi.gemv, the faster: decode only reads weights), "
+    "%read = tok/s / (readGB/s / MB/step x B)"
 )
 
 

@@ -62,11 +62,29 @@ def stream_read(comm, mbytes: int = STREAM_MB, repeats: int = 5) -> float:
     """GB/s of a read-only pass over ``mbytes`` on this rank, all ranks at once.
 
     Decode only reads weights, so this is the access pattern the limit is
-    about; the triad also writes. BLAS ``sdot`` of an array with itself reads
-    it once; best of ``repeats``.
+    about; the triad also writes. Two ways of reading the array once, the
+    faster counts: BLAS ``sdot`` of the array with itself (one stream), and
+    :func:`moe_mpi.gemv.matvec` of it as a ``[rows, 4096]`` matrix (the
+    decode kernel: four streams for one row of ``x``, see ``_gemv.c``); best
+    of ``repeats`` each.
     """
-    a = np.ones(mbytes * (1 << 20) // 4, dtype=np.float32)
-    return a.nbytes / _best_seconds(comm, lambda: np.dot(a, a), repeats) / 1e9
+    from .. import gemv
+
+    a = np.ones(mbytes * (1 << 20) // 4 // 4096 * 4096, dtype=np.float32)
+    w, x = a.reshape(-1, 4096), np.ones(4096, dtype=np.float32)
+    seconds = min(
+        _best_seconds(comm, lambda: np.dot(a, a), repeats),
+        _best_seconds(comm, lambda: gemv.matvec(w, x), repeats),
+    )
+    return a.nbytes / seconds / 1e9
+
+
+def probe_alone(comm, probe, mbytes: int = STREAM_MB) -> float:
+    """Rank 0's GB/s from ``probe`` (:func:`stream_triad`, :func:`stream_read`)
+    while the other ranks wait (single process)."""
+    result = probe(_Self(), mbytes) if comm.rank == 0 else 0.0
+    comm.barrier()
+    return comm.bcast(result)
 
 
 def _best_seconds(comm, fn, repeats: int) -> float:
@@ -228,7 +246,7 @@ def _run(comm, args: argparse.Namespace) -> None:
     if comm.rank == 0:
         print(f"# STREAM triad per rank, all {comm.size} ranks at once: "
               + ", ".join(f"{g:.1f}" for g in together) + f" GB/s; rank 0 alone: {alone:.1f} GB/s")
-        print(f"# read-only (sdot) per rank, all {comm.size} ranks at once: "
+        print(f"# read-only (sdot or moe_mpi.gemv, the faster) per rank, all {comm.size} ranks at once: "
               + ", ".join(f"{g:.1f}" for g in read) + " GB/s (context: 'of read' = measured / the limit at that bandwidth)")
         print(f"# model: {parts['layers']} layers, {parts['num_experts']} experts top-{parts['top_k']}, "
               f"expert {parts['expert'] / 1e6:.1f} MB, attention/layer {parts['attention_per_layer'] / 1e6:.1f} MB, "
@@ -250,9 +268,7 @@ def _run(comm, args: argparse.Namespace) -> None:
 
 def stream_triad_alone(comm, mbytes: int = STREAM_MB) -> float:
     """Rank 0's triad bandwidth while the other ranks wait (single process)."""
-    result = stream_triad(_Self(), mbytes) if comm.rank == 0 else 0.0
-    comm.barrier()
-    return comm.bcast(result)
+    return probe_alone(comm, stream_triad, mbytes)
 
 
 class _Self:
