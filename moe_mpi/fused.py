@@ -57,6 +57,27 @@ def _softmax(x: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=-1, keepdims=True)
 
 
+def _group_sum(group):
+    """Sums a numpy array over an ``mx.distributed`` group with ``mx.distributed.all_sum``.
+
+    For mlx-lm's tensor-parallel model (``model.shard()``), whose all-reduces
+    are its own: the attention's ``ShardedToAllLinear`` and the MoE block's
+    ``sharding_group``.
+    """
+
+    def reduce(x: np.ndarray) -> np.ndarray:
+        return np.asarray(memoryview(mx.distributed.all_sum(mx.array(x), group=group)))
+
+    return reduce
+
+
+def _reduce_of(linear):
+    """The all-reduce after an output projection: mlx's ``ShardedToAllLinear``'s, else None."""
+    from mlx.nn.layers.distributed import ShardedToAllLinear
+
+    return _group_sum(linear.group) if isinstance(linear, ShardedToAllLinear) else None
+
+
 class FusedAttention:
     """Zero-copy views of one ``Attention`` of qwen3_moe, and its decode step."""
 
@@ -67,6 +88,7 @@ class FusedAttention:
         self.n_heads, self.n_kv = attn.n_heads, attn.n_kv_heads
         self.head_dim = self.q.shape[0] // self.n_heads
         self.scale = attn.scale
+        self.reduce = _reduce_of(attn.o_proj)  # tensor parallel: heads are split
         rope = attn.rope
         if rope.traditional or rope.dims != self.head_dim:
             raise ValueError(f"rope traditional={rope.traditional} dims={rope.dims}: not covered")
@@ -98,7 +120,8 @@ class FusedAttention:
         qg = q.reshape(B, self.n_kv, self.n_heads // self.n_kv, hd) * np.float32(self.scale)  # [B, KV, rep, hd]
         p = _softmax(np.matmul(qg, keys.transpose(0, 1, 3, 2)))  # [B, KV, rep, T]
         out = np.matmul(p, values).reshape(B, self.n_heads * hd)  # [B, H*hd]
-        return gemv.matvec(self.o, out)  # [B, D]
+        y = gemv.matvec(self.o, out)  # [B, D]
+        return y if self.reduce is None else self.reduce(y)
 
 
 class FusedMoE:
@@ -109,7 +132,14 @@ class FusedMoE:
         self.top_k = block.top_k
         self.norm_topk_prob = block.norm_topk_prob
         self.switch = block.switch_mlp  # LocalExperts: this rank's experts (or slices)
-        self.comm = block.ep_comm
+        if "ep_comm" in block.__dict__:  # moe_mpi's shard: the Communicator
+            comm = block.ep_comm
+            # Another object with all_sum (mx.array in and out) works too.
+            self.all_sum = getattr(comm, "all_sum_host", None) or (
+                lambda x: np.asarray(memoryview(comm.all_sum(mx.array(x))))
+            )
+        else:  # mlx-lm's tensor parallel: its own all_sum over the sharding group
+            self.all_sum = _group_sum(block.sharding_group)
 
     def __call__(self, h: np.ndarray) -> np.ndarray:
         """``[B, D]`` normed rows in, the block's output ``[B, D]`` (summed over ranks) out."""
@@ -122,7 +152,7 @@ class FusedMoE:
         if slots.size:
             y = self.switch._gemv_rows(h[slots // k], local[slots])  # [M, D]
             np.add.at(partial, slots // k, y * scores.reshape(-1)[slots, None])
-        return self.comm.all_sum_host(partial)  # the one collective of this layer
+        return self.all_sum(partial)  # the one collective of this layer
 
 
     def route(self, h: np.ndarray):
@@ -142,10 +172,12 @@ class FusedMLP:
 
     def __init__(self, mlp, refs: list):
         self.gate, self.up, self.down = (_weight(mlp[p], refs) for p in ("gate_proj", "up_proj", "down_proj"))
+        self.reduce = _reduce_of(mlp.down_proj)  # tensor parallel: the MLP is split
 
     def __call__(self, h: np.ndarray) -> np.ndarray:
         g = gemv.matvec(self.gate, h)
-        return gemv.matvec(self.down, g / (1.0 + np.exp(-g)) * gemv.matvec(self.up, h))
+        y = gemv.matvec(self.down, g / (1.0 + np.exp(-g)) * gemv.matvec(self.up, h))
+        return y if self.reduce is None else self.reduce(y)
 
 
 class FusedLayer:
@@ -231,16 +263,33 @@ def fused_unsupported(model) -> Optional[str]:
         return "the host path is off (a GPU, or MOE_MPI_HOST_GEMV=0)"
     if not isinstance(model, qwen3_moe.Model):
         return f"model_type={getattr(model, 'model_type', type(model).__name__)!r} is not covered (qwen3_moe only)"
-    if getattr(model, "ep_info", None) is None or model.ep_info.mode not in ("ep", "sliced"):
-        return "not an ep or sliced shard"
+    if _tensor_parallel(model):
+        from .experts import LocalExperts
+
+        if not all(isinstance(layer.mlp.switch_mlp, LocalExperts) for layer in model.layers if hasattr(layer.mlp, "switch_mlp")):
+            return "tensor parallel without moe_mpi's host kernels (moe_mpi.host.use_host_kernels_tp)"
+    elif getattr(model, "ep_info", None) is None or model.ep_info.mode not in ("ep", "sliced"):
+        return "not an ep or sliced shard, nor mlx-lm's tensor parallel"
     dtypes = {a.dtype for _, a in tree_flatten(model.parameters())}
     if dtypes != {mx.float32}:
         return f"weights are {sorted(str(d) for d in dtypes)}, not float32"
     return None
 
 
+def _tensor_parallel(model) -> bool:
+    """Whether ``model`` is mlx-lm's tensor-parallel shard (``model.shard()``)."""
+    from mlx.nn.layers.distributed import AllToShardedLinear
+
+    return isinstance(model.layers[0].self_attn.q_proj, AllToShardedLinear)
+
+
 def use_fused_decode(model) -> bool:
-    """Gives a sharded (``ep`` or ``sliced``) qwen3_moe model the fused CPU decode step.
+    """Gives a sharded qwen3_moe model the fused CPU decode step.
+
+    For moe_mpi's ``ep`` and ``sliced`` shards, and, for benchmarks that
+    compare like with like, mlx-lm's tensor-parallel shard after
+    :func:`moe_mpi.host.use_host_kernels_tp` (its all-reduces stay
+    ``mx.distributed.all_sum``, two per layer).
 
     Call after the weights are loaded: the step holds views of them.
     ``MOE_MPI_FUSED_DECODE=0`` turns it off. Returns whether it did.

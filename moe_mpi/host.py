@@ -227,9 +227,10 @@ def use_host_kernels_tp(model: nn.Module) -> int:
     :class:`HostLinear` on mlx's ``AllToShardedLinear``,
     :class:`HostShardedToAllLinear` on ``ShardedToAllLinear``, and the
     expert host path (:class:`moe_mpi.experts.LocalExperts` with every
-    expert local, each holding its slice) on float32 switch layers. The
-    all-reduces stay mlx-lm's (``mx.distributed.all_sum``). Does nothing
-    unless :func:`host_gemv_enabled`.
+    expert local, each holding its slice) on float32 switch layers, and
+    the fused decode step (:func:`moe_mpi.fused.use_fused_decode`) on a
+    float32 qwen3_moe model. The all-reduces stay mlx-lm's
+    (``mx.distributed.all_sum``). Does nothing unless :func:`host_gemv_enabled`.
 
     Returns:
         The number of layers changed.
@@ -255,4 +256,7 @@ def use_host_kernels_tp(model: nn.Module) -> int:
             make_local(m, range(n), n)
             changed += 1
     store_host_layout(model)
+    from .fused import use_fused_decode  # here: moe_mpi.fused imports moe_mpi.host
+
+    use_fused_decode(model)  # float32 qwen3_moe: decode steps in numpy, as moe_mpi's modes
     return changed

@@ -3,9 +3,10 @@
 Every rank builds the same tiny random qwen3_moe model twice: plain, and
 through mlx-lm's ``shard()`` on MLX's MPI group followed by
 :func:`moe_mpi.host.use_host_kernels_tp`. The sharded model's prefill and
-decode logits (one row: the host paths, the cross-rank ``all_sum`` of
-``o_proj`` and of the MoE block) must match the plain model's, and so must
-12 greedy tokens. An exception on any rank aborts every rank.
+decode logits (one and two rows: the fused decode step of
+:mod:`moe_mpi.fused`, with mlx-lm's cross-rank ``all_sum`` of ``o_proj``
+and of the MoE block) must match the plain model's, and so must 12 greedy
+tokens. An exception on any rank aborts every rank.
 """
 
 import mlx.core as mx
@@ -31,12 +32,14 @@ def main() -> None:
     kinds = [type(m) for _, m in tp.named_modules()]
     assert any(issubclass(k, HostShardedToAllLinear) for k in kinds)
     assert any(issubclass(k, LocalExperts) for k in kinds)
-    caches = [make_prompt_cache(m) for m in (plain, tp)]
-    tokens = mx.array([[3, 1, 4, 1, 5, 9, 2, 6]])
-    for step in range(6):  # the prompt, then one token at a time
-        want, got = plain(tokens, cache=caches[0]), tp(tokens, cache=caches[1])
-        np.testing.assert_allclose(np.array(got), np.array(want), rtol=1e-4, atol=1e-4)
-        tokens = mx.argmax(want[:, -1:], axis=-1)
+    assert tp.ep_fused_step is not None, "no fused decode step"
+    for tokens in (mx.array([[3, 1, 4, 1, 5, 9, 2, 6]]), mx.array([[3, 1, 4], [2, 7, 1]])):
+        caches = [make_prompt_cache(m) for m in (plain, tp)]
+        for step in range(6):  # the prompt, then one token at a time (the fused step)
+            want, got = plain(tokens, cache=caches[0]), tp(tokens, cache=caches[1])
+            np.testing.assert_allclose(np.array(got), np.array(want), rtol=1e-4, atol=1e-4)
+            tokens = mx.argmax(want[:, -1:], axis=-1)
+    assert tp.ep_fused_step.steps == 10, tp.ep_fused_step.steps
     prompt = mx.array([2, 7, 1, 8])
     greedy = [[int(t) for t, _ in generate_step(prompt, m, max_tokens=12)] for m in (plain, tp)]
     assert greedy[0] == greedy[1], greedy

@@ -96,4 +96,4 @@ def test_off_switch_and_uncovered_models(checkpoint, tmp_path, monkeypatch):
     model, _ = load(str(mixtral), comm=comm)
     assert "qwen3_moe only" in fused.fused_unsupported(model)
     model, _ = load(str(checkpoint), comm=comm, mode="central")
-    assert fused.fused_unsupported(model) == "not an ep or sliced shard"
+    assert fused.fused_unsupported(model) == "not an ep or sliced shard, nor mlx-lm's tensor parallel"

@@ -302,6 +302,9 @@ def test_tensor_parallel_model_with_host_kernels_matches_mlx(monkeypatch):
 
     if not host_gemv_enabled():
         pytest.skip("host path is CPU only")
+    # The layers' own host paths: the fused decode step (tests/mpi_tp_host.py)
+    # would take the decode calls.
+    monkeypatch.setenv("MOE_MPI_FUSED_DECODE", "0")
     plain, _ = build_model(tiny_config("qwen3_moe"), seed=5)
     mx.eval(plain.parameters())
     tp, _ = build_model(tiny_config("qwen3_moe"), seed=5)

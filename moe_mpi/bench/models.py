@@ -523,8 +523,9 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
         "--tp-host-kernels",
         action="store_true",
         help="give the mlx-lm-tp baseline moe_mpi's CPU decode kernels (one-row products, "
-        "norms, RoPE, experts; moe_mpi.host.use_host_kernels_tp), so that it runs with the "
-        "same fast paths as moe_mpi's modes",
+        "norms, RoPE, experts, and the fused decode step with mlx-lm's own all-reduces; "
+        "moe_mpi.host.use_host_kernels_tp), so that it runs with the same fast paths as "
+        "moe_mpi's modes",
     )
     parser.add_argument(
         "--rounds",
