@@ -111,15 +111,26 @@ class FusedAttention:
         q = _rms_norm(gemv.matvec(self.q, h).reshape(B, self.n_heads, hd), self.q_norm, self.eps)
         k = _rms_norm(gemv.matvec(self.k, h).reshape(B, self.n_kv, hd), self.k_norm, self.eps)
         v = gemv.matvec(self.v, h).reshape(B, self.n_kv, 1, hd)
-        q = self._rope(q, cache.offset)  # [B, H, hd]
-        k = self._rope(k, cache.offset)[:, :, None]  # [B, KV, 1, hd]
-        # mlx-lm's cache keeps the keys and values: one update per layer.
-        keys, values = cache.update_and_fetch(mx.array(k), mx.array(v))  # [B, KV, T, hd]
-        mx.eval(keys, values)
-        keys, values = _view(keys), _view(values)
-        qg = q.reshape(B, self.n_kv, self.n_heads // self.n_kv, hd) * np.float32(self.scale)  # [B, KV, rep, hd]
-        p = _softmax(np.matmul(qg, keys.transpose(0, 1, 3, 2)))  # [B, KV, rep, T]
-        out = np.matmul(p, values).reshape(B, self.n_heads * hd)  # [B, H*hd]
+        t = cache.offset  # positions already in the cache
+        q = self._rope(q, t)  # [B, H, hd]
+        k = self._rope(k, t)[:, :, None]  # [B, KV, 1, hd]
+        qg = q.reshape(B, self.n_kv, self.n_heads // self.n_kv, 1, hd) * np.float32(self.scale)  # [B, KV, rep, 1, hd]
+        # Scores against the cached keys (a view of mlx-lm's cache, evaluated
+        # at the end of the last step) and against this token's own key.
+        scores = np.matmul(qg, k[:, :, None].swapaxes(-1, -2))[..., 0]  # [B, KV, rep, 1]
+        if t:
+            cached_k, cached_v = (_view(a)[:, :, :t] for a in (cache.keys, cache.values))  # [B, KV, t, hd]
+            scores = np.concatenate([np.matmul(qg, cached_k[:, :, None].swapaxes(-1, -2))[..., 0, :], scores], axis=-1)
+        p = _softmax(scores)  # [B, KV, rep, t + 1]
+        out = p[..., -1:] * v  # [B, KV, rep, hd]: this token's value
+        if t:
+            out += np.matmul(p[..., :-1], cached_v)
+            del cached_k, cached_v  # no view may hold the buffer the update writes into
+        # mlx-lm's cache keeps the keys and values: the update stays lazy, and
+        # FusedStep evaluates every layer's at once (one sync per step, and
+        # MLX updates the buffer in place: nothing else holds it).
+        cache.update_and_fetch(mx.array(k), mx.array(v))
+        out = out.reshape(B, self.n_heads * hd)  # [B, H*hd]
         y = gemv.matvec(self.o, out)  # [B, D]
         return y if self.reduce is None else self.reduce(y)
 
@@ -232,6 +243,8 @@ class FusedStep:
         x = self.embed[tokens]  # [B, D]
         for layer, c in zip(self.layers, cache):
             x = layer(x, c)
+        # The caches' updates run on MLX's stream while the LM head runs here.
+        mx.async_eval([a for c in cache for a in (c.keys, c.values)])
         logits = gemv.matvec(self.head, _rms_norm(x, self.norm, self.eps))  # [B, V]
         self.steps += 1
         return mx.array(logits[:, None])
