@@ -27,14 +27,22 @@ which is timed first, untouched::
 RoPE back to MLX (:class:`moe_mpi.host.HostRMSNorm`, :class:`~moe_mpi.host.HostRoPE`
 off), to compare the two. Writes the synthetic checkpoint on first use, as
 ``moe-mpi bench`` does.
+
+It splits the step of mlx-lm's model code (with moe_mpi's host kernels), so
+it turns moe_mpi's fused decode step off (``MOE_MPI_FUSED_DECODE=0``),
+which would otherwise run the whole step in numpy, out of reach of the
+instrumentation.
 """
 
 import argparse
+import os
 import sys
 import time
 from collections import defaultdict
 
-import moe_mpi
+os.environ["MOE_MPI_FUSED_DECODE"] = "0"  # the phases of mlx-lm's code, not the fused step
+
+import moe_mpi  # noqa: E402
 import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.cache import KVCache, make_prompt_cache
