@@ -28,6 +28,7 @@ import mlx.core as mx
 import numpy as np
 
 from . import gemv
+from .host import rms_norm, rope_angles, rotate
 
 # Rows a fused step takes at most: decode batches (prefill stays in MLX).
 MAX_BATCH = 64
@@ -43,12 +44,6 @@ def _weight(module, refs: list, name: str = "weight") -> np.ndarray:
     a = module[name]
     refs.append((module, name, a))
     return _view(a)
-
-
-def _rms_norm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
-    """``x * rsqrt(mean(x**2, -1) + eps) * w``, as ``mx.fast.rms_norm``."""
-    mean_sq = np.einsum("...i,...i->...", x, x)[..., None] * (1.0 / x.shape[-1])  # [..., 1]
-    return x * (1.0 / np.sqrt(mean_sq + eps)) * w
 
 
 def _softmax(x: np.ndarray) -> np.ndarray:
@@ -89,31 +84,19 @@ class FusedAttention:
         self.head_dim = self.q.shape[0] // self.n_heads
         self.scale = attn.scale
         self.reduce = _reduce_of(attn.o_proj)  # tensor parallel: heads are split
-        rope = attn.rope
-        if rope.traditional or rope.dims != self.head_dim:
-            raise ValueError(f"rope traditional={rope.traditional} dims={rope.dims}: not covered")
-        half = rope.dims // 2
-        f32 = np.float32
-        self.inv_freqs = np.exp(np.arange(0, -half, -1, dtype=f32) * f32(np.log(rope.base) / half))
-        self.rope_scale = f32(rope.scale)
-
-    def _rope(self, x: np.ndarray, offset: int) -> np.ndarray:
-        """Rotates ``[B, heads, hd]`` at position ``offset`` (halves paired), as ``fast.rope``."""
-        theta = (np.float32(offset) * self.rope_scale) * self.inv_freqs  # [hd/2], float32 as MLX
-        cos, sin = np.cos(theta), np.sin(theta)
-        half = self.head_dim // 2
-        x1, x2 = x[..., :half], x[..., half:]
-        return np.concatenate([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1)
+        self.rope = attn.rope
 
     def __call__(self, h: np.ndarray, cache) -> np.ndarray:
         """``[B, D]`` normed rows in, the attention output ``[B, D]`` out; appends to ``cache``."""
         B, hd = h.shape[0], self.head_dim
-        q = _rms_norm(gemv.matvec(self.q, h).reshape(B, self.n_heads, hd), self.q_norm, self.eps)
-        k = _rms_norm(gemv.matvec(self.k, h).reshape(B, self.n_kv, hd), self.k_norm, self.eps)
+        q = rms_norm(gemv.matvec(self.q, h).reshape(B, self.n_heads, hd), self.q_norm, self.eps)
+        k = rms_norm(gemv.matvec(self.k, h).reshape(B, self.n_kv, hd), self.k_norm, self.eps)
         v = gemv.matvec(self.v, h).reshape(B, self.n_kv, 1, hd)
         t = cache.offset  # positions already in the cache
-        q = self._rope(q, t)  # [B, H, hd]
-        k = self._rope(k, t)[:, :, None]  # [B, KV, 1, hd]
+        rope = self.rope
+        cos, sin = rope_angles(rope.dims, rope.base, rope.scale, t, 1)  # [1, dims/2] each
+        q = rotate(q, cos, sin, rope.dims, rope.traditional)  # [B, H, hd]
+        k = rotate(k, cos, sin, rope.dims, rope.traditional)[:, :, None]  # [B, KV, 1, hd]
         qg = q.reshape(B, self.n_kv, self.n_heads // self.n_kv, 1, hd) * np.float32(self.scale)  # [B, KV, rep, 1, hd]
         # Scores against the cached keys (a view of mlx-lm's cache, evaluated
         # at the end of the last step) and against this token's own key.
@@ -203,8 +186,8 @@ class FusedLayer:
         self.mlp = FusedMLP(layer.mlp, refs) if isinstance(layer.mlp, MLP) else FusedMoE(layer.mlp, refs)
 
     def __call__(self, x: np.ndarray, cache) -> np.ndarray:
-        h = x + self.attn(_rms_norm(x, self.ln_in, self.eps_in), cache)  # [B, D]
-        return h + self.mlp(_rms_norm(h, self.ln_post, self.eps_post))
+        h = x + self.attn(rms_norm(x, self.ln_in, self.eps_in), cache)  # [B, D]
+        return h + self.mlp(rms_norm(h, self.ln_post, self.eps_post))
 
 
 class FusedStep:
@@ -245,7 +228,7 @@ class FusedStep:
             x = layer(x, c)
         # The caches' updates run on MLX's stream while the LM head runs here.
         mx.async_eval([a for c in cache for a in (c.keys, c.values)])
-        logits = gemv.matvec(self.head, _rms_norm(x, self.norm, self.eps))  # [B, V]
+        logits = gemv.matvec(self.head, rms_norm(x, self.norm, self.eps))  # [B, V]
         self.steps += 1
         return mx.array(logits[:, None])
 

@@ -128,10 +128,14 @@ class HostRMSNorm:
         v = _host_input(x) if weight.dtype == mx.float32 else None
         if v is None:
             return super().__call__(x)
-        w = np.asarray(memoryview(weight))  # [D], zero-copy
-        # einsum: the sum of squares without np.mean's overhead (~2x faster here).
-        mean_sq = np.einsum("...i,...i->...", v, v)[..., None] * (1.0 / v.shape[-1])  # [..., 1]
-        return mx.array(v * (1.0 / np.sqrt(mean_sq + self.eps)) * w)  # [..., D]
+        return mx.array(rms_norm(v, np.asarray(memoryview(weight)), self.eps))  # [..., D]
+
+
+def rms_norm(v: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
+    """``v * rsqrt(mean(v**2, -1) + eps) * w`` in numpy, as ``mx.fast.rms_norm``."""
+    # einsum: the sum of squares without np.mean's overhead (~2x faster here).
+    mean_sq = np.einsum("...i,...i->...", v, v)[..., None] * (1.0 / v.shape[-1])  # [..., 1]
+    return v * (1.0 / np.sqrt(mean_sq + eps)) * w
 
 
 class HostRoPE:
@@ -151,35 +155,48 @@ class HostRoPE:
         if v is None:
             return super().__call__(x, offset=offset)
         cos, sin = self._angles(offset, v.shape[-2])  # [L, dims/2] each
-        dims = self.dims
-        if self.traditional:  # pairs (0, 1), (2, 3), ...
-            first, second = slice(0, dims, 2), slice(1, dims, 2)
-        else:  # pairs (j, j + dims/2)
-            first, second = slice(0, dims // 2), slice(dims // 2, dims)
-        x1, x2 = v[..., first], v[..., second]
-        y = np.array(v)  # features past `dims` pass through
-        y[..., first] = x1 * cos - x2 * sin
-        y[..., second] = x1 * sin + x2 * cos
-        return mx.array(y)
+        return mx.array(rotate(v, cos, sin, self.dims, self.traditional))
 
     def _angles(self, offset: int, length: int):
-        """cos and sin of the rotation angles, float32 ``[length, dims/2]``.
-
-        Computed in float32 the way MLX's CPU ``fast.rope`` does, so far-off
-        positions round alike. Cached for the last (offset, length): decode
-        rotates a layer's queries and keys at the same offset.
-        """
+        """:func:`rope_angles` of this layer, cached for the last (offset, length):
+        decode rotates a layer's queries and keys at the same offset."""
         key = (offset, length)
         if getattr(self, "_host_angles_key", None) != key:
-            f32 = np.float32
-            half = self.dims // 2
-            inv_freqs = np.exp(np.arange(0, -half, -1, dtype=f32) * f32(np.log(self.base) / half))
-            positions = (np.arange(length, dtype=f32) + f32(offset)) * f32(self.scale)
-            theta = positions[:, None] * inv_freqs[None]  # [L, dims/2]
+            angles = rope_angles(self.dims, self.base, self.scale, offset, length)
             # Plain attributes: nn.Module would take a tuple for parameters.
-            object.__setattr__(self, "_host_angles", (np.cos(theta), np.sin(theta)))
+            object.__setattr__(self, "_host_angles", angles)
             object.__setattr__(self, "_host_angles_key", key)
         return self._host_angles
+
+
+def rope_angles(dims: int, base: float, scale: float, offset: int, length: int):
+    """cos and sin of RoPE's rotation angles, float32 ``[length, dims/2]``.
+
+    Positions ``offset + i``, frequencies ``base ** (-2j / dims)``,
+    positions times ``scale``, computed in float32 the way MLX's CPU
+    ``fast.rope`` does, so far-off positions round alike.
+    """
+    f32 = np.float32
+    half = dims // 2
+    inv_freqs = np.exp(np.arange(0, -half, -1, dtype=f32) * f32(np.log(base) / half))
+    positions = (np.arange(length, dtype=f32) + f32(offset)) * f32(scale)
+    theta = positions[:, None] * inv_freqs[None]  # [L, dims/2]
+    return np.cos(theta), np.sin(theta)
+
+
+def rotate(v: np.ndarray, cos: np.ndarray, sin: np.ndarray, dims: int, traditional: bool) -> np.ndarray:
+    """``v`` rotated as ``mx.fast.rope``: the first ``dims`` features of the
+    last axis in pairs (halves, or neighbours if ``traditional``); ``cos`` and
+    ``sin`` broadcast against ``v[..., :dims/2]``. Returns a new array."""
+    if traditional:  # pairs (0, 1), (2, 3), ...
+        first, second = slice(0, dims, 2), slice(1, dims, 2)
+    else:  # pairs (j, j + dims/2)
+        first, second = slice(0, dims // 2), slice(dims // 2, dims)
+    x1, x2 = v[..., first], v[..., second]
+    y = np.array(v)  # features past `dims` pass through
+    y[..., first] = x1 * cos - x2 * sin
+    y[..., second] = x1 * sin + x2 * cos
+    return y
 
 
 def host_gemv_enabled() -> bool:
