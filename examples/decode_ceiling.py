@@ -16,13 +16,15 @@ It does so with each kernel in turn:
   weights (decode's default);
 * ``sgemv``: numpy's OpenBLAS ``sgemv`` "N" on ``[in, out]`` weights (the
   expert path without the compiled loop);
-* ``read``: no product at all, BLAS ``sdot`` of each weight with itself,
-  which reads it once: how fast this CPU reads the step's bytes.
+* ``read``: no product at all, :func:`moe_mpi.gemv.read` of each weight
+  (a bare sequential read, the fastest read loop found here): how fast
+  this CPU reads the step's bytes, whatever a kernel does with them.
 
-In the same job it measures the STREAM triad of ``moe-mpi bench roofline``
-(all ranks at once, before and after the kernels) and prints each ceiling
-beside the bandwidth limit that ``moe-mpi bench decode`` prints for ``ep``
-(same byte model)::
+In the same job it measures the STREAM triad and the read-only pass of
+``moe-mpi bench roofline`` (all ranks at once, before and after the
+kernels) and prints each ceiling against the bandwidth limit that
+``moe-mpi bench decode`` prints for ``ep`` (same byte model), at either
+bandwidth::
 
     mpirun -n 2 .venv/bin/python examples/decode_ceiling.py [--kernels gemv,sgemv,read] [--synthetic dbrx-like]
 
@@ -43,10 +45,10 @@ from moe_mpi.bench.models import SYNTHETIC, synthetic_config
 STEPS, WARMUP = 40, 5
 
 
-def _sdot(w: np.ndarray, x: np.ndarray) -> np.ndarray:
-    """Reads ``w`` once (BLAS sdot of w with itself); returns zeros of the product's shape."""
-    flat = w.reshape(-1)
-    np.dot(flat, flat)
+def _read(w: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """Reads ``w`` once and does nothing else (:func:`moe_mpi.gemv.read`);
+    returns zeros of the product's shape."""
+    gemv.read(w)
     return np.zeros(w.shape[0], dtype=np.float32)
 
 
@@ -54,7 +56,7 @@ def _sdot(w: np.ndarray, x: np.ndarray) -> np.ndarray:
 KERNELS = {
     "gemv": ("out_in", gemv.matvec),
     "sgemv": ("in_out", lambda w, x: w @ x),  # w: transposed view of [in, out] memory
-    "read": ("out_in", _sdot),
+    "read": ("out_in", _read),
 }
 
 
@@ -117,23 +119,25 @@ def main() -> None:
     comm = MPI.COMM_WORLD
     config = synthetic_config(args.synthetic)
 
-    def triad() -> float:
-        return min(comm.allgather(roofline.stream_triad(_Comm(comm))))
+    def probes() -> tuple:  # (triad, read-only) GB/s per rank, the slowest, all ranks at once
+        return tuple(min(comm.allgather(p(_Comm(comm)))) for p in (roofline.stream_triad, roofline.stream_read))
 
-    before = triad()
+    before = probes()
     seconds = {name: ceiling(comm, config, name) for name in kernels}
-    after = triad()
-    gbs = (before + after) / 2
-    parts = roofline.limit_parts(config)
-    limit = roofline.decode_limit(roofline.bytes_per_step(parts, "ep", comm.size, 1), 1, gbs)
+    after = probes()
+    step_bytes = roofline.bytes_per_step(roofline.limit_parts(config), "ep", comm.size, 1)
+    gbs = [(b + a) / 2 for b, a in zip(before, after)]
+    limit, read_limit = (roofline.decode_limit(step_bytes, 1, g) for g in gbs)
     if comm.rank == 0:
         print(f"# {comm.size} ranks, {args.synthetic} shapes, weight reads only (no MLX, no all-reduce data); "
               f"matrix-vector: {gemv.describe()}")
-        print(f"STREAM triad {before:.1f} before, {after:.1f} after -> {gbs:.1f} GB/s per rank; "
-              f"ep limit {limit:.1f} tok/s")
+        print(f"STREAM triad {before[0]:.1f} before, {after[0]:.1f} after -> {gbs[0]:.1f} GB/s per rank; "
+              f"ep limit {limit:.1f} tok/s ({step_bytes / 1e6:.1f} MB/step, slowest rank)")
+        print(f"read-only {before[1]:.1f} before, {after[1]:.1f} after -> {gbs[1]:.1f} GB/s per rank; "
+              f"ep limit at that bandwidth {read_limit:.1f} tok/s")
         for name, s in seconds.items():
             print(f"{name:>6s} ceiling: {s * 1e3:5.1f} ms/step = {1 / s:5.1f} tok/s = "
-                  f"{100 / s / limit:3.0f}% of the limit")
+                  f"{100 / s / limit:3.0f}% of the limit, {100 / s / read_limit:3.0f}% of the read-only one")
 
 
 class _Comm:

@@ -66,3 +66,23 @@ def matvec(w: np.ndarray, x: np.ndarray) -> np.ndarray:
     y = np.empty((rows.shape[0], n), dtype=np.float32)  # [m, n]
     _KERNEL.gemv(w, rows, y, n, k, rows.shape[0])
     return y.reshape(*x.shape[:-1], n)
+
+
+def read(a: np.ndarray) -> float:
+    """Reads ``a`` once, front to back, and does nothing else: a memory probe.
+
+    For the read-only bandwidth of :func:`moe_mpi.bench.roofline.stream_read`
+    (decode only reads its weights). The compiled loop is one sequential
+    stream with software prefetch; without it, numpy's sum.
+
+    Args:
+        a: a C-contiguous float32 array.
+
+    Returns:
+        The float32 sum of ``a`` (returned so that the read cannot be skipped).
+    """
+    if a.dtype != np.float32 or not a.flags.c_contiguous:
+        raise ValueError(f"read: a C-contiguous float32 array, not {a.dtype} {a.shape}")
+    if _gemv is None:
+        return float(a.sum(dtype=np.float32))
+    return _gemv.read(a)

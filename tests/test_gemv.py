@@ -79,3 +79,21 @@ def test_numpy_fallback(monkeypatch):
     x = rng.standard_normal((3, 17), dtype=np.float32)
     np.testing.assert_allclose(gemv.matvec(w, x), x @ w.T, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(gemv.matvec(w, x[1]), w @ x[1], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("n", [0, 1, 15, 16, 17, 1000, 100_003])
+def test_read_sums_every_element_once(n, monkeypatch):
+    """gemv.read (the read-only memory probe) returns the sum, so each element is read, once."""
+    a = np.random.default_rng(n).standard_normal(n, dtype=np.float32) + 1.0  # sum ~ n, not ~ 0
+    tol = dict(rtol=1e-4, atol=1e-3)
+    np.testing.assert_allclose(gemv.read(a), a.sum(dtype=np.float64), **tol)
+    np.testing.assert_allclose(gemv.read(a.reshape(-1, 1)), a.sum(dtype=np.float64), **tol)  # any shape
+    monkeypatch.setattr(gemv, "_gemv", None)  # not built: numpy's sum
+    np.testing.assert_allclose(gemv.read(a), a.sum(dtype=np.float64), **tol)
+
+
+def test_read_takes_contiguous_float32_only():
+    with pytest.raises(ValueError, match="C-contiguous float32"):
+        gemv.read(np.ones(8, dtype=np.float64))
+    with pytest.raises(ValueError, match="C-contiguous float32"):
+        gemv.read(np.ones((4, 4), dtype=np.float32)[:, ::2])

@@ -104,4 +104,4 @@ def test_bench_roofline_prints_triad_and_read_only_limits(tmp_path):
         else:
             want = roofline.decode_limit(step, row["batch"], min(result["read_together_gbs"]))
             assert row["read_limit_tokens_per_s"] == pytest.approx(want)
-    assert "read-only (sdot or moe_mpi.gemv, the faster) per rank" in proc.stdout and "of read" in proc.stdout
+    assert "read-only (gemv.read, sdot or gemv.matvec, the fastest) per rank" in proc.stdout and "of read" in proc.stdout

@@ -240,7 +240,7 @@ ROOFLINE_LEGEND = (
     "at once; single: rank 0 alone); MB/step = "
     "weight bytes the slowest rank reads per step (moe_mpi.bench.roofline, uniform "
     "routing); limit = GB/s / MB/step x B tokens/s; %limit = tok/s / limit; readGB/s = the same "
-    "for a read-only pass (BLAS sdot or moe_mpi.gemv, the faster: decode only reads weights), "
+    "for a read-only pass (moe_mpi.gemv.read, BLAS sdot or moe_mpi.gemv.matvec, the fastest: decode only reads weights), "
     "%read = tok/s / (readGB/s / MB/step x B)"
 )
 

@@ -5,7 +5,7 @@ reads the dense weights it holds and the expert weights routed to it. The
 limit on tokens/s is the bytes the *slowest* rank must read per token over
 the memory bandwidth each rank gets while all ranks read at once (a
 STREAM-like triad run on every rank together, in this job). For context it
-also measures a read-only pass (BLAS ``sdot``), decode's own access
+also measures a read-only pass (:func:`stream_read`), decode's own access
 pattern, and prints each measured figure against the limit at that
 bandwidth too ("of read").
 
@@ -62,8 +62,9 @@ def stream_read(comm, mbytes: int = STREAM_MB, repeats: int = 5) -> float:
     """GB/s of a read-only pass over ``mbytes`` on this rank, all ranks at once.
 
     Decode only reads weights, so this is the access pattern the limit is
-    about; the triad also writes. Two ways of reading the array once, the
-    faster counts: BLAS ``sdot`` of the array with itself (one stream), and
+    about; the triad also writes. Three ways of reading the array once, the
+    fastest counts: :func:`moe_mpi.gemv.read` (a bare sequential read, the
+    fastest loop found here), BLAS ``sdot`` of the array with itself, and
     :func:`moe_mpi.gemv.matvec` of it as a ``[rows, 4096]`` matrix (the
     decode kernel: four streams for one row of ``x``, see ``_gemv.c``); best
     of ``repeats`` each.
@@ -73,6 +74,7 @@ def stream_read(comm, mbytes: int = STREAM_MB, repeats: int = 5) -> float:
     a = np.ones(mbytes * (1 << 20) // 4 // 4096 * 4096, dtype=np.float32)
     w, x = a.reshape(-1, 4096), np.ones(4096, dtype=np.float32)
     seconds = min(
+        _best_seconds(comm, lambda: gemv.read(a), repeats),
         _best_seconds(comm, lambda: np.dot(a, a), repeats),
         _best_seconds(comm, lambda: gemv.matvec(w, x), repeats),
     )
@@ -246,7 +248,7 @@ def _run(comm, args: argparse.Namespace) -> None:
     if comm.rank == 0:
         print(f"# STREAM triad per rank, all {comm.size} ranks at once: "
               + ", ".join(f"{g:.1f}" for g in together) + f" GB/s; rank 0 alone: {alone:.1f} GB/s")
-        print(f"# read-only (sdot or moe_mpi.gemv, the faster) per rank, all {comm.size} ranks at once: "
+        print(f"# read-only (gemv.read, sdot or gemv.matvec, the fastest) per rank, all {comm.size} ranks at once: "
               + ", ".join(f"{g:.1f}" for g in read) + " GB/s (context: 'of read' = measured / the limit at that bandwidth)")
         print(f"# model: {parts['layers']} layers, {parts['num_experts']} experts top-{parts['top_k']}, "
               f"expert {parts['expert'] / 1e6:.1f} MB, attention/layer {parts['attention_per_layer'] / 1e6:.1f} MB, "
