@@ -18,7 +18,10 @@ It does so with each kernel in turn:
   expert path without the compiled loop);
 * ``read``: no product at all, :func:`moe_mpi.gemv.read` of each weight
   (a bare sequential read, the fastest read loop found here): how fast
-  this CPU reads the step's bytes, whatever a kernel does with them.
+  this CPU reads the step's bytes, whatever a kernel does with them;
+* ``layer``: the same bytes, but each layer's (dense weights and the
+  chosen experts) stored in one buffer and read in one pass: the most
+  favourable layout a step could have.
 
 In the same job it measures the STREAM triad and the read-only pass of
 ``moe-mpi bench roofline`` (all ranks at once, before and after the
@@ -57,6 +60,7 @@ KERNELS = {
     "gemv": ("out_in", gemv.matvec),
     "sgemv": ("in_out", lambda w, x: w @ x),  # w: transposed view of [in, out] memory
     "read": ("out_in", _read),
+    "layer": ("layer", None),  # one contiguous read per layer: see ceiling()
 }
 
 
@@ -69,6 +73,9 @@ def ceiling(comm, config: dict, kernel: str) -> float:
     local = e // size
     rng = np.random.default_rng(rank)
     layout, mv = KERNELS[kernel]
+    routing = np.random.default_rng(0)  # the same draws on every rank
+    if layout == "layer":
+        return _layer_ceiling(comm, config, routing)
 
     def weights(out: int, inp: int) -> np.ndarray:  # shape [out, in] either way
         if layout == "out_in":
@@ -81,7 +88,6 @@ def ceiling(comm, config: dict, kernel: str) -> float:
     routers = [weights(e, d) for _ in range(layers)]
     head = weights(config["vocab_size"], d)
     x = rng.standard_normal(d, dtype=np.float32)
-    routing = np.random.default_rng(0)  # the same draws on every rank
 
     def step() -> None:
         for layer in range(layers):
@@ -98,6 +104,39 @@ def ceiling(comm, config: dict, kernel: str) -> float:
             comm.Barrier()  # the all-reduce: wait for the busier rank
         mv(head, x)
 
+    return _timed(comm, step)
+
+
+def _layer_ceiling(comm, config: dict, routing) -> float:
+    """The ``layer`` kernel: the bytes of each layer in one buffer, read in one pass.
+
+    The most favourable layout a step could have: per layer one
+    :func:`moe_mpi.gemv.read` of the dense weights and this rank's chosen
+    experts, stored next to each other (the first n local experts stand in
+    for the n chosen: same bytes), then the barrier; the LM head at the end.
+    """
+    rank, size = comm.rank, comm.size
+    d, f = config["hidden_size"], config["moe_intermediate_size"]
+    e, k, layers = config["num_experts"], config["num_experts_per_tok"], config["num_hidden_layers"]
+    q, kv = config["num_attention_heads"] * config["head_dim"], config["num_key_value_heads"] * config["head_dim"]
+    dense, expert = (2 * q + 2 * kv) * d + e * d, 3 * f * d  # floats: attention + router; one expert
+    local = e // size
+    rng = np.random.default_rng(rank)
+    buffers = [rng.standard_normal(dense + local * expert, dtype=np.float32) for _ in range(layers)]
+    head = rng.standard_normal(config["vocab_size"] * d, dtype=np.float32)
+
+    def step() -> None:
+        for buffer in buffers:
+            mine = sum(1 for expert_id in routing.permutation(e)[:k] if expert_id // local == rank)
+            gemv.read(buffer[: dense + mine * expert])
+            comm.Barrier()  # the all-reduce: wait for the busier rank
+        gemv.read(head)
+
+    return _timed(comm, step)
+
+
+def _timed(comm, step) -> float:
+    """Seconds per ``step()`` after warm-up, the slowest rank."""
     for _ in range(WARMUP):
         step()
     comm.Barrier()
@@ -109,7 +148,7 @@ def ceiling(comm, config: dict, kernel: str) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--kernels", default=",".join(KERNELS), help="comma-separated: gemv, sgemv, read")
+    parser.add_argument("--kernels", default=",".join(KERNELS), help="comma-separated: gemv, sgemv, read, layer")
     parser.add_argument("--synthetic", default="dbrx-like", choices=list(SYNTHETIC), help="the shapes")
     args = parser.parse_args()
     kernels = args.kernels.split(",")

@@ -60,7 +60,7 @@ def test_decode_ceiling_prints_every_kernel_against_the_limit():
     assert out.count("# 2 ranks, tiny shapes") == 1, out  # rank 0 prints
     assert re.search(r"STREAM triad [\d.]+ before, [\d.]+ after -> [\d.]+ GB/s per rank; ep limit [\d.]+ tok/s", out), out
     assert re.search(r"read-only [\d.]+ before, [\d.]+ after -> [\d.]+ GB/s per rank; ep limit at that", out), out
-    for kernel in ("gemv", "sgemv", "read"):
+    for kernel in ("gemv", "sgemv", "read", "layer"):
         assert re.search(rf"^\s*{kernel} ceiling: +[\d.]+ ms/step = +[\d.]+ tok/s = +\d+% of the limit, +\d+% of the read-only one$",
                          out, re.M), out
 
