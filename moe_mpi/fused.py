@@ -1,4 +1,4 @@
-"""Fused CPU decode: a whole decode step of a sharded qwen3_moe model in numpy.
+"""Fused CPU decode: a whole decode step of a sharded MoE model in numpy.
 
 On the CPU a decode step of mlx-lm's model code is hundreds of small MLX ops,
 each a round trip to MLX's stream thread, and the host kernels of
@@ -14,15 +14,17 @@ It is a kernel, not a second model: :func:`use_fused_decode` puts
 :class:`FusedDecode` in front of the model's class, whose ``__call__`` takes
 only decode-sized calls (``[B, 1]`` token ids, mlx-lm ``KVCache`` per layer,
 float32 weights) and hands every other call (prefill, other caches) to the
-model's own ``__call__``. Only the ``qwen3_moe`` architecture is covered; a
-model it does not cover keeps mlx-lm's code. Every rank runs the same
+model's own ``__call__``. The ``qwen3_moe`` and ``mixtral`` architectures
+are covered (:func:`architecture`); a model it does not cover keeps
+mlx-lm's code. Every rank runs the same
 step: the dense part and the router are replicated, so each rank routes by
 itself, and each MoE layer ends in the one all-reduce of
 :meth:`FusedMoE.__call__`.
 """
 
 import os
-from typing import List, Optional, Sequence
+from dataclasses import dataclass
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import mlx.core as mx
 import numpy as np
@@ -32,6 +34,40 @@ from .host import rms_norm, rope_angles, rotate
 
 # Rows a fused step takes at most: decode batches (prefill stays in MLX).
 MAX_BATCH = 64
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """Where an mlx-lm architecture keeps what a fused step reads.
+
+    Its attention has ``q_proj``, ``k_proj``, ``v_proj``, ``o_proj``, an
+    ``nn.RoPE`` ``rope`` and a ``scale`` (and per-head ``q_norm``/``k_norm``
+    if it has them); its MoE block a ``gate`` router and a ``switch_mlp``
+    (SwitchGLU), routed as softmax, top-k, then (maybe) renormalised.
+    """
+
+    block: str  # the decoder layer's MoE block (or dense MLP) attribute
+    heads: Tuple[str, str]  # the attention's query-head and key/value-head counts
+    top_k: str  # the MoE block's experts per token
+    renormalise: Callable  # block -> whether the top-k scores are renormalised to sum to 1
+
+
+def _architectures() -> list:
+    """``(mlx-lm Model class, Architecture)`` of every architecture covered."""
+    from mlx_lm.models import mixtral, qwen3_moe
+
+    return [
+        (qwen3_moe.Model, Architecture("mlp", ("n_heads", "n_kv_heads"), "top_k", lambda b: b.norm_topk_prob)),
+        # mixtral: softmax over the top-k logits, the same as the top k of the
+        # softmax over all of them, renormalised.
+        (mixtral.Model, Architecture("block_sparse_moe", ("num_heads", "num_key_value_heads"),
+                                     "num_experts_per_tok", lambda b: True)),
+    ]
+
+
+def architecture(model) -> Optional[Architecture]:
+    """The :class:`Architecture` of an mlx-lm ``model``, or None if not covered."""
+    return next((arch for cls, arch in _architectures() if isinstance(model, cls)), None)
 
 
 def _view(a: mx.array) -> np.ndarray:
@@ -74,13 +110,14 @@ def _reduce_of(linear):
 
 
 class FusedAttention:
-    """Zero-copy views of one ``Attention`` of qwen3_moe, and its decode step."""
+    """Zero-copy views of one attention block (qwen3_moe, mixtral), and its decode step."""
 
-    def __init__(self, attn, refs: list):
+    def __init__(self, attn, arch: Architecture, refs: list):
         self.q, self.k, self.v, self.o = (_weight(attn[p], refs) for p in ("q_proj", "k_proj", "v_proj", "o_proj"))
-        self.q_norm, self.k_norm = _weight(attn.q_norm, refs), _weight(attn.k_norm, refs)
-        self.eps = attn.q_norm.eps
-        self.n_heads, self.n_kv = attn.n_heads, attn.n_kv_heads
+        # Per-head RMS norms of queries and keys (qwen3_moe), if any.
+        self.q_norm, self.k_norm = (_weight(attn[n], refs) if n in attn else None for n in ("q_norm", "k_norm"))
+        self.eps = attn.q_norm.eps if "q_norm" in attn else None
+        self.n_heads, self.n_kv = (getattr(attn, name) for name in arch.heads)
         self.head_dim = self.q.shape[0] // self.n_heads
         self.scale = attn.scale
         self.reduce = _reduce_of(attn.o_proj)  # tensor parallel: heads are split
@@ -89,8 +126,10 @@ class FusedAttention:
     def __call__(self, h: np.ndarray, cache) -> np.ndarray:
         """``[B, D]`` normed rows in, the attention output ``[B, D]`` out; appends to ``cache``."""
         B, hd = h.shape[0], self.head_dim
-        q = rms_norm(gemv.matvec(self.q, h).reshape(B, self.n_heads, hd), self.q_norm, self.eps)
-        k = rms_norm(gemv.matvec(self.k, h).reshape(B, self.n_kv, hd), self.k_norm, self.eps)
+        q = gemv.matvec(self.q, h).reshape(B, self.n_heads, hd)
+        k = gemv.matvec(self.k, h).reshape(B, self.n_kv, hd)
+        if self.q_norm is not None:
+            q, k = rms_norm(q, self.q_norm, self.eps), rms_norm(k, self.k_norm, self.eps)
         v = gemv.matvec(self.v, h).reshape(B, self.n_kv, 1, hd)
         t = cache.offset  # positions already in the cache
         rope = self.rope
@@ -121,10 +160,10 @@ class FusedAttention:
 class FusedMoE:
     """One sharded MoE block: replicated router, this rank's experts, one all-reduce."""
 
-    def __init__(self, block, refs: list):
+    def __init__(self, block, arch: Architecture, refs: list):
         self.gate = _weight(block.gate, refs)  # [E, D], the replicated router
-        self.top_k = block.top_k
-        self.norm_topk_prob = block.norm_topk_prob
+        self.top_k = getattr(block, arch.top_k)
+        self.norm_topk_prob = arch.renormalise(block)
         self.switch = block.switch_mlp  # LocalExperts: this rank's experts (or slices)
         if "ep_comm" in block.__dict__:  # moe_mpi's shard: the Communicator
             comm = block.ep_comm
@@ -177,13 +216,12 @@ class FusedMLP:
 class FusedLayer:
     """One decoder layer: attention, then the MoE block (or dense MLP), residuals around both."""
 
-    def __init__(self, layer, refs: list):
-        from mlx_lm.models.qwen3_moe import MLP
-
-        self.attn = FusedAttention(layer.self_attn, refs)
+    def __init__(self, layer, arch: Architecture, refs: list):
+        self.attn = FusedAttention(layer.self_attn, arch, refs)
         self.ln_in, self.ln_post = _weight(layer.input_layernorm, refs), _weight(layer.post_attention_layernorm, refs)
         self.eps_in, self.eps_post = layer.input_layernorm.eps, layer.post_attention_layernorm.eps
-        self.mlp = FusedMLP(layer.mlp, refs) if isinstance(layer.mlp, MLP) else FusedMoE(layer.mlp, refs)
+        block = getattr(layer, arch.block)
+        self.mlp = FusedMoE(block, arch, refs) if "switch_mlp" in block else FusedMLP(block, refs)
 
     def __call__(self, x: np.ndarray, cache) -> np.ndarray:
         h = x + self.attn(rms_norm(x, self.ln_in, self.eps_in), cache)  # [B, D]
@@ -191,16 +229,17 @@ class FusedLayer:
 
 
 class FusedStep:
-    """A decode step of a sharded qwen3_moe model in numpy: ``[B]`` tokens in, logits out."""
+    """A decode step of a sharded model in numpy: ``[B]`` tokens in, logits out."""
 
     def __init__(self, model):
+        arch = architecture(model)
         inner = model.model
         # (module, name, array) of every weight viewed: see current().
         self.refs: List[tuple] = []
         self.embed = _weight(inner.embed_tokens, self.refs)  # [V, D]
         self.norm, self.eps = _weight(inner.norm, self.refs), inner.norm.eps
         self.head = self.embed if model.args.tie_word_embeddings else _weight(model.lm_head, self.refs)
-        self.layers = [FusedLayer(layer, self.refs) for layer in inner.layers]
+        self.layers = [FusedLayer(layer, arch, self.refs) for layer in inner.layers]
         self.steps = 0  # decode steps taken, for tests and benchmarks
 
     def current(self) -> bool:
@@ -249,7 +288,6 @@ class FusedDecode:
 def fused_unsupported(model) -> Optional[str]:
     """Why :func:`use_fused_decode` would leave ``model`` alone, or None."""
     from mlx.utils import tree_flatten
-    from mlx_lm.models import qwen3_moe
 
     from .host import host_gemv_enabled
 
@@ -257,8 +295,8 @@ def fused_unsupported(model) -> Optional[str]:
         return "MOE_MPI_FUSED_DECODE=0"
     if not host_gemv_enabled():
         return "the host path is off (a GPU, or MOE_MPI_HOST_GEMV=0)"
-    if not isinstance(model, qwen3_moe.Model):
-        return f"model_type={getattr(model, 'model_type', type(model).__name__)!r} is not covered (qwen3_moe only)"
+    if architecture(model) is None:
+        return f"model_type={getattr(model, 'model_type', type(model).__name__)!r} is not covered (qwen3_moe, mixtral)"
     if _tensor_parallel(model):
         from .experts import LocalExperts
 
@@ -280,7 +318,7 @@ def _tensor_parallel(model) -> bool:
 
 
 def use_fused_decode(model) -> bool:
-    """Gives a sharded qwen3_moe model the fused CPU decode step.
+    """Gives a sharded qwen3_moe or mixtral model the fused CPU decode step.
 
     For moe_mpi's ``ep`` and ``sliced`` shards, and, for benchmarks that
     compare like with like, mlx-lm's tensor-parallel shard after

@@ -259,7 +259,7 @@ def load_model(
     lp.model.load_weights(read_parameters(lp), strict=not lp.worker)
     mx.eval(lp.model.parameters())
     use_huge_pages(lp.model)  # CPU decode streams the weights: fewer page crossings
-    use_fused_decode(lp.model)  # CPU, float32 qwen3_moe: decode steps in numpy
+    use_fused_decode(lp.model)  # CPU, float32 qwen3_moe or mixtral: decode steps in numpy
     return lp.model, lp.config
 
 

@@ -450,5 +450,5 @@ def shard_experts(
     store_host_layout(model)
     mx.eval(model.parameters())
     use_huge_pages(model)  # CPU decode streams the weights: fewer page crossings
-    use_fused_decode(model)  # CPU, float32 qwen3_moe: decode steps in numpy
+    use_fused_decode(model)  # CPU, float32 qwen3_moe or mixtral: decode steps in numpy
     return model

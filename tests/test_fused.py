@@ -1,9 +1,10 @@
 """The fused CPU decode step (moe_mpi.fused) gives mlx-lm's logits.
 
-A tiny float32 qwen3_moe checkpoint (one dense layer among the MoE ones) is
-written to disk; single-process mlx-lm gives the reference logits of a
-scripted sequence of calls on one KV cache; tests/mpi_fused.py replays it
-on 1, 2 and 3 ranks in both modes, under real ``mpirun``.
+A tiny float32 checkpoint of each covered architecture (qwen3_moe with one
+dense layer among the MoE ones, and mixtral) is written to disk;
+single-process mlx-lm gives the reference logits of a scripted sequence of
+calls on one KV cache; tests/mpi_fused.py replays it on 1, 2 and 3 ranks in
+both modes, under real ``mpirun``.
 """
 
 import sys
@@ -13,6 +14,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from mlx_lm.models.cache import make_prompt_cache
+from mlx_lm.models.switch_layers import SwitchGLU
 from mlx_lm.utils import load as mlx_lm_load
 
 from moe_mpi import Communicator, fused, load, synthetic
@@ -22,9 +24,13 @@ HERE = Path(__file__).parent
 BATCH = 3
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    config = synthetic.tiny_config("qwen3_moe", num_hidden_layers=3, mlp_only_layers=[1])
+# The architectures the fused step covers, and their test checkpoints' shapes.
+ARCHS = {"qwen3_moe": dict(num_hidden_layers=3, mlp_only_layers=[1]), "mixtral": dict(num_hidden_layers=2)}
+
+
+@pytest.fixture(scope="module", params=sorted(ARCHS))
+def checkpoint(request, tmp_path_factory):
+    config = synthetic.tiny_config(request.param, **ARCHS[request.param])
     return synthetic.write_checkpoint(tmp_path_factory.mktemp("fused") / "model", config, seed=5)
 
 
@@ -36,7 +42,8 @@ def reference(checkpoint, tmp_path_factory):
     vocab = model.args.vocab_size
     lengths = [7] + [1] * 6 + [2] + [1] * 4
     cache = make_prompt_cache(model)
-    arrays = {"moe_layers": np.array(2)}
+    moe_layers = sum(any(isinstance(m, SwitchGLU) for _, m in layer.named_modules()) for layer in model.layers)
+    arrays = {"moe_layers": np.array(moe_layers)}
     for i, n in enumerate(lengths):
         tokens = rng.integers(0, vocab, (BATCH, n)).astype(np.int32)
         arrays[f"in{i}"] = tokens
@@ -92,8 +99,9 @@ def test_off_switch_and_uncovered_models(checkpoint, tmp_path, monkeypatch):
     model, _ = load(str(bf16), comm=comm)
     assert getattr(model, "ep_fused_step", None) is None
     assert "not float32" in fused.fused_unsupported(model)
-    mixtral = synthetic.write_checkpoint(tmp_path / "mixtral", "mixtral")
-    model, _ = load(str(mixtral), comm=comm)
-    assert "qwen3_moe only" in fused.fused_unsupported(model)
+    olmoe = synthetic.write_checkpoint(tmp_path / "olmoe", "olmoe")
+    model, _ = load(str(olmoe), comm=comm)
+    assert getattr(model, "ep_fused_step", None) is None
+    assert fused.fused_unsupported(model) == "model_type='olmoe' is not covered (qwen3_moe, mixtral)"
     model, _ = load(str(checkpoint), comm=comm, mode="central")
     assert fused.fused_unsupported(model) == "not an ep or sliced shard, nor mlx-lm's tensor parallel"
