@@ -66,16 +66,16 @@ KERNELS = {
 
 def ceiling(comm, config: dict, kernel: str) -> float:
     """Seconds per ep decode step with only the weight reads, slowest rank."""
+    layout, mv = KERNELS[kernel]
+    routing = np.random.default_rng(0)  # the same draws on every rank
+    if layout == "layer":
+        return _layer_ceiling(comm, config, routing)
     rank, size = comm.rank, comm.size
     d, f = config["hidden_size"], config["moe_intermediate_size"]
     e, k, layers = config["num_experts"], config["num_experts_per_tok"], config["num_hidden_layers"]
     heads, kv, hd = config["num_attention_heads"], config["num_key_value_heads"], config["head_dim"]
     local = e // size
     rng = np.random.default_rng(rank)
-    layout, mv = KERNELS[kernel]
-    routing = np.random.default_rng(0)  # the same draws on every rank
-    if layout == "layer":
-        return _layer_ceiling(comm, config, routing)
 
     def weights(out: int, inp: int) -> np.ndarray:  # shape [out, in] either way
         if layout == "out_in":
@@ -114,16 +114,17 @@ def _layer_ceiling(comm, config: dict, routing) -> float:
     :func:`moe_mpi.gemv.read` of the dense weights and this rank's chosen
     experts, stored next to each other (the first n local experts stand in
     for the n chosen: same bytes), then the barrier; the LM head at the end.
+    Sizes from the limit's own byte model (:func:`roofline.model_bytes`).
     """
     rank, size = comm.rank, comm.size
-    d, f = config["hidden_size"], config["moe_intermediate_size"]
-    e, k, layers = config["num_experts"], config["num_experts_per_tok"], config["num_hidden_layers"]
-    q, kv = config["num_attention_heads"] * config["head_dim"], config["num_key_value_heads"] * config["head_dim"]
-    dense, expert = (2 * q + 2 * kv) * d + e * d, 3 * f * d  # floats: attention + router; one expert
+    parts = roofline.model_bytes(config, itemsize=4)  # bytes of float32 weights
+    e, k = parts["num_experts"], parts["top_k"]
+    dense = (parts["attention_per_layer"] + parts["router_per_layer"]) // 4  # floats
+    expert = parts["expert"] // 4
     local = e // size
     rng = np.random.default_rng(rank)
-    buffers = [rng.standard_normal(dense + local * expert, dtype=np.float32) for _ in range(layers)]
-    head = rng.standard_normal(config["vocab_size"] * d, dtype=np.float32)
+    buffers = [rng.standard_normal(dense + local * expert, dtype=np.float32) for _ in range(parts["layers"])]
+    head = rng.standard_normal(parts["lm_head"] // 4, dtype=np.float32)
 
     def step() -> None:
         for buffer in buffers:

@@ -295,12 +295,14 @@ def fused_unsupported(model) -> Optional[str]:
         return "MOE_MPI_FUSED_DECODE=0"
     if not host_gemv_enabled():
         return "the host path is off (a GPU, or MOE_MPI_HOST_GEMV=0)"
-    if architecture(model) is None:
+    arch = architecture(model)
+    if arch is None:
         return f"model_type={getattr(model, 'model_type', type(model).__name__)!r} is not covered (qwen3_moe, mixtral)"
     if _tensor_parallel(model):
         from .experts import LocalExperts
 
-        if not all(isinstance(layer.mlp.switch_mlp, LocalExperts) for layer in model.layers if hasattr(layer.mlp, "switch_mlp")):
+        blocks = [getattr(layer, arch.block) for layer in model.layers]
+        if not all(isinstance(b.switch_mlp, LocalExperts) for b in blocks if "switch_mlp" in b):
             return "tensor parallel without moe_mpi's host kernels (moe_mpi.host.use_host_kernels_tp)"
     elif getattr(model, "ep_info", None) is None or model.ep_info.mode not in ("ep", "sliced"):
         return "not an ep or sliced shard, nor mlx-lm's tensor parallel"
