@@ -33,7 +33,7 @@ from .errors import format_error, parse_args, print_error
 from .loading import ModelNotFoundError, plan_load, read_config, read_parameters
 from .placement import ExpertPlacement
 from .safetensors_io import ShapeOnlyIndex
-from .shard import Plan, StackOf, _shared_children, find_moe_blocks
+from .shard import Plan, StackOf, shared_children, find_moe_blocks
 
 # safetensors dtype -> the mlx dtype mx.load gives it. fp8 is loaded as bytes.
 
@@ -361,7 +361,7 @@ def plan_memory(
         blocks = find_moe_blocks(model)
         switch = tuple(f"{b.path}.{b.switch_name}." if b.path else f"{b.switch_name}." for b in blocks)
         shared = tuple(
-            f"{b.path}.{n}." if b.path else f"{n}." for b in blocks for n in _shared_children(b.block)
+            f"{b.path}.{n}." if b.path else f"{n}." for b in blocks for n in shared_children(b.block)
         )
         sizes = {"replicated": 0, "experts": 0, "shared": 0}
         flat = dict(tree_flatten(model.parameters()))

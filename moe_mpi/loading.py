@@ -34,7 +34,7 @@ from .fused import use_fused_decode
 from .pages import use_huge_pages
 from .placement import ExpertPlacement
 from .safetensors_io import CheckpointError, CheckpointIndex
-from .shard import Plan, Take, _take, drop_dense, per_expert_source, shard_structure
+from .shard import Plan, Take, drop_dense, per_expert_source, shard_structure, take
 
 PER_EXPERT_KEY = re.compile(r"\.experts\.\d+\.")
 
@@ -121,7 +121,7 @@ def _read(index: CheckpointIndex, raw: dict, tensors: dict, codes: dict, src) ->
         if key in codes:  # stacked by sanitize from per-expert tensors
             src = per_expert_source(codes[key], src)
         elif key in tensors:  # transformed by sanitize: correct, but reads it whole
-            return _take(tensors[key], src.axis, src.index)
+            return take(tensors[key], src.axis, src.index)
         else:
             raise CheckpointError(f"checkpoint has no tensor {key!r}")
     if all(k in index for k in src.keys):
@@ -133,7 +133,7 @@ def _read(index: CheckpointIndex, raw: dict, tensors: dict, codes: dict, src) ->
         # correct, but evaluating them reads the fused tensor.
         parts = [tensors[k] for k in src.keys]
         if src.index is not None:
-            parts = [_take(p, src.axis, src.index) for p in parts]
+            parts = [take(p, src.axis, src.index) for p in parts]
         return mx.stack(parts)
     missing = [k for k in src.keys if k not in index and k not in tensors]
     raise CheckpointError(f"checkpoint has no tensor {missing[0]!r}")

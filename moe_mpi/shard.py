@@ -128,6 +128,11 @@ class MoEBlock:
         return self.block[self.switch_name]
 
     @property
+    def switch_path(self) -> str:
+        """The switch layer's parameter path prefix, e.g. ``model.layers.0.mlp.switch_mlp``."""
+        return f"{self.path}.{self.switch_name}" if self.path else self.switch_name
+
+    @property
     def num_experts_total(self) -> int:
         """Experts the router chooses from (the switch may hold fewer)."""
         if isinstance(self.switch, LocalExperts):
@@ -180,7 +185,8 @@ def resolve_placement(
     )
 
 
-def _take(a: mx.array, axis: int, index: np.ndarray) -> mx.array:
+def take(a: mx.array, axis: int, index: np.ndarray) -> mx.array:
+    """``a`` at positions ``index`` along ``axis``: a slice when they are consecutive."""
     if index.size and np.all(np.diff(index) == 1):
         sl = (slice(None),) * axis + (slice(int(index[0]), int(index[-1]) + 1),)
         return a[sl]
@@ -191,13 +197,13 @@ def _shard_switch(moe: MoEBlock, placement: ExpertPlacement, rank: int) -> Plan:
     """Keeps the rank's experts in the switch layer; returns their sources."""
     switch, num_experts = moe.switch, moe.num_experts
     local = np.asarray(placement.local_experts(rank), dtype=np.int64)
-    prefix = f"{moe.path}.{moe.switch_name}" if moe.path else moe.switch_name
+    prefix = moe.switch_path
     # Adapters for models that store experts one module each (dbrx) say where
     # expert e's tensors are; otherwise the checkpoint holds stacked tensors.
     plan, sliced = {}, []
     for name, a in tree_flatten(switch.parameters()):
         plan[f"{prefix}.{name}"] = Take(f"{prefix}.{name}", 0, local)
-        sliced.append((name, _take(a, 0, local)))
+        sliced.append((name, take(a, 0, local)))
     switch.update(tree_unflatten(sliced))
     make_local(switch, local, num_experts)
     return _adapter_sources(moe, plan)
@@ -287,7 +293,7 @@ def _shard_intermediate(prefix: str, mlp: nn.Module, rank: int, size: int) -> Op
             axis, lo, hi = lead + 1, start, stop
         index = np.arange(lo, hi)
         plan[f"{prefix}.{pname}"] = Take(f"{prefix}.{pname}", axis, index)
-        sliced.append((pname, _take(a, axis, index)))
+        sliced.append((pname, take(a, axis, index)))
     mlp.update(tree_unflatten(sliced))
     return plan
 
@@ -299,7 +305,7 @@ class NoOutput(nn.Module):
         return mx.zeros_like(x)
 
 
-def _shared_children(block: nn.Module) -> List[str]:
+def shared_children(block: nn.Module) -> List[str]:
     """Names of a block's shared-expert MLPs (``shared_expert(s)``, ``shared_mlp``)."""
     return [
         n
@@ -360,7 +366,7 @@ def shard_structure(
         n = moe.num_experts
         if mode == "sliced":
             # Every rank holds every expert, a slice of its intermediate dim.
-            prefix = f"{moe.path}.{moe.switch_name}" if moe.path else moe.switch_name
+            prefix = moe.switch_path
             switch_plan = _shard_intermediate(prefix, moe.switch, rank, size)
             if switch_plan is None:
                 raise ValueError(
@@ -378,7 +384,7 @@ def shard_structure(
             # The dense part, shared experts included, runs on rank 0 alone.
             central.make_central([moe.switch], placements[n], comm)
             continue
-        for name in _shared_children(moe.block):
+        for name in shared_children(moe.block):
             prefix = f"{moe.path}.{name}" if moe.path else name
             shared_plan = _shard_intermediate(prefix, moe.block[name], rank, size)
             if shared_plan is not None:
@@ -403,9 +409,8 @@ def shard_structure(
 def expert_parameters(model: nn.Module) -> set:
     """Paths of the parameters that belong to (this rank's) experts."""
     return {
-        f"{i}.{name}"
+        f"{moe.switch_path}.{name}"
         for moe in find_moe_blocks(model)
-        for i in [f"{moe.path}.{moe.switch_name}" if moe.path else moe.switch_name]
         for name, _ in tree_flatten(moe.switch.parameters())
     }
 
