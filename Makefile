@@ -17,8 +17,8 @@ MPIRUN_FLAGS := --oversubscribe $(shell [ "$$(id -u)" = 0 ] && echo --allow-run-
 
 venv: $(STAMP) blas
 
-# setup.py builds the C matrix-vector loop (moe_mpi/_gemv.c) in place.
-$(STAMP): pyproject.toml setup.py moe_mpi/_gemv.c
+# setup.py builds the C matrix-vector loop (moe_mpi/cpu/_gemv.c) in place.
+$(STAMP): pyproject.toml setup.py moe_mpi/cpu/_gemv.c
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test,bench]'

@@ -12,11 +12,11 @@ decode step, on random weights of the same shapes:
 
 It does so with each kernel in turn:
 
-* ``gemv``: :func:`moe_mpi.gemv.matvec`, the compiled loop on ``[out, in]``
+* ``gemv``: :func:`moe_mpi.cpu.gemv.matvec`, the compiled loop on ``[out, in]``
   weights (decode's default);
 * ``sgemv``: numpy's OpenBLAS ``sgemv`` "N" on ``[in, out]`` weights (the
   expert path without the compiled loop);
-* ``read``: no product at all, :func:`moe_mpi.gemv.read` of each weight
+* ``read``: no product at all, :func:`moe_mpi.cpu.gemv.read` of each weight
   (a bare sequential read, the fastest read loop found here): how fast
   this CPU reads the step's bytes, whatever a kernel does with them;
 * ``layer``: the same bytes, but each layer's (dense weights and the
@@ -35,21 +35,20 @@ bandwidth::
 """
 
 import argparse
-import time
 
 import moe_mpi  # noqa: F401  (OpenBLAS for numpy and MLX, one thread per rank)
 import numpy as np
 from mpi4py import MPI
 
-from moe_mpi import gemv
+from moe_mpi.cpu import gemv
 from moe_mpi.bench import roofline
-from moe_mpi.bench.models import SYNTHETIC, synthetic_config
+from moe_mpi.bench.shapes import SYNTHETIC, synthetic_config
 
 STEPS, WARMUP = 40, 5
 
 
 def _read(w: np.ndarray, x: np.ndarray) -> np.ndarray:
-    """Reads ``w`` once and does nothing else (:func:`moe_mpi.gemv.read`);
+    """Reads ``w`` once and does nothing else (:func:`moe_mpi.cpu.gemv.read`);
     returns zeros of the product's shape."""
     gemv.read(w)
     return np.zeros(w.shape[0], dtype=np.float32)
@@ -111,7 +110,7 @@ def _layer_ceiling(comm, config: dict, routing) -> float:
     """The ``layer`` kernel: the bytes of each layer in one buffer, read in one pass.
 
     The most favourable layout a step could have: per layer one
-    :func:`moe_mpi.gemv.read` of the dense weights and this rank's chosen
+    :func:`moe_mpi.cpu.gemv.read` of the dense weights and this rank's chosen
     experts, stored next to each other (the first n local experts stand in
     for the n chosen: same bytes), then the barrier; the LM head at the end.
     Sizes from the limit's own byte model (:func:`roofline.model_bytes`).

@@ -1,10 +1,10 @@
 """What ``mx.compile`` saves on the MLX work of a batch-1 decode layer (CPU).
 
 Issue 5 asks to measure ``mx.compile`` of the per-layer step. On the CPU,
-moe_mpi's decode runs every weight read in numpy (``moe_mpi.host``,
-``moe_mpi.experts``), so what is left in MLX comes in short segments
-between host syncs. This times those segments eager and compiled, at the
-dbrx-like decode shapes, each call evaluated (as the next host sync does):
+moe_mpi's CPU decode runs every weight read in numpy (``moe_mpi.cpu.layers``,
+``moe_mpi.cpu.experts``), so what is left in MLX comes in short segments
+between syncs. This times those segments eager and compiled, at the
+dbrx-like decode shapes, each call evaluated (as the next sync does):
 
 * ``router``: softmax, top-k, renormalisation of 16 router logits (mlx-lm's
   qwen3_moe block);
@@ -26,8 +26,8 @@ import moe_mpi  # noqa: F401  (the same BLAS as the benchmarks)
 import mlx.core as mx
 import mlx.nn as nn
 
-from moe_mpi.bench.models import synthetic_config
-from moe_mpi.host import use_host_kernels
+from moe_mpi.bench.shapes import synthetic_config
+from moe_mpi.cpu.layers import use_numpy_layers
 
 CALLS, REPEATS = 500, 5
 CACHE_LEN = 64
@@ -74,8 +74,8 @@ def main() -> None:
         return attention
 
     # moe_mpi's own path: the same norm and RoPE in numpy (not compilable).
-    host = nn.Sequential(nn.RMSNorm(head_dim, eps=1e-6), nn.RoPE(head_dim, base=config["rope_theta"]))
-    use_host_kernels(host)
+    numpy_layers = nn.Sequential(nn.RMSNorm(head_dim, eps=1e-6), nn.RoPE(head_dim, base=config["rope_theta"]))
+    use_numpy_layers(numpy_layers)
 
     weight = mx.ones((d,))
 
@@ -103,7 +103,7 @@ def main() -> None:
         eager = per_call_us(fn, args)
         compiled = per_call_us(mx.compile(fn), args)
         print(f"{name:18s} {eager:8.1f} {compiled:9.1f}   saves {eager - compiled:6.1f} us")
-    numpy_path = per_call_us(make_attention(host.layers[0], host.layers[1]), attention_args)
+    numpy_path = per_call_us(make_attention(numpy_layers.layers[0], numpy_layers.layers[1]), attention_args)
     print(f"{'attention, numpy norms and RoPE (moe_mpi)':44s} {numpy_path:8.1f}")
 
 

@@ -8,7 +8,7 @@ bandwidth as they do in a decode step (each rank prints; rank 0 first):
 It measures, on this rank's own copies of dbrx-like shapes:
 
 * matrix-vector products (one row) through moe_mpi's compiled loop
-  (:func:`moe_mpi.gemv.matvec` on ``[out, in]`` weights, what decode uses)
+  (:func:`moe_mpi.cpu.gemv.matvec` on ``[out, in]`` weights, what decode uses)
   and numpy's BLAS ``sgemv`` on a numpy view of the weights, stored
   ``[out, in]`` as in the checkpoint (``sgemv`` "T") and ``[in, out]`` as
   moe_mpi stores host-path experts without the compiled loop (``sgemv``
@@ -29,7 +29,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from moe_mpi import gemv
+from moe_mpi.cpu import gemv
 
 TOTAL_BYTES = 400e6  # per shape: well beyond the 32 MiB L3 here
 PASSES = 3

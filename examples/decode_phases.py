@@ -9,7 +9,7 @@ timing the library's building blocks in place:
 * ``rope``, ``kv cache``, ``sdpa``: the rest of mlx-lm's attention around
   the projections (rotary embedding, cache update, attention itself);
 * ``dense proj``: the replicated one-row products (attention projections,
-  routers, LM head: :class:`moe_mpi.host.HostLinear`);
+  routers, LM head: :class:`moe_mpi.cpu.layers.NumpyLinear`);
 * ``experts``: this rank's experts for the token (the switch layer);
 * ``all-reduce``: the one collective per MoE layer, waiting for the busier
   rank included;
@@ -24,12 +24,12 @@ which is timed first, untouched::
     mpirun -n 2 .venv/bin/python examples/decode_phases.py [--mode sliced] [--mlx-norms]
 
 (as root add ``--allow-run-as-root``). ``--mlx-norms`` gives RMS norms and
-RoPE back to MLX (:class:`moe_mpi.host.HostRMSNorm`, :class:`~moe_mpi.host.HostRoPE`
+RoPE back to MLX (:class:`moe_mpi.cpu.layers.NumpyRMSNorm`, :class:`~moe_mpi.cpu.layers.NumpyRoPE`
 off), to compare the two. Writes the synthetic checkpoint on first use, as
 ``moe-mpi bench`` does.
 
-It splits the step of mlx-lm's model code (with moe_mpi's host kernels), so
-it turns moe_mpi's fused decode step off (``MOE_MPI_FUSED_DECODE=0``),
+It splits the step of mlx-lm's model code (with moe_mpi's numpy kernels), so
+it turns moe_mpi's numpy decode step off (``MOE_MPI_NUMPY_DECODE=0``),
 which would otherwise run the whole step in numpy, out of reach of the
 instrumentation.
 """
@@ -40,15 +40,15 @@ import sys
 import time
 from collections import defaultdict
 
-os.environ["MOE_MPI_FUSED_DECODE"] = "0"  # the phases of mlx-lm's code, not the fused step
+os.environ["MOE_MPI_NUMPY_DECODE"] = "0"  # the phases of mlx-lm's code, not the numpy step
 
 import moe_mpi  # noqa: E402
 import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.cache import KVCache, make_prompt_cache
 
-from moe_mpi import host
-from moe_mpi.bench.models import ensure_synthetic
+from moe_mpi.cpu import layers
+from moe_mpi.bench.shapes import ensure_synthetic
 from moe_mpi.experts import LocalExperts
 
 STEPS, WARMUP, PROMPT = 30, 8, 32
@@ -102,7 +102,7 @@ def main() -> None:
     model, _ = moe_mpi.load(path, comm=comm, mode=args.mode)
     if args.mlx_norms:
         for _, m in model.named_modules():
-            for mixin, plain in ((host.HostRMSNorm, nn.RMSNorm), (host.HostRoPE, nn.RoPE)):
+            for mixin, plain in ((layers.NumpyRMSNorm, nn.RMSNorm), (layers.NumpyRoPE, nn.RoPE)):
                 if isinstance(m, mixin):
                     m.__class__ = plain
     cache = make_prompt_cache(model)

@@ -2,7 +2,7 @@
 
 Loads the same checkpoint twice on every rank, with huge pages off
 (``MOE_MPI_HUGE_PAGES=0`` for the loads), then moves the second copy's
-weights into huge pages (:func:`moe_mpi.pages.collapse`) and times batch-1
+weights into huge pages (:func:`moe_mpi.cpu.pages.collapse`) and times batch-1
 decode steps of the two copies in turn, round after round: the comparison
 that a drifting VM disturbs least, since both copies run within seconds of
 each other in the same process::
@@ -21,8 +21,9 @@ os.environ["MOE_MPI_HUGE_PAGES"] = "0"  # both copies load on 4 KiB pages; the s
 import mlx.core as mx  # noqa: E402
 from mlx_lm.models.cache import make_prompt_cache  # noqa: E402
 
-from moe_mpi import Communicator, load, pages  # noqa: E402
-from moe_mpi.bench.models import ensure_synthetic  # noqa: E402
+from moe_mpi import Communicator, load  # noqa: E402
+from moe_mpi.cpu import pages  # noqa: E402
+from moe_mpi.bench.shapes import ensure_synthetic  # noqa: E402
 
 PROMPT = 32
 WARMUP = 4

@@ -60,7 +60,7 @@ def load(paths):
 def mode_label(result, mode: str) -> str:
     """``mode``, marked when tensor parallelism ran with moe_mpi's CPU kernels."""
     description = result["modes"].get(mode, {}).get("description") or ""
-    return f"{mode} + kernels" if "--tp-host-kernels" in description else mode
+    return f"{mode} + kernels" if "--tp-cpu-path" in description else mode
 
 
 def allreduce_us(result, path: str, size: int):

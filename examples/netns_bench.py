@@ -9,7 +9,7 @@ over TCP (``--mca pml ob1 --mca btl tcp,self``), never shared memory.
 packet waits its serialisation time as on a real link of that speed::
 
     sudo .venv/bin/python examples/netns_bench.py [--hosts 2] [--rate 1gbit] -- \\
-        bench decode --synthetic dbrx-like --modes ep,sliced,mlx-lm-tp --tp-host-kernels --batch 1,8
+        bench decode --synthetic dbrx-like --modes ep,sliced,mlx-lm-tp --tp-cpu-path --batch 1,8
 
 Everything after ``--`` is a ``moe-mpi`` command line, run on every rank.
 The compute is this machine's either way: only the link differs from a

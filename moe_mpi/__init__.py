@@ -11,10 +11,11 @@ ranks' partial sums::
     logits = model(tokens)  # the same on every rank
 """
 
-# Before anything imports mlx.core: MLX then uses OpenBLAS (see blas.py).
-from .blas import preload_openblas
+# Before anything imports mlx.core: on Linux, MLX then uses OpenBLAS
+# instead of its wheel's reference BLAS (moe_mpi.cpu.blas).
+from .cpu import preload_blas
 
-preload_openblas()
+preload_blas()
 
 from .comm import Communicator  # noqa: E402  (after the BLAS preload)
 from .loading import load  # noqa: E402

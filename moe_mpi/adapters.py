@@ -4,7 +4,7 @@ The sharding pass works on any block with a ``SwitchGLU``/``SwitchMLP``
 child. A few mlx-lm models keep a Python list of per-expert MLPs instead
 (dbrx). An adapter rewrites such a block into an equivalent one with a
 stacked switch layer, and tells the loader where expert ``e``'s tensors are
-in the checkpoint (``ep_expert_keys``).
+in the checkpoint (``expert_keys``).
 """
 
 import mlx.core as mx
@@ -33,7 +33,7 @@ class DbrxSwitchMoeBlock(nn.Module):
     up ``v1`` and down ``w2``.
     """
 
-    ep_expert_keys = {
+    expert_keys = {
         "gate_proj": "experts.{e}.w1",
         "up_proj": "experts.{e}.v1",
         "down_proj": "experts.{e}.w2",

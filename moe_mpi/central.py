@@ -19,7 +19,8 @@ Usage, on every rank::
     result = drive(model, lambda m: m(tokens))  # rank 0: the result; others: None
 """
 
-from typing import Callable, List, Optional, TypeVar
+import functools
+from typing import Callable, Optional, Tuple, TypeVar
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -35,13 +36,13 @@ STOP = "stop"
 T = TypeVar("T")
 
 
-def to_host(x: mx.array) -> np.ndarray:
-    """A host copy of an mlx array; bfloat16 (which numpy lacks) as its bits."""
+def to_buffer(x: mx.array) -> np.ndarray:
+    """A numpy copy of an mlx array (what MPI sends); bfloat16 (which numpy lacks) as its bits."""
     return np.asarray(x.view(mx.uint16) if x.dtype == mx.bfloat16 else x)
 
 
-def from_host(a: np.ndarray, dtype: str) -> mx.array:
-    """Inverse of :func:`to_host` for an array that was ``dtype`` in mlx."""
+def from_buffer(a: np.ndarray, dtype: str) -> mx.array:
+    """Inverse of :func:`to_buffer` for an array that was ``dtype`` in mlx."""
     return mx.array(a).view(mx.bfloat16) if dtype == "bfloat16" else mx.array(a)
 
 
@@ -62,13 +63,15 @@ class CentralExperts(LocalExperts):
         Returns:
             ``[..., k, D]`` expert outputs for every slot.
         """
-        comm = self.ep_comm
+        shard = self.expert_shard
+        comm = shard.comm
         k, d = indices.shape[-1], x.shape[-1]
         x_flat = x.reshape(-1, d)  # [T, D]
         flat = np.asarray(indices.reshape(-1))  # [T*k]
-        owner = self.ep_owner_of[flat]  # [T*k]
-        index = self.ep_index_in_owner[flat]  # [T*k] expert's index on its owner
-        host_x = None
+        owners, positions = _routes(shard.placement)
+        owner = owners[flat]  # [T*k]
+        index = positions[flat]  # [T*k] expert's index on its owner
+        x_buffer = None
         pending = []
         # Step 1, scatter: each owner gets its tokens (each token once) and,
         # per slot, which of its rows and which of its experts.
@@ -77,17 +80,17 @@ class CentralExperts(LocalExperts):
                 continue
             slots = np.flatnonzero(owner == r)  # [M_r]
             tokens, rows = np.unique(slots // k, return_inverse=True)  # [U_r], [M_r]
-            if host_x is None:
-                host_x = to_host(x_flat)
+            if x_buffer is None:
+                x_buffer = to_buffer(x_flat)
             meta = {
-                "layer": self.ep_layer,
+                "layer": shard.layer,
                 "dtype": _dtype_name(x),
                 "tokens": int(tokens.size),
                 "rows": rows.tolist(),
                 "experts": index[slots].tolist(),
             }
             comm.send_obj(meta, int(r), TAG_REQUEST)
-            comm.send_array(np.ascontiguousarray(host_x[tokens]), int(r), TAG_ROWS)
+            comm.send_array(np.ascontiguousarray(x_buffer[tokens]), int(r), TAG_ROWS)
             pending.append((int(r), slots))
         out = mx.zeros((flat.size, d), dtype=x.dtype)  # [T*k, D]
         mine = np.flatnonzero(owner == comm.rank)
@@ -99,24 +102,24 @@ class CentralExperts(LocalExperts):
             mx.eval(out)
         # Step 2, gather: each owner's outputs, one row per slot.
         for r, slots in pending:
-            y = comm.recv_array((slots.size, d), host_x.dtype, r, TAG_REPLY)
-            out[mx.array(slots)] = from_host(y, _dtype_name(x))
+            y = comm.recv_array((slots.size, d), x_buffer.dtype, r, TAG_REPLY)
+            out[mx.array(slots)] = from_buffer(y, _dtype_name(x))
         return out.reshape(*indices.shape, d)  # [..., k, D]
 
 
-def make_central(switches: List[nn.Module], placement, comm) -> None:
-    """Sets up the switch layers (already sliced to local experts) for central mode."""
+@functools.lru_cache(maxsize=None)
+def _routes(placement) -> Tuple[np.ndarray, np.ndarray]:
+    """``[num_experts]`` each: every expert's owner, and its row in the owner's stacked weights."""
     owners = np.asarray(placement.owners, dtype=np.int64)
-    index_in_owner = np.zeros_like(owners)
-    for r in range(placement.num_ranks):
-        mine = np.asarray(placement.local_experts(r), dtype=np.int64)
-        index_in_owner[mine] = np.arange(mine.size)
-    for switch in switches:
-        switch.ep_comm = comm
-        switch.ep_owner_of = owners
-        switch.ep_index_in_owner = index_in_owner
-        if comm.rank == 0:
-            switch.__class__ = with_mixin(CentralExperts, type(switch))
+    positions = np.array([placement.local_index(e) for e in range(placement.num_experts)], dtype=np.int64)
+    return owners, positions
+
+
+def make_central(switch: nn.Module) -> None:
+    """Rank 0's switch layer (already sliced to its local experts) sends the
+    other experts' slots to their owners; workers' switch layers stay as they are."""
+    if switch.expert_shard.comm.rank == 0:
+        switch.__class__ = with_mixin(CentralExperts, type(switch))
 
 
 def serve(model: nn.Module) -> int:
@@ -126,7 +129,7 @@ def serve(model: nn.Module) -> int:
         The number of requests served.
     """
     switches = model.ep_info.switches
-    comm = switches[0].ep_comm
+    comm = switches[0].expert_shard.comm
     served = 0
     while True:
         meta = comm.recv_obj(0, TAG_REQUEST)
@@ -136,10 +139,10 @@ def serve(model: nn.Module) -> int:
         dtype = meta["dtype"]
         wire = np.uint16 if dtype == "bfloat16" else np.dtype(dtype)
         x = comm.recv_array((meta["tokens"], switch_input_dims(switch)), wire, 0, TAG_ROWS)
-        x = from_host(x, dtype)  # [U, D] this rank's tokens, each once
+        x = from_buffer(x, dtype)  # [U, D] this rank's tokens, each once
         rows = mx.array(np.asarray(meta["rows"], dtype=np.int64))  # [M] slot -> token
         y = switch.compute(x[rows], np.asarray(meta["experts"], dtype=np.int64))  # [M, D]
-        comm.send_array(to_host(y.astype(x.dtype)), 0, TAG_REPLY)
+        comm.send_array(to_buffer(y.astype(x.dtype)), 0, TAG_REPLY)
         served += 1
 
 
@@ -151,7 +154,7 @@ def switch_input_dims(switch: nn.Module) -> int:
 
 def stop(model: nn.Module) -> None:
     """Rank 0: releases the workers from :func:`serve`."""
-    comm = model.ep_info.switches[0].ep_comm
+    comm = model.ep_info.switches[0].expert_shard.comm
     for r in range(1, comm.size):
         comm.send_obj(STOP, r, TAG_REQUEST)
 
@@ -165,7 +168,7 @@ def drive(model: nn.Module, fn: Callable[[nn.Module], T]) -> Optional[T]:
     Returns:
         ``fn``'s result on rank 0, None elsewhere.
     """
-    comm = model.ep_info.switches[0].ep_comm
+    comm = model.ep_info.switches[0].expert_shard.comm
     if comm.rank != 0:
         serve(model)
         return None

@@ -42,6 +42,7 @@ __all__ = [
     "Communicator",
     "init_mpi",
     "mlx_group",
+    "quiet_barrier",
 ]
 
 #: Valid values of ``Communicator(backend=...)``.
@@ -52,7 +53,7 @@ KINDS = ("all_sum", "bcast", "barrier", "allreduce_max", "allgather", "send", "r
 
 # MLX dtypes that numpy and MPI can reduce as they are (float16 is added at run
 # time when the MPI library has a float16 type with MPI_SUM, see
-# _native_float16).
+# native_float16).
 _NATIVE_DTYPES = {
     mx_dtype: np.dtype(np_dtype)
     for mx_dtype, np_dtype in (
@@ -244,17 +245,12 @@ class Communicator:
             self._group = self._resolve_mlx_group(group)
         # MLX dtype -> numpy dtype that MPI can sum as is.
         self._np_dtypes = dict(_NATIVE_DTYPES)
-        if _native_float16(MPI):
+        if native_float16(MPI):
             self._np_dtypes[mx.float16] = np.dtype(np.float16)
         self._out = None  # see _out_buffer
         self._out_key = None
         self.stats: dict[str, CollectiveStats] = {}
         self.reset_stats()
-
-    @classmethod
-    def from_mlx_group(cls, group, comm=None) -> "Communicator":
-        """A ``backend="mlx"`` communicator reducing over ``group``."""
-        return cls(comm, backend="mlx", group=group)
 
     def _resolve_mlx_group(self, group):
         MPI = self._MPI
@@ -328,24 +324,29 @@ class Communicator:
 
     # ----------------------------------------------------------- collectives
 
-    def all_sum(self, x: mx.array) -> mx.array:
-        """Sum ``x`` over all ranks.
+    def all_sum(self, x):
+        """Sum ``x`` over all ranks: the one collective of an MoE layer.
 
         Args:
-            x: Array of the same shape and dtype on every rank. Any
-                numeric dtype except bool.
+            x: An ``mx.array``, or a C-contiguous float32 numpy array (the
+                numpy decode step's partial sums), of the same shape and
+                dtype on every rank. Any numeric dtype except bool.
 
         Returns:
-            A new array with the shape and dtype of ``x`` holding the
-            elementwise sum. The reduction itself has completed on return;
-            only a float32 -> 16-bit cast of the mpi4py path is left lazy, to
-            run inside the caller's next evaluation. On a single rank, ``x``
-            itself (nothing to reduce, but the call is still counted so "one
-            all-reduce per MoE layer" holds on any number of ranks).
+            For an ``mx.array``, a new array with the shape and dtype of ``x``
+            holding the elementwise sum; the reduction itself has completed
+            on return, only a float32 -> 16-bit cast of the mpi4py path is
+            left lazy, to run inside the caller's next evaluation. For a
+            numpy array, ``x`` itself holding the sum (reduced in place; a
+            new array with the ``"mlx"`` backend). On a single rank, ``x``
+            itself: nothing to reduce, but the call is still counted, so
+            "one all-reduce per MoE layer" holds on any number of ranks.
 
         Raises:
             TypeError: ``x`` is bool or a dtype MPI cannot sum.
         """
+        if isinstance(x, np.ndarray):
+            return self._all_sum_numpy(x)
         if self._size == 1:
             if x.dtype == mx.bool_:
                 raise TypeError("all_sum does not support bool arrays")
@@ -373,18 +374,9 @@ class Communicator:
         stats.seconds += time.perf_counter() - start
         return out
 
-    def all_sum_host(self, x: np.ndarray) -> np.ndarray:
-        """Sum a float32 numpy array over all ranks, in place (the fused decode step's combine).
-
-        Counted as an ``all_sum`` like :meth:`all_sum`. The ``"mlx"`` backend
-        reduces a copy with ``mx.distributed.all_sum``.
-
-        Args:
-            x: C-contiguous float32 array, the same shape on every rank.
-
-        Returns:
-            ``x``, holding the sum (a new array with the ``"mlx"`` backend).
-        """
+    def _all_sum_numpy(self, x: np.ndarray) -> np.ndarray:
+        if x.dtype != np.float32 or not x.flags.c_contiguous:
+            raise TypeError(f"all_sum of a numpy array takes C-contiguous float32, not {x.dtype}")
         start = time.perf_counter()
         if self._size > 1:
             if self.backend == "mlx":
@@ -423,9 +415,8 @@ class Communicator:
         # This is the decode hot path (one call per MoE layer), kept short:
         # memoryviews rather than numpy arrays, and the output buffer and its
         # view cached for the last (shape, format); MLX's buffer formats are
-        # distinct per dtype. A [1, 768] float32 sum on 2 ranks went from
-        # 17.6 to about 8 us this way, against 4 us for raw mpi4py on numpy
-        # (docs/benchmarks.md).
+        # distinct per dtype (what it costs against raw mpi4py: `moe-mpi
+        # bench collectives`, docs/benchmarks.md).
         if (send.shape, send.format) != self._out_key:
             if x.dtype not in self._np_dtypes:
                 return self._all_sum_widened(x)
@@ -633,7 +624,34 @@ class Communicator:
         self.comm.Abort(code)
 
 
-def _native_float16(MPI) -> bool:
+#: How often a rank that sits out a quiet barrier polls it.
+QUIET_POLL_SECONDS = 0.002
+
+
+def quiet_barrier(comm, idle: bool = True) -> None:
+    """A barrier in which ranks that sit out sleep instead of spinning in MPI.
+
+    On a shared host a rank spinning in ``MPI_Barrier`` takes a core from
+    the rank doing the work. Every rank must call this (a blocking barrier
+    does not match the ``Ibarrier``); ``idle=False`` ranks wait without
+    sleeping, so they leave it as soon as possible.
+
+    Args:
+        comm: A :class:`Communicator` or an mpi4py communicator.
+        idle: Whether this rank sleeps between polls.
+    """
+    mpi_comm = comm.comm if isinstance(comm, Communicator) else comm
+    if mpi_comm.Get_size() == 1:
+        return
+    request = mpi_comm.Ibarrier()
+    if not idle:
+        request.Wait()
+        return
+    while not request.Test():
+        time.sleep(QUIET_POLL_SECONDS)
+
+
+def native_float16(MPI) -> bool:
     """Whether MPI_SUM works on numpy float16 buffers with this MPI library.
 
     Open MPI 5 maps numpy float16 to MPI_SHORT_FLOAT and sums it natively;

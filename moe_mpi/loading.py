@@ -19,9 +19,10 @@ Both expert layouts are read in place:
 import glob
 import json
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -29,11 +30,9 @@ import numpy as np
 from mlx.utils import tree_flatten
 from mlx_lm.utils import _get_classes, infer_quant_config, load_config, load_tokenizer
 
-from .experts import host_layout_paths, to_host_layout
-from .fused import use_fused_decode
-from .pages import use_huge_pages
+from . import cpu
 from .placement import ExpertPlacement
-from .safetensors_io import CheckpointError, CheckpointIndex
+from .safetensors_io import CheckpointError, CheckpointIndex, ShapeOnlyIndex
 from .shard import Plan, Take, drop_dense, per_expert_source, shard_structure, take
 
 PER_EXPERT_KEY = re.compile(r"\.experts\.\d+\.")
@@ -72,11 +71,23 @@ def resolve_model_path(path_or_hf_repo: Union[str, Path]) -> Path:
         ) from None
 
 
-def _build_model(config: dict) -> nn.Module:
+def model_classes(config: dict):
+    """mlx-lm's ``(Model, ModelArgs)`` classes for ``config["model_type"]``.
+
+    The one use of mlx-lm's private ``_get_classes`` (which also applies its
+    model-type remapping); pyproject pins the mlx-lm versions it is tested with.
+
+    Raises:
+        ValueError: mlx-lm has no such model type.
+    """
     try:
-        model_class, args_class = _get_classes(config)
+        return _get_classes(config)
     except ValueError as e:
         raise ValueError(f"config.json: {e}") from None
+
+
+def _build_model(config: dict) -> nn.Module:
+    model_class, args_class = model_classes(config)
     try:
         args = args_class.from_dict(config)
         return model_class(args)
@@ -211,35 +222,62 @@ def plan_load(
     return LoadPlan(model, config, index, raw, tensors, codes, plan, worker)
 
 
-def read_parameters(lp: LoadPlan, index=None, evaluate: bool = True) -> List[Tuple[str, mx.array]]:
+def read_parameters(
+    lp: LoadPlan, index=None, evaluate: bool = True, on_read: Optional[Callable[[int], None]] = None
+) -> List[Tuple[str, mx.array]]:
     """The (path, array) pairs that fill the planned model.
 
     Args:
         lp: The plan.
         index: Where sharded parameters are read from: the checkpoint
             (default), or a :class:`ShapeOnlyIndex` for shapes without data.
-        evaluate: Evaluate each sharded parameter as soon as it is read, so
-            that a lazy stack or take does not keep its inputs (every
-            expert's piece, or a whole tensor) alive until the end.
+        evaluate: Evaluate each parameter as soon as it is read, so that a
+            lazy stack or take does not keep its inputs (every expert's
+            piece, or a whole tensor) alive until the end.
+        on_read: Called with the bytes of each evaluated parameter (progress).
     """
     index = lp.index if index is None else index
-    host_layout = host_layout_paths(lp.model)
     params = []
     for path, _ in tree_flatten(lp.model.parameters()):
         if lp.worker and path not in lp.plan:
             continue
         if path in lp.plan:
             arr = _read(index, lp.raw, lp.tensors, lp.codes, lp.plan[path])
-            if path in host_layout:
-                arr = to_host_layout(arr)  # same shape; faster numpy sgemv
-            if evaluate:
-                mx.eval(arr)
-            params.append((path, arr))
         elif path in lp.tensors and path not in lp.codes:
-            params.append((path, lp.tensors[path]))
+            arr = lp.tensors[path]
         else:
             raise CheckpointError(f"{lp.index.files[0].parent}: checkpoint has no tensor {path!r}")
+        if evaluate:
+            mx.eval(arr)
+            if on_read is not None:
+                on_read(arr.nbytes)
+        params.append((path, arr))
     return params
+
+
+def planned_bytes(lp: LoadPlan) -> int:
+    """The bytes :func:`read_parameters` will read for this rank (no data is read)."""
+    shapes = read_parameters(lp, ShapeOnlyIndex(lp.index), evaluate=False)
+    return sum(a.nbytes for _, a in shapes)
+
+
+#: Checkpoints whose share per rank is at least this big show a progress bar.
+PROGRESS_MIN_BYTES = 1 << 30
+
+
+def _progress(lp: LoadPlan, comm):
+    """A tqdm bar of the bytes rank 0 reads (on a terminal, for large shares), or None."""
+    if comm.rank != 0 or not sys.stderr.isatty():
+        return None
+    total = planned_bytes(lp)
+    if total < PROGRESS_MIN_BYTES:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(
+        total=total, unit="B", unit_scale=True, unit_divisor=1024, leave=False,
+        desc=f"loading (rank 0 of {comm.size})",
+    )
 
 
 def load_model(
@@ -256,10 +294,15 @@ def load_model(
         ``(model, config)``.
     """
     lp = plan_load(model_path, comm, placement, weights, model_config, mode)
-    lp.model.load_weights(read_parameters(lp), strict=not lp.worker)
+    bar = _progress(lp, comm)
+    try:
+        params = read_parameters(lp, on_read=bar.update if bar is not None else None)
+    finally:
+        if bar is not None:
+            bar.close()
+    lp.model.load_weights(params, strict=not lp.worker)
     mx.eval(lp.model.parameters())
-    use_huge_pages(lp.model)  # CPU decode streams the weights: fewer page crossings
-    use_fused_decode(lp.model)  # CPU, float32 qwen3_moe or mixtral: decode steps in numpy
+    cpu.accelerate(lp.model)  # MLX's Linux CPU backend only; nothing on Metal
     return lp.model, lp.config
 
 

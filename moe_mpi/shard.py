@@ -35,12 +35,9 @@ from mlx_lm.models.switch_layers import (
     SwitchMLP,
 )
 
-from . import central
+from . import central, cpu
 from .adapters import convert_blocks
-from .experts import LocalExperts, make_local, store_host_layout, with_mixin
-from .host import use_host_kernels
-from .fused import use_fused_decode
-from .pages import use_huge_pages
+from .experts import ExpertShard, LocalExperts, make_local, with_mixin
 from .placement import ExpertPlacement
 
 
@@ -95,11 +92,11 @@ class ExpertParallelBlock:
 
     def __call__(self, x, *args, **kwargs):
         partial = super().__call__(x, *args, **kwargs)  # [..., D], this rank's share
-        return self.ep_comm.all_sum(partial)  # the one collective of this layer
+        return self.expert_shard.comm.all_sum(partial)  # the one collective of this layer
 
 
-def _make_expert_parallel(block: nn.Module, comm) -> None:
-    block.ep_comm = comm
+def _make_expert_parallel(block: nn.Module, shard: ExpertShard) -> None:
+    block.expert_shard = shard
     block.__class__ = with_mixin(ExpertParallelBlock, type(block))
 
 
@@ -136,7 +133,7 @@ class MoEBlock:
     def num_experts_total(self) -> int:
         """Experts the router chooses from (the switch may hold fewer)."""
         if isinstance(self.switch, LocalExperts):
-            return len(self.switch.ep_local_of)
+            return self.switch.expert_shard.num_experts
         return self.num_experts
 
     @property
@@ -193,25 +190,24 @@ def take(a: mx.array, axis: int, index: np.ndarray) -> mx.array:
     return mx.take(a, mx.array(index), axis=axis)
 
 
-def _shard_switch(moe: MoEBlock, placement: ExpertPlacement, rank: int) -> Plan:
+def _shard_switch(moe: MoEBlock, shard: ExpertShard) -> Plan:
     """Keeps the rank's experts in the switch layer; returns their sources."""
-    switch, num_experts = moe.switch, moe.num_experts
-    local = np.asarray(placement.local_experts(rank), dtype=np.int64)
+    local = np.asarray(shard.experts, dtype=np.int64)
     prefix = moe.switch_path
-    # Adapters for models that store experts one module each (dbrx) say where
-    # expert e's tensors are; otherwise the checkpoint holds stacked tensors.
     plan, sliced = {}, []
-    for name, a in tree_flatten(switch.parameters()):
+    for name, a in tree_flatten(moe.switch.parameters()):
         plan[f"{prefix}.{name}"] = Take(f"{prefix}.{name}", 0, local)
         sliced.append((name, take(a, 0, local)))
-    switch.update(tree_unflatten(sliced))
-    make_local(switch, local, num_experts)
+    moe.switch.update(tree_unflatten(sliced))
+    make_local(moe.switch, shard)
+    # Adapters for models that store experts one module each (dbrx) say where
+    # expert e's tensors are; otherwise the checkpoint holds stacked tensors.
     return _adapter_sources(moe, plan)
 
 
 def _adapter_sources(moe: MoEBlock, plan: Plan) -> Plan:
     """Where an adapter says expert e's tensors are (dbrx), reads those."""
-    templates = getattr(moe.block, "ep_expert_keys", None)
+    templates = getattr(moe.block, "expert_keys", None)
     if not templates:
         return plan
     block_prefix = f"{moe.path}." if moe.path else ""
@@ -362,12 +358,11 @@ def shard_structure(
     rank, size = comm.rank, comm.size
     plan: Plan = {}
     placements = {}
-    for moe in blocks:
+    for layer, moe in enumerate(blocks):
         n = moe.num_experts
         if mode == "sliced":
             # Every rank holds every expert, a slice of its intermediate dim.
-            prefix = moe.switch_path
-            switch_plan = _shard_intermediate(prefix, moe.switch, rank, size)
+            switch_plan = _shard_intermediate(moe.switch_path, moe.switch, rank, size)
             if switch_plan is None:
                 raise ValueError(
                     f"{moe.path}: mode='sliced' needs expert layers with in/out "
@@ -375,32 +370,28 @@ def shard_structure(
                     f"splits into num_ranks={size} whole quantization groups"
                 )
             plan.update(_adapter_sources(moe, switch_plan))
-            make_local(moe.switch, range(n), n)
+            shard = ExpertShard(layer, n, tuple(range(n)), comm)
+            make_local(moe.switch, shard)
         else:
             if n not in placements:
                 placements[n] = resolve_placement(placement, n, size, weights)
-            plan.update(_shard_switch(moe, placements[n], rank))
+            shard = ExpertShard(layer, n, placements[n].local_experts(rank), comm, placements[n])
+            plan.update(_shard_switch(moe, shard))
         if mode == "central":
             # The dense part, shared experts included, runs on rank 0 alone.
-            central.make_central([moe.switch], placements[n], comm)
+            central.make_central(moe.switch)
             continue
         for name in shared_children(moe.block):
-            prefix = f"{moe.path}.{name}" if moe.path else name
-            shared_plan = _shard_intermediate(prefix, moe.block[name], rank, size)
+            shared_plan = _shard_intermediate(f"{moe.path}.{name}" if moe.path else name, moe.block[name], rank, size)
             if shared_plan is not None:
                 plan.update(shared_plan)
             else:
                 # Not splittable: the rank with the fewest experts computes it.
-                owner = int(np.argmin(placements[n].counts))
+                owner = int(np.argmin(placements[n].counts)) if mode != "sliced" else 0
                 if rank != owner:
                     setattr(moe.block, name, NoOutput())
-        _make_expert_parallel(moe.block, comm)
-    # Decode's small work in the replicated dense part (one-row products,
-    # norms, RoPE): numpy on the CPU (moe_mpi.host); no change on a GPU.
-    use_host_kernels(model)
+        _make_expert_parallel(moe.block, shard)
     switches = tuple(moe.switch for moe in blocks)
-    for layer, switch in enumerate(switches):
-        switch.ep_layer = layer
     # A dataclass, not a tuple: nn.Module would take a tuple for parameters.
     model.ep_info = ShardInfo(rank, size, len(blocks), tuple(placements.values()), mode, switches)
     return plan
@@ -452,8 +443,6 @@ def shard_experts(
     shard_structure(model, comm, placement, weights, mode)
     if mode == "central" and comm.rank != 0:
         drop_dense(model)  # workers hold only their experts
-    store_host_layout(model)
     mx.eval(model.parameters())
-    use_huge_pages(model)  # CPU decode streams the weights: fewer page crossings
-    use_fused_decode(model)  # CPU, float32 qwen3_moe or mixtral: decode steps in numpy
+    cpu.accelerate(model)  # MLX's Linux CPU backend only; nothing on Metal
     return model

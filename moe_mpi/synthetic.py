@@ -406,11 +406,13 @@ def build_model(
     Returns:
         ``(model, config)``; the config has ``quantization`` when quantized.
     """
-    from mlx_lm.utils import _get_classes, quantize_model
+    from mlx_lm.utils import quantize_model
+
+    from .loading import model_classes
 
     config = copy.deepcopy(config)
     config["torch_dtype"] = dtype
-    model_class, args_class = _get_classes(config)
+    model_class, args_class = model_classes(config)
     mx.random.seed(seed)
     model = model_class(args_class.from_dict(config))
     randomize_parameters(model, config, seed)

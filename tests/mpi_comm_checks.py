@@ -65,12 +65,12 @@ def check_all_sum_float32(comm: Communicator) -> None:
     _check_all_sum_dtype(comm, mx.float32)
 
 
-def check_all_sum_host(comm: Communicator) -> None:
-    """The numpy combine of the fused decode step: summed, counted as an all_sum."""
+def check_all_sum_numpy(comm: Communicator) -> None:
+    """A numpy float32 array (the numpy decode step's partial sums): summed, counted as an all_sum."""
     before = comm.snapshot()["all_sum"]["calls"]
     for shape in SHAPES:
         x = _contribution(shape, comm.rank, mx.float32).astype(np.float32)
-        y = comm.all_sum_host(x)
+        y = comm.all_sum(x)
         assert y.shape == x.shape and y.dtype == np.float32, (y.shape, y.dtype)
         assert np.array_equal(y, _expected(shape, comm.size, mx.float32).astype(np.float32)), shape
     assert comm.snapshot()["all_sum"]["calls"] - before == len(SHAPES)

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 from moe_mpi import launch
-from moe_mpi.bench import models
+from moe_mpi.bench import modes, routing, shapes
 from moe_mpi.bench import plot as bench_plot
 from moe_mpi.bench import report
 from moe_mpi.shard import MODES as LOAD_MODES
@@ -30,7 +30,7 @@ REPO = Path(__file__).resolve().parent.parent
 TIMEOUT = 150.0  # a hang fails the test instead of blocking the suite
 # Every moe_mpi load mode plus the two mlx-lm baselines.
 ALL_MODES = set(LOAD_MODES) | {"mlx-lm-tp", "single"}
-TINY_MOE_LAYERS = 2  # models.SYNTHETIC["tiny"]: every layer is an MoE layer
+TINY_MOE_LAYERS = 2  # shapes.SYNTHETIC["tiny"]: every layer is an MoE layer
 HAVE_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
 
 STREAM_MB = 160  # far more than the tiny model's load transients
@@ -106,7 +106,7 @@ def test_decode_says_which_modes_ran_the_fused_step(results):
     for mode, entry in modes.items():
         assert entry["fused_decode"] == (mode in ("ep", "sliced")), mode
     assert "# mode ep: built in" in results["decode"]["_stdout"]
-    assert "decode steps: moe_mpi's fused step (moe_mpi.fused)" in results["decode"]["_stdout"]
+    assert "decode steps: moe_mpi's numpy decode step (moe_mpi.cpu.decode)" in results["decode"]["_stdout"]
 
 
 def test_decode_ep_does_one_all_reduce_per_moe_layer(results):
@@ -242,62 +242,62 @@ def test_plot_rejects_non_results(tmp_path, capsys):
 
 
 def test_mode_registry_accepts_every_load_mode():
-    names = models.mode_names()
+    names = modes.mode_names()
     assert set(LOAD_MODES) <= set(names)
     assert {"mlx-lm-tp", "single"} <= set(names)
     for mode in LOAD_MODES:
-        builder = models.get_mode(mode)
-        assert isinstance(builder, models.MoeMpiMode) and builder.mode == mode
+        builder = modes.get_mode(mode)
+        assert isinstance(builder, modes.MoeMpiMode) and builder.mode == mode
     with pytest.raises(KeyError):
-        models.get_mode("no-such-mode")
+        modes.get_mode("no-such-mode")
 
 
 def test_modes_option_rejects_unknown_names():
     with pytest.raises(argparse.ArgumentTypeError):
-        models._modes_arg("ep,bogus")
-    assert models._modes_arg("single,ep,ep") == ["single", "ep"]
+        modes.modes_arg("ep,bogus")
+    assert modes.modes_arg("single,ep,ep") == ["single", "ep"]
 
 
 def test_synthetic_shapes():
-    dbrx = models.synthetic_config("dbrx-like")
+    dbrx = shapes.synthetic_config("dbrx-like")
     assert (dbrx["hidden_size"], dbrx["num_experts"], dbrx["num_experts_per_tok"]) == (768, 16, 4)
     assert (dbrx["moe_intermediate_size"], dbrx["num_hidden_layers"]) == (2688, 8)
     assert dbrx["model_type"] == "qwen3_moe"
-    assert models.synthetic_config("qwen3-moe-like")["num_experts"] == 128
-    assert models.synthetic_config("mixtral-like")["num_experts_per_tok"] == 2
-    a, b = models.synthetic_dir("tiny", "/c"), models.synthetic_dir("dbrx-like", "/c")
-    assert a != b and a == models.synthetic_dir("tiny", "/c")
+    assert shapes.synthetic_config("qwen3-moe-like")["num_experts"] == 128
+    assert shapes.synthetic_config("mixtral-like")["num_experts_per_tok"] == 2
+    a, b = shapes.synthetic_dir("tiny", "/c"), shapes.synthetic_dir("dbrx-like", "/c")
+    assert a != b and a == shapes.synthetic_dir("tiny", "/c")
     assert a.name.startswith("tiny-")
 
 
 def test_routing_imbalance():
     owners = [0, 0, 1, 1]
     balanced = [np.array([1, 1, 1, 1])]
-    assert models.routing_imbalance(balanced, owners, 2)["per_layer"] == 1.0
+    assert routing.routing_imbalance(balanced, owners, 2)["per_layer"] == 1.0
     skewed = [np.array([2, 0, 0, 0]), np.array([1, 0, 1, 0])]  # 2/0, then 1/1
-    result = models.routing_imbalance(skewed, owners, 2)
+    result = routing.routing_imbalance(skewed, owners, 2)
     assert result["per_layer"] == pytest.approx((2.0 + 1.0) / 2)
     assert result["pairs_per_rank"] == [3, 1]
-    assert models.routing_imbalance([], owners, 2) is None
-    assert models.routing_imbalance(balanced, None, 2) is None
+    assert routing.routing_imbalance([], owners, 2) is None
+    assert routing.routing_imbalance(balanced, None, 2) is None
 
 
-def test_tp_host_kernels_flag_is_applied_and_reported(tmp_path):
-    """--tp-host-kernels: the mlx-lm-tp baseline runs with moe_mpi's host
+def test_tp_cpu_path_flag_is_applied_and_reported(tmp_path):
+    """--tp-cpu-path: the mlx-lm-tp baseline runs with moe_mpi's host
     kernels, says so in its header line and JSON, and still matches mlx-lm."""
     path = tmp_path / "tp.json"
     argv = [
         sys.executable, "-m", "moe_mpi", "bench", "decode", "--synthetic", "tiny",
-        "--cache-dir", str(tmp_path / "cache"), "--modes", "mlx-lm-tp", "--tp-host-kernels",
+        "--cache-dir", str(tmp_path / "cache"), "--modes", "mlx-lm-tp", "--tp-cpu-path",
         "--batch", "1", "--steps", "2", "--warmup", "1", "--prompt-tokens", "8", "--no-roofline",
         "--json", str(path),
     ]
     proc = launch.run_mpirun(2, argv, timeout=TIMEOUT, cwd=REPO)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "# mode mlx-lm-tp: " in proc.stdout and "(--tp-host-kernels)" in proc.stdout, proc.stdout
+    assert "# mode mlx-lm-tp: " in proc.stdout and "(--tp-cpu-path)" in proc.stdout, proc.stdout
     with open(path) as f:
         entry = json.load(f)["modes"]["mlx-lm-tp"]
-    assert entry["status"] == "ok" and "--tp-host-kernels" in entry["description"]
+    assert entry["status"] == "ok" and "--tp-cpu-path" in entry["description"]
     assert entry["logits_max_abs_diff"] < 1e-4 and entry["argmax_agrees"]
 
 
@@ -309,3 +309,79 @@ def test_modified_files_keep_their_first_letter():
     assert report.porcelain_paths("") == []
     version = report.code_version()
     assert not version or (len(version["commit"]) == 40 and "\n" not in version["commit"])
+
+
+# ---------------------------------------------------- checking the output
+
+
+@pytest.mark.parametrize("name", ["decode", "prefill"])
+def test_every_row_output_matches_mlx_lm(results, name):
+    """Each mode's timed output was compared with single-process mlx-lm's and matched."""
+    for row in results[name]["rows"]:
+        if row["mode"] == "single":  # the reference itself
+            assert row["verified"] is None
+            continue
+        assert row["verified"] is True and row["mismatch"] is None, row
+        assert row["tokens_checked"] == (row.get("batch", 1) * (3 + 1 + 1) if name == "decode" else 1), row
+        assert row["logits_max_abs_diff"] <= 1e-5 * row["logits_scale"], row
+    assert "output matches single-process mlx-lm" in results[name]["_stdout"]
+
+
+def test_decode_rows_count_which_code_ran(results):
+    decode = results["decode"]
+    for row in decode["rows"]:
+        path = row["decode_path"]
+        numpy = row["steps"] if row["mode"] in ("ep", "sliced") else 0
+        assert path == {"numpy_steps": numpy, "model_code_steps": row["steps"] - numpy}, row
+    assert decode["switches"] == [{}, {}] or all(isinstance(s, dict) for s in decode["switches"])
+    assert "# switches: " in decode["_stdout"]
+    assert "timed steps in moe_mpi's numpy decode step: 6 of 6" in decode["_stdout"]
+
+
+def test_a_wrong_mode_is_marked_and_its_speed_is_not_a_result(tmp_path):
+    path = tmp_path / "wrong.json"
+    argv = [
+        sys.executable, str(REPO / "tests" / "mpi_bench_wrong.py"), "--synthetic", "tiny",
+        "--cache-dir", str(tmp_path / "cache"), "--modes", "ep,broken", "--batch", "1,2", "--steps", "2",
+        "--warmup", "1", "--prompt-tokens", "8", "--no-roofline", "--rounds", "2", "--json", str(path),
+    ]
+    proc = launch.run_mpirun(2, argv, timeout=TIMEOUT, cwd=REPO)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    with open(path) as f:
+        result = json.load(f)
+    assert _rows(result, "ep") and all(r["verified"] is True for r in _rows(result, "ep"))
+    broken = _rows(result, "broken")
+    assert len(broken) == 2
+    for row in broken:
+        assert row["verified"] is False and row["mismatch"], row
+        assert "tokens_per_s" not in row and row["unverified"]["tokens_per_s"] > 0, row
+    table = [line for line in proc.stdout.splitlines() if line.lstrip().startswith("broken")]
+    assert len(table) == 2 and all("WRONG" in line for line in table), proc.stdout
+    assert "# broken: built in" in proc.stdout and "output WRONG" in proc.stdout, proc.stdout
+
+
+def test_compare_finds_token_and_logit_mismatches():
+    from moe_mpi.bench import verify
+
+    logits = np.array([[10.0, -3.0, 2.5]], dtype=np.float32)
+    ref = {"tokens": [[0], [2]], "logits": logits}
+    same = verify.compare({"tokens": [[0], [2]], "logits": logits + 1e-5}, ref, 1e-5)
+    assert same["verified"] and same["tokens_checked"] == 2 and same["logits_scale"] == 10.0
+    token = verify.compare({"tokens": [[0], [1]], "logits": logits}, ref, 1e-5)
+    assert not token["verified"] and "step 1" in token["mismatch"] and "mlx-lm 2" in token["mismatch"]
+    drift = verify.compare({"tokens": [[0], [2]], "logits": logits + 1e-3}, ref, 1e-5)
+    assert not drift["verified"] and "logits differ" in drift["mismatch"]
+    short = verify.compare({"tokens": [[0]]}, ref, 1e-5)
+    assert not short["verified"]
+    row = verify.mark({"mode": "x", "tokens_per_s": 5.0, "step_ms": 1.0, "check": {}}, token)
+    assert "tokens_per_s" not in row and row["unverified"] == {"tokens_per_s": 5.0, "step_ms": 1.0}
+    assert "check" not in row
+    assert verify.mark({"mode": "single", "tokens_per_s": 5.0}, None)["verified"] is None
+
+
+def test_a_mode_wrong_in_any_round_is_wrong():
+    good = {"mode": "ep", "batch": 1, "tokens_per_s": 5.0, "verified": True}
+    bad = {"mode": "ep", "batch": 1, "verified": False, "mismatch": "x", "unverified": {"tokens_per_s": 9.0}}
+    rows = report.median_rounds([[good], [bad], [dict(good, tokens_per_s=6.0)]])
+    assert rows[0]["verified"] is False and rows[0]["rounds_tokens_per_s"] == [5.0, None, 6.0]
+    assert report.speed(rows[0], "tokens_per_s", ".1f") == "WRONG"

@@ -92,7 +92,8 @@ def test_link_sweep_reads_the_committed_sweep(tmp_path):
     table, fit = proc.stdout.split("# fit over the TCP runs")
     lines = [line for line in table.splitlines() if line.strip() and not line.startswith("#")]
     assert lines[0].split() == ["link", "mode", "B", "allreduce_us", "tok/s", "ms/step", "ar/step"], table
-    assert "# mlx-lm-tp: " in table and "--tp-host-kernels" in table, table
+    # The committed sweep predates the flag's rename (--tp-host-kernels, now --tp-cpu-path).
+    assert "# mlx-lm-tp: " in table and ("--tp-host-kernels" in table or "--tp-cpu-path" in table), table
     rows = [line.split() for line in lines[1:]]
     links = {" ".join(r[:-6]) for r in rows}
     assert "shared memory" in links and "tcp (veth)" in links and len(links) >= 4, links

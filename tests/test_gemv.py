@@ -1,4 +1,4 @@
-"""moe_mpi.gemv: the compiled matrix-vector loop and its numpy fallback."""
+"""moe_mpi.cpu.gemv: the compiled matrix-vector loop and its numpy fallback."""
 
 import platform
 import shutil
@@ -7,10 +7,10 @@ import sys
 import numpy as np
 import pytest
 
-from moe_mpi import gemv
+from moe_mpi.cpu import gemv
 
 _gemv = gemv._gemv
-needs_loop = pytest.mark.skipif(_gemv is None, reason="moe_mpi._gemv not built")
+needs_loop = pytest.mark.skipif(_gemv is None, reason="moe_mpi.cpu._gemv not built")
 
 
 @pytest.mark.skipif(
@@ -21,13 +21,13 @@ def test_compiled_loop_is_built_and_used():
     # setup.py builds it with optional=True: a failed build would only show here.
     assert _gemv is not None
     assert gemv.compiled() in ("avx512f", "avx2")
-    assert gemv.describe().startswith("moe_mpi._gemv (")
+    assert gemv.describe().startswith("moe_mpi.cpu._gemv (")
 
 
 @pytest.fixture(params=["avx512f", "avx2", "plain"])
 def isa(request):
     if _gemv is None:
-        pytest.skip("moe_mpi._gemv not built")
+        pytest.skip("moe_mpi.cpu._gemv not built")
     before = _gemv.isa()
     try:
         _gemv.use(request.param)

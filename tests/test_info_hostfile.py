@@ -23,8 +23,8 @@ import mlx.core as mx
 import mlx.nn as nn
 import pytest
 from mlx.utils import tree_flatten
-from mlx_lm.utils import _get_classes
 
+from moe_mpi.loading import model_classes
 from moe_mpi import hostfile, info, synthetic
 from moe_mpi.info import _PlanningComm, plan_memory
 from moe_mpi.launch import run_mpirun
@@ -62,7 +62,7 @@ def _sparse_checkpoint(path: Path, config: dict) -> Path:
     Reading any tensor of it would take seconds per GiB and allocate as much.
     """
     path.mkdir(parents=True)
-    model_class, args_class = _get_classes(config)
+    model_class, args_class = model_classes(config)
     model = model_class(args_class.from_dict(config))  # lazy: nothing allocated
     q = config["quantization"]
     nn.quantize(model, group_size=q["group_size"], bits=q["bits"])

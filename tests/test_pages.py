@@ -1,4 +1,4 @@
-"""moe_mpi.pages: MLX weights moved into huge pages, unchanged, where Linux allows it."""
+"""moe_mpi.cpu.pages: MLX weights moved into huge pages, unchanged, where Linux allows it."""
 
 import os
 import sys
@@ -8,7 +8,8 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 
-from moe_mpi import pages, synthetic
+from moe_mpi import synthetic
+from moe_mpi.cpu import pages
 from moe_mpi.comm import Communicator
 
 
@@ -73,11 +74,11 @@ def test_off_switch_and_model_entry_point(monkeypatch):
 
 
 def test_loading_backs_the_weights_with_huge_pages(tmp_path, monkeypatch):
-    """moe_mpi.load hands the evaluated model to use_huge_pages."""
+    """moe_mpi.load hands the evaluated model to use_huge_pages (through moe_mpi.cpu.accelerate)."""
     from moe_mpi import loading
 
     path = synthetic.write_checkpoint(tmp_path / "m", "qwen3_moe", seed=0)
     seen = []
-    monkeypatch.setattr(loading, "use_huge_pages", lambda model: seen.append(model) or 0)
+    monkeypatch.setattr(pages, "use_huge_pages", lambda model: seen.append(model) or 0)
     model, _ = loading.load(path, comm=Communicator())
     assert seen == [model]

@@ -11,7 +11,7 @@ from math import comb
 import pytest
 
 from moe_mpi.bench import roofline
-from moe_mpi.bench.models import synthetic_config
+from moe_mpi.bench.shapes import synthetic_config
 
 
 def test_model_bytes_of_dbrx_like_by_hand():

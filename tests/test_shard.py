@@ -10,9 +10,9 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
-from mlx_lm.utils import _get_classes
 
-from moe_mpi import ExpertPlacement, shard_experts
+from moe_mpi.loading import model_classes
+from moe_mpi import ExpertPlacement, cpu, shard_experts
 from moe_mpi.shard import NoOutput, find_moe_blocks, shard_structure
 from moe_mpi.synthetic import ARCHITECTURES, build_model, tiny_config
 
@@ -47,6 +47,7 @@ def _rank_models(config, size, quantize=None, **kw):
         comm = LocalComm(rank, size)
         shard_structure(model, comm, **kw)
         mx.eval(model.parameters())
+        cpu.accelerate(model)  # the CPU expert kernels (nothing on Metal)
         models.append((model, comm))
     return models
 
@@ -59,7 +60,7 @@ def _block_inputs(model, seed=0, tokens=9):
 
 
 # Expert kernels (MOE_MPI_EXPERT_KERNEL, MOE_MPI_DENSE_MIN_ROWS,
-# MOE_MPI_HOST_GEMV, MOE_MPI_HOST_MAX_ROWS): every expert through BLAS
+# MOE_MPI_NUMPY_KERNELS, MOE_MPI_NUMPY_MAX_ROWS): every expert through BLAS
 # matmuls; the default (float experts with up to 4 rows through numpy's
 # sgemv, the rest through BLAS); one-row experts through gather_mm instead;
 # the switch layer's own call.
@@ -78,11 +79,11 @@ KERNELS = {
 @pytest.mark.parametrize("arch", sorted(CONFIGS))
 def test_partial_sums_add_up_to_the_block(arch, size, quantize, kernel, tokens, monkeypatch):
     """Every kernel, for prefill-like (9 tokens) and decode (1 token) input;
-    one float token with host gemv on takes the all-numpy path."""
+    one float token with the numpy kernels on takes the all-numpy path."""
     monkeypatch.setenv("MOE_MPI_EXPERT_KERNEL", KERNELS[kernel][0])
     monkeypatch.setenv("MOE_MPI_DENSE_MIN_ROWS", KERNELS[kernel][1])
-    monkeypatch.setenv("MOE_MPI_HOST_GEMV", KERNELS[kernel][2])
-    monkeypatch.setenv("MOE_MPI_HOST_MAX_ROWS", KERNELS[kernel][3])
+    monkeypatch.setenv("MOE_MPI_NUMPY_KERNELS", KERNELS[kernel][2])
+    monkeypatch.setenv("MOE_MPI_NUMPY_MAX_ROWS", KERNELS[kernel][3])
     config = CONFIGS[arch]
     ref = _model(config, quantize)
     from moe_mpi.adapters import convert_blocks
@@ -97,7 +98,7 @@ def test_partial_sums_add_up_to_the_block(arch, size, quantize, kernel, tokens, 
         np.testing.assert_allclose(np.array(got), np.array(want), rtol=1e-5, atol=1e-5)
     for model, comm in ranks:  # one all-reduce per MoE block per call
         assert comm.calls == len(expected)
-        assert all(b.switch.ep_kernel == KERNELS[kernel][0] for b in find_moe_blocks(model))
+        assert all(b.switch.cpu_kernels.kernel == KERNELS[kernel][0] for b in find_moe_blocks(model))
 
 
 def test_experts_are_stacked_and_split_by_placement():
@@ -106,7 +107,7 @@ def test_experts_are_stacked_and_split_by_placement():
     for (model, _), rank in zip(_rank_models(config, 3, placement=placement), range(3)):
         local = placement.local_experts(rank)
         for b in find_moe_blocks(model):
-            assert b.switch.ep_experts == local
+            assert b.switch.expert_shard.experts == local
             assert b.switch.gate_proj.weight.shape[0] == len(local)  # one stacked tensor
         assert model.ep_info.placements == (placement,)
 
@@ -138,7 +139,7 @@ def test_dense_model_is_rejected():
         model_type="llama", hidden_size=64, num_hidden_layers=1, intermediate_size=64,
         num_attention_heads=4, rms_norm_eps=1e-5, vocab_size=64, num_key_value_heads=2,
     )
-    model_class, args_class = _get_classes(config)
+    model_class, args_class = model_classes(config)
     with pytest.raises(ValueError, match="model_type='llama' has no MoE block"):
         shard_structure(model_class(args_class.from_dict(config)), LocalComm(0, 2))
 

@@ -537,7 +537,7 @@ def _open_paths(
     """
     from mpi4py import MPI
 
-    from ..comm import Communicator, _native_float16
+    from ..comm import Communicator, native_float16
 
     comms: dict[str, Any] = {"mpi4py": comm}
     local_reason = None
@@ -558,7 +558,7 @@ def _open_paths(
     if "mpi4py-numpy" in wanted:
         if dtype == "bfloat16":
             skipped["mpi4py-numpy"] = "numpy has no bfloat16 type"
-        elif dtype == "float16" and not _native_float16(MPI):
+        elif dtype == "float16" and not native_float16(MPI):
             skipped["mpi4py-numpy"] = "this MPI library has no float16 type"
     runnable = [path for path in wanted if path not in skipped]
     return comms, runnable, skipped

@@ -2,13 +2,12 @@
 
 Every mode runs the same model in one ``mpirun`` job, one after another::
 
-    mpirun -n 2 -x LD_PRELOAD=/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0 \\
-        -x OPENBLAS_NUM_THREADS=1 moe-mpi bench decode --synthetic dbrx-like --batch 1,8
+    mpirun -n 2 moe-mpi bench decode --synthetic dbrx-like --batch 1,8
 
 (as root add ``--allow-run-as-root``; more ranks than cores need
-``--oversubscribe``). Modes: ``ep`` and ``central`` (:func:`moe_mpi.load`),
-``mlx-lm-tp`` (mlx-lm's ``model.shard``) and ``single`` (plain mlx-lm on rank
-0); see :mod:`moe_mpi.bench.models`.
+``--oversubscribe``). Modes: ``ep``, ``sliced`` and ``central``
+(:func:`moe_mpi.load`), ``mlx-lm-tp`` (mlx-lm's ``model.shard``) and
+``single`` (plain mlx-lm on rank 0); see :mod:`moe_mpi.bench.modes`.
 
 Method, per mode and batch size B: prefill a ``--prompt-tokens`` prompt per
 sequence into a fresh KV cache (``make_prompt_cache``), run ``--warmup``
@@ -17,7 +16,10 @@ proxy), then barrier, reset the communication counters, and time
 ``--steps`` steps. A step feeds the ``[B, 1]`` argmax tokens back (the same
 on every rank) and ends in ``mx.eval``; each is timed alone with
 ``time.perf_counter`` on rank 0. B > 1 is B independent sequences decoded
-together.
+together. The greedy tokens of every step and the last step's logits are
+checked against the same run on single-process mlx-lm
+(:mod:`moe_mpi.bench.verify`), and the row counts the steps that ran the
+numpy decode step (:mod:`moe_mpi.cpu.decode`) and those that ran mlx-lm's code.
 
 Right before and right after the timed steps a STREAM triad runs on the
 ranks that drive the mode (:mod:`moe_mpi.bench.roofline`), and the row gets
@@ -35,7 +37,8 @@ import mlx.core as mx
 import numpy as np
 
 from ..errors import add_debug_argument, parse_args
-from . import models, report, roofline
+from . import harness, report, roofline, routing
+from .modes import Built, Context, tp_code_counts
 
 __all__ = ["decode_rows", "main", "setup_arg_parser"]
 
@@ -50,17 +53,20 @@ IMBALANCE_METHOD = (
 )
 
 
-def step(model, cache, tokens: mx.array) -> mx.array:
-    """One decode step: ``[B]`` tokens in, the ``[B]`` argmax tokens out (evaluated)."""
-    logits = model(tokens[:, None], cache=cache)  # [B, 1, V]
-    tokens = mx.argmax(logits[:, -1, :], axis=-1)  # [B]
-    mx.eval(tokens)
-    return tokens
+def step(model, cache, tokens: mx.array) -> Tuple[mx.array, mx.array]:
+    """One decode step: ``[B]`` tokens in; the ``[B]`` argmax tokens and ``[B, V]`` logits out (evaluated)."""
+    logits = model(tokens[:, None], cache=cache)[:, -1, :]  # [B, V]
+    tokens = mx.argmax(logits, axis=-1)  # [B]
+    mx.eval(tokens, logits)
+    return tokens, logits
 
 
-def _decode_one(
-    ctx: models.Context, built: models.Built, batch: int
-) -> Optional[Dict[str, Any]]:
+def _numpy_steps(model) -> int:
+    path = getattr(model, "cpu_path", None)
+    return path.numpy_steps if path is not None else 0
+
+
+def _decode_one(ctx: Context, built: Built, batch: int) -> Optional[Dict[str, Any]]:
     """Times one batch size in one mode; the row on rank 0, None elsewhere."""
     from mlx_lm.models.cache import make_prompt_cache
 
@@ -76,20 +82,27 @@ def _decode_one(
         logits = model(mx.array(prompts), cache=cache)  # [B, P, V]
         tokens = mx.argmax(logits[:, -1, :], axis=-1)  # [B]
         mx.eval(tokens)
-        with models.record_routing(model if ctx.rank == 0 else None) as calls:
+        produced = [tokens]
+        with routing.record_routing(model if ctx.rank == 0 else None) as calls:
             for _ in range(args.warmup):
-                tokens = step(model, cache, tokens)
-        state.update(cache=cache, tokens=tokens)
+                tokens, _ = step(model, cache, tokens)
+                produced.append(tokens)
+        state.update(cache=cache, tokens=tokens, produced=produced)
         if ctx.rank == 0:
-            state["imbalance"] = models.imbalance_for(built, model, calls, ctx.size)
+            state["imbalance"] = routing.imbalance_for(built.name, model, calls, ctx.size)
 
     def timed(model) -> List[float]:
-        cache, tokens = state["cache"], state["tokens"]
+        cache, tokens, produced = state["cache"], state["tokens"], state["produced"]
+        numpy_before = _numpy_steps(model)
         seconds = []
+        logits = None
         for _ in range(args.steps):
             start = time.perf_counter()
-            tokens = step(model, cache, tokens)
+            tokens, logits = step(model, cache, tokens)
             seconds.append(time.perf_counter() - start)
+            produced.append(tokens)
+        state["numpy_steps"] = _numpy_steps(model) - numpy_before
+        state["last_logits"] = logits
         return seconds
 
     built.run(setup)
@@ -97,11 +110,20 @@ def _decode_one(
     # before and right after the timed steps (this drifts: a VM's bandwidth
     # can change within seconds), with the ranks that drive this mode reading
     # together (`single`: rank 0 alone).
-    before = _stream_gbs(ctx, built) if args.roofline else None
-    seconds, wall, counters = models.timed_run(ctx, built, timed)
-    after = _stream_gbs(ctx, built) if args.roofline else None
+    probes = args.roofline and not ctx.reference_run
+    before = _stream_gbs(ctx, built) if probes else None
+    seconds, wall, counters = harness.timed_run(ctx, built, timed)
+    after = _stream_gbs(ctx, built) if probes else None
     everyone = ctx.ctl.allgather({"wall": wall, "counters": counters})
     imbalance, method = state.get("imbalance", (None, ""))
+    check = None
+    if ctx.rank == 0:
+        # What the timed run produced: every step's greedy tokens, the last logits.
+        check = {
+            "tokens": np.stack([np.array(t) for t in state["produced"]]).tolist(),  # [steps, B]
+            "logits": np.array(state["last_logits"].astype(mx.float32)),  # [B, V]
+        }
+        numpy_steps = state["numpy_steps"]
     state.clear()  # the KV cache
     if ctx.rank != 0:
         return None
@@ -113,10 +135,13 @@ def _decode_one(
         seconds,
         [e["wall"] for e in everyone],
         [e["counters"] for e in everyone],
-        code_counts=models.tp_code_counts(ctx.config, batch),
+        code_counts=tp_code_counts(ctx.config, batch),
         imbalance=imbalance,
         imbalance_method=method,
     )
+    row["check"] = check
+    # Which code ran each timed step: the numpy decode step, or the model's own.
+    row["decode_path"] = {"numpy_steps": numpy_steps, "model_code_steps": len(seconds) - numpy_steps}
     parts = roofline.limit_parts(ctx.config)
     if before is not None and parts is not None:
         gbs = (before[0] + after[0]) / 2  # the window's bandwidth, as well as two samples tell
@@ -140,17 +165,17 @@ def _decode_one(
     return row
 
 
-def _stream_gbs(ctx: models.Context, built: models.Built) -> Tuple[float, float]:
+def _stream_gbs(ctx: Context, built: Built) -> Tuple[float, float]:
     """GB/s per rank (the slowest) of the STREAM triad and of a read-only
     pass (:func:`moe_mpi.bench.roofline.stream_read`), as this mode reads memory."""
     mbytes = ctx.args.stream_mb
-    with models.exclude_from_peak_rss(ctx):  # the probes' arrays are not the mode's
+    with harness.exclude_from_peak_rss(ctx):  # the probes' arrays are not the mode's
         if len(built.drivers) == 1 and ctx.size > 1:  # `single`: the others sleep
             return tuple(roofline.probe_alone(ctx.ctl, p, mbytes) for p in (roofline.stream_triad, roofline.stream_read))
         return tuple(min(ctx.ctl.allgather(p(ctx.ctl, mbytes))) for p in (roofline.stream_triad, roofline.stream_read))
 
 
-def decode_rows(ctx: models.Context, built: models.Built) -> List[Dict[str, Any]]:
+def decode_rows(ctx: Context, built: Built) -> List[Dict[str, Any]]:
     """The workload: every ``--batch`` size in mode ``built``; rows on rank 0."""
     rows = [_decode_one(ctx, built, batch) for batch in ctx.args.batch]
     return [r for r in rows if r is not None]
@@ -164,28 +189,28 @@ def setup_arg_parser() -> argparse.ArgumentParser:
         "central router, mlx-lm tensor parallel, single process), same model, same "
         "job. Run under mpirun: mpirun -n N moe-mpi bench decode ...",
     )
-    models.add_common_arguments(parser)
+    harness.add_common_arguments(parser)
     parser.add_argument(
         "--batch",
-        type=models.int_list,
+        type=harness.int_list,
         default=[1, 8],
         help="comma-separated batch sizes: B sequences decoded together (default: 1,8)",
     )
     parser.add_argument(
         "--steps",
-        type=models.positive_int,
+        type=harness.positive_int,
         default=DEFAULT_STEPS,
         help=f"timed decode steps (default: {DEFAULT_STEPS})",
     )
     parser.add_argument(
         "--warmup",
-        type=models.non_negative_int,
+        type=harness.non_negative_int,
         default=DEFAULT_WARMUP,
         help=f"untimed decode steps first (default: {DEFAULT_WARMUP})",
     )
     parser.add_argument(
         "--prompt-tokens",
-        type=models.positive_int,
+        type=harness.positive_int,
         default=DEFAULT_PROMPT_TOKENS,
         help=f"prompt length prefilled before decoding (default: {DEFAULT_PROMPT_TOKENS})",
     )
@@ -198,7 +223,7 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--stream-mb",
-        type=models.positive_int,
+        type=harness.positive_int,
         default=roofline.STREAM_MB,
         help=f"STREAM triad arrays, MB per rank in all (default: {roofline.STREAM_MB})",
     )
@@ -240,7 +265,7 @@ ROOFLINE_LEGEND = (
     "at once; single: rank 0 alone); MB/step = "
     "weight bytes the slowest rank reads per step (moe_mpi.bench.roofline, uniform "
     "routing); limit = GB/s / MB/step x B tokens/s; %limit = tok/s / limit; readGB/s = the same "
-    "for a read-only pass (moe_mpi.gemv.read, BLAS sdot or moe_mpi.gemv.matvec, the fastest: decode only reads weights), "
+    "for a read-only pass (moe_mpi.cpu.gemv.read, BLAS sdot or moe_mpi.cpu.gemv.matvec, the fastest: decode only reads weights), "
     "%read = tok/s / (readGB/s / MB/step x B)"
 )
 
@@ -260,7 +285,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "timing: barrier, counters reset, barrier; each step (model call + argmax + mx.eval) "
         "timed alone with time.perf_counter on rank 0",
     ]
-    return models.run_benchmark(
+    return harness.run_benchmark(
         args,
         benchmark="decode",
         title="moe-mpi bench decode: decode tokens/s per mode",

@@ -41,7 +41,9 @@ import mlx.nn as nn
 import numpy as np
 
 from ..errors import add_debug_argument, parse_args
-from . import models, report
+from ..comm import quiet_barrier
+from . import harness, report, routing
+from .modes import Built, Context, tp_code_counts
 
 __all__ = ["LayerParts", "layer_rows", "main", "setup_arg_parser"]
 
@@ -97,7 +99,7 @@ def _add(total: Optional[Dict[str, Dict[str, float]]], step: Dict[str, Dict[str,
 class LayerParts:
     """The parts of one MoE block of a built model, each run and timed alone."""
 
-    def __init__(self, ctx: models.Context, built: models.Built, model: nn.Module):
+    def __init__(self, ctx: Context, built: Built, model: nn.Module):
         from ..shard import find_moe_blocks
 
         self.ctx = ctx
@@ -159,20 +161,20 @@ def _spmd_iterations(parts: LayerParts, x: mx.array, iters: int) -> Dict[str, An
     whole_counters = None
     pairs = None
     for _ in range(iters):
-        models.quiet_barrier(ctx.ctl, idle=False)
+        quiet_barrier(ctx.ctl, idle=False)
         seconds, x_in, indices = parts.router(x)
         times["router"].append(seconds)
-        models.quiet_barrier(ctx.ctl, idle=False)
+        quiet_barrier(ctx.ctl, idle=False)
         seconds, y = parts.experts(x_in, indices)
         times["experts"].append(seconds)
         partial = y.sum(axis=-2)  # [1, T, D]: the size the block reduces
         mx.eval(partial)
-        models.quiet_barrier(ctx.ctl, idle=False)
+        quiet_barrier(ctx.ctl, idle=False)
         times["combine"].append(parts.combine(partial))
-        models.quiet_barrier(ctx.ctl, idle=False)
+        quiet_barrier(ctx.ctl, idle=False)
         before = ctx.comm.snapshot()
         times["layer"].append(parts.whole(x))
-        whole_counters = _add(whole_counters, models.delta(ctx.comm.snapshot(), before))
+        whole_counters = _add(whole_counters, harness.delta(ctx.comm.snapshot(), before))
         pairs = np.asarray(indices).reshape(-1)
     return {"times": times, "whole_counters": whole_counters, "indices": pairs}
 
@@ -188,17 +190,17 @@ def _central_iterations(parts: LayerParts, x: mx.array, iters: int) -> Dict[str,
         times["router"].append(seconds)
         before = comm.snapshot()
         seconds, _ = parts.experts(x_in, indices)
-        waited = _comm_seconds(models.delta(comm.snapshot(), before), _P2P)
+        waited = _comm_seconds(harness.delta(comm.snapshot(), before), _P2P)
         times["experts"].append(seconds - waited)
         times["combine"].append(waited)
         before = comm.snapshot()
         times["layer"].append(parts.whole(x))
-        whole_counters = _add(whole_counters, models.delta(comm.snapshot(), before))
+        whole_counters = _add(whole_counters, harness.delta(comm.snapshot(), before))
         pairs = np.asarray(indices).reshape(-1)
     return {"times": times, "whole_counters": whole_counters, "indices": pairs}
 
 
-def _layer_one(ctx: models.Context, built: models.Built, tokens: int) -> Optional[Dict[str, Any]]:
+def _layer_one(ctx: Context, built: Built, tokens: int) -> Optional[Dict[str, Any]]:
     """Times one input size in one mode; the row on rank 0, None elsewhere."""
     args = ctx.args
     hidden = ctx.config["hidden_size"]
@@ -218,7 +220,7 @@ def _layer_one(ctx: models.Context, built: models.Built, tokens: int) -> Optiona
 
     if args.warmup:
         built.run(run(args.warmup))
-    result, wall, counters = models.timed_run(ctx, built, run(args.iters))
+    result, wall, counters = harness.timed_run(ctx, built, run(args.iters))
     state.clear()
     if result is None:
         # Not driving. A rank that exchanged messages served experts (a
@@ -284,7 +286,7 @@ def _row(ctx, built, tokens, result, everyone) -> Dict[str, Any]:
                 e["comm_seconds"] / e["wall"] for e in everyone[1:]
             ]
     elif built.counted == "code":
-        counts = models.tp_code_counts(ctx.config, tokens)
+        counts = tp_code_counts(ctx.config, tokens)
         # One of the two all-reduces per layer is the MoE block's.
         row["collectives_per_call"] = counts["calls_per_step"] / ctx.config["num_hidden_layers"] / 2
         row["bytes_per_call"] = counts["bytes_per_step"] / ctx.config["num_hidden_layers"] / 2
@@ -297,16 +299,16 @@ def _row(ctx, built, tokens, result, everyone) -> Dict[str, Any]:
     else:
         row["imbalance"] = None
     proxy = None
-    owners = models.owners_of(built.model)
+    owners = routing.owners_of(built.model)
     if owners is not None and result.get("indices") is not None:
         counts = np.bincount(result["indices"], minlength=len(owners))
-        proxy = models.routing_imbalance([counts], owners, ctx.size)
+        proxy = routing.routing_imbalance([counts], owners, ctx.size)
     row["imbalance_pairs"] = proxy["per_layer"] if proxy else None
     row["pairs_per_rank"] = proxy["pairs_per_rank"] if proxy else None
     return row
 
 
-def layer_rows(ctx: models.Context, built: models.Built) -> List[Dict[str, Any]]:
+def layer_rows(ctx: Context, built: Built) -> List[Dict[str, Any]]:
     """The workload: every ``--tokens`` size in mode ``built``; rows on rank 0."""
     rows = [_layer_one(ctx, built, t) for t in ctx.args.tokens]
     return [r for r in rows if r is not None]
@@ -367,19 +369,19 @@ def setup_arg_parser() -> argparse.ArgumentParser:
         "compute and combine (all-reduce / scatter-gather). Run under mpirun: "
         "mpirun -n N moe-mpi bench layer ...",
     )
-    models.add_common_arguments(parser)
+    harness.add_common_arguments(parser)
     parser.add_argument(
         "--tokens",
-        type=models.int_list,
+        type=harness.int_list,
         default=DEFAULT_TOKENS,
         help="comma-separated token counts T of the [1, T, hidden] input (default: 1,8,128)",
     )
     parser.add_argument(
-        "--iters", type=models.positive_int, default=DEFAULT_ITERS,
+        "--iters", type=harness.positive_int, default=DEFAULT_ITERS,
         help=f"timed iterations per T (default: {DEFAULT_ITERS})",
     )
     parser.add_argument(
-        "--warmup", type=models.non_negative_int, default=DEFAULT_WARMUP,
+        "--warmup", type=harness.non_negative_int, default=DEFAULT_WARMUP,
         help=f"untimed iterations first (default: {DEFAULT_WARMUP})",
     )
     add_debug_argument(parser)
@@ -395,7 +397,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "timing: each part timed alone (time.perf_counter), untimed barrier before each "
         "part in SPMD modes; the split adds syncs, so compare 'layer' across modes",
     ]
-    return models.run_benchmark(
+    return harness.run_benchmark(
         args,
         benchmark="layer",
         title="moe-mpi bench layer: one MoE layer per mode",

@@ -27,7 +27,6 @@ message plus rank 0's echo). Any wrong byte makes the command exit 1.
 from __future__ import annotations
 
 import argparse
-import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -40,6 +39,7 @@ from ..errors import (
     collective_phase,
     parse_args,
 )
+from ..comm import quiet_barrier
 from .collectives import (
     add_loop_arguments,
     add_output_arguments,
@@ -73,7 +73,6 @@ _CSV_COLUMNS = (
 )
 
 # How often a rank that sits out polls its pending barrier.
-_IDLE_POLL_SECONDS = 0.002
 
 
 def payload(nbytes: int) -> np.ndarray:
@@ -145,21 +144,6 @@ def pingpong(
     return seconds, float(np.median(round_trips)) / 2, wrong
 
 
-def _quiet_barrier(mpi_comm, idle: bool) -> None:
-    """A barrier in which ranks that sit out sleep instead of spinning.
-
-    Every rank must use this (a blocking Barrier does not match an
-    Ibarrier); only ``idle`` ranks sleep between polls, so the pair leaves
-    it as soon as possible.
-    """
-    request = mpi_comm.Ibarrier()
-    if not idle:
-        request.Wait()
-        return
-    while not request.Test():
-        time.sleep(_IDLE_POLL_SECONDS)
-
-
 def run_pingpong(comm, args: argparse.Namespace, emit) -> list[dict[str, Any]]:
     """Run the sweep; rows on rank 0 (and an empty list elsewhere).
 
@@ -203,7 +187,7 @@ def run_pingpong(comm, args: argparse.Namespace, emit) -> list[dict[str, Any]]:
         if pair != MPI.COMM_NULL:
             pair.Free()
     # Ranks 2.. wait here, asleep, for the whole sweep.
-    _quiet_barrier(world, idle=not in_pair)
+    quiet_barrier(world, idle=not in_pair)
     return rows if rank == 0 else []
 
 

@@ -21,14 +21,15 @@ from __future__ import annotations
 
 import argparse
 import time
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import mlx.core as mx
 import numpy as np
 
 from ..errors import add_debug_argument, parse_args
-from . import models, report
+from . import harness, report, routing
 from .decode import IMBALANCE_METHOD
+from .modes import Built, Context, tp_code_counts
 
 __all__ = ["main", "prefill", "prefill_rows", "setup_arg_parser"]
 
@@ -38,43 +39,43 @@ DEFAULT_REPEATS = 2
 _IMBALANCE = IMBALANCE_METHOD.replace("the warm-up steps", "the warm-up prefill (shortest prompt)")
 
 
-def prefill(model, tokens: np.ndarray) -> mx.array:
-    """Prefills ``tokens`` ``[1, L]`` into a fresh cache; the next token (evaluated)."""
+def prefill(model, tokens: np.ndarray) -> Tuple[mx.array, mx.array]:
+    """Prefills ``tokens`` ``[1, L]`` into a fresh cache; the next token ``[1]``
+    and the last position's logits ``[1, V]`` (evaluated)."""
     from mlx_lm.models.cache import make_prompt_cache
 
     cache = make_prompt_cache(model)
-    logits = model(mx.array(tokens), cache=cache)  # [1, L, V]
-    token = mx.argmax(logits[:, -1, :], axis=-1)  # [1]
-    mx.eval(token)
-    return token
+    logits = model(mx.array(tokens), cache=cache)[:, -1, :]  # [1, V]
+    token = mx.argmax(logits, axis=-1)  # [1]
+    mx.eval(token, logits)
+    return token, logits
 
 
-def _tokens(ctx: models.Context, length: int) -> np.ndarray:
+def _tokens(ctx: Context, length: int) -> np.ndarray:
     """The ``[1, length]`` prompt of one length (the same on every rank)."""
     rng = np.random.default_rng(ctx.args.seed + length)
     return rng.integers(0, ctx.config["vocab_size"], (1, length), dtype=np.int32)
 
 
-def _prefill_one(
-    ctx: models.Context, built: models.Built, length: int, imbalance: Optional[tuple]
-) -> Optional[Dict[str, Any]]:
+def _prefill_one(ctx: Context, built: Built, length: int, imbalance: Optional[tuple]) -> Optional[Dict[str, Any]]:
     """Times one prompt length in one mode; the row on rank 0, None elsewhere."""
     args = ctx.args
     tokens = _tokens(ctx, length)
+    out: Dict[str, Any] = {}
 
     def timed(model) -> List[float]:
         seconds = []
         for _ in range(args.repeats):
             start = time.perf_counter()
-            prefill(model, tokens)
+            out["token"], out["logits"] = prefill(model, tokens)
             seconds.append(time.perf_counter() - start)
         return seconds
 
-    seconds, wall, counters = models.timed_run(ctx, built, timed)
+    seconds, wall, counters = harness.timed_run(ctx, built, timed)
     everyone = ctx.ctl.allgather({"wall": wall, "counters": counters})
     if ctx.rank != 0:
         return None
-    return report.throughput_row(
+    row = report.throughput_row(
         built.name,
         built.counted,
         {"length": length},
@@ -82,13 +83,16 @@ def _prefill_one(
         seconds,
         [e["wall"] for e in everyone],
         [e["counters"] for e in everyone],
-        code_counts=models.tp_code_counts(ctx.config, length),
+        code_counts=tp_code_counts(ctx.config, length),
         imbalance=imbalance[0] if imbalance else None,
         imbalance_method=imbalance[1] if imbalance else "",
     )
+    # What the last timed prefill produced: the next token and its logits.
+    row["check"] = {"tokens": [np.array(out["token"]).tolist()], "logits": np.array(out["logits"].astype(mx.float32))}
+    return row
 
 
-def prefill_rows(ctx: models.Context, built: models.Built) -> List[Dict[str, Any]]:
+def prefill_rows(ctx: Context, built: Built) -> List[Dict[str, Any]]:
     """The workload: every ``--lengths`` prompt in mode ``built``; rows on rank 0.
 
     One untimed warm-up prefill of the shortest prompt first; it also samples
@@ -98,10 +102,10 @@ def prefill_rows(ctx: models.Context, built: models.Built) -> List[Dict[str, Any
     first = _tokens(ctx, min(ctx.args.lengths))
 
     def warm_up(model) -> None:
-        with models.record_routing(model if ctx.rank == 0 else None) as calls:
+        with routing.record_routing(model if ctx.rank == 0 else None) as calls:
             prefill(model, first)
         if ctx.rank == 0:
-            state["imbalance"] = models.imbalance_for(built, model, calls, ctx.size)
+            state["imbalance"] = routing.imbalance_for(built.name, model, calls, ctx.size)
 
     built.run(warm_up)
     imbalance = state.get("imbalance")
@@ -116,16 +120,16 @@ def setup_arg_parser() -> argparse.ArgumentParser:
         description="Prefill (prompt processing) tokens/s of an MoE model in every mode, "
         "same model, same job. Run under mpirun: mpirun -n N moe-mpi bench prefill ...",
     )
-    models.add_common_arguments(parser)
+    harness.add_common_arguments(parser)
     parser.add_argument(
         "--lengths",
-        type=models.int_list,
+        type=harness.int_list,
         default=DEFAULT_LENGTHS,
         help="comma-separated prompt lengths (default: 128,256,512,1024)",
     )
     parser.add_argument(
         "--repeats",
-        type=models.positive_int,
+        type=harness.positive_int,
         default=DEFAULT_REPEATS,
         help=f"timed prefills per length, each into a fresh cache (default: {DEFAULT_REPEATS})",
     )
@@ -156,7 +160,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "timing: barrier, counters reset, barrier; each prefill (model call + mx.eval of "
         "the last position's argmax) timed alone with time.perf_counter on rank 0",
     ]
-    return models.run_benchmark(
+    return harness.run_benchmark(
         args,
         benchmark="prefill",
         title="moe-mpi bench prefill: prompt tokens/s per mode",

@@ -10,14 +10,15 @@ use, and each rank's peak memory.
 from __future__ import annotations
 
 import os
-import re
 import sys
 import time
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
 
-from .. import gemv
+from ..cpu import gemv
+from ..cpu.blas import blas_info as preload_info
+from ..cpu.blas import mapped_libraries
 from ..errors import UserError
 from .machine import write_json
 
@@ -34,26 +35,8 @@ __all__ = [
 
 # Environment variables that decide the BLAS and its threads.
 BLAS_ENV = ("LD_PRELOAD", "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
-_BLAS_LIB = re.compile(
-    r"(openblas|libblas|libcblas|mkl_rt|libmkl|blis|accelerate)", re.I
-)
 
 # ------------------------------------------------------------------ probes
-
-
-def _mapped_blas_libraries() -> Optional[List[str]]:
-    """Shared objects mapped into this process that look like a BLAS (Linux)."""
-    try:
-        with open("/proc/self/maps", encoding="utf-8", errors="replace") as f:
-            lines = f.readlines()
-    except OSError:
-        return None
-    libs = set()
-    for line in lines:
-        fields = line.split()
-        if len(fields) >= 6 and _BLAS_LIB.search(os.path.basename(fields[-1])):
-            libs.add(fields[-1])
-    return sorted(libs)
 
 
 def _blas_kind(libs: Optional[List[str]]) -> str:
@@ -98,20 +81,14 @@ def blas_info(probe: bool = True) -> Dict[str, Any]:
     """This rank's BLAS: mapped libraries, kind, thread settings, and speed.
 
     ``preload`` is what ``import moe_mpi`` did about the BLAS
-    (:func:`moe_mpi.blas.blas_info`); the mapped libraries and the measured
+    (:func:`moe_mpi.cpu.blas.blas_info`); the mapped libraries and the measured
     matmul speed say what MLX actually got.
     """
-    libs = _mapped_blas_libraries()
-    try:
-        from .. import blas as moe_mpi_blas
-
-        preload = moe_mpi_blas.blas_info()
-    except ImportError:  # an older moe_mpi without the preload
-        preload = None
+    libs = mapped_libraries()
     return {
         "kind": _blas_kind(libs),
         "libraries": libs,
-        "preload": preload,
+        "preload": preload_info(),
         "env": {var: os.environ.get(var) for var in BLAS_ENV},
         "matmul_gflops": _matmul_gflops() if probe else None,
         "gemv": gemv.describe(),
@@ -277,7 +254,7 @@ def throughput_row(
         walls: Every rank's wall time over the timed window.
         counters: Every rank's counter snapshot over the window.
         code_counts: For ``counted="code"``: ``{"calls_per_step", "bytes_per_step"}``.
-        imbalance: From :func:`moe_mpi.bench.models.routing_imbalance`, or
+        imbalance: From :func:`moe_mpi.bench.routing.routing_imbalance`, or
             ``{"per_layer": 1.0}`` by construction, or None.
         imbalance_method: How ``imbalance`` was obtained.
     """
@@ -324,7 +301,7 @@ def throughput_row(
 
 
 def attach_mode_info(results: Mapping[str, Mapping[str, Any]]) -> List[Dict[str, Any]]:
-    """Every mode's rows with its memory and logits check added; skipped modes as stubs."""
+    """Every mode's rows with its memory and guard check added; skipped modes as stubs."""
     rows = []
     for name, entry in results.items():
         if entry["status"] != "ok":
@@ -333,12 +310,57 @@ def attach_mode_info(results: Mapping[str, Mapping[str, Any]]) -> List[Dict[str,
         memory = entry.get("memory") or []
         for row in entry["rows"]:
             row = dict(row)
-            row["logits_max_abs_diff"] = entry.get("logits_max_abs_diff")
+            row["guard_logits_max_abs_diff"] = entry.get("logits_max_abs_diff")
             row["model_bytes"] = entry.get("model_bytes")
             row["mlx_peak_bytes"] = [m["mlx_peak_bytes"] for m in memory]
             row["peak_rss_bytes"] = [m["peak_rss_bytes"] for m in memory]
             rows.append(row)
     return rows
+
+
+def switch_lines(per_rank: Sequence[Mapping[str, str]]) -> List[str]:
+    """Header lines: the ``MOE_MPI_*`` switches in force (one line, or one per rank if they differ)."""
+    def text(switches: Mapping[str, str]) -> str:
+        return ", ".join(f"{k}={v}" for k, v in switches.items()) or "none set (defaults)"
+
+    if all(dict(s) == dict(per_rank[0]) for s in per_rank):
+        return [f"switches: {text(per_rank[0])}"]
+    return [f"switches rank {r}: {text(s)}" for r, s in enumerate(per_rank)]
+
+
+def check_lines(results: Mapping[str, Mapping[str, Any]], rows: Sequence[Mapping[str, Any]]) -> List[str]:
+    """Lines under the table: per mode, how it was built, what code ran, and whether its output matched."""
+    lines = ["#"]
+    for name, entry in results.items():
+        if entry["status"] != "ok":
+            continue
+        mine = [r for r in rows if r.get("mode") == name and not r.get("skipped")]
+        wrong = [r for r in mine if r.get("verified") is False]
+        checked = sum(r.get("tokens_checked") or 0 for r in mine)
+        if wrong:
+            verdict = "output WRONG: " + "; ".join(f"{_params(r)}: {r['mismatch']}" for r in wrong)
+        elif any(r.get("verified") for r in mine):
+            verdict = f"output matches single-process mlx-lm ({checked} greedy tokens, logits within rounding)"
+        else:
+            verdict = "no output to check against mlx-lm" if name != "single" else "the reference"
+        guard = entry.get("logits_max_abs_diff")
+        paths = [r.get("decode_path") for r in mine if r.get("decode_path")]
+        ran = ""
+        if paths:
+            numpy_steps = sum(p["numpy_steps"] for p in paths)
+            total = numpy_steps + sum(p["model_code_steps"] for p in paths)
+            ran = f"; timed steps in moe_mpi's numpy decode step: {numpy_steps} of {total}"
+        lines.append(
+            f"# {name}: built in {entry['load_seconds']:.1f} s; {verdict}; guard prompt logits max "
+            f"|diff| {'n/a' if guard is None else f'{guard:.2e}'}{ran}"
+        )
+        if entry.get("decode_step_off") and entry.get("decode_step_off") != "the CPU speed path is off (MLX on a GPU, or MOE_MPI_CPU=0)":
+            lines.append(f"#   no numpy decode step: {entry['decode_step_off']}")
+    return lines
+
+
+def _params(row: Mapping[str, Any]) -> str:
+    return " ".join(f"{k}={row[k]}" for k in _ROW_KEYS if k in row)
 
 
 # ------------------------------------------------------------------ rounds
@@ -356,7 +378,8 @@ def median_rounds(rounds: Sequence[Sequence[Dict[str, Any]]]) -> List[Dict[str, 
     With one round, its rows unchanged. Otherwise each returned row is one
     measured round (so its columns stay consistent with each other), with
     ``rounds_tokens_per_s`` listing every round's figure; with an even count
-    the lower median is taken. Rows keep the first round's order.
+    the lower median is taken. A mode wrong in any round is wrong: its first
+    wrong round is returned. Rows keep the first round's order.
     """
     if len(rounds) == 1:
         return list(rounds[0])
@@ -370,9 +393,13 @@ def median_rounds(rounds: Sequence[Sequence[Dict[str, Any]]]) -> List[Dict[str, 
         if row.get("skipped"):
             out.append(row)
             continue
-        ranked = sorted(members, key=lambda r: r["tokens_per_s"])
-        chosen = dict(ranked[(len(ranked) - 1) // 2])
-        chosen["rounds_tokens_per_s"] = [r["tokens_per_s"] for r in members]
+        wrong = [r for r in members if r.get("verified") is False]
+        if wrong:
+            chosen = dict(wrong[0])
+        else:
+            ranked = sorted(members, key=lambda r: r["tokens_per_s"])
+            chosen = dict(ranked[(len(ranked) - 1) // 2])
+        chosen["rounds_tokens_per_s"] = [r.get("tokens_per_s") for r in members]
         out.append(chosen)
     return out
 
@@ -386,7 +413,7 @@ def round_lines(rounds: Sequence[Sequence[Mapping[str, Any]]]) -> List[str]:
             seen.append(_row_key(row))
     for key in seen:
         figures = [
-            f"{r['tokens_per_s']:.1f}" for rows in rounds for r in rows
+            speed(r, "tokens_per_s", ".1f") for rows in rounds for r in rows
             if not r.get("skipped") and _row_key(r) == key
         ]
         label = " ".join([key[0]] + [f"{k}={v}" for k, v in key[1:]])
@@ -400,6 +427,13 @@ def round_lines(rounds: Sequence[Sequence[Mapping[str, Any]]]) -> List[str]:
 def fmt(value: Any, spec: str) -> str:
     """``value`` formatted with ``spec``; "n/a" for a missing (None) value."""
     return "n/a" if value is None else format(value, spec)
+
+
+def speed(row: Mapping[str, Any], key: str, spec: str) -> str:
+    """A speed figure of ``row``; "WRONG" where its output did not match mlx-lm's."""
+    if row.get("verified") is False:
+        return "WRONG"
+    return fmt(row.get(key), spec)
 
 
 def _mib_max(values: Optional[Sequence[Optional[int]]]) -> str:
@@ -433,9 +467,9 @@ def throughput_columns(key: str, key_title: str) -> List[tuple]:
     return [
         ("mode", 10, lambda r: r["mode"]),
         (key_title, 6, lambda r: str(r[key])),
-        ("tok/s", 9, lambda r: fmt(r["tokens_per_s"], ".1f")),
-        ("ms/tok", 8, lambda r: fmt(r["ms_per_token"], ".2f")),
-        ("ms/step", 9, lambda r: fmt(r["step_ms"], ".2f")),
+        ("tok/s", 9, lambda r: speed(r, "tokens_per_s", ".1f")),
+        ("ms/tok", 8, lambda r: speed(r, "ms_per_token", ".2f")),
+        ("ms/step", 9, lambda r: speed(r, "step_ms", ".2f")),
         (
             "coll/tok",
             8,
@@ -450,7 +484,8 @@ def throughput_columns(key: str, key_title: str) -> List[tuple]:
         ("modelMiB", 8, lambda r: _mib_max(r.get("model_bytes"))),
         ("peakMiB", 8, lambda r: _mib_max(r.get("mlx_peak_bytes"))),
         ("rssMiB", 7, lambda r: _mib_max(r.get("peak_rss_bytes"))),
-        ("|dlogit|", 9, lambda r: fmt(r.get("logits_max_abs_diff"), ".1e")),
+        ("|dlogit|", 9, lambda r: fmt(r.get("logits_max_abs_diff", r.get("guard_logits_max_abs_diff")), ".1e")),
+        ("output", 6, lambda r: {True: "ok", False: "WRONG", None: "-"}[r.get("verified")]),
     ]
 
 
@@ -468,7 +503,10 @@ def legend_lines(imbalance_method: str) -> List[str]:
         f"imbal: {imbalance_method}",
         "modelMiB: MLX memory held after loading (mx.get_active_memory); peakMiB: "
         "mx.get_peak_memory(), rssMiB: VmHWM, per mode, load included; max over ranks",
-        "|dlogit|: max abs logit difference vs plain mlx-lm on a fixed 16-token prompt",
+        "|dlogit|: max abs difference of the last timed step's logits from single-process "
+        "mlx-lm's on the same workload (prefill: the prompt's last position)",
+        "output: ok = every greedy token of every step (warm-up and timed) equals single-process "
+        "mlx-lm's and the logits agree within rounding; WRONG = not, and its speed is not a result",
     ]
 
 

@@ -63,13 +63,13 @@ def stream_read(comm, mbytes: int = STREAM_MB, repeats: int = 5) -> float:
 
     Decode only reads weights, so this is the access pattern the limit is
     about; the triad also writes. Three ways of reading the array once, the
-    fastest counts: :func:`moe_mpi.gemv.read` (a bare sequential read, the
+    fastest counts: :func:`moe_mpi.cpu.gemv.read` (a bare sequential read, the
     fastest loop found here), BLAS ``sdot`` of the array with itself, and
-    :func:`moe_mpi.gemv.matvec` of it as a ``[rows, 4096]`` matrix (the
+    :func:`moe_mpi.cpu.gemv.matvec` of it as a ``[rows, 4096]`` matrix (the
     decode kernel: four streams for one row of ``x``, see ``_gemv.c``); best
     of ``repeats`` each.
     """
-    from .. import gemv
+    from ..cpu import gemv
 
     a = np.ones(mbytes * (1 << 20) // 4 // 4096 * 4096, dtype=np.float32)
     w, x = a.reshape(-1, 4096), np.ones(4096, dtype=np.float32)
@@ -210,7 +210,7 @@ def _run(comm, args: argparse.Namespace) -> None:
     if args.model:
         config = json.loads((Path(args.model) / "config.json").read_text())
     else:
-        from .models import synthetic_config
+        from .shapes import synthetic_config
 
         config = synthetic_config(args.synthetic)
     parts = limit_parts(config)

@@ -19,6 +19,7 @@ moe_mpi's modes and plain mlx-lm alike (benchmarks compare like with like).
 
 import ctypes
 import os
+import re
 import sys
 from typing import Dict, List, Optional
 
@@ -76,13 +77,22 @@ def preload_openblas() -> Optional[str]:
     return None
 
 
-def _mapped_blas() -> List[str]:
+_BLAS_NAME = re.compile(r"(openblas|libblas|libcblas|mkl_rt|libmkl|blis|accelerate)", re.I)
+
+
+def mapped_libraries() -> Optional[List[str]]:
+    """Shared objects mapped into this process that look like a BLAS; None off Linux."""
     try:
-        with open("/proc/self/maps") as f:
-            names = {line.split()[-1] for line in f if "blas" in line.lower()}
+        with open("/proc/self/maps", encoding="utf-8", errors="replace") as f:
+            lines = f.readlines()
     except OSError:  # not Linux
-        return []
-    return sorted(n for n in names if n.startswith("/"))
+        return None
+    libs = set()
+    for line in lines:
+        fields = line.split()
+        if len(fields) >= 6 and _BLAS_NAME.search(os.path.basename(fields[-1])):
+            libs.add(fields[-1])
+    return sorted(libs)
 
 
 def blas_info() -> dict:
@@ -90,6 +100,6 @@ def blas_info() -> dict:
     return {
         "preloaded": _loaded["path"],
         "reason": _loaded["reason"],
-        "mapped": _mapped_blas(),
+        "mapped": mapped_libraries() or [],
         "OPENBLAS_NUM_THREADS": os.environ.get("OPENBLAS_NUM_THREADS"),
     }

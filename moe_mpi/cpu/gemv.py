@@ -2,22 +2,22 @@
 
 Decode reads every weight once per token for one row (or a few), so its
 speed is how fast one core streams the weights from memory.
-``moe_mpi/_gemv.c`` does it in one sequential pass over ``[out, in]``
-memory with software prefetch. It is built with the package (a C
-compiler is needed; without one the package installs without it). In the
-kernel probe (2 ranks reading at once, ``docs/results/decode-kernels-n2.txt``)
-it read a 2688x768 matrix at 16-20 GB/s per rank, OpenBLAS ``sgemv`` at
-9-10 GB/s from the same memory and 13-14 GB/s from ``[in, out]`` memory.
+``moe_mpi/cpu/_gemv.c`` does it in one sequential pass over ``[out, in]``
+memory with software prefetch, which streams faster than OpenBLAS's
+``sgemv`` or MLX's ``sgemm`` on the machines we measured
+(docs/benchmarks.md). It is built with the package (a C compiler is needed;
+without one the package installs without it).
 
 Without the compiled loop, or with ``MOE_MPI_GEMV_KERNEL=0``, the products
 go to numpy's BLAS, and the expert weights are stored ``[in, out]`` for it
-(:func:`moe_mpi.experts.host_layout_paths`).
+(:func:`moe_mpi.cpu.experts.transposed_paths`).
 """
 
-import os
 from typing import Optional
 
 import numpy as np
+
+from . import switches
 
 try:
     from . import _gemv
@@ -25,7 +25,7 @@ except ImportError:  # built without a C compiler
     _gemv = None
 
 # Read once: the expert weights' layout is chosen at load time to suit it.
-_KERNEL = _gemv if os.environ.get("MOE_MPI_GEMV_KERNEL", "1") == "1" else None
+_KERNEL = _gemv if switches.get("MOE_MPI_GEMV_KERNEL") == "1" else None
 
 
 def compiled() -> Optional[str]:
@@ -38,7 +38,7 @@ def describe() -> str:
     """One line for reports: which matrix-vector kernel decode uses."""
     isa = compiled()
     if isa is not None:
-        return f"moe_mpi._gemv ({isa})"
+        return f"moe_mpi.cpu._gemv ({isa})"
     why = "MOE_MPI_GEMV_KERNEL=0" if _gemv is not None else "not built"
     return f"numpy BLAS sgemv (compiled loop {why})"
 
@@ -49,7 +49,7 @@ def matvec(w: np.ndarray, x: np.ndarray) -> np.ndarray:
     Args:
         w: float32 ``[n, k]``: a weight in MLX's ``[out, in]`` layout. A
             C-contiguous one goes to the compiled loop; any other view (the
-            ``[in, out]`` host layout) to numpy's BLAS ``sgemv``.
+            ``[in, out]`` layout) to numpy's BLAS ``sgemv``.
         x: float32 ``[k]`` or ``[m, k]``, a few rows (decode).
 
     Returns:

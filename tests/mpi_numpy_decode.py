@@ -1,11 +1,11 @@
-"""Rank side of tests/test_fused.py: run under ``mpirun ... python -m mpi4py``.
+"""Rank side of tests/test_numpy_decode.py: run under ``mpirun ... python -m mpi4py``.
 
 argv: checkpoint directory, reference .npz, mode (``ep`` or ``sliced``).
 Every rank loads its shard and replays the reference's calls on one KV
-cache: a prompt (MLX), decode steps (the fused step), a 2-token chunk (MLX
-again, on the cache the fused steps filled), more decode steps. Each call's
+cache: a prompt (MLX), decode steps (the numpy step), a 2-token chunk (MLX
+again, on the cache the numpy steps filled), more decode steps. Each call's
 logits must match single-process mlx-lm (allclose 1e-4), the decode steps
-must have run fused, and each forward call must make one all-reduce per MoE
+must have run in numpy, and each forward call must make one all-reduce per MoE
 layer.
 """
 
@@ -20,8 +20,8 @@ from moe_mpi import Communicator, load
 comm = Communicator()
 model, _ = load(sys.argv[1], comm=comm, mode=sys.argv[3])
 ref = np.load(sys.argv[2])
-step = model.ep_fused_step
-assert step is not None, "the fused decode step was not installed"
+path = model.cpu_path
+assert path.decode_step is not None, f"the numpy decode step was not installed: {path.decode_step_off}"
 cache = make_prompt_cache(model)
 calls = [c for c in ref.files if c.startswith("in")]
 for name in sorted(calls, key=lambda c: int(c[2:])):
@@ -32,5 +32,5 @@ for name in sorted(calls, key=lambda c: int(c[2:])):
     assert np.allclose(got, want, rtol=1e-4, atol=1e-4), (name, float(np.abs(got - want).max()))
     assert comm.snapshot()["all_sum"]["calls"] - before == int(ref["moe_layers"]), name
 decode = sum(ref[c].shape[1] == 1 for c in calls)
-assert step.steps == decode, (step.steps, decode)
-print(f"rank {comm.rank}: {len(calls)} calls, {decode} fused, match", flush=True)
+assert path.numpy_steps == decode, (path.numpy_steps, decode)
+print(f"rank {comm.rank}: {len(calls)} calls, {decode} in numpy, match", flush=True)
