@@ -45,7 +45,7 @@ tokens, as in mlx-lm itself); with ``--temp > 0`` the draws
 depend on which prompts share a batch, so a resumed run samples its
 remaining prompts differently from an uninterrupted one.
 
-Errors (see :mod:`moe_mpi.errors`): all input (options, prompt, prompts
+Errors (see :mod:`moe_mpi.runner`): all input (options, prompt, prompts
 file, output file, model files, placement, prompt lengths against the
 model's context) is checked in collective phases before generating, so bad
 input gives one ``moe-mpi: error: ...`` line and every rank exits with code
@@ -65,15 +65,8 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from .comm import BACKENDS, Communicator
-from .errors import (
-    PROG,
-    CollectiveError,
-    UserError,
-    abort_on_error,
-    add_debug_argument,
-    collective_phase,
-    parse_args,
-)
+from .errors import CollectiveError, UserError
+from .runner import PROG, abort_on_error, add_debug_argument, collective_phase, parse_args
 
 DEFAULT_PROMPT = "hello"  # as mlx_lm.generate
 DEFAULT_MAX_TOKENS = 100

@@ -20,7 +20,6 @@ activations are estimates, and the output says what they include.
 import argparse
 import json
 import math
-import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple, Union
@@ -29,9 +28,10 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from .errors import format_error, parse_args, print_error
-from .loading import ModelNotFoundError, plan_load, read_config, read_parameters
+from .errors import ModelNotFoundError
+from .loading import plan_load, read_config, read_parameters
 from .placement import ExpertPlacement
+from .runner import fail, parse_args
 from .safetensors_io import ShapeOnlyIndex
 from .shard import Plan, StackOf, shared_children, find_moe_blocks
 
@@ -552,12 +552,6 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _fail(message: str) -> None:
-    # One line, no traceback: bad input is not a bug.
-    print_error(message)
-    sys.exit(1)
-
-
 def main(argv: Optional[Sequence[str]] = None) -> None:
     """Runs ``moe-mpi info``."""
     args = parse_args(setup_arg_parser(), argv)
@@ -568,7 +562,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         try:
             num_ranks = read(args.hostfile).total_slots
         except (HostfileError, OSError) as e:
-            _fail(format_error(e))
+            fail(e)
     if num_ranks is None:
         num_ranks = 2
     try:
@@ -583,9 +577,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     except (ValueError, OSError) as e:
         # ValueError covers InfoError, CheckpointError and placement errors;
         # OSError covers ModelNotFoundError and unreadable files.
-        _fail(format_error(e))
+        fail(e)
     except KeyError as e:  # a config.json without a key the model class needs
-        _fail(f"config.json is missing {e}")
+        fail(f"config.json is missing {e}")
     if args.json:
         print(json.dumps(plan.to_dict(), indent=2))
     else:

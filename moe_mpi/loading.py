@@ -29,18 +29,15 @@ import numpy as np
 from mlx.utils import tree_flatten
 from mlx_lm.utils import _get_classes, infer_quant_config, load_config, load_tokenizer
 
+from .errors import CheckpointError, ModelNotFoundError
 from .experts import host_layout_paths, to_host_layout
 from .fused import use_fused_decode
 from .pages import use_huge_pages
 from .placement import ExpertPlacement
-from .safetensors_io import CheckpointError, CheckpointIndex
+from .safetensors_io import CheckpointIndex
 from .shard import Plan, Take, drop_dense, per_expert_source, shard_structure, take
 
 PER_EXPERT_KEY = re.compile(r"\.experts\.\d+\.")
-
-
-class ModelNotFoundError(FileNotFoundError):
-    """A model path or repo that cannot be found or fetched."""
 
 
 def resolve_model_path(path_or_hf_repo: Union[str, Path]) -> Path:

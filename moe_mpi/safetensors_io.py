@@ -15,6 +15,8 @@ from typing import Dict, Iterable, List, Optional, Sequence
 import mlx.core as mx
 import numpy as np
 
+from .errors import CheckpointError
+
 # safetensors dtype -> mlx dtype
 MX_DTYPES = {
     "F64": mx.float64,
@@ -50,10 +52,6 @@ _DTYPES = {
 
 
 CHUNK = 64 << 20  # bytes read at a time when slicing an inner axis
-
-
-class CheckpointError(ValueError):
-    """A checkpoint file is missing, truncated or malformed."""
 
 
 @dataclass(frozen=True)

@@ -60,13 +60,8 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import (
-    UserError,
-    abort_on_error,
-    add_debug_argument,
-    collective_phase,
-    parse_args,
-)
+from ..errors import UserError
+from ..runner import abort_on_error, add_debug_argument, collective_phase, parse_args
 from .machine import (
     format_load,
     format_size,

@@ -34,7 +34,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import mlx.core as mx
 import numpy as np
 
-from ..errors import add_debug_argument, parse_args
+from ..runner import add_debug_argument, parse_args
 from . import models, report, roofline
 
 __all__ = ["decode_rows", "main", "setup_arg_parser"]

@@ -40,7 +40,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from ..errors import add_debug_argument, parse_args
+from ..runner import add_debug_argument, parse_args
 from . import models, report
 
 __all__ = ["LayerParts", "layer_rows", "main", "setup_arg_parser"]

@@ -45,7 +45,8 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from ..errors import UserError, collective_phase
+from ..errors import UserError
+from ..runner import collective_phase
 from . import report
 
 __all__ = [
@@ -909,7 +910,7 @@ def run_benchmark(
     from mlx_lm.utils import load_config
 
     from ..comm import Communicator, mlx_group
-    from ..errors import abort_on_error
+    from ..runner import abort_on_error
     from .machine import header_lines, machine_info
 
     comm = Communicator(backend=args.backend)

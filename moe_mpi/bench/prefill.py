@@ -26,7 +26,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import mlx.core as mx
 import numpy as np
 
-from ..errors import add_debug_argument, parse_args
+from ..runner import add_debug_argument, parse_args
 from . import models, report
 from .decode import IMBALANCE_METHOD
 
