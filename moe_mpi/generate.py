@@ -64,6 +64,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
+from .argtypes import float_list, non_negative_float, positive_int, unit_interval
 from .comm import BACKENDS, Communicator
 from .errors import CollectiveError, UserError
 from .runner import PROG, abort_on_error, add_debug_argument, collective_phase, parse_args
@@ -93,44 +94,6 @@ def demo_model_path() -> Path:
 # --------------------------------------------------------------------------
 # Command line
 # --------------------------------------------------------------------------
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
-
-
-def _non_negative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not value >= 0:  # also rejects nan
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
-    return value
-
-
-def _top_p(text: str) -> float:
-    value = _non_negative_float(text)
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}")
-    return value
-
-
-def _weights(text: str) -> List[float]:
-    """``"2,1,1"`` -> ``[2.0, 1.0, 1.0]`` (the length is checked at load time)."""
-    try:
-        values = [float(part) for part in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated numbers such as 2,1,1, got {text!r}"
-        ) from None
-    return values
 
 
 def setup_arg_parser() -> argparse.ArgumentParser:
@@ -184,25 +147,25 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--batch-size",
-        type=_positive_int,
+        type=positive_int,
         default=DEFAULT_BATCH_SIZE,
         help=f"Batch mode: prompts generated together (default: {DEFAULT_BATCH_SIZE}).",
     )
     parser.add_argument(
         "--max-tokens",
         "-m",
-        type=_positive_int,
+        type=positive_int,
         default=DEFAULT_MAX_TOKENS,
         help=f"Maximum number of tokens to generate (default: {DEFAULT_MAX_TOKENS}).",
     )
     parser.add_argument(
         "--temp",
-        type=_non_negative_float,
+        type=non_negative_float,
         default=DEFAULT_TEMP,
         help="Sampling temperature; 0 is greedy (default: 0).",
     )
     parser.add_argument(
-        "--top-p", type=_top_p, default=DEFAULT_TOP_P, help="Sampling top-p (default: 1)."
+        "--top-p", type=unit_interval, default=DEFAULT_TOP_P, help="Sampling top-p (default: 1)."
     )
     parser.add_argument(
         "--seed",
@@ -223,7 +186,7 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--weights",
-        type=_weights,
+        type=float_list,
         default=None,
         help=(
             "Relative share of the experts per rank for contiguous placement, "

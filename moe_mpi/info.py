@@ -28,6 +28,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
+from .argtypes import float_list
 from .errors import ModelNotFoundError
 from .loading import plan_load, read_config, read_parameters
 from .placement import ExpertPlacement
@@ -510,16 +511,6 @@ def format_plan(plan: MemoryPlan) -> str:
 # ---------------------------------------------------------------------------
 
 
-def _weights(text: str) -> List[float]:
-    try:
-        values = [float(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers such as 2,1,1, got {text!r}") from None
-    if not values:
-        raise argparse.ArgumentTypeError("expected comma-separated numbers such as 2,1,1")
-    return values
-
-
 def setup_arg_parser() -> argparse.ArgumentParser:
     """The ``moe-mpi info`` argument parser."""
     parser = argparse.ArgumentParser(
@@ -538,7 +529,7 @@ def setup_arg_parser() -> argparse.ArgumentParser:
         default="contiguous",
         help="Expert placement: contiguous (default), round-robin, or a placement JSON file.",
     )
-    parser.add_argument("--weights", type=_weights, default=None, help="Relative expert share per rank, e.g. 2,1,1.")
+    parser.add_argument("--weights", type=float_list, default=None, help="Relative expert share per rank, e.g. 2,1,1.")
     parser.add_argument(
         "--context", type=int, default=DEFAULT_CONTEXT, help=f"Context length for the KV-cache estimate (default: {DEFAULT_CONTEXT})."
     )

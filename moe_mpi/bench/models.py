@@ -45,6 +45,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from ..argtypes import positive_int
 from ..errors import UserError
 from ..runner import collective_phase
 from . import report
@@ -459,33 +460,6 @@ def _modes_arg(text: str) -> List[str]:
             f"unknown mode(s) {', '.join(unknown) or repr(text)}; choose from {', '.join(known)}"
         )
     return list(dict.fromkeys(names))
-
-
-def int_list(text: str) -> List[int]:
-    """``"1,8"`` -> ``[1, 8]`` (positive integers), for argparse."""
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated integers, got {text!r}"
-        ) from None
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
-    return values
-
-
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
-def non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
 
 
 def add_common_arguments(parser: argparse.ArgumentParser) -> None:

@@ -26,6 +26,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import mlx.core as mx
 import numpy as np
 
+from ..argtypes import int_list, positive_int
 from ..runner import add_debug_argument, parse_args
 from . import models, report
 from .decode import IMBALANCE_METHOD
@@ -119,13 +120,13 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     models.add_common_arguments(parser)
     parser.add_argument(
         "--lengths",
-        type=models.int_list,
+        type=int_list,
         default=DEFAULT_LENGTHS,
         help="comma-separated prompt lengths (default: 128,256,512,1024)",
     )
     parser.add_argument(
         "--repeats",
-        type=models.positive_int,
+        type=positive_int,
         default=DEFAULT_REPEATS,
         help=f"timed prefills per length, each into a fresh cache (default: {DEFAULT_REPEATS})",
     )
