@@ -86,11 +86,6 @@ STDIN_FIRST_SECONDS = 10.0
 CONTEXT_KEYS = ("max_position_embeddings", "max_seq_len", "n_positions", "seq_length")
 
 
-def demo_model_path() -> Path:
-    """Where the bundled demo model lives (it may not be installed)."""
-    return Path(__file__).resolve().parent / "demo_model"
-
-
 # --------------------------------------------------------------------------
 # Command line
 # --------------------------------------------------------------------------
@@ -608,16 +603,9 @@ def _seed(seed: int) -> None:
 def _load(args: argparse.Namespace, comm):
     from .loading import load
 
-    model = args.model
-    if model is None:
-        model = demo_model_path()
-        if not (model / "config.json").is_file():
-            raise UserError(
-                f"no --model given and the bundled demo model is not installed "
-                f"(expected at {model}); pass --model PATH_OR_HF_REPO"
-            )
+    # No --model: resolve_model_path gives the bundled demo model.
     return load(
-        model,
+        args.model,
         comm=comm,
         placement=args.placement,
         weights=args.weights,
@@ -699,6 +687,12 @@ def _report_stats(
     _print_stats(lines)
 
 
+def _model_name(args: argparse.Namespace) -> str:
+    from .loading import demo_model_path
+
+    return str(args.model or demo_model_path())
+
+
 def _describe_model(model, comm, model_name: str) -> str:
     info = model.ep_info
     counts = ", ".join(
@@ -735,7 +729,7 @@ def generate_one(args: argparse.Namespace, comm: Communicator) -> None:
 
     rank0 = comm.rank == 0
     if args.verbose and rank0:
-        _print_stats([_describe_model(model, comm, str(args.model or demo_model_path()))])
+        _print_stats([_describe_model(model, comm, _model_name(args))])
     sampler, check = _make_sampler(args, comm)
     _seed(args.seed)
     comm.reset_stats()
@@ -811,7 +805,7 @@ def generate_batch(args: argparse.Namespace, comm: Communicator) -> None:
     from mlx_lm.generate import batch_generate
 
     if args.verbose and rank0:
-        _print_stats([_describe_model(model, comm, str(args.model or demo_model_path()))])
+        _print_stats([_describe_model(model, comm, _model_name(args))])
     sampler, check = _make_sampler(args, comm)
     progress = Progress(len(todo)) if rank0 else None
     _seed(args.seed)

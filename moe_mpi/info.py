@@ -29,8 +29,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from .argtypes import float_list
-from .errors import ModelNotFoundError
-from .loading import plan_load, read_config, read_parameters
+from .loading import plan_load, read_config, read_parameters, resolve_model_path
 from .placement import ExpertPlacement
 from .runner import fail, parse_args
 from .safetensors_io import ShapeOnlyIndex
@@ -129,31 +128,6 @@ class MemoryPlan:
 # ---------------------------------------------------------------------------
 # Planning
 # ---------------------------------------------------------------------------
-
-
-def _resolve_local(path_or_repo: Union[str, Path]) -> Path:
-    """A local model directory, or a Hugging Face repo already in the cache.
-
-    Never downloads: ``info`` is meant to be cheap, and a download would fetch
-    the weights it exists to avoid reading.
-    """
-    path = Path(path_or_repo).expanduser()
-    if path.is_dir():
-        return path
-    name = str(path_or_repo)
-    if path.exists():
-        raise ModelNotFoundError(f"model path {name!r} is not a directory")
-    if name.startswith((".", "/", "~")) or name.count("/") != 1:
-        raise ModelNotFoundError(f"model path {name!r} does not exist")
-    try:
-        from huggingface_hub import snapshot_download
-
-        return Path(snapshot_download(name, local_files_only=True))
-    except Exception:  # the hub raises many types for "not cached"
-        raise ModelNotFoundError(
-            f"{name!r} is not a local directory nor in the Hugging Face cache; "
-            "moe-mpi info reads local files only (download the model first)"
-        ) from None
 
 
 def _read_buffer_bytes(plan: Plan, model_params: Dict[str, mx.array], tensors: dict, raw: dict) -> int:
@@ -345,7 +319,7 @@ def plan_memory(
         raise InfoError(f"--np must be at least 1, got {num_ranks}")
     if context < 1 or prefill_step < 1:
         raise InfoError("--context and --prefill-step must be positive")
-    model_path = _resolve_local(path_or_repo)
+    model_path = resolve_model_path(path_or_repo, download=False)
     config = read_config(model_path)
 
     ranks: List[RankMemory] = []

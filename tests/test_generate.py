@@ -285,7 +285,7 @@ def test_seeded_sampling_is_reproducible_and_ranks_agree(ckpt):
 
 
 def test_default_model(tmp_path):
-    from moe_mpi.generate import demo_model_path
+    from moe_mpi.loading import demo_model_path
 
     proc, seconds = run(2, "--prompt", "This module provides", "--max-tokens", 8)
     if (demo_model_path() / "config.json").is_file():
