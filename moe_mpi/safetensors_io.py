@@ -51,6 +51,15 @@ _DTYPES = {
 }
 
 
+def dtype_name(dtype: mx.Dtype) -> str:
+    """The short name of an MLX dtype: ``mx.float32`` -> ``"float32"``.
+
+    ``str(mx.float32)`` is ``"mlx.core.float32"``; messages and JSON want
+    the name alone.
+    """
+    return str(dtype).rsplit(".", 1)[-1]
+
+
 CHUNK = 64 << 20  # bytes read at a time when slicing an inner axis
 
 
