@@ -14,7 +14,7 @@ import importlib
 import sys
 from typing import Optional, Sequence
 
-from .errors import PROG, env_rank
+from .runner import PROG, say
 
 #: Command name -> one-line description (shown by ``moe-mpi --help``).
 SUBCOMMANDS = {
@@ -47,13 +47,6 @@ def _usage() -> str:
     return "\n".join(lines)
 
 
-def _say(text: str, stream) -> None:
-    # Every rank runs this; one copy of the help is enough.
-    if env_rank() == 0:
-        stream.write(text + "\n")
-        stream.flush()
-
-
 def main(argv: Optional[Sequence[str]] = None) -> None:
     """Dispatches ``argv`` (default ``sys.argv[1:]``) to a command's ``main``.
 
@@ -63,19 +56,19 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv:
-        _say(_usage(), sys.stderr)
+        say(_usage(), sys.stderr)
         raise SystemExit(2)
     command, rest = argv[0], argv[1:]
     if command in ("-h", "--help"):
-        _say(_usage(), sys.stdout)
+        say(_usage(), sys.stdout)
         raise SystemExit(0)
     if command == "--version":
         from . import __version__
 
-        _say(f"{PROG} {__version__}", sys.stdout)
+        say(f"{PROG} {__version__}", sys.stdout)
         raise SystemExit(0)
     if command not in SUBCOMMANDS:
-        _say(
+        say(
             f"{PROG}: error: unknown command {command!r} "
             f"(choose from {', '.join(SUBCOMMANDS)})",
             sys.stderr,
@@ -87,7 +80,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     except ModuleNotFoundError as e:
         if e.name != module_name:
             raise  # the command exists but one of its imports is missing
-        _say(f"{PROG}: error: command {command!r} is not installed", sys.stderr)
+        say(f"{PROG}: error: command {command!r} is not installed", sys.stderr)
         raise SystemExit(2) from None
     code = module.main(rest)
     if code:  # a command may return an exit status instead of raising

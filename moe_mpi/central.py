@@ -27,6 +27,7 @@ import mlx.nn as nn
 import numpy as np
 
 from .experts import LocalExperts, with_mixin
+from .safetensors_io import dtype_name
 
 # Tags keep requests and replies apart; there is one outstanding exchange
 # per worker at a time, so no sequence numbers are needed.
@@ -44,10 +45,6 @@ def to_buffer(x: mx.array) -> np.ndarray:
 def from_buffer(a: np.ndarray, dtype: str) -> mx.array:
     """Inverse of :func:`to_buffer` for an array that was ``dtype`` in mlx."""
     return mx.array(a).view(mx.bfloat16) if dtype == "bfloat16" else mx.array(a)
-
-
-def _dtype_name(x: mx.array) -> str:
-    return str(x.dtype).rsplit(".", 1)[-1]  # "mlx.core.float32" -> "float32"
 
 
 class CentralExperts(LocalExperts):
@@ -84,7 +81,7 @@ class CentralExperts(LocalExperts):
                 x_buffer = to_buffer(x_flat)
             meta = {
                 "layer": shard.layer,
-                "dtype": _dtype_name(x),
+                "dtype": dtype_name(x.dtype),
                 "tokens": int(tokens.size),
                 "rows": rows.tolist(),
                 "experts": index[slots].tolist(),
@@ -103,7 +100,7 @@ class CentralExperts(LocalExperts):
         # Step 2, gather: each owner's outputs, one row per slot.
         for r, slots in pending:
             y = comm.recv_array((slots.size, d), x_buffer.dtype, r, TAG_REPLY)
-            out[mx.array(slots)] = from_buffer(y, _dtype_name(x))
+            out[mx.array(slots)] = from_buffer(y, dtype_name(x.dtype))
         return out.reshape(*indices.shape, d)  # [..., k, D]
 
 

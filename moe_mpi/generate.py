@@ -18,34 +18,23 @@ rank seeds MLX's generator with the same ``--seed`` before generating.
 Only rank 0 writes: the generated text to stdout (nothing else goes to
 stdout), statistics (``--verbose``), progress and errors to stderr.
 
-Prompt handling follows ``mlx_lm.generate``: the tokenizer's chat template
-is applied when it has one (``--system-prompt`` adds a system message),
-``--ignore-chat-template`` uses the raw text, and ``--prompt -`` reads the
-prompt from stdin (rank 0 reads it, which is where ``mpirun`` forwards
-stdin, and broadcasts it; Open MPI 5's ``mpirun`` never forwards the end of
-file, so there the prompt ends after a second of silence, see
-:func:`read_stdin`).
+Prompts are read and encoded as ``mlx_lm.generate`` does it (chat
+template, ``--system-prompt``, ``--ignore-chat-template``, ``--prompt -``
+for stdin): see :mod:`moe_mpi.prompts`.
 
 Batch mode (``--prompts-file``) reads a JSONL file of ``{"id": ...,
-"prompt": "..."}`` rows (``id`` optional, default: the line number),
-generates ``--batch-size`` prompts at a time with mlx-lm's
-``batch_generate`` and appends one row per prompt to ``--output``::
+"prompt": "..."}`` rows, generates ``--batch-size`` prompts at a time with
+mlx-lm's ``batch_generate`` and appends one row per prompt to ``--output``,
+durably after every batch, so that rerunning an interrupted command resumes
+it (the row format and the resume rules: :mod:`moe_mpi.results`). Rank 0
+shows a progress bar on a terminal's stderr and always ends with a summary
+line. Greedy rows are the text single-prompt mode gives for the same prompt
+(tested; in general a batched forward pass rounds differently and could
+flip a near-tie between two tokens, as in mlx-lm itself); with ``--temp >
+0`` the draws depend on which prompts share a batch, so a resumed run
+samples its remaining prompts differently from an uninterrupted one.
 
-    {"id", "prompt", "text", "prompt_tokens", "generation_tokens", "seconds"}
-
-``generation_tokens`` counts the tokens of ``text`` (a final end-of-sequence
-token is not part of it) and ``seconds`` is the wall time of the batch the
-prompt was in. Rows are flushed and fsync'd after every batch, so an
-interrupted run loses at most the batch in progress, and running the same
-command again skips the ids already in the output (a partially written last
-line, from a crash, is dropped and regenerated). Greedy rows are the text
-single-prompt mode gives for the same prompt (tested; in general a batched
-forward pass rounds differently and could flip a near-tie between two
-tokens, as in mlx-lm itself); with ``--temp > 0`` the draws
-depend on which prompts share a batch, so a resumed run samples its
-remaining prompts differently from an uninterrupted one.
-
-Errors (see :mod:`moe_mpi.errors`): all input (options, prompt, prompts
+Errors (see :mod:`moe_mpi.runner`): all input (options, prompt, prompts
 file, output file, model files, placement, prompt lengths against the
 model's context) is checked in collective phases before generating, so bad
 input gives one ``moe-mpi: error: ...`` line and every rank exits with code
@@ -56,26 +45,26 @@ after the failing rank prints its traceback.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import resource
 import sys
 import time
-from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, TextIO, Tuple
 
+from .argtypes import float_list, non_negative_float, positive_int, unit_interval
 from .comm import BACKENDS, Communicator
-from .errors import (
-    PROG,
-    CollectiveError,
-    UserError,
-    abort_on_error,
-    add_debug_argument,
-    collective_phase,
-    parse_args,
+from .errors import CollectiveError, UserError
+from .prompts import (
+    DEFAULT_PROMPT,
+    STDIN_IDLE_SECONDS,
+    check_prompt_length,
+    detokenize,
+    encode_prompt,
+    read_prompt_argument,
+    read_prompts_file,
 )
+from .results import ResultWriter, id_key, result_row, scan_results_file
+from .runner import PROG, abort_on_error, add_debug_argument, collective_phase, parse_args
 
-DEFAULT_PROMPT = "hello"  # as mlx_lm.generate
 DEFAULT_MAX_TOKENS = 100
 DEFAULT_TEMP = 0.0
 DEFAULT_TOP_P = 1.0
@@ -83,61 +72,9 @@ DEFAULT_SEED = 0
 DEFAULT_BATCH_SIZE = 8
 DEFAULT_PLACEMENT = "contiguous"
 
-#: Under mpirun, the stdin prompt ends after this many quiet seconds (see
-#: read_stdin), and must start arriving within STDIN_FIRST_SECONDS.
-STDIN_IDLE_SECONDS = 1.0
-STDIN_FIRST_SECONDS = 10.0
-
-#: config.json keys that give a model's context length, in order of preference.
-CONTEXT_KEYS = ("max_position_embeddings", "max_seq_len", "n_positions", "seq_length")
-
-
-def demo_model_path() -> Path:
-    """Where the bundled demo model lives (it may not be installed)."""
-    return Path(__file__).resolve().parent / "demo_model"
-
-
 # --------------------------------------------------------------------------
 # Command line
 # --------------------------------------------------------------------------
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
-
-
-def _non_negative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not value >= 0:  # also rejects nan
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
-    return value
-
-
-def _top_p(text: str) -> float:
-    value = _non_negative_float(text)
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}")
-    return value
-
-
-def _weights(text: str) -> List[float]:
-    """``"2,1,1"`` -> ``[2.0, 1.0, 1.0]`` (the length is checked at load time)."""
-    try:
-        values = [float(part) for part in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated numbers such as 2,1,1, got {text!r}"
-        ) from None
-    return values
 
 
 def setup_arg_parser() -> argparse.ArgumentParser:
@@ -191,25 +128,25 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--batch-size",
-        type=_positive_int,
+        type=positive_int,
         default=DEFAULT_BATCH_SIZE,
         help=f"Batch mode: prompts generated together (default: {DEFAULT_BATCH_SIZE}).",
     )
     parser.add_argument(
         "--max-tokens",
         "-m",
-        type=_positive_int,
+        type=positive_int,
         default=DEFAULT_MAX_TOKENS,
         help=f"Maximum number of tokens to generate (default: {DEFAULT_MAX_TOKENS}).",
     )
     parser.add_argument(
         "--temp",
-        type=_non_negative_float,
+        type=non_negative_float,
         default=DEFAULT_TEMP,
         help="Sampling temperature; 0 is greedy (default: 0).",
     )
     parser.add_argument(
-        "--top-p", type=_top_p, default=DEFAULT_TOP_P, help="Sampling top-p (default: 1)."
+        "--top-p", type=unit_interval, default=DEFAULT_TOP_P, help="Sampling top-p (default: 1)."
     )
     parser.add_argument(
         "--seed",
@@ -230,7 +167,7 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--weights",
-        type=_weights,
+        type=float_list,
         default=None,
         help=(
             "Relative share of the experts per rank for contiguous placement, "
@@ -282,315 +219,6 @@ def _validate(parser: argparse.ArgumentParser) -> Callable[[argparse.Namespace],
             parser.error("--output is for batch mode: use it with --prompts-file")
 
     return validate
-
-
-# --------------------------------------------------------------------------
-# Prompts
-# --------------------------------------------------------------------------
-
-
-def _under_launcher() -> bool:
-    return any(v in os.environ for v in ("OMPI_COMM_WORLD_SIZE", "PMIX_RANK", "PMI_RANK"))
-
-
-def read_stdin(
-    idle_seconds: float = STDIN_IDLE_SECONDS, first_seconds: float = STDIN_FIRST_SECONDS
-) -> str:
-    """All of stdin as text; under ``mpirun``, up to a pause instead of EOF.
-
-    Alone, this is ``sys.stdin.read()``. Under a launcher it cannot be:
-    Open MPI 5.0's ``mpirun`` forwards stdin to rank 0 but never forwards
-    the end of file (a PMIx bug, fixed upstream in openpmix PR #4024), so a
-    read to EOF would wait forever. There the prompt ends when stdin has
-    been quiet for ``idle_seconds`` after data arrived (or at a real EOF),
-    and nothing arriving within ``first_seconds`` is an error, not a hang.
-
-    Raises:
-        UserError: Nothing arrived in time, or the bytes are not UTF-8.
-    """
-    if not _under_launcher():
-        return sys.stdin.read()
-    import select
-
-    fd = sys.stdin.fileno()
-    chunks: List[bytes] = []
-    timeout = first_seconds
-    while True:
-        ready, _, _ = select.select([fd], [], [], timeout)
-        if not ready:
-            if not chunks:
-                raise UserError(
-                    f"--prompt -: nothing arrived on stdin within {first_seconds:g} s"
-                )
-            break
-        data = os.read(fd, 1 << 16)
-        if not data:  # a launcher that does forward EOF
-            break
-        chunks.append(data)
-        timeout = idle_seconds
-    try:
-        return b"".join(chunks).decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise UserError(f"--prompt -: stdin is not UTF-8 text ({e.reason} at byte {e.start})") from None
-
-
-def read_prompt_argument(prompt: Optional[str]) -> str:
-    """The prompt text of ``--prompt`` as ``mlx_lm.generate`` reads it.
-
-    ``\\n`` and ``\\t`` escapes in the argument become newline and tab; ``-``
-    reads stdin (taken as is, see :func:`read_stdin`).
-    """
-    if prompt is None:
-        return DEFAULT_PROMPT
-    if prompt == "-":
-        return read_stdin()
-    return prompt.replace("\\n", "\n").replace("\\t", "\t")
-
-
-def encode_prompt(
-    tokenizer,
-    text: str,
-    *,
-    system_prompt: Optional[str] = None,
-    ignore_chat_template: bool = False,
-) -> List[int]:
-    """Token ids of a prompt, exactly as ``mlx_lm.generate`` makes them.
-
-    With a chat template (and not ``ignore_chat_template``) the text becomes
-    a user message (after an optional system message) and the template adds
-    the generation prompt; special tokens then come from the template only.
-    Without, the raw text is encoded with the tokenizer's special tokens.
-    """
-    use_chat_template = not ignore_chat_template and tokenizer.has_chat_template
-    if use_chat_template:
-        messages = []
-        if system_prompt is not None:
-            messages.append({"role": "system", "content": system_prompt})
-        messages.append({"role": "user", "content": text})
-        text = tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=True
-        )
-    return list(tokenizer.encode(text, add_special_tokens=not use_chat_template))
-
-
-def context_length(config: Dict[str, Any]) -> Optional[Tuple[str, int]]:
-    """``(key, value)`` of the model's context length in ``config``, or None."""
-    for key in CONTEXT_KEYS:
-        value = config.get(key)
-        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-            return key, value
-    return None
-
-
-def check_prompt_length(num_tokens: int, config: Dict[str, Any], what: str = "the prompt") -> None:
-    """Raises a :class:`UserError` for an empty prompt or one over the context."""
-    if num_tokens == 0:
-        raise UserError(f"{what} is empty (0 tokens)")
-    context = context_length(config)
-    if context is not None and num_tokens > context[1]:
-        key, value = context
-        raise UserError(
-            f"{what} has {num_tokens} tokens, more than the model's context "
-            f"of {value} tokens ({key} in config.json)"
-        )
-
-
-def detokenize(tokenizer, tokens: Sequence[int]) -> str:
-    """Text of generated ``tokens``, exactly as ``stream_generate`` builds it.
-
-    mlx-lm's ``batch_generate`` returns ``tokenizer.decode(tokens)``, which
-    can differ from the streamed text (the streaming detokenizer trims the
-    leading space of the first token); using the same detokenizer here makes
-    a batch row's text equal to what single-prompt mode prints.
-    """
-    detokenizer = tokenizer.detokenizer  # a fresh copy
-    for token in tokens:
-        detokenizer.add_token(token)
-    detokenizer.finalize()
-    return detokenizer.text
-
-
-def _id_key(row_id: Any) -> str:
-    # JSON text as the identity, so that the id 1 and the id "1" differ.
-    return json.dumps(row_id)
-
-
-def read_prompts_file(path: str) -> List[Dict[str, Any]]:
-    """Reads and validates a whole JSONL prompts file.
-
-    Returns:
-        Rows ``{"id", "prompt", "line"}`` in file order. Blank lines are
-        skipped; a row's default id is its line number (from 1).
-
-    Raises:
-        UserError: Unreadable file, a line that is not a JSON object with a
-            string ``prompt``, an id that is not a string or an integer, a
-            duplicate id, or no prompts at all.
-    """
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise UserError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-    rows = []
-    seen: Dict[str, int] = {}
-    # Split on "\n" only: str.splitlines() would also split inside JSON
-    # strings that contain U+2028 or other Unicode line breaks.
-    for number, line in enumerate(text.split("\n"), start=1):
-        line = line.rstrip("\r")
-        if not line.strip():
-            continue
-        where = f"{path}, line {number}"
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
-        if not isinstance(obj, dict):
-            raise UserError(
-                f'{where}: expected a JSON object like {{"id": 1, "prompt": "..."}}, '
-                f"got {type(obj).__name__}"
-            )
-        if "prompt" not in obj:
-            raise UserError(f'{where}: no "prompt" key')
-        if not isinstance(obj["prompt"], str):
-            raise UserError(f'{where}: "prompt" must be a string, got {type(obj["prompt"]).__name__}')
-        row_id = obj.get("id", number)
-        if isinstance(row_id, bool) or not isinstance(row_id, (int, str)):
-            raise UserError(f'{where}: "id" must be a string or an integer, got {row_id!r}')
-        if isinstance(row_id, int) and not -(2**63) <= row_id < 2**63:
-            raise UserError(f'{where}: "id" {row_id} does not fit in 64 bits')
-        key = _id_key(row_id)
-        if key in seen:
-            raise UserError(f"{where}: duplicate id {row_id!r} (first on line {seen[key]})")
-        seen[key] = number
-        rows.append({"id": row_id, "prompt": obj["prompt"], "line": number})
-    if not rows:
-        raise UserError(f"{path}: no prompts (the file is empty)")
-    return rows
-
-
-def scan_results_file(path: str, prompts_path: str) -> Tuple[set, Optional[Tuple[str, int]]]:
-    """The ids already in an output file, and the repair its end needs.
-
-    Returns:
-        ``(done, repair)``: the id keys of complete rows, and ``None``,
-        ``("truncate", offset)`` (drop a partially written last line) or
-        ``("newline", 0)`` (a complete last row without its newline).
-
-    Raises:
-        UserError: The output is the prompts file, its directory does not
-            exist, or a line other than the last is not a result row.
-    """
-    out = Path(path)
-    if out.is_dir():
-        raise UserError(f"--output {path} is a directory")
-    if not out.exists():
-        parent = out.parent
-        if not parent.is_dir():
-            raise UserError(f"--output {path}: directory {str(parent)!r} does not exist")
-        if not os.access(parent, os.W_OK):
-            raise UserError(f"--output {path}: directory {str(parent)!r} is not writable")
-        return set(), None
-    if Path(prompts_path).exists() and out.samefile(prompts_path):
-        raise UserError(f"--output {path} is the prompts file itself")
-    if not os.access(out, os.W_OK):
-        raise UserError(f"--output {path} is not writable")
-    data = out.read_bytes()
-    lines = data.split(b"\n")
-    done = set()
-    offset = 0
-    for number, raw in enumerate(lines, start=1):
-        last = number == len(lines)
-        if last and raw == b"":  # the file ends with a newline
-            return done, None
-        row = None
-        try:
-            row = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            pass
-        if isinstance(row, dict) and "id" in row:
-            done.add(_id_key(row["id"]))
-        elif last:
-            # The unterminated tail of a run that died mid-write: drop it.
-            return done, ("truncate", offset)
-        elif raw.strip():
-            raise UserError(
-                f'{path}, line {number}: not a result row (a JSON object with an "id"); '
-                "fix or remove that line, or choose another --output"
-            )
-        offset += len(raw) + 1
-    # A complete row without its newline (e.g. written by hand).
-    return done, ("newline", 0)
-
-
-class ResultWriter:
-    """Appends result rows to the output file, durably, batch by batch."""
-
-    def __init__(self, path: str, repair: Optional[Tuple[str, int]]):
-        if repair is not None and repair[0] == "truncate":
-            os.truncate(path, repair[1])
-        self._file = open(path, "a", encoding="utf-8")
-        if repair is not None and repair[0] == "newline":
-            self._file.write("\n")
-        self._sync()
-
-    def _sync(self) -> None:
-        self._file.flush()
-        os.fsync(self._file.fileno())
-
-    def write(self, rows: Sequence[Dict[str, Any]]) -> None:
-        """Writes ``rows`` (one JSON line each), flushed and fsync'd."""
-        self._file.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-        # fsync: an interrupted run (or a crashed machine) keeps every
-        # finished batch, so a rerun only redoes the batch in progress.
-        self._sync()
-
-    def close(self) -> None:
-        """Closes the file."""
-        self._file.close()
-
-
-class Progress:
-    """A one-line progress bar on a TTY stderr (rank 0), plus a summary line."""
-
-    def __init__(self, total: int, stream=None, width: int = 30):
-        self.total = total
-        self.done = 0
-        self.tokens = 0
-        self.stream = stream if stream is not None else sys.stderr
-        self.width = width
-        self.start = time.perf_counter()
-        try:
-            self.tty = self.stream.isatty()
-        except (AttributeError, ValueError):
-            self.tty = False
-        self._draw()
-
-    def update(self, prompts: int, tokens: int) -> None:
-        """Counts ``prompts`` more prompts done with ``tokens`` generated tokens."""
-        self.done += prompts
-        self.tokens += tokens
-        self._draw()
-
-    @property
-    def seconds(self) -> float:
-        """Wall time since the bar was created."""
-        return time.perf_counter() - self.start
-
-    def _draw(self) -> None:
-        if not self.tty:
-            return
-        filled = self.width * self.done // max(self.total, 1)
-        bar = "#" * filled + "-" * (self.width - filled)
-        tps = self.tokens / max(self.seconds, 1e-9)
-        self.stream.write(f"\r[{bar}] {self.done}/{self.total} prompts, {tps:.1f} tokens-per-sec")
-        self.stream.flush()
-
-    def close(self, summary: str) -> None:
-        """Ends the bar's line and prints ``summary`` (always)."""
-        if self.tty:
-            self.stream.write("\n")
-        self.stream.write(summary + "\n")
-        self.stream.flush()
 
 
 # --------------------------------------------------------------------------
@@ -652,16 +280,9 @@ def _seed(seed: int) -> None:
 def _load(args: argparse.Namespace, comm):
     from .loading import load
 
-    model = args.model
-    if model is None:
-        model = demo_model_path()
-        if not (model / "config.json").is_file():
-            raise UserError(
-                f"no --model given and the bundled demo model is not installed "
-                f"(expected at {model}); pass --model PATH_OR_HF_REPO"
-            )
+    # No --model: resolve_model_path gives the bundled demo model.
     return load(
-        model,
+        args.model,
         comm=comm,
         placement=args.placement,
         weights=args.weights,
@@ -743,6 +364,12 @@ def _report_stats(
     _print_stats(lines)
 
 
+def _model_name(args: argparse.Namespace) -> str:
+    from .loading import demo_model_path
+
+    return str(args.model or demo_model_path())
+
+
 def _describe_model(model, comm, model_name: str) -> str:
     info = model.ep_info
     counts = ", ".join(
@@ -752,6 +379,47 @@ def _describe_model(model, comm, model_name: str) -> str:
         f"Model: {model_name}; {comm.size} rank(s), {info.num_moe_layers} MoE layers, "
         f"experts per rank: {counts}"
     )
+
+
+class Progress:
+    """Rank 0's progress through a batch run: a bar, then a summary line.
+
+    The bar is tqdm's, on ``stream`` (stderr), counting prompts and showing
+    the generation rate; tqdm leaves it out when the stream is not a
+    terminal (a log file would fill with redraws). The summary line is
+    written either way.
+    """
+
+    def __init__(self, total: int, stream: Optional[TextIO] = None):
+        from tqdm import tqdm
+
+        self.stream = sys.stderr if stream is None else stream
+        self.tokens = 0
+        self.start = time.perf_counter()
+        # disable=None: tqdm turns itself off on a stream that is not a TTY.
+        self.bar = tqdm(total=total, unit="prompt", file=self.stream, disable=None, dynamic_ncols=True)
+
+    @property
+    def seconds(self) -> float:
+        """Wall time since the bar was created."""
+        return time.perf_counter() - self.start
+
+    @property
+    def tokens_per_second(self) -> float:
+        """Generated tokens per second of wall time so far."""
+        return self.tokens / max(self.seconds, 1e-9)
+
+    def update(self, prompts: int, tokens: int) -> None:
+        """Counts ``prompts`` more prompts done with ``tokens`` generated tokens."""
+        self.tokens += tokens
+        self.bar.set_postfix_str(f"{self.tokens_per_second:.1f} tokens-per-sec", refresh=False)
+        self.bar.update(prompts)
+
+    def close(self, summary: str) -> None:
+        """Ends the bar and writes ``summary`` (always)."""
+        self.bar.close()
+        self.stream.write(summary + "\n")
+        self.stream.flush()
 
 
 def generate_one(args: argparse.Namespace, comm: Communicator) -> None:
@@ -779,7 +447,7 @@ def generate_one(args: argparse.Namespace, comm: Communicator) -> None:
 
     rank0 = comm.rank == 0
     if args.verbose and rank0:
-        _print_stats([_describe_model(model, comm, str(args.model or demo_model_path()))])
+        _print_stats([_describe_model(model, comm, _model_name(args))])
     sampler, check = _make_sampler(args, comm)
     _seed(args.seed)
     comm.reset_stats()
@@ -810,59 +478,60 @@ def generate_one(args: argparse.Namespace, comm: Communicator) -> None:
     )
 
 
-def generate_batch(args: argparse.Namespace, comm: Communicator) -> None:
-    """Batch mode: prompts file in, results file out (written by rank 0)."""
-    debug = args.debug
-    rank0 = comm.rank == 0
+def _batch_plan(args: argparse.Namespace, comm: Communicator) -> Dict:
+    """The prompts still to do and the output's repair, read by rank 0 only.
+
+    On several hosts only rank 0's copies of the files matter; the other
+    ranks get the plan by broadcast after the phase, so that a rank-0
+    failure cannot strand them in the ``bcast``.
+    """
     plan = None
-    with collective_phase(comm, debug=debug, name_ranks=False):
-        comm = _backend_comm(comm, args.backend)
-        if rank0:
-            # Rank 0 alone reads the files: on several hosts only its copies
-            # matter, and the others get the prompts by broadcast.
+    with collective_phase(comm, debug=args.debug, name_ranks=False):
+        if comm.rank == 0:
             rows = read_prompts_file(args.prompts_file)
             done, repair = scan_results_file(args.output, args.prompts_file)
-            todo = [r for r in rows if _id_key(r["id"]) not in done]
+            todo = [r for r in rows if id_key(r["id"]) not in done]
             plan = {"todo": todo, "total": len(rows), "repair": repair}
-    plan = comm.bcast(plan)
-    todo, total = plan["todo"], plan["total"]
-    skipped = total - len(todo)
-    if not todo:
-        if rank0:
-            _print_stats(
-                [f"{PROG}: all {total} prompts of {args.prompts_file} are already in {args.output}"]
-            )
-        return
+    return comm.bcast(plan)
 
-    with collective_phase(comm, debug=debug):
-        model, tokenizer, config = _load(args, comm)
-    writer = None
-    with collective_phase(comm, debug=debug):
-        tokens = []
-        for row in todo:
-            ids = encode_prompt(
-                tokenizer,
-                row["prompt"],
-                system_prompt=args.system_prompt,
-                ignore_chat_template=args.ignore_chat_template,
-            )
-            what = f"{args.prompts_file}, line {row['line']} (id {row['id']!r}): the prompt"
-            check_prompt_length(len(ids), config, what)
-            tokens.append(ids)
-        if rank0:
-            writer = ResultWriter(args.output, plan["repair"])
 
+def _encode_rows(args: argparse.Namespace, tokenizer, config: Dict, rows: List[Dict]) -> List[List[int]]:
+    """Token ids of every prompt row, each checked against the model's context."""
+    tokens = []
+    for row in rows:
+        ids = encode_prompt(
+            tokenizer,
+            row["prompt"],
+            system_prompt=args.system_prompt,
+            ignore_chat_template=args.ignore_chat_template,
+        )
+        what = f"{args.prompts_file}, line {row['line']} (id {row['id']!r}): the prompt"
+        check_prompt_length(len(ids), config, what)
+        tokens.append(ids)
+    return tokens
+
+
+def _generate_batches(
+    args: argparse.Namespace,
+    model,
+    tokenizer,
+    rows: List[Dict],
+    tokens: List[List[int]],
+    sampler: Callable,
+    rank0: bool,
+    writer: Optional[ResultWriter],
+    progress: Optional[Progress],
+) -> Tuple[int, int]:
+    """Generates ``--batch-size`` rows at a time; rank 0 writes each batch.
+
+    Returns:
+        ``(prompt_tokens, generated_tokens)`` over all rows.
+    """
     from mlx_lm.generate import batch_generate
 
-    if args.verbose and rank0:
-        _print_stats([_describe_model(model, comm, str(args.model or demo_model_path()))])
-    sampler, check = _make_sampler(args, comm)
-    progress = Progress(len(todo)) if rank0 else None
-    _seed(args.seed)
-    comm.reset_stats()
     prompt_tokens = generated = 0
-    for start in range(0, len(todo), args.batch_size):
-        rows = todo[start : start + args.batch_size]
+    for start in range(0, len(rows), args.batch_size):
+        batch_rows = rows[start : start + args.batch_size]
         batch = tokens[start : start + args.batch_size]
         tic = time.perf_counter()
         result = batch_generate(
@@ -877,23 +546,53 @@ def generate_batch(args: argparse.Namespace, comm: Communicator) -> None:
             completion_batch_size=len(batch),
         )
         seconds = time.perf_counter() - tic
+        new_tokens = sum(len(t) for t in result.token_ids)
         prompt_tokens += sum(len(t) for t in batch)
-        generated += sum(len(t) for t in result.token_ids)
+        generated += new_tokens
         if rank0:
             writer.write(
                 [
-                    {
-                        "id": row["id"],
-                        "prompt": row["prompt"],
-                        "text": detokenize(tokenizer, out),
-                        "prompt_tokens": len(ids),
-                        "generation_tokens": len(out),
-                        "seconds": round(seconds, 4),
-                    }
-                    for row, ids, out in zip(rows, batch, result.token_ids)
+                    result_row(row, detokenize(tokenizer, out), len(ids), len(out), seconds)
+                    for row, ids, out in zip(batch_rows, batch, result.token_ids)
                 ]
             )
-            progress.update(len(rows), sum(len(t) for t in result.token_ids))
+            progress.update(len(batch_rows), new_tokens)
+    return prompt_tokens, generated
+
+
+def generate_batch(args: argparse.Namespace, comm: Communicator) -> None:
+    """Batch mode: prompts file in, results file out (written by rank 0)."""
+    debug = args.debug
+    rank0 = comm.rank == 0
+    with collective_phase(comm, debug=debug, name_ranks=False):
+        comm = _backend_comm(comm, args.backend)
+    plan = _batch_plan(args, comm)
+    todo, total = plan["todo"], plan["total"]
+    skipped = total - len(todo)
+    if not todo:
+        if rank0:
+            _print_stats(
+                [f"{PROG}: all {total} prompts of {args.prompts_file} are already in {args.output}"]
+            )
+        return
+
+    with collective_phase(comm, debug=debug):
+        model, tokenizer, config = _load(args, comm)
+    writer = None
+    with collective_phase(comm, debug=debug):
+        tokens = _encode_rows(args, tokenizer, config, todo)
+        if rank0:
+            writer = ResultWriter(args.output, plan["repair"])
+
+    if args.verbose and rank0:
+        _print_stats([_describe_model(model, comm, _model_name(args))])
+    sampler, check = _make_sampler(args, comm)
+    progress = Progress(len(todo)) if rank0 else None
+    _seed(args.seed)
+    comm.reset_stats()
+    prompt_tokens, generated = _generate_batches(
+        args, model, tokenizer, todo, tokens, sampler, rank0, writer, progress
+    )
     snapshot = comm.snapshot()
     if rank0:
         writer.close()
@@ -901,7 +600,7 @@ def generate_batch(args: argparse.Namespace, comm: Communicator) -> None:
         progress.close(
             f"{PROG}: wrote {len(todo)} results to {args.output}{already}; "
             f"{generated} tokens in {progress.seconds:.1f} s "
-            f"({generated / max(progress.seconds, 1e-9):.1f} tokens-per-sec)"
+            f"({progress.tokens_per_second:.1f} tokens-per-sec)"
         )
     _report_stats(
         args,

@@ -30,6 +30,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
+from .runner import fail, parse_args
+
 FORMATS = ("openmpi", "mpich", "json")
 FORMAT_NAMES = {"openmpi": "Open MPI hostfile", "mpich": "MPICH hostfile", "json": "mlx.launch JSON hostfile"}
 SUFFIXES = {".json": "json", ".mpich": "mpich", ".hydra": "mpich", ".openmpi": "openmpi", ".ompi": "openmpi"}
@@ -589,14 +591,6 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _fail(message) -> None:
-    # One line, no traceback: bad input is not a bug.
-    from .errors import format_error, print_error
-
-    print_error(format_error(message) if isinstance(message, BaseException) else message)
-    sys.exit(1)
-
-
 def _warn(messages: Sequence[str]) -> None:
     for m in messages:
         print(f"warning: {m}", file=sys.stderr)
@@ -604,8 +598,6 @@ def _warn(messages: Sequence[str]) -> None:
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
     """Runs ``moe-mpi hostfile``."""
-    from .errors import parse_args
-
     args = parse_args(setup_arg_parser(), argv)
     try:
         if args.command == "check":
@@ -625,9 +617,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         if fmt is None:
             fmt = SUFFIXES.get(Path(args.output).suffix.lower())
             if fmt is None:
-                _fail(f"cannot tell the output format from {args.output!r}; pass --to openmpi|mpich|json")
+                fail(f"cannot tell the output format from {args.output!r}; pass --to openmpi|mpich|json")
         if args.output != "-" and Path(args.output).resolve() == Path(args.input).resolve():
-            _fail(f"{args.output}: output is the input file; write to another file")
+            fail(f"{args.output}: output is the input file; write to another file")
         hf = read(args.input, args.from_)
         warnings = list(hf.warnings)
         text = dumps(hf, fmt, warnings)
@@ -638,7 +630,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             print(f"wrote {args.output}: {FORMAT_NAMES[fmt]}, {len(hf.entries)} hosts, {hf.total_slots} slots")
         _warn(warnings)
     except (HostfileError, OSError) as e:
-        _fail(e)
+        fail(e)
 
 
 if __name__ == "__main__":

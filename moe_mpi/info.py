@@ -1,442 +1,27 @@
 """``moe-mpi info``: what each rank will hold, before anything is launched.
 
 Reads only ``config.json`` and the safetensors headers: no tensor data, no
-MPI, no ``mpirun``. For example::
+MPI, no ``mpirun``, no download. For example::
 
     moe-mpi info --model mlx-community/Qwen3-30B-A3B-4bit --np 2
     moe-mpi info --model ./my-model --np 3 --weights 2,1,1 --context 8192 --json
 
-The byte counts are not a formula. The model is built with mlx-lm's own
-classes (lazily: no parameter is ever evaluated, so nothing is allocated),
-quantized like :mod:`moe_mpi.loading` does it, and put through the real
-sharding pass (:func:`moe_mpi.shard.shard_structure`) once per rank with a
-stand-in communicator. Each rank's parameters are then filled with
-placeholders of the checkpoint's dtypes and the exact slices that
-:func:`moe_mpi.load` would read, and their ``nbytes`` are summed. So the
-weights shown are exactly what ``load`` holds on that rank; the KV cache and
-activations are estimates, and the output says what they include.
+The weights shown are exactly what :func:`moe_mpi.load` holds on each rank;
+the KV cache and activations are estimates, and the output says what they
+include. How they are computed: :mod:`moe_mpi.memory`.
 """
 
 import argparse
 import json
-import math
-import sys
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Optional, Sequence
 
-import mlx.core as mx
-import mlx.nn as nn
-from mlx.utils import tree_flatten
-
-from .errors import format_error, parse_args, print_error
-from .loading import ModelNotFoundError, plan_load, read_config, read_parameters
-from .placement import ExpertPlacement
-from .safetensors_io import ShapeOnlyIndex
-from .shard import Plan, StackOf, shared_children, find_moe_blocks
-
-# safetensors dtype -> the mlx dtype mx.load gives it. fp8 is loaded as bytes.
-
-# mlx-lm's generate_step feeds the prompt in chunks of this many tokens.
-DEFAULT_PREFILL_STEP = 2048
-DEFAULT_CONTEXT = 4096
-
-
-class InfoError(ValueError):
-    """Input that ``moe-mpi info`` cannot plan for (the message says why)."""
-
-
-class _PlanningComm:
-    """Stands in for a :class:`moe_mpi.Communicator` while planning.
-
-    ``shard_structure`` only reads ``rank`` and ``size`` and keeps the object
-    for the forward pass, which planning never runs.
-    """
-
-    def __init__(self, rank: int, size: int):
-        self.rank = rank
-        self.size = size
-
-    def all_sum(self, x):
-        raise RuntimeError("moe-mpi info never runs the model")
-
-
-@dataclass
-class RankMemory:
-    """Bytes one rank holds (weights exactly; KV cache and activations estimated)."""
-
-    rank: int
-    num_experts: int
-    replicated_bytes: int
-    expert_bytes: int
-    shared_expert_bytes: int
-    kv_cache_bytes: Optional[int]
-    activation_bytes: int
-    load_buffer_bytes: int
-
-    @property
-    def weight_bytes(self) -> int:
-        return self.replicated_bytes + self.expert_bytes + self.shared_expert_bytes
-
-    @property
-    def peak_bytes(self) -> int:
-        # Read buffers exist only while loading, before any KV cache does.
-        runtime = (self.kv_cache_bytes or 0) + self.activation_bytes
-        return self.weight_bytes + max(runtime, self.load_buffer_bytes)
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d.update(weight_bytes=self.weight_bytes, peak_bytes=self.peak_bytes)
-        return d
-
-
-@dataclass
-class MemoryPlan:
-    """Everything ``moe-mpi info`` prints."""
-
-    model_path: str
-    model_type: str
-    architecture: Optional[str]
-    num_layers: int
-    num_moe_layers: int
-    num_experts: Tuple[int, ...]
-    top_k: Optional[int]
-    quantization: Optional[dict]
-    checkpoint_dtypes: Dict[str, int]
-    checkpoint_files: int
-    checkpoint_bytes: int
-    num_ranks: int
-    placement_strategy: str
-    placements: Tuple[ExpertPlacement, ...]
-    context: int
-    prefill_step: int
-    kv_bytes_per_token: Optional[int]
-    kv_description: str
-    activation_description: str
-    ranks: List[RankMemory] = field(default_factory=list)
-
-    def to_dict(self) -> dict:
-        d = {k: v for k, v in asdict(self).items() if k not in ("placements", "ranks")}
-        d["placements"] = [
-            {"num_experts": p.num_experts, "experts_per_rank": [list(p.local_experts(r)) for r in range(p.num_ranks)]}
-            for p in self.placements
-        ]
-        d["ranks"] = [r.to_dict() for r in self.ranks]
-        return d
-
-
-# ---------------------------------------------------------------------------
-# Planning
-# ---------------------------------------------------------------------------
-
-
-def _resolve_local(path_or_repo: Union[str, Path]) -> Path:
-    """A local model directory, or a Hugging Face repo already in the cache.
-
-    Never downloads: ``info`` is meant to be cheap, and a download would fetch
-    the weights it exists to avoid reading.
-    """
-    path = Path(path_or_repo).expanduser()
-    if path.is_dir():
-        return path
-    name = str(path_or_repo)
-    if path.exists():
-        raise ModelNotFoundError(f"model path {name!r} is not a directory")
-    if name.startswith((".", "/", "~")) or name.count("/") != 1:
-        raise ModelNotFoundError(f"model path {name!r} does not exist")
-    try:
-        from huggingface_hub import snapshot_download
-
-        return Path(snapshot_download(name, local_files_only=True))
-    except Exception:  # the hub raises many types for "not cached"
-        raise ModelNotFoundError(
-            f"{name!r} is not a local directory nor in the Hugging Face cache; "
-            "moe-mpi info reads local files only (download the model first)"
-        ) from None
-
-
-def _read_buffer_bytes(plan: Plan, model_params: Dict[str, mx.array], tensors: dict, raw: dict) -> int:
-    """The largest extra buffer ``load`` holds while reading one sharded tensor.
-
-    Rows read in place cost one copy of the slice (the numpy read buffer);
-    stacks and slices along other axes read whole tensors first, then copy.
-    """
-    largest = 0
-    for path, src in plan.items():
-        held = model_params[path].nbytes
-        if isinstance(src, StackOf) or src.axis == 0:
-            extra = held
-        else:
-            whole = (tensors.get(src.key) if src.key in tensors else raw[src.key]).nbytes
-            extra = 2 * whole
-        largest = max(largest, extra)
-    return largest
-
-
-def _first(obj, config: dict, *names):
-    """The first of ``names`` set on ``obj`` (model args) or in ``config``."""
-    for name in names:
-        for value in (getattr(obj, name, None), config.get(name)):
-            if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
-                return int(value)
-    return None
-
-
-def _top_k(blocks, config: dict) -> Optional[int]:
-    names = ("num_experts_per_tok", "top_k", "moe_top_k", "n_activated_experts", "num_activated_experts")
-    for moe in blocks:
-        for module in [moe.block, *moe.block.children().values()]:
-            value = _first(module, {}, *names)
-            if value:
-                return value
-    ffn = config.get("ffn_config") or {}
-    return _first(None, {**ffn, **config}, *names)
-
-
-def _activation_dtype(model: nn.Module) -> mx.Dtype:
-    """The dtype of the hidden states: what the token embedding outputs."""
-    for _, m in model.named_modules():
-        if isinstance(m, nn.QuantizedEmbedding):
-            return m.scales.dtype
-        if isinstance(m, nn.Embedding):
-            return m.weight.dtype
-    floats = [a.dtype for _, a in tree_flatten(model.parameters()) if mx.issubdtype(a.dtype, mx.floating)]
-    return max(set(floats), key=floats.count) if floats else mx.float16
-
-
-def _kv_per_token(model: nn.Module, config: dict, context: int, dtype: mx.Dtype):
-    """KV-cache bytes per token and for ``context`` tokens, from the config.
-
-    Returns:
-        ``(bytes_per_token, bytes_at_context, description)``; the byte counts
-        are None where the attention layout is not known.
-    """
-    from mlx_lm.models import cache as mlx_cache
-
-    args = getattr(model, "args", None)
-    attn = config.get("attn_config") or {}
-    try:
-        caches = mlx_cache.make_prompt_cache(model)
-    except Exception as e:  # a model's make_cache may need things we don't have
-        return None, None, f"KV cache not estimated (make_prompt_cache failed: {type(e).__name__})"
-    full, windows, recurrent, other = 0, [], 0, {}
-    growing = tuple(
-        getattr(mlx_cache, n) for n in ("KVCache", "ConcatenateKVCache", "ChunkedKVCache") if hasattr(mlx_cache, n)
-    )
-    for c in caches:
-        if isinstance(c, mlx_cache.RotatingKVCache):
-            windows.append(c.max_size)
-        elif isinstance(c, growing):
-            full += 1
-        elif isinstance(c, getattr(mlx_cache, "ArraysCache", ())):
-            recurrent += 1  # linear attention / SSM state: fixed size, small
-        else:
-            other[type(c).__name__] = other.get(type(c).__name__, 0) + 1
-    step = getattr(mlx_cache.KVCache, "step", 1)
-
-    if _first(args, config, "kv_lora_rank"):
-        # mlx-lm's MLA caches the compressed latent and the rope key, one "head".
-        latent = _first(args, config, "kv_lora_rank")
-        rope = _first(args, config, "qk_rope_head_dim") or 0
-        per_layer = latent + rope
-        layout = f"(MLA latent {latent} + rope key {rope})"
-    else:
-        heads = _first(args, config, "num_attention_heads", "n_heads", "num_heads", "n_head")
-        kv_heads = _first(args, {**attn, **config}, "num_key_value_heads", "n_kv_heads", "num_kv_heads", "kv_n_heads")
-        kv_heads = kv_heads or heads
-        head_dim = _first(args, config, "head_dim")
-        hidden = _first(args, config, "hidden_size", "d_model", "dim")
-        if head_dim is None and heads and hidden:
-            head_dim = hidden // heads
-        if not (kv_heads and head_dim):
-            model_type = config.get("model_type")
-            return None, None, f"KV cache not estimated (unknown attention layout for model_type={model_type!r})"
-        per_layer = 2 * kv_heads * head_dim
-        layout = f"(K and V: 2 x {kv_heads} KV heads x {head_dim} dims)"
-    size = dtype.size
-    per_token = (full + len(windows)) * per_layer * size
-    # mlx-lm's KVCache grows in steps of KVCache.step (256) tokens.
-    allocated = -(-context // step) * step
-    at_context = size * per_layer * (full * allocated + sum(min(allocated, w) for w in windows))
-    parts = [f"{full} full-attention layers"]
-    if windows:
-        parts.append(f"{len(windows)} sliding-window layers (which stop growing at {max(windows)} tokens)")
-    text = (
-        f"{' + '.join(parts)} x {per_layer} values {layout} x {size} bytes ({_dtype_name(dtype)}) "
-        f"= {_human(per_token)} per token"
-    )
-    if allocated != context and full:
-        text += f"; mlx-lm allocates the cache in {step}-token steps, so {context} tokens take {allocated}"
-    if recurrent:
-        text += f"; {recurrent} layers with a fixed-size recurrent state (not included)"
-    for name, count in other.items():
-        text += f"; {count} layers with a {name} (not included)"
-    return per_token, at_context, text
-
-
-def _activations(model: nn.Module, config: dict, blocks, top_k, tokens: int, dtype: mx.Dtype):
-    """A stated estimate of transient activations for one prefill chunk."""
-    args = getattr(model, "args", None)
-    hidden = _first(args, config, "hidden_size", "d_model", "dim")
-    heads = _first(args, config, "num_attention_heads", "n_heads", "num_heads") or 0
-    head_dim = _first(args, config, "head_dim") or (hidden // heads if hidden and heads else 0)
-    switch = blocks[0].switch
-    first_proj = next(iter(switch.children().values()))
-    inter = first_proj.output_dims
-    hidden = hidden or first_proj.input_dims
-    k = top_k or 1
-    size = dtype.size
-    # Per token: residual stream, normed input, attention output and MoE output
-    # (4 x D); q/k/v/o projections (~4 x H x head_dim); the routed copies of
-    # the input and expert outputs (2k x D) and gate/up/activation
-    # intermediates (3k x I); plus float32 all-reduce send/receive buffers.
-    per_token = (4 * hidden + 4 * heads * head_dim + 2 * k * hidden + 3 * k * inter) * size + 2 * 4 * hidden
-    text = (
-        f"one {tokens}-token prefill chunk through one layer: hidden states, attention "
-        f"projections, top-{k} expert intermediates ({inter} wide) and float32 all-reduce "
-        "buffers; attention score matrices are not included (MLX's fused attention does "
-        "not materialise them on Apple GPUs), nor MLX's buffer cache or the Python runtime"
-    )
-    return tokens * per_token, text
-
-
-def _dtype_name(dtype: mx.Dtype) -> str:
-    return str(dtype).replace("mlx.core.", "")
-
-
-def _quantization(config: dict) -> Optional[dict]:
-    q = config.get("quantization")
-    if not isinstance(q, dict):
-        return None
-    out = {k: q[k] for k in ("bits", "group_size", "mode") if k in q}
-    out.setdefault("mode", "affine")
-    overrides = [k for k, v in q.items() if isinstance(v, dict)]
-    if overrides:
-        out["per_layer_overrides"] = len(overrides)
-    return out
-
-
-def plan_memory(
-    path_or_repo: Union[str, Path],
-    num_ranks: int,
-    placement: Union[ExpertPlacement, str, None] = None,
-    weights: Optional[Sequence[float]] = None,
-    context: int = DEFAULT_CONTEXT,
-    prefill_step: int = DEFAULT_PREFILL_STEP,
-) -> MemoryPlan:
-    """Computes, without reading tensor data, what each of ``num_ranks`` ranks holds.
-
-    Args:
-        path_or_repo: A local model directory (or a Hugging Face repo that is
-            already in the local cache).
-        num_ranks: Number of ranks (``mpirun -np``).
-        placement: As for :func:`moe_mpi.load`: ``"contiguous"`` (default),
-            ``"round-robin"``, a JSON file or an ``ExpertPlacement``.
-        weights: Optional relative share of experts per rank.
-        context: Tokens of context the KV-cache estimate is for.
-        prefill_step: Prompt tokens per forward pass while prefilling.
-
-    Raises:
-        InfoError, CheckpointError, ModelNotFoundError, ValueError: With a
-        message that says what is wrong with the input.
-    """
-    if num_ranks < 1:
-        raise InfoError(f"--np must be at least 1, got {num_ranks}")
-    if context < 1 or prefill_step < 1:
-        raise InfoError("--context and --prefill-step must be positive")
-    model_path = _resolve_local(path_or_repo)
-    config = read_config(model_path)
-
-    ranks: List[RankMemory] = []
-    result = None
-    for rank in range(num_ranks):
-        # The real loader's plan, with reads that return shapes, not data.
-        lp = plan_load(model_path, _PlanningComm(rank, num_ranks), placement, weights)
-        model, plan, index = lp.model, lp.plan, lp.index
-        params = read_parameters(lp, ShapeOnlyIndex(index), evaluate=False)
-        # strict: the shapes are checked exactly as they are by a real load.
-        model.load_weights(params, strict=True)
-        num_layers = len(getattr(model, "layers", []))
-
-        blocks = find_moe_blocks(model)
-        switch = tuple(f"{b.path}.{b.switch_name}." if b.path else f"{b.switch_name}." for b in blocks)
-        shared = tuple(
-            f"{b.path}.{n}." if b.path else f"{n}." for b in blocks for n in shared_children(b.block)
-        )
-        sizes = {"replicated": 0, "experts": 0, "shared": 0}
-        flat = dict(tree_flatten(model.parameters()))
-        for path, a in flat.items():
-            kind = "experts" if path.startswith(switch) else "shared" if path.startswith(shared) else "replicated"
-            sizes[kind] += a.nbytes  # shape x itemsize: nothing is evaluated
-
-        if result is None:
-            dtype = _activation_dtype(model)
-            top_k = _top_k(blocks, config)
-            per_token, kv_bytes, kv_text = _kv_per_token(model, config, context, dtype)
-            tokens = min(context, prefill_step)
-            act_bytes, act_text = _activations(model, config, blocks, top_k, tokens, dtype)
-            result = dict(
-                model_type=str(config.get("model_type")),
-                architecture=(config.get("architectures") or [None])[0],
-                num_layers=num_layers or len(blocks),
-                num_moe_layers=model.ep_info.num_moe_layers,
-                num_experts=tuple(p.num_experts for p in model.ep_info.placements),
-                placements=model.ep_info.placements,
-                top_k=top_k,
-                kv_bytes_per_token=per_token,
-                kv_description=kv_text,
-                activation_description=act_text,
-            )
-        ranks.append(
-            RankMemory(
-                rank=rank,
-                num_experts=len(model.ep_info.placements[0].local_experts(rank)),
-                replicated_bytes=sizes["replicated"],
-                expert_bytes=sizes["experts"],
-                shared_expert_bytes=sizes["shared"],
-                kv_cache_bytes=kv_bytes,
-                activation_bytes=act_bytes,
-                load_buffer_bytes=_read_buffer_bytes(plan, flat, lp.tensors, lp.raw),
-            )
-        )
-
-    dtypes: Dict[str, int] = {}
-    for t in index.tensors.values():
-        dtypes[t.dtype] = dtypes.get(t.dtype, 0) + t.nbytes
-    if isinstance(placement, ExpertPlacement):
-        strategy = "explicit"
-    elif weights is not None:
-        strategy = f"contiguous, weights {','.join(f'{w:g}' for w in weights)}"
-    else:
-        strategy = str(placement or "contiguous")
-    return MemoryPlan(
-        model_path=str(model_path),
-        quantization=_quantization(config),
-        checkpoint_dtypes=dtypes,
-        checkpoint_files=len(index.files),
-        checkpoint_bytes=sum(t.nbytes for t in index.tensors.values()),
-        num_ranks=num_ranks,
-        placement_strategy=strategy,
-        context=context,
-        prefill_step=prefill_step,
-        ranks=ranks,
-        **result,
-    )
-
+from .argtypes import float_list
+from .memory import DEFAULT_CONTEXT, DEFAULT_PREFILL_STEP, MemoryPlan, human_bytes, plan_memory
+from .runner import fail, parse_args
 
 # ---------------------------------------------------------------------------
 # Output
 # ---------------------------------------------------------------------------
-
-
-def _human(n: Optional[int]) -> str:
-    """Bytes in binary units, e.g. ``1.50 GiB``."""
-    if n is None:
-        return "n/a"
-    if n < 1024:
-        return f"{n} B"
-    exp = min(int(math.log(n, 1024)), 4)
-    return f"{n / 1024 ** exp:.2f} {['B', 'KiB', 'MiB', 'GiB', 'TiB'][exp]}"
 
 
 def format_plan(plan: MemoryPlan) -> str:
@@ -456,9 +41,9 @@ def format_plan(plan: MemoryPlan) -> str:
     else:
         text = "none"
     lines.append(f"  quantization  {text}")
-    by_dtype = ", ".join(f"{k} {_human(v)}" for k, v in sorted(plan.checkpoint_dtypes.items(), key=lambda kv: -kv[1]))
+    by_dtype = ", ".join(f"{k} {human_bytes(v)}" for k, v in sorted(plan.checkpoint_dtypes.items(), key=lambda kv: -kv[1]))
     files = f"{plan.checkpoint_files} file{'s' if plan.checkpoint_files != 1 else ''}"
-    lines.append(f"  checkpoint    {_human(plan.checkpoint_bytes)} in {files} ({by_dtype})")
+    lines.append(f"  checkpoint    {human_bytes(plan.checkpoint_bytes)} in {files} ({by_dtype})")
     lines.append("")
     lines.append(f"Placement ({plan.placement_strategy}):")
     for p in plan.placements:
@@ -474,13 +59,13 @@ def format_plan(plan: MemoryPlan) -> str:
         [
             str(r.rank),
             str(r.num_experts),
-            _human(r.replicated_bytes),
-            _human(r.expert_bytes),
-            _human(r.shared_expert_bytes),
-            _human(r.weight_bytes),
-            _human(r.kv_cache_bytes),
-            _human(r.activation_bytes),
-            _human(r.peak_bytes),
+            human_bytes(r.replicated_bytes),
+            human_bytes(r.expert_bytes),
+            human_bytes(r.shared_expert_bytes),
+            human_bytes(r.weight_bytes),
+            human_bytes(r.kv_cache_bytes),
+            human_bytes(r.activation_bytes),
+            human_bytes(r.peak_bytes),
         ]
         for r in plan.ranks
     ]
@@ -491,8 +76,8 @@ def format_plan(plan: MemoryPlan) -> str:
     single = plan.ranks[0].replicated_bytes if plan.ranks else 0
     lines.append("")
     lines.append(
-        f"  All ranks together hold {_human(total)} of weights; the replicated part "
-        f"({_human(single)}) is on every rank, the experts are split."
+        f"  All ranks together hold {human_bytes(total)} of weights; the replicated part "
+        f"({human_bytes(single)}) is on every rank, the experts are split."
     )
     if any(r.shared_expert_bytes for r in plan.ranks):
         lines.append("  Shared experts: each rank holds a slice of their hidden dimension where it can be split.")
@@ -508,16 +93,6 @@ def format_plan(plan: MemoryPlan) -> str:
 # ---------------------------------------------------------------------------
 # CLI
 # ---------------------------------------------------------------------------
-
-
-def _weights(text: str) -> List[float]:
-    try:
-        values = [float(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers such as 2,1,1, got {text!r}") from None
-    if not values:
-        raise argparse.ArgumentTypeError("expected comma-separated numbers such as 2,1,1")
-    return values
 
 
 def setup_arg_parser() -> argparse.ArgumentParser:
@@ -538,7 +113,7 @@ def setup_arg_parser() -> argparse.ArgumentParser:
         default="contiguous",
         help="Expert placement: contiguous (default), round-robin, or a placement JSON file.",
     )
-    parser.add_argument("--weights", type=_weights, default=None, help="Relative expert share per rank, e.g. 2,1,1.")
+    parser.add_argument("--weights", type=float_list, default=None, help="Relative expert share per rank, e.g. 2,1,1.")
     parser.add_argument(
         "--context", type=int, default=DEFAULT_CONTEXT, help=f"Context length for the KV-cache estimate (default: {DEFAULT_CONTEXT})."
     )
@@ -552,12 +127,6 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _fail(message: str) -> None:
-    # One line, no traceback: bad input is not a bug.
-    print_error(message)
-    sys.exit(1)
-
-
 def main(argv: Optional[Sequence[str]] = None) -> None:
     """Runs ``moe-mpi info``."""
     args = parse_args(setup_arg_parser(), argv)
@@ -568,7 +137,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         try:
             num_ranks = read(args.hostfile).total_slots
         except (HostfileError, OSError) as e:
-            _fail(format_error(e))
+            fail(e)
     if num_ranks is None:
         num_ranks = 2
     try:
@@ -581,11 +150,11 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             prefill_step=args.prefill_step,
         )
     except (ValueError, OSError) as e:
-        # ValueError covers InfoError, CheckpointError and placement errors;
+        # ValueError covers PlanningError, CheckpointError and placement errors;
         # OSError covers ModelNotFoundError and unreadable files.
-        _fail(format_error(e))
+        fail(e)
     except KeyError as e:  # a config.json without a key the model class needs
-        _fail(f"config.json is missing {e}")
+        fail(f"config.json is missing {e}")
     if args.json:
         print(json.dumps(plan.to_dict(), indent=2))
     else:

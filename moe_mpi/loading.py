@@ -31,39 +31,71 @@ from mlx.utils import tree_flatten
 from mlx_lm.utils import _get_classes, infer_quant_config, load_config, load_tokenizer
 
 from . import cpu
+from .errors import CheckpointError, ModelNotFoundError
 from .placement import ExpertPlacement
-from .safetensors_io import CheckpointError, CheckpointIndex, ShapeOnlyIndex
+from .safetensors_io import CheckpointIndex, ShapeOnlyIndex
 from .shard import Plan, Take, drop_dense, per_expert_source, shard_structure, take
 
 PER_EXPERT_KEY = re.compile(r"\.experts\.\d+\.")
 
 
-class ModelNotFoundError(FileNotFoundError):
-    """A model path or repo that cannot be found or fetched."""
+#: Files of a Hugging Face repo that loading needs (as mlx-lm fetches them).
+HF_ALLOW_PATTERNS = ["*.json", "model*.safetensors", "*.py", "*.model", "*.tiktoken", "*.txt", "*.jinja"]
 
 
-def resolve_model_path(path_or_hf_repo: Union[str, Path]) -> Path:
-    """A local model directory, or a Hugging Face repo fetched into the cache.
+def demo_model_path() -> Path:
+    """Where the bundled demo model lives (it may not be installed)."""
+    return Path(__file__).resolve().parent / "demo_model"
+
+
+def resolve_model_path(
+    path_or_hf_repo: Union[str, Path, None] = None, download: bool = True
+) -> Path:
+    """The local directory of a model argument; the one place that resolves one.
+
+    Args:
+        path_or_hf_repo: A local model directory, a Hugging Face repo id
+            (``org/name``), or None for the bundled demo model.
+        download: Fetch a repo that is not in the local Hugging Face cache.
+            With False only local files are used (``moe-mpi info`` plans
+            without the weights it exists to avoid reading).
+
+    Returns:
+        The model directory.
 
     Raises:
-        ModelNotFoundError: Neither a local directory nor a fetchable repo.
+        ModelNotFoundError: The path is not a directory, the demo model is
+            not installed, or the repo is neither cached nor (with
+            ``download``) fetchable.
     """
+    if path_or_hf_repo is None:
+        path = demo_model_path()
+        if not (path / "config.json").is_file():
+            raise ModelNotFoundError(
+                f"no model given and the bundled demo model is not installed "
+                f"(expected at {path}); pass --model PATH_OR_HF_REPO"
+            )
+        return path
     path = Path(path_or_hf_repo).expanduser()
     if path.is_dir():
         return path
     name = str(path_or_hf_repo)
-    if path.exists() or name.startswith((".", "/", "~")) or name.count("/") != 1:
-        raise ModelNotFoundError(f"model path {name!r} does not exist or is not a directory")
+    if path.exists():
+        raise ModelNotFoundError(f"model path {name!r} is not a directory")
+    if name.startswith((".", "/", "~")) or name.count("/") != 1:
+        raise ModelNotFoundError(f"model path {name!r} does not exist")
     try:
         from huggingface_hub import snapshot_download
 
         return Path(
-            snapshot_download(
-                name,
-                allow_patterns=["*.json", "model*.safetensors", "*.py", "*.model", "*.tiktoken", "*.txt", "*.jinja"],
-            )
+            snapshot_download(name, allow_patterns=HF_ALLOW_PATTERNS, local_files_only=not download)
         )
-    except Exception as e:  # the hub raises many types: offline, 404, auth
+    except Exception as e:  # the hub raises many types: offline, 404, auth, not cached
+        if not download:
+            raise ModelNotFoundError(
+                f"{name!r} is not a local directory nor in the Hugging Face cache; "
+                "only local files are read here (download the model first)"
+            ) from None
         raise ModelNotFoundError(
             f"{name!r} is not a local directory and could not be fetched from "
             f"Hugging Face ({type(e).__name__}). Download it on a machine with "

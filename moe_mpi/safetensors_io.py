@@ -15,6 +15,8 @@ from typing import Dict, Iterable, List, Optional, Sequence
 import mlx.core as mx
 import numpy as np
 
+from .errors import CheckpointError
+
 # safetensors dtype -> mlx dtype
 MX_DTYPES = {
     "F64": mx.float64,
@@ -49,11 +51,16 @@ _DTYPES = {
 }
 
 
+def dtype_name(dtype: mx.Dtype) -> str:
+    """The short name of an MLX dtype: ``mx.float32`` -> ``"float32"``.
+
+    ``str(mx.float32)`` is ``"mlx.core.float32"``; messages and JSON want
+    the name alone.
+    """
+    return str(dtype).rsplit(".", 1)[-1]
+
+
 CHUNK = 64 << 20  # bytes read at a time when slicing an inner axis
-
-
-class CheckpointError(ValueError):
-    """A checkpoint file is missing, truncated or malformed."""
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,7 @@ Run under ``mpirun -n N python tests/mpi_errors_helper.py MODE``:
 
 * ``abort``: rank 1 raises outside any collective phase while rank 0 waits
   in a barrier, the situation of an unexpected error mid-generation. Without
-  :func:`moe_mpi.errors.abort_on_error` rank 0 would wait forever.
+  :func:`moe_mpi.runner.abort_on_error` rank 0 would wait forever.
 * ``collective``: every rank raises the same :class:`CollectiveError` at the
   same point; rank 0 reports it once and all ranks exit with code 1.
 """
@@ -12,7 +12,8 @@ Run under ``mpirun -n N python tests/mpi_errors_helper.py MODE``:
 import sys
 
 from moe_mpi import Communicator
-from moe_mpi.errors import CollectiveError, abort_on_error
+from moe_mpi.errors import CollectiveError
+from moe_mpi.runner import abort_on_error
 
 
 def main() -> None:

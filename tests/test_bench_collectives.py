@@ -191,7 +191,7 @@ def test_output_directory_must_exist(tmp_path):
         ([], "required"),
         (["collectives", "--paths", "mpi4py-numpy,bogus"], "unknown path"),
         (["collectives", "-m", "64K:4"], "minimum exceeds maximum"),
-        (["pingpong", "-i", "0"], "must be >= 1"),
+        (["pingpong", "-i", "0"], "expected a positive integer, got '0'"),
     ],
 )
 def test_bad_command_lines_are_usage_errors(argv, message, capsys):

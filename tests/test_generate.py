@@ -285,7 +285,7 @@ def test_seeded_sampling_is_reproducible_and_ranks_agree(ckpt):
 
 
 def test_default_model(tmp_path):
-    from moe_mpi.generate import demo_model_path
+    from moe_mpi.loading import demo_model_path
 
     proc, seconds = run(2, "--prompt", "This module provides", "--max-tokens", 8)
     if (demo_model_path() / "config.json").is_file():
@@ -520,7 +520,7 @@ def test_consistency_check_detects_disagreement():
 
 def test_read_prompts_file_validation(tmp_path):
     from moe_mpi.errors import UserError
-    from moe_mpi.generate import read_prompts_file
+    from moe_mpi.prompts import read_prompts_file
 
     path = tmp_path / "p.jsonl"
     # A raw U+2028 inside a JSON string is legal and must not split the line.
@@ -542,7 +542,7 @@ def test_read_prompts_file_validation(tmp_path):
 
 def test_scan_results_file(tmp_path):
     from moe_mpi.errors import UserError
-    from moe_mpi.generate import ResultWriter, scan_results_file
+    from moe_mpi.results import ResultWriter, scan_results_file
 
     prompts = tmp_path / "p.jsonl"
     prompts.write_text('{"prompt": "a"}\n')
@@ -580,6 +580,7 @@ def test_progress_bar_only_on_a_tty():
         bar = Progress(4, stream=stream)
         bar.update(2, 10)
         bar.close("summary line")
-    assert "\r[" in tty.getvalue() and "2/4 prompts" in tty.getvalue()
-    assert tty.getvalue().endswith("\nsummary line\n")
+    drawn = tty.getvalue()
+    assert "\r" in drawn and "2/4" in drawn and "prompt" in drawn and "tokens-per-sec" in drawn
+    assert drawn.endswith("\nsummary line\n")
     assert pipe.getvalue() == "summary line\n"  # no bar when not a TTY

@@ -26,7 +26,7 @@ from mlx.utils import tree_flatten
 
 from moe_mpi.loading import model_classes
 from moe_mpi import hostfile, info, synthetic
-from moe_mpi.info import _PlanningComm, plan_memory
+from moe_mpi.memory import PlanningComm, plan_memory
 from moe_mpi.launch import run_mpirun
 from moe_mpi.loading import load_model
 
@@ -123,7 +123,7 @@ def test_info_weights_are_what_load_holds(name, checkpoints, no_buffer_cache):
             mx.clear_cache()
             before = mx.get_active_memory()
             # The real loader, as rank `rank` of `n` (it only reads comm.rank/size).
-            model, _ = load_model(path, _PlanningComm(rank, n), "round-robin" if n == 3 else None)
+            model, _ = load_model(path, PlanningComm(rank, n), "round-robin" if n == 3 else None)
             active = mx.get_active_memory() - before
             held = sum(a.nbytes for _, a in tree_flatten(model.parameters()))
             r = plan.ranks[rank]

@@ -20,7 +20,7 @@ import importlib.util
 import sys
 from collections.abc import Sequence
 
-from ..errors import PROG, parse_args
+from ..runner import PROG, parse_args
 
 __all__ = ["BENCHMARKS", "main", "setup_arg_parser"]
 

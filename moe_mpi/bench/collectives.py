@@ -60,13 +60,9 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import (
-    UserError,
-    abort_on_error,
-    add_debug_argument,
-    collective_phase,
-    parse_args,
-)
+from ..argtypes import non_negative_int, positive_int
+from ..errors import UserError
+from ..runner import abort_on_error, add_debug_argument, collective_phase, parse_args
 from .machine import (
     format_load,
     format_size,
@@ -215,20 +211,6 @@ def _paths_arg(text: str) -> list[str]:
     return list(dict.fromkeys(names))  # drop repeats, keep order
 
 
-def _non_negative(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
-
-
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
 def add_loop_arguments(
     parser: argparse.ArgumentParser,
     *,
@@ -255,27 +237,27 @@ def add_loop_arguments(
     parser.add_argument(
         "-i",
         "--iterations",
-        type=_positive,
+        type=positive_int,
         default=iterations,
         help=f"timed iterations per size (default: {iterations})",
     )
     parser.add_argument(
         "-x",
         "--warmup",
-        type=_non_negative,
+        type=non_negative_int,
         default=warmup,
         help=f"warm-up iterations per size (default: {warmup})",
     )
     parser.add_argument(
         "--iterations-large",
-        type=_positive,
+        type=positive_int,
         default=None,
         help="timed iterations for sizes above --large-threshold "
         f"(default: min(-i, {iterations_large}))",
     )
     parser.add_argument(
         "--warmup-large",
-        type=_non_negative,
+        type=non_negative_int,
         default=None,
         help="warm-up iterations for sizes above --large-threshold "
         f"(default: min(-x, {warmup_large}))",

@@ -36,7 +36,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import mlx.core as mx
 import numpy as np
 
-from ..errors import add_debug_argument, parse_args
+from ..argtypes import int_list, non_negative_int, positive_int
+from ..runner import add_debug_argument, parse_args
 from . import harness, report, roofline, routing
 from .modes import Built, Context, tp_code_counts
 
@@ -192,25 +193,25 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     harness.add_common_arguments(parser)
     parser.add_argument(
         "--batch",
-        type=harness.int_list,
+        type=int_list,
         default=[1, 8],
         help="comma-separated batch sizes: B sequences decoded together (default: 1,8)",
     )
     parser.add_argument(
         "--steps",
-        type=harness.positive_int,
+        type=positive_int,
         default=DEFAULT_STEPS,
         help=f"timed decode steps (default: {DEFAULT_STEPS})",
     )
     parser.add_argument(
         "--warmup",
-        type=harness.non_negative_int,
+        type=non_negative_int,
         default=DEFAULT_WARMUP,
         help=f"untimed decode steps first (default: {DEFAULT_WARMUP})",
     )
     parser.add_argument(
         "--prompt-tokens",
-        type=harness.positive_int,
+        type=positive_int,
         default=DEFAULT_PROMPT_TOKENS,
         help=f"prompt length prefilled before decoding (default: {DEFAULT_PROMPT_TOKENS})",
     )
@@ -223,7 +224,7 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--stream-mb",
-        type=harness.positive_int,
+        type=positive_int,
         default=roofline.STREAM_MB,
         help=f"STREAM triad arrays, MB per rank in all (default: {roofline.STREAM_MB})",
     )

@@ -21,38 +21,13 @@ import mlx.nn as nn
 
 from ..comm import quiet_barrier
 from ..cpu import switches
-from ..errors import collective_phase
+from ..argtypes import positive_int
+from ..runner import collective_phase
 from . import report, verify
 from .modes import Built, Context, SingleProcess, get_mode, mode_description, mode_names, modes_arg
 from .shapes import SYNTHETIC, default_cache_dir, describe_model, ensure_synthetic
 
 __all__ = ["add_common_arguments", "delta", "exclude_from_peak_rss", "run_benchmark", "run_modes", "timed_run"]
-
-def int_list(text: str) -> List[int]:
-    """``"1,8"`` -> ``[1, 8]`` (positive integers), for argparse."""
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated integers, got {text!r}"
-        ) from None
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
-    return values
-
-
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
-def non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
 
 
 def add_common_arguments(parser: argparse.ArgumentParser) -> None:
@@ -348,7 +323,7 @@ def run_benchmark(
     from mlx_lm.utils import load_config
 
     from ..comm import Communicator, mlx_group
-    from ..errors import abort_on_error
+    from ..runner import abort_on_error
     from .machine import header_lines, machine_info
 
     comm = Communicator(backend=args.backend)

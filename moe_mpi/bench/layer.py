@@ -40,8 +40,9 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from ..errors import add_debug_argument, parse_args
+from ..argtypes import int_list, non_negative_int, positive_int
 from ..comm import quiet_barrier
+from ..runner import add_debug_argument, parse_args
 from . import harness, report, routing
 from .modes import Built, Context, tp_code_counts
 
@@ -372,16 +373,16 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     harness.add_common_arguments(parser)
     parser.add_argument(
         "--tokens",
-        type=harness.int_list,
+        type=int_list,
         default=DEFAULT_TOKENS,
         help="comma-separated token counts T of the [1, T, hidden] input (default: 1,8,128)",
     )
     parser.add_argument(
-        "--iters", type=harness.positive_int, default=DEFAULT_ITERS,
+        "--iters", type=positive_int, default=DEFAULT_ITERS,
         help=f"timed iterations per T (default: {DEFAULT_ITERS})",
     )
     parser.add_argument(
-        "--warmup", type=harness.non_negative_int, default=DEFAULT_WARMUP,
+        "--warmup", type=non_negative_int, default=DEFAULT_WARMUP,
         help=f"untimed iterations first (default: {DEFAULT_WARMUP})",
     )
     add_debug_argument(parser)

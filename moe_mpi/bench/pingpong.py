@@ -32,14 +32,9 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import (
-    UserError,
-    abort_on_error,
-    add_debug_argument,
-    collective_phase,
-    parse_args,
-)
 from ..comm import quiet_barrier
+from ..errors import UserError
+from ..runner import abort_on_error, add_debug_argument, collective_phase, parse_args
 from .collectives import (
     add_loop_arguments,
     add_output_arguments,

@@ -27,7 +27,8 @@ import sys
 from collections import defaultdict
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from ..errors import UserError, add_debug_argument, format_error, parse_args, print_error
+from ..errors import UserError
+from ..runner import add_debug_argument, format_error, parse_args, print_error
 from .machine import format_size
 
 __all__ = ["load_results", "main", "plot_results", "setup_arg_parser"]

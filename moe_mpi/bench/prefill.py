@@ -26,7 +26,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import mlx.core as mx
 import numpy as np
 
-from ..errors import add_debug_argument, parse_args
+from ..argtypes import int_list, positive_int
+from ..runner import add_debug_argument, parse_args
 from . import harness, report, routing
 from .decode import IMBALANCE_METHOD
 from .modes import Built, Context, tp_code_counts
@@ -123,13 +124,13 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     harness.add_common_arguments(parser)
     parser.add_argument(
         "--lengths",
-        type=harness.int_list,
+        type=int_list,
         default=DEFAULT_LENGTHS,
         help="comma-separated prompt lengths (default: 128,256,512,1024)",
     )
     parser.add_argument(
         "--repeats",
-        type=harness.positive_int,
+        type=positive_int,
         default=DEFAULT_REPEATS,
         help=f"timed prefills per length, each into a fresh cache (default: {DEFAULT_REPEATS})",
     )

@@ -34,7 +34,8 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
-from ..errors import CollectiveError, abort_on_error, add_debug_argument, parse_args
+from ..errors import CollectiveError
+from ..runner import abort_on_error, add_debug_argument, parse_args
 
 N_SAMPLES = 20000  # routing draws for the expected number of experts read
 STREAM_MB = 256  # triad arrays per rank, far beyond any cache

@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any, Dict, Optional
 
 from ..comm import quiet_barrier
-from ..errors import UserError, collective_phase
+from ..errors import UserError
+from ..runner import collective_phase
 
 __all__ = ["SYNTHETIC", "describe_model", "ensure_synthetic", "synthetic_config", "synthetic_dir"]
 

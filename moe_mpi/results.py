@@ -1,0 +1,140 @@
+"""The results file of ``moe-mpi generate --prompts-file``: append, resume.
+
+One JSON line per prompt, appended by rank 0 after every batch::
+
+    {"id", "prompt", "text", "prompt_tokens", "generation_tokens", "seconds"}
+
+``generation_tokens`` counts the tokens of ``text`` (a final end-of-sequence
+token is not part of it) and ``seconds`` is the wall time of the batch the
+prompt was in (:func:`result_row`). Rows are flushed and fsync'd after every
+batch (:class:`ResultWriter`), so an interrupted run loses at most the batch
+in progress; running the same command again skips the ids already in the
+file, and a partially written last line, from a crash, is dropped and
+regenerated (:func:`scan_results_file`).
+
+Ids are compared by their JSON text (:func:`id_key`), so the id ``1`` and
+the id ``"1"`` are different prompts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Dict, Optional, Sequence, Tuple
+
+from .errors import UserError
+
+__all__ = ["ResultWriter", "id_key", "result_row", "scan_results_file"]
+
+
+def id_key(row_id: Any) -> str:
+    """The identity of a prompt id: its JSON text (``1`` and ``"1"`` differ)."""
+    return json.dumps(row_id)
+
+
+def result_row(
+    prompt_row: Dict[str, Any],
+    text: str,
+    prompt_tokens: int,
+    generation_tokens: int,
+    seconds: float,
+) -> Dict[str, Any]:
+    """One result row for a prompt row of the prompts file.
+
+    Args:
+        prompt_row: ``{"id", "prompt", ...}`` as read from the prompts file.
+        text: The generated text.
+        prompt_tokens: Tokens of the prompt (after the chat template).
+        generation_tokens: Tokens of ``text``.
+        seconds: Wall time of the batch the prompt was in.
+    """
+    return {
+        "id": prompt_row["id"],
+        "prompt": prompt_row["prompt"],
+        "text": text,
+        "prompt_tokens": prompt_tokens,
+        "generation_tokens": generation_tokens,
+        "seconds": round(seconds, 4),
+    }
+
+
+def scan_results_file(path: str, prompts_path: str) -> Tuple[set, Optional[Tuple[str, int]]]:
+    """The ids already in an output file, and the repair its end needs.
+
+    Returns:
+        ``(done, repair)``: the id keys of complete rows, and ``None``,
+        ``("truncate", offset)`` (drop a partially written last line) or
+        ``("newline", 0)`` (a complete last row without its newline).
+
+    Raises:
+        UserError: The output is the prompts file, its directory does not
+            exist, or a line other than the last is not a result row.
+    """
+    out = Path(path)
+    if out.is_dir():
+        raise UserError(f"--output {path} is a directory")
+    if not out.exists():
+        parent = out.parent
+        if not parent.is_dir():
+            raise UserError(f"--output {path}: directory {str(parent)!r} does not exist")
+        if not os.access(parent, os.W_OK):
+            raise UserError(f"--output {path}: directory {str(parent)!r} is not writable")
+        return set(), None
+    if Path(prompts_path).exists() and out.samefile(prompts_path):
+        raise UserError(f"--output {path} is the prompts file itself")
+    if not os.access(out, os.W_OK):
+        raise UserError(f"--output {path} is not writable")
+    data = out.read_bytes()
+    lines = data.split(b"\n")
+    done = set()
+    offset = 0
+    for number, raw in enumerate(lines, start=1):
+        last = number == len(lines)
+        if last and raw == b"":  # the file ends with a newline
+            return done, None
+        row = None
+        try:
+            row = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            pass
+        if isinstance(row, dict) and "id" in row:
+            done.add(id_key(row["id"]))
+        elif last:
+            # The unterminated tail of a run that died mid-write: drop it.
+            return done, ("truncate", offset)
+        elif raw.strip():
+            raise UserError(
+                f'{path}, line {number}: not a result row (a JSON object with an "id"); '
+                "fix or remove that line, or choose another --output"
+            )
+        offset += len(raw) + 1
+    # A complete row without its newline (e.g. written by hand).
+    return done, ("newline", 0)
+
+
+class ResultWriter:
+    """Appends result rows to the output file, durably, batch by batch."""
+
+    def __init__(self, path: str, repair: Optional[Tuple[str, int]]):
+        if repair is not None and repair[0] == "truncate":
+            os.truncate(path, repair[1])
+        self._file = open(path, "a", encoding="utf-8")
+        if repair is not None and repair[0] == "newline":
+            self._file.write("\n")
+        self._sync()
+
+    def _sync(self) -> None:
+        self._file.flush()
+        os.fsync(self._file.fileno())
+
+    def write(self, rows: Sequence[Dict[str, Any]]) -> None:
+        """Writes ``rows`` (one JSON line each), flushed and fsync'd."""
+        self._file.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+        # fsync: an interrupted run (or a crashed machine) keeps every
+        # finished batch, so a rerun only redoes the batch in progress.
+        self._sync()
+
+    def close(self) -> None:
+        """Closes the file."""
+        self._file.close()
