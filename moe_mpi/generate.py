@@ -63,7 +63,7 @@ from .prompts import (
     read_prompts_file,
 )
 from .results import ResultWriter, id_key, result_row, scan_results_file
-from .runner import PROG, abort_on_error, add_debug_argument, collective_phase, parse_args
+from .runner import PROG, abort_on_error, add_debug_argument, collective_phase, parse_args, show_progress
 
 DEFAULT_MAX_TOKENS = 100
 DEFAULT_TEMP = 0.0
@@ -207,6 +207,15 @@ def setup_arg_parser() -> argparse.ArgumentParser:
             "if not. For checking a cluster, e.g. of different machines."
         ),
     )
+    parser.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help=(
+            "Progress bars on rank 0's stderr: loading (shares over 1 GiB) and "
+            "batch mode. Default: on when stderr is a terminal or under mpirun."
+        ),
+    )
     add_debug_argument(parser)
     return parser
 
@@ -287,6 +296,7 @@ def _load(args: argparse.Namespace, comm):
         placement=args.placement,
         weights=args.weights,
         return_config=True,
+        progress=args.progress,
     )
 
 
@@ -385,19 +395,20 @@ class Progress:
     """Rank 0's progress through a batch run: a bar, then a summary line.
 
     The bar is tqdm's, on ``stream`` (stderr), counting prompts and showing
-    the generation rate; tqdm leaves it out when the stream is not a
-    terminal (a log file would fill with redraws). The summary line is
-    written either way.
+    the generation rate; ``show`` None leaves it out when the stream is not
+    a terminal (under mpirun, pass :func:`moe_mpi.runner.show_progress`: the
+    launcher gives the ranks pipes). The summary line is written either way.
     """
 
-    def __init__(self, total: int, stream: Optional[TextIO] = None):
+    def __init__(self, total: int, stream: Optional[TextIO] = None, show: Optional[bool] = None):
         from tqdm import tqdm
 
         self.stream = sys.stderr if stream is None else stream
         self.tokens = 0
         self.start = time.perf_counter()
         # disable=None: tqdm turns itself off on a stream that is not a TTY.
-        self.bar = tqdm(total=total, unit="prompt", file=self.stream, disable=None, dynamic_ncols=True)
+        disable = None if show is None else not show
+        self.bar = tqdm(total=total, unit="prompt", file=self.stream, disable=disable, dynamic_ncols=True, mininterval=0.5)
 
     @property
     def seconds(self) -> float:
@@ -587,7 +598,7 @@ def generate_batch(args: argparse.Namespace, comm: Communicator) -> None:
     if args.verbose and rank0:
         _print_stats([_describe_model(model, comm, _model_name(args))])
     sampler, check = _make_sampler(args, comm)
-    progress = Progress(len(todo)) if rank0 else None
+    progress = Progress(len(todo), show=show_progress(args.progress)) if rank0 else None
     _seed(args.seed)
     comm.reset_stats()
     prompt_tokens, generated = _generate_batches(

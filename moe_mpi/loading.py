@@ -33,6 +33,7 @@ from mlx_lm.utils import _get_classes, infer_quant_config, load_config, load_tok
 from . import cpu
 from .errors import CheckpointError, ModelNotFoundError
 from .placement import ExpertPlacement
+from .runner import under_launcher
 from .safetensors_io import CheckpointIndex, ShapeOnlyIndex
 from .shard import Plan, Take, drop_dense, per_expert_source, shard_structure, take
 
@@ -297,9 +298,14 @@ def planned_bytes(lp: LoadPlan) -> int:
 PROGRESS_MIN_BYTES = 1 << 30
 
 
-def _progress(lp: LoadPlan, comm):
-    """A tqdm bar of the bytes rank 0 reads (on a terminal, for large shares), or None."""
-    if comm.rank != 0 or not sys.stderr.isatty():
+def _progress(lp: LoadPlan, comm, show: Optional[bool]):
+    """A tqdm bar of the bytes rank 0 reads, for large shares, or None.
+
+    ``show`` None: when stderr is a terminal or an MPI launcher forwards it.
+    """
+    if show is None:
+        show = sys.stderr.isatty() or under_launcher()
+    if comm.rank != 0 or not show:
         return None
     total = planned_bytes(lp)
     if total < PROGRESS_MIN_BYTES:
@@ -307,8 +313,8 @@ def _progress(lp: LoadPlan, comm):
     from tqdm import tqdm
 
     return tqdm(
-        total=total, unit="B", unit_scale=True, unit_divisor=1024, leave=False,
-        desc=f"loading (rank 0 of {comm.size})",
+        total=total, unit="B", unit_scale=True, unit_divisor=1024, leave=False, mininterval=0.5,
+        desc=f"loading (rank 0 of {comm.size})", file=sys.stderr,
     )
 
 
@@ -319,6 +325,7 @@ def load_model(
     weights: Optional[Sequence[float]] = None,
     model_config: Optional[dict] = None,
     mode: str = "ep",
+    progress: Optional[bool] = None,
 ) -> Tuple[nn.Module, dict]:
     """Builds this rank's shard of a model and reads its weights from disk.
 
@@ -326,7 +333,7 @@ def load_model(
         ``(model, config)``.
     """
     lp = plan_load(model_path, comm, placement, weights, model_config, mode)
-    bar = _progress(lp, comm)
+    bar = _progress(lp, comm, progress)
     try:
         params = read_parameters(lp, on_read=bar.update if bar is not None else None)
     finally:
@@ -347,6 +354,7 @@ def load(
     model_config: Optional[dict] = None,
     return_config: bool = False,
     mode: str = "ep",
+    progress: Optional[bool] = None,
 ):
     """Loads this rank's shard of an MoE model and the tokenizer.
 
@@ -362,9 +370,12 @@ def load(
         tokenizer_config: Extra tokenizer arguments, as for ``mlx_lm.load``.
         model_config: Overrides for config.json, as for ``mlx_lm.load``.
         return_config: Also return the config dict.
-        mode: ``"ep"`` (expert parallel, the default) or ``"central"``
-            (rank 0 routes and the experts' owners serve it; the baseline
-            this library improves on, see :mod:`moe_mpi.central`).
+        progress: Show a progress bar of rank 0's bytes read (shares over
+            1 GiB only); None: when stderr is a terminal or mpirun forwards it.
+        mode: ``"ep"`` (expert parallel, the default: each rank owns whole
+            experts), ``"sliced"`` (each rank holds a slice of every expert)
+            or ``"central"`` (rank 0 routes and the experts' owners serve
+            it; the baseline, see :mod:`moe_mpi.central`).
 
     Returns:
         ``(model, tokenizer)`` or ``(model, tokenizer, config)``.
@@ -374,7 +385,7 @@ def load(
 
         comm = Communicator()
     model_path = resolve_model_path(path_or_hf_repo)
-    model, config = load_model(model_path, comm, placement, weights, model_config, mode)
+    model, config = load_model(model_path, comm, placement, weights, model_config, mode, progress)
     tokenizer = load_tokenizer(
         model_path, tokenizer_config, eos_token_ids=config.get("eos_token_id", None)
     )

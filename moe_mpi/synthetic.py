@@ -292,19 +292,6 @@ def _set_nested(config: Dict[str, Any], dotted_key: str, value: Any) -> None:
         node[leaf] = value
 
 
-def _num_experts(config: Dict[str, Any]) -> int:
-    """Returns the number of routed experts of a config of any arch."""
-    for key in ("num_local_experts", "num_experts", "n_routed_experts"):
-        if config.get(key):
-            return config[key]
-    return config["ffn_config"]["moe_num_experts"]
-
-
-# --------------------------------------------------------------------------
-# Weights
-# --------------------------------------------------------------------------
-
-
 def _key(seed: int, name: str) -> mx.array:
     """A PRNG key for one parameter: independent of any other parameter."""
     return mx.random.key(((seed & 0xFFFFFFFF) << 32) | zlib.crc32(name.encode()))
