@@ -385,3 +385,13 @@ def test_a_mode_wrong_in_any_round_is_wrong():
     rows = report.median_rounds([[good], [bad], [dict(good, tokens_per_s=6.0)]])
     assert rows[0]["verified"] is False and rows[0]["rounds_tokens_per_s"] == [5.0, None, 6.0]
     assert report.speed(rows[0], "tokens_per_s", ".1f") == "WRONG"
+
+
+def test_each_mode_holds_only_its_own_model(results):
+    """A mode's resident memory after loading is its own shard: less than the
+    whole model (single), so nothing of the mode before it is still alive."""
+    modes = results["decode"]["modes"]
+    whole = max(modes["single"]["model_bytes"])
+    for name, entry in modes.items():
+        if name != "single":
+            assert max(entry["model_bytes"]) < whole, (name, entry["model_bytes"], whole)
