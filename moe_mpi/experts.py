@@ -78,7 +78,7 @@ class LocalExperts:
         """
         if self.expert_shard.all_local and indices.size == indices.shape[-1]:
             # One token, every expert here (mode="sliced"): each chosen expert
-            # has one row, and no routing needs to be read to the host; the
+            # has one row, and no routing needs to be read back to Python; the
             # layer's own call stays lazy.
             return super().__call__(x, indices)
         return self.local_slots(x, indices)
@@ -87,7 +87,7 @@ class LocalExperts:
         """The general path of :meth:`__call__`: only the local ``(token, slot)`` pairs are computed."""
         k, d = indices.shape[-1], x.shape[-1]
         x_flat = x.reshape(-1, d)  # [T, D]
-        # Reading the routing to the host is one sync per layer; it lets the
+        # Reading the routing back (numpy) is one sync per layer; it lets the
         # rank compute only its own (token, slot) pairs instead of all T*k.
         flat = np.asarray(indices.reshape(-1))  # [T*k] global ids
         local = self.expert_shard.local_of[flat]  # [T*k], -1 where another rank owns it

@@ -15,7 +15,7 @@ side by side in the same run::
 * ``mpi4py-numpy``: ``comm.Allreduce`` from one numpy buffer into another,
   the least any Python path can cost (the floor).
 * ``mlx-mpi4py``: ``Communicator(backend="mpi4py").all_sum`` on an evaluated
-  ``mx.array``, i.e. host view -> ``Allreduce`` -> new ``mx.array``.
+  ``mx.array``, i.e. buffer view -> ``Allreduce`` -> new ``mx.array``.
 * ``mlx-distributed``: ``Communicator(backend="mlx").all_sum``, i.e.
   ``mx.distributed.all_sum`` on MLX's MPI group, then ``mx.eval``.
 

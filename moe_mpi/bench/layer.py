@@ -13,7 +13,7 @@ same on every rank). Per iteration, in every mode:
 * **router**: the block's own code (gate, softmax, top-k) with its switch
   layer replaced by a probe that evaluates the routing and returns zeros.
 * **experts**: the switch layer on the routed input, ``switch(x, inds)``:
-  ``ep``: this rank's experts (incl. reading the routing to the host);
+  ``ep``: this rank's experts (incl. reading the routing back to numpy);
   ``mlx-lm-tp``: every expert's slice; ``single``: every expert;
   ``central``: rank 0's scatter, its own experts and the gather.
 * **combine**: ``ep`` (and other SPMD moe_mpi modes): ``comm.all_sum`` of a

@@ -23,7 +23,7 @@ def _recording_class(cls: type, calls: List[np.ndarray], num_experts: int) -> ty
     class Recording(cls):
         def __call__(self, x, indices, *args, **kwargs):
             # [..., k] global expert ids -> one count per expert. Only used in
-            # untimed warm-up: it reads the routing to the host.
+            # untimed warm-up: it reads the routing back to numpy.
             calls.append(np.bincount(np.asarray(indices).reshape(-1), minlength=num_experts))
             return super().__call__(x, indices, *args, **kwargs)
 
