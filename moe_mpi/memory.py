@@ -29,7 +29,8 @@ from mlx.utils import tree_flatten
 from .loading import LoadPlan, plan_load, read_config, read_parameters, resolve_model_path
 from .placement import ExpertPlacement
 from .safetensors_io import CheckpointIndex, ShapeOnlyIndex, dtype_name
-from .shard import Plan, StackOf, find_moe_blocks, shared_children
+from .shard import find_moe_blocks, shared_children
+from .slicing import Plan, StackOf, TakeSplit
 
 __all__ = [
     "DEFAULT_CONTEXT",
@@ -154,8 +155,11 @@ def _read_buffer_bytes(plan: Plan, model_params: Dict[str, mx.array], tensors: d
     largest = 0
     for path, src in plan.items():
         held = model_params[path].nbytes
-        if isinstance(src, StackOf) or src.axis == 0:
+        if isinstance(src, StackOf) or (not isinstance(src, TakeSplit) and src.axis == 0):
             extra = held
+        elif isinstance(src, TakeSplit):  # the experts' rows, then their slice
+            whole = (tensors.get(src.key) if src.key in tensors else raw[src.key])
+            extra = 2 * whole.nbytes * len(src.experts) // whole.shape[0]
         else:
             whole = (tensors.get(src.key) if src.key in tensors else raw[src.key]).nbytes
             extra = 2 * whole
