@@ -163,11 +163,16 @@ def add_sharding_arguments(parser: argparse.ArgumentParser) -> None:
         "--replicas", type=non_negative_float, default=0.0,
         help="auto: extra whole experts each rank may hold per layer (memory budget; default 0)",
     )
+    parser.add_argument(
+        "--warm-experts", action="store_true",
+        help="Metal: idle ranks compute their least recently used experts as throw-away work, so the "
+        "GPU keeps every expert's memory wired (off on the CPU)",
+    )
 
 
 def sharding_options(args: argparse.Namespace) -> dict:
     """The keyword arguments of :func:`moe_mpi.load` from :func:`add_sharding_arguments`' options."""
     return dict(
         mode=args.mode, placement=args.placement, weights=args.weights,
-        stats=args.stats, layouts=args.layouts, replicas=args.replicas,
+        stats=args.stats, layouts=args.layouts, replicas=args.replicas, warm_experts=args.warm_experts,
     )

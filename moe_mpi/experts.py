@@ -144,6 +144,9 @@ class LocalExperts:
             if slots.size:
                 rows = x_flat[mx.array(slots // k)]  # [M, D] token of each slot
                 out[mx.array(slots)] = unit.compute(rows, ids).astype(x.dtype)
+        warm = self.__dict__.get("warm_up")  # moe_mpi.warmup: idle experts kept warm (Metal)
+        if warm is not None:
+            out = out + warm.pad(self, flat, own_ids, x)
         return out.reshape(*indices.shape, d)  # [..., k, D]
 
     def compute(self, rows: mx.array, local_ids: np.ndarray) -> mx.array:

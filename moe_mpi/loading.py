@@ -35,6 +35,7 @@ from .errors import CheckpointError, ModelNotFoundError
 from .placement import ExpertPlacement
 from .routing import RoutingStats
 from .runner import under_launcher
+from .warmup import use_warm_experts
 from .safetensors_io import CheckpointIndex, ShapeOnlyIndex
 from .shard import drop_dense, shard_structure
 from .slicing import Plan, Take, TakeSplit, per_expert_source, take
@@ -367,6 +368,7 @@ def load(
     layouts=None,
     stats=None,
     replicas: float = 0.0,
+    warm_experts: bool = False,
 ):
     """Loads this rank's shard of an MoE model and the tokenizer.
 
@@ -397,6 +399,10 @@ def load(
             or its file, from ``moe-mpi profile``): ``ep`` places each
             layer's experts by them, ``auto`` balances by them.
         replicas: ``auto``: extra whole experts each rank may hold per layer.
+        warm_experts: On Metal, idle ranks compute their least recently used
+            experts as throw-away work so their memory stays wired, and the
+            wired limit is set to the model's size (:mod:`moe_mpi.warmup`).
+            Off on the CPU.
 
     Returns:
         ``(model, tokenizer)`` or ``(model, tokenizer, config)``.
@@ -412,6 +418,8 @@ def load(
         model_path, comm, placement, weights, model_config, mode, progress,
         layouts=layouts, stats=stats, replicas=replicas,
     )
+    if warm_experts:
+        use_warm_experts(model)
     tokenizer = load_tokenizer(
         model_path, tokenizer_config, eos_token_ids=config.get("eos_token_id", None)
     )

@@ -48,6 +48,7 @@ import zlib
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Tuple, Union
 
+import numpy as np
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
@@ -362,6 +363,48 @@ def randomize_parameters(model: nn.Module, config: Dict[str, Any], seed: int) ->
     model.update(tree_unflatten(new_params))
 
 
+def _capped_zipf(n: int, exponent: float, cap: float) -> np.ndarray:
+    """Shares ``∝ 1 / rank**exponent``, none above ``cap`` (an expert is in a
+    token's top k at most once, so its share of the slots is at most 1/k)."""
+    share = 1.0 / np.arange(1, n + 1) ** exponent
+    share /= share.sum()
+    for _ in range(n):
+        over = share > cap
+        if not over.any():
+            break
+        share[over] = cap
+        free = ~over
+        share[free] *= (1.0 - cap * over.sum()) / share[free].sum()
+    return share
+
+
+def skew_routers(model: nn.Module, config: Dict[str, Any], exponent: float, seed: int, iterations: int = 30) -> None:
+    """Makes every router prefer some experts: shares about ``1 / rank**exponent``.
+
+    Each expert's router row is scaled: a router logit with a larger spread
+    lands in the top k more often. The scales are fitted on random
+    unit-variance inputs (what an RMS-normalised hidden state looks like to
+    a random router) until each expert's share of the top-k slots is near
+    Zipf's; each layer ranks its experts in its own random order.
+    """
+    k = config.get("num_experts_per_tok") or (config.get("ffn_config") or {}).get("moe_top_k") or 2
+    rng = np.random.default_rng(seed + 4049)
+    for name, w in tree_flatten(model.parameters()):
+        if not _ROUTER_RE.search(name) or w.ndim != 2:
+            continue
+        e, d = w.shape
+        target = _capped_zipf(e, exponent, 1.0 / k)[rng.permutation(e)]  # this layer's order
+        h = rng.standard_normal((4096, d)).astype(np.float32)  # [S, D]
+        base = h @ np.array(w).T  # [S, E] logits with the rows as drawn
+        scale = np.ones(e)
+        for _ in range(iterations):
+            top = np.argpartition(-(base * scale), k - 1, axis=-1)[:, :k]  # [S, k]
+            share = np.bincount(top.reshape(-1), minlength=e) / top.size
+            scale *= np.clip((target / np.maximum(share, 1e-4)) ** 0.3, 0.7, 1.4)
+        model.update(tree_unflatten([(name, w * mx.array(scale[:, None].astype(np.float32)))]))
+    mx.eval(model.parameters())
+
+
 def _cast(model: nn.Module, dtype: str) -> None:
     """Casts floating parameters to ``dtype`` as ``mlx_lm.convert`` does."""
     target = getattr(mx, dtype)
@@ -380,6 +423,7 @@ def build_model(
     dtype: str = "float32",
     quantize: Optional[int] = None,
     group_size: int = 32,
+    router_skew: float = 0.0,
 ) -> Tuple[nn.Module, Dict[str, Any]]:
     """Builds a random mlx-lm model and the config to save next to it.
 
@@ -389,6 +433,9 @@ def build_model(
         dtype: ``"float32"``, ``"bfloat16"`` or ``"float16"``.
         quantize: ``None``, 4 or 8 (mlx affine quantization).
         group_size: Quantization group size (32 or 64).
+        router_skew: 0 for evenly used experts; ``a > 0`` makes the routers
+            prefer some experts, their shares about Zipf's ``1 / rank**a``,
+            a different order in each layer (:func:`skew_routers`).
 
     Returns:
         ``(model, config)``; the config has ``quantization`` when quantized.
@@ -403,6 +450,8 @@ def build_model(
     mx.random.seed(seed)
     model = model_class(args_class.from_dict(config))
     randomize_parameters(model, config, seed)
+    if router_skew:
+        skew_routers(model, config, router_skew, seed)
     if dtype != "float32":
         _cast(model, dtype)
     if quantize is not None:
@@ -651,6 +700,7 @@ def write_checkpoint(
     expert_format: str = "stacked",
     max_shard_bytes: Optional[int] = None,
     tokenizer: bool = True,
+    router_skew: float = 0.0,
 ) -> Path:
     """Writes a random-weight checkpoint that ``mlx_lm.load(path)`` loads.
 
@@ -669,6 +719,7 @@ def write_checkpoint(
         max_shard_bytes: Split the weights into several files of at most
             this many bytes each. None: one file.
         tokenizer: Also write an offline tokenizer.
+        router_skew: See :func:`build_model`.
 
     Returns:
         The checkpoint directory.
@@ -683,7 +734,7 @@ def write_checkpoint(
     arch = config["model_type"]
     expert_format = _resolve_format(arch, expert_format)
     model, config = build_model(
-        config, seed=seed, dtype=dtype, quantize=quantize, group_size=group_size
+        config, seed=seed, dtype=dtype, quantize=quantize, group_size=group_size, router_skew=router_skew
     )
     weights = dict(tree_flatten(model.parameters()))
     weights = to_expert_format(arch, config, weights, expert_format)

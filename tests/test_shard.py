@@ -284,3 +284,32 @@ def test_auto_mode_chooses_and_stays_exact():
             np.testing.assert_allclose(np.array(got), np.array(want), rtol=1e-5, atol=1e-5)
         layouts = ranks[0][0].ep_info.layouts
         assert len(layouts) == len(blocks) and all(l.num_ranks == 2 for l in layouts)
+
+
+def test_warm_up_picks_least_recently_used_idle_experts():
+    from moe_mpi.warmup import WarmUp
+
+    warm = WarmUp(5)
+    assert warm.choose([1, 3], 2).tolist() == [0, 2]  # never used: lowest index first
+    assert warm.choose([0], 3).tolist() == [4, 1, 2]  # 4 never used; then those last used at step 1
+    assert warm.choose([], 0).tolist() == []
+    assert warm.pads == 5
+
+
+def test_warm_up_never_changes_the_output(monkeypatch):
+    """Forced on the CPU (it is a Metal option): ranks pad their steps with
+    idle experts, and the partial sums are exactly what they were."""
+    from moe_mpi.warmup import use_warm_experts
+
+    monkeypatch.setenv("MOE_MPI_CPU", "0")  # the switch layers' own path, where the pad runs
+    config = CONFIGS["mixtral"]
+    x = _block_inputs(_model(config), tokens=3)
+    plain = _rank_models(config, 2)
+    warmed = _rank_models(config, 2)
+    assert all(use_warm_experts(m, force=True) == 2 for m, _ in warmed)
+    for step in range(3):
+        for (a, _), (b, _) in zip(plain, warmed):
+            for block_a, block_b in zip(find_moe_blocks(a), find_moe_blocks(b)):
+                np.testing.assert_array_equal(np.array(block_a.block(x)), np.array(block_b.block(x)))
+    pads = [s.warm_up.pads for m, _ in warmed for s in (b.switch for b in find_moe_blocks(m))]
+    assert sum(pads) > 0, pads
