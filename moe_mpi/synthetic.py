@@ -378,31 +378,69 @@ def _capped_zipf(n: int, exponent: float, cap: float) -> np.ndarray:
     return share
 
 
-def skew_routers(model: nn.Module, config: Dict[str, Any], exponent: float, seed: int, iterations: int = 30) -> None:
+def skew_routers(model: nn.Module, config: Dict[str, Any], exponent: float, seed: int, iterations: int = 40) -> None:
     """Makes every router prefer some experts: shares about ``1 / rank**exponent``.
 
-    Each expert's router row is scaled: a router logit with a larger spread
-    lands in the top k more often. The scales are fitted on random
-    unit-variance inputs (what an RMS-normalised hidden state looks like to
-    a random router) until each expert's share of the top-k slots is near
-    Zipf's; each layer ranks its experts in its own random order.
+    A random model's hidden states point nowhere in particular, so a
+    router cannot prefer anything. This adds a fixed direction ``u`` to every
+    token embedding, which the hidden states then carry, and adds to each
+    router row ``b_e`` times that direction as the layer sees it: a bias of
+    about ``b_e`` on expert ``e``'s logit. The biases are fitted, layer by
+    layer on random tokens through the model itself, until each expert's
+    share of the top-k slots is near Zipf's (capped at ``1/k``: an expert is
+    chosen at most once per token); each layer ranks its experts in its own
+    random order. Only routers that are a ``gate`` linear layer are skewed.
     """
+    from .shard import find_moe_blocks
+
     k = config.get("num_experts_per_tok") or (config.get("ffn_config") or {}).get("moe_top_k") or 2
     rng = np.random.default_rng(seed + 4049)
-    for name, w in tree_flatten(model.parameters()):
-        if not _ROUTER_RE.search(name) or w.ndim != 2:
-            continue
-        e, d = w.shape
+    inner = model.model if "model" in model else model
+    embed = inner.embed_tokens
+    u = rng.standard_normal(embed.weight.shape[1]).astype(np.float32)
+    u *= SKEW_DIRECTION_NORM / np.linalg.norm(u)
+    embed.weight = embed.weight + mx.array(u)[None]  # [V, D]: every token carries u
+    tokens = mx.array(rng.integers(0, embed.weight.shape[0], (8, 64)).astype(np.int32))
+    for moe in find_moe_blocks(model):
+        block = moe.block
+        if "gate" not in block or not isinstance(block.gate, nn.Linear):
+            raise ValueError(f"router_skew needs a 'gate' linear router; {moe.path} has none")
+        h = _block_input(model, block, tokens)  # [S, D]
+        d = h.mean(axis=0)
+        w = np.array(block.gate.weight)  # [E, D]
+        e = w.shape[0]
         target = _capped_zipf(e, exponent, 1.0 / k)[rng.permutation(e)]  # this layer's order
-        h = rng.standard_normal((4096, d)).astype(np.float32)  # [S, D]
-        base = h @ np.array(w).T  # [S, E] logits with the rows as drawn
-        scale = np.ones(e)
+        base = h @ w.T  # [S, E]
+        bias = np.zeros(e)
         for _ in range(iterations):
-            top = np.argpartition(-(base * scale), k - 1, axis=-1)[:, :k]  # [S, k]
+            top = np.argpartition(-(base + bias), k - 1, axis=-1)[:, :k]  # [S, k]
             share = np.bincount(top.reshape(-1), minlength=e) / top.size
-            scale *= np.clip((target / np.maximum(share, 1e-4)) ** 0.3, 0.7, 1.4)
-        model.update(tree_unflatten([(name, w * mx.array(scale[:, None].astype(np.float32)))]))
+            bias += 0.5 * np.log(target / np.maximum(share, 1e-4))
+        # h·d/|d|² is about 1 for every token: the bias moves each logit by about b_e.
+        block.gate.weight = mx.array((w + np.outer(bias, d / (d @ d))).astype(np.float32))
     mx.eval(model.parameters())
+
+
+#: Length of the direction skew_routers adds to every token embedding (embeddings have ~sqrt(D)).
+SKEW_DIRECTION_NORM = 16.0
+
+
+def _block_input(model: nn.Module, block: nn.Module, tokens: mx.array) -> np.ndarray:
+    """``[S, D]`` what ``block`` receives when ``model`` runs ``tokens``."""
+    captured = []
+    cls = type(block)
+
+    class Capture(cls):
+        def __call__(self, x, *args, **kwargs):
+            captured.append(np.array(x.reshape(-1, x.shape[-1])))
+            return super().__call__(x, *args, **kwargs)
+
+    block.__class__ = Capture
+    try:
+        mx.eval(model(tokens))
+    finally:
+        block.__class__ = cls
+    return captured[0]
 
 
 def _cast(model: nn.Module, dtype: str) -> None:

@@ -132,7 +132,7 @@ def synthetic_dir(name: str, cache_dir: Optional[str] = None) -> Path:
     config = synthetic_config(name)
     record = {"config": config, "seed": SYNTHETIC_SEED, "version": _CACHE_VERSION}
     if ROUTER_SKEW.get(name):
-        record["router_skew"] = ROUTER_SKEW[name]
+        record["router_skew"] = [ROUTER_SKEW[name], "bias along an embedding direction"]
     key = json.dumps(record, sort_keys=True)
     digest = hashlib.sha256(key.encode()).hexdigest()[:12]
     base = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
