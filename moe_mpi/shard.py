@@ -35,7 +35,7 @@ from .adapters import convert_blocks
 from .experts import ExpertShard, LocalExperts, make_local, with_mixin
 from .layout import Layout, layouts_from_json
 from .placement import ExpertPlacement
-from .slicing import Plan, keep_experts, keep_slice, per_expert_source, slice_bounds, split_child
+from .slicing import Plan, keep_experts, keep_slice, per_expert_source, slice_bounds, slice_unit, split_child
 
 SWITCH_TYPES = (SwitchGLU, SwitchMLP)
 MODES = ("ep", "sliced", "central", "auto")
@@ -355,9 +355,11 @@ def _layouts(blocks, mode, size, placements, weights, layouts, stats, replicas) 
     if mode == "auto":
         splittable = [slice_bounds(moe.switch, 0, size, weights) is not None for moe in blocks]
         top_k = [_top_k(moe, stats, i) for i, moe in enumerate(blocks)]
+        # The experts' width: thin slices cost more per row (the penalty in balance.py).
+        widths = [(slice_unit(moe.switch) or (1, 1))[0] for moe in blocks]
         return [
-            balance.auto_layout(f, k, size, weights=weights, replicas=replicas, can_split=can)
-            for f, k, can in zip(freqs, top_k, splittable)
+            balance.auto_layout(f, k, size, weights=weights, replicas=replicas, can_split=can, intermediate=width)
+            for f, k, can, width in zip(freqs, top_k, splittable, widths)
         ]
     if stats is not None:  # ep: each layer placed by its own statistics
         return [balance.ep_layout(f, size, weights=weights) for f in freqs]

@@ -231,6 +231,18 @@ def test_plot_command(results, tmp_path):
     assert out.stat().st_size > 1000
 
 
+def test_plot_adds_a_balance_panel_when_rows_measured_it(tmp_path):
+    def result(imbalance):
+        rows = [{"mode": m, "batch": 1, "tokens_per_s": 10.0, "imbalance": imbalance} for m in ("ep", "sliced")]
+        return {"benchmark": "decode", "world_size": 2, "model": {"synthetic": "s"}, "rows": rows}
+
+    assert [p[1][3] for p in bench_plot._panels([result(1.3)])] == ["tokens_per_s", "imbalance"]
+    assert [p[1][3] for p in bench_plot._panels([result(None)])] == ["tokens_per_s"]
+    out = tmp_path / "balance.png"
+    assert bench_plot.plot_results([result(1.3)], str(out)) == 2
+    assert out.stat().st_size > 1000
+
+
 def test_plot_rejects_non_results(tmp_path, capsys):
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"benchmark": "nope"}))

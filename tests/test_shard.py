@@ -313,3 +313,11 @@ def test_warm_up_never_changes_the_output(monkeypatch):
                 np.testing.assert_array_equal(np.array(block_a.block(x)), np.array(block_b.block(x)))
     pads = [s.warm_up.pads for m, _ in warmed for s in (b.switch for b in find_moe_blocks(m))]
     assert sum(pads) > 0, pads
+
+
+def test_auto_mode_weighs_the_experts_width():
+    """Thin slices cost more per row: 64-wide experts stay whole, 4096-wide ones are split."""
+    narrow = _rank_models(CONFIGS["qwen3_moe"], 2, mode="auto")
+    wide = _rank_models({**CONFIGS["qwen3_moe"], "moe_intermediate_size": 4096}, 2, mode="auto")
+    assert not any(layout.split for layout in narrow[0][0].ep_info.layouts)
+    assert all(len(layout.split) == layout.num_experts for layout in wide[0][0].ep_info.layouts)

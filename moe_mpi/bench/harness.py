@@ -223,7 +223,7 @@ def run_modes(
 
     Collective. Plain mlx-lm in one process is the reference: the ``single``
     mode when it runs (first), else a reference pass of the same workload on
-    rank 0 before the modes. For each mode: free the previous model, reset
+    rank 0 before the modes (once per run: kept in ``ctx.reference``). For each mode: free the previous model, reset
     the peak memory counters, build (timed), compute the guard prompt's
     logits, run ``workload(ctx, built)`` (rows meaningful on rank 0, each
     with a ``check`` of what it produced), check the guard and every row
@@ -240,7 +240,9 @@ def run_modes(
     order = sorted(names, key=lambda n: n != "single")
     reference: Dict[str, Any] = {}
     if "single" not in names:
-        reference = _reference(ctx, workload, tokens, emit)
+        if ctx.reference is None:
+            ctx.reference = _reference(ctx, workload, tokens, emit)
+        reference = ctx.reference
     results: Dict[str, Dict[str, Any]] = {}
     for name in order:
         builder = get_mode(name)

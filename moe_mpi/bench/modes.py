@@ -46,6 +46,9 @@ class Context:
             0 if none did.
         reference_run: The workload runs on single-process mlx-lm only for
             its outputs (the reference): it may skip its probes.
+        reference: Those outputs once computed (rank 0's; ``{}`` on the
+            others). Every round runs the same seeded workload, so later
+            rounds check against them instead of recomputing.
     """
 
     comm: Any
@@ -56,6 +59,7 @@ class Context:
     args: argparse.Namespace
     rss_floor_bytes: int = 0
     reference_run: bool = False
+    reference: Optional[Dict[str, Any]] = None
 
     @property
     def rank(self) -> int:

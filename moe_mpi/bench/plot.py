@@ -11,7 +11,9 @@ or ``collectives``. Per benchmark and model:
 * results of several world sizes: one panel per batch size / prompt length /
   token count, tokens/s (layer: ms per call) against the number of ranks,
   one line per mode;
-* results of one world size: one grouped bar chart, one bar per mode.
+* results of one world size: one grouped bar chart, one bar per mode, and,
+  when the rows measured it, a second one of the balance (each MoE layer's
+  busiest rank over the mean).
 
 A ``collectives`` result adds a panel of all-reduce latency against message
 size, one line per data path (and world size). Needs matplotlib (the
@@ -39,6 +41,8 @@ _SERIES = {
     "prefill": ("length", "tokens_per_s", "prefill tokens/s", False),
     "layer": ("tokens", "layer_ms", "ms per MoE layer call", True),
 }
+#: the balance panel: each MoE layer's busiest rank over the mean, averaged
+_IMBALANCE = "busiest rank / mean (per layer)"
 
 
 def load_results(paths: Sequence[str]) -> List[Dict[str, Any]]:
@@ -91,14 +95,17 @@ def _panels(results: Sequence[Dict[str, Any]]) -> List[Tuple[str, Any]]:
             for value in values:
                 panels.append(("scaling", (benchmark, model, key, value, runs)))
         else:
-            panels.append(("bars", (benchmark, model, runs)))
+            _, field, label, log = _SERIES[benchmark]
+            panels.append(("bars", (benchmark, model, runs, field, label, log)))
+            if any(row.get("imbalance") is not None for r in runs for row in r["rows"]):
+                panels.append(("bars", (benchmark, model, runs, "imbalance", _IMBALANCE, False)))
     collectives = [r for r in results if r["benchmark"] == "collectives"]
     if collectives:
         panels.append(("collectives", collectives))
     return panels
 
 
-def _draw_scaling(ax, benchmark, model, key, value, runs) -> None:
+def _draw_scaling(ax, benchmark, model, key, value, runs, colors) -> None:
     _, field, label, log = _SERIES[benchmark]
     series: Dict[str, Dict[int, float]] = defaultdict(dict)
     for result in runs:
@@ -108,7 +115,7 @@ def _draw_scaling(ax, benchmark, model, key, value, runs) -> None:
                 series[row["mode"]][n] = row[field]
     for mode, points in series.items():
         xs = sorted(points)
-        ax.plot(xs, [points[x] for x in xs], marker="o", label=mode)
+        ax.plot(xs, [points[x] for x in xs], marker="o", label=mode, color=colors[mode])
     ax.set_xlabel("ranks")
     ax.set_xticks(sorted({_world_size(r) for r in runs}))
     ax.set_ylabel(label)
@@ -117,21 +124,24 @@ def _draw_scaling(ax, benchmark, model, key, value, runs) -> None:
     ax.set_title(f"{benchmark}, {model}, {key}={value}", fontsize=9)
 
 
-def _draw_bars(ax, benchmark, model, runs) -> None:
-    key, field, label, log = _SERIES[benchmark]
+def _draw_bars(ax, benchmark, model, runs, field, label, log, colors) -> None:
+    key = _SERIES[benchmark][0]
     rows = [row for r in runs for row in r["rows"] if row.get(field) is not None]
-    modes = list(dict.fromkeys(row["mode"] for row in rows))
+    modes = [m for m in colors if any(row["mode"] == m for row in rows)]
     keys = list(dict.fromkeys(row[key] for row in rows))
     width = 0.8 / max(len(modes), 1)
     for i, mode in enumerate(modes):
         values = {row[key]: row[field] for row in rows if row["mode"] == mode}
         xs = [j + (i - (len(modes) - 1) / 2) * width for j in range(len(keys))]
-        ax.bar(xs, [values.get(k, 0) for k in keys], width, label=mode)
+        ax.bar(xs, [values.get(k, 0) for k in keys], width, label=mode, color=colors[mode])
     ax.set_xticks(range(len(keys)))
     ax.set_xticklabels([f"{key}={k}" for k in keys], fontsize=8)
     ax.set_ylabel(label)
     if log:
         ax.set_yscale("log")
+    if field == "imbalance":
+        ax.set_ylim(bottom=0.9)
+        ax.axhline(1.0, color="black", linewidth=0.8, linestyle="--")  # perfect balance
     ax.set_title(f"{benchmark}, {model}, {_world_size(runs[0])} ranks", fontsize=9)
 
 
@@ -180,11 +190,14 @@ def plot_results(results: Sequence[Dict[str, Any]], filename: str, title: Option
     cols = min(3, len(panels))
     rows = math.ceil(len(panels) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.8 * rows), dpi=110, squeeze=False)
+    # One colour per mode in every panel, in the order modes first appear.
+    modes = dict.fromkeys(row["mode"] for r in results for row in r["rows"] if "mode" in row)
+    colors = {mode: f"C{i % 10}" for i, mode in enumerate(modes)}
     for ax, (kind, data) in zip(axes.flat, panels):
         if kind == "scaling":
-            _draw_scaling(ax, *data)
+            _draw_scaling(ax, *data, colors)
         elif kind == "bars":
-            _draw_bars(ax, *data)
+            _draw_bars(ax, *data, colors)
         else:
             _draw_collectives(ax, data)
         ax.grid(True, alpha=0.3)
