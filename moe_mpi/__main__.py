@@ -19,6 +19,7 @@ from .runner import PROG, say
 #: Command name -> one-line description (shown by ``moe-mpi --help``).
 SUBCOMMANDS = {
     "generate": "Generate text with an MoE model, experts spread over the MPI ranks.",
+    "serve": "Serve an MoE model over an OpenAI-compatible HTTP API, with continuous batching.",
     "info": "Show what each rank will hold (experts, bytes), without launching anything.",
     "hostfile": "Check and convert MPI hostfiles (Open MPI, MPICH, mlx.launch JSON).",
     "bench": "Benchmarks of expert-parallel inference (collectives, ping-pong, models).",
