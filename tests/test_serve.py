@@ -479,27 +479,26 @@ class _Bus:
         return Comm()
 
 
-def test_control_channel_delivers_news_one_step_later_with_matching_sizes():
+def test_control_channel_delivers_news_at_the_next_step_and_overflow_one_later():
     from moe_mpi.serve.control import GATHER_STATUS, STOP, ControlChannel
 
     bus = _Bus()
-    root, other = ControlChannel(bus.rank(0)), ControlChannel(bus.rank(1))
-    news = [
-        (0, {"join": [{"rid": 0, "prompt": list(range(300))}]}),
-        (GATHER_STATUS, None),
-        (0, {"cancel": [0], "join": [{"rid": 1, "prompt": [1, 2]}]}),
-        (0, None),
-        (STOP, None),
-    ]
+    root, other = (ControlChannel(bus.rank(r), inline_bytes=256) for r in (0, 1))
+    small = {"join": [{"rid": 0, "prompt": [1, 2, 3]}]}
+    big = {"join": [{"rid": 1, "prompt": [5] * 100}, {"rid": 2, "prompt": [7] * 300}, {"rid": 3, "prompt": [9]}]}
+    news = [(0, small), (GATHER_STATUS, None), (0, big), (0, {"cancel": [0]}), (0, None), (STOP, None)]
     delivered = []
     for flags, events in news:
         sent = root.exchange(flags, events)
         got = other.exchange(idle=True)
+        # Every rank decodes the same message (and the sizes agreed: _Bus checks).
         assert (got.step, got.flags, got.events) == (sent.step, sent.flags, sent.events)
-        assert root.news_pending == other.news_pending == bool(events)
         delivered.append(got)
-    # Flags act at once; the news of one step arrives with the next.
-    assert [m.events for m in delivered] == [{}] + [e or {} for _, e in news[:-1]]
+    joins = [[j["rid"] for j in m.events.get("join", [])] for m in delivered]
+    # Small news at once; of the big batch what fits at once, the rest (in
+    # order) with the next message, ahead of that message's own news.
+    assert joins == [[0], [], [1], [2, 3], [], []]
+    assert delivered[3].events["cancel"] == [0]
     assert delivered[1].gather_status and delivered[-1].stop
-    assert [m.step for m in delivered] == [0, 1, 2, 3, 4]
+    assert [m.step for m in delivered] == list(range(len(news)))
     assert root.stats.broadcasts == other.stats.broadcasts == len(news)
