@@ -280,6 +280,17 @@ def test_seed_gives_the_same_draws_alone_and_batched(client, model_id):
     assert sample(8) != alone
 
 
+def test_logit_bias_and_stop_words_reach_every_rank(client, model_id, tokenizer):
+    tid = tokenizer.encode("x", add_special_tokens=False)[-1]
+    piece = tokenizer.decode([tid])
+    forced = chat(client, model_id, "anything", logit_bias={str(tid): 100.0})
+    assert forced.choices[0].message.content == piece * MAX_TOKENS
+    stopped = chat(client, model_id, "anything", logit_bias={str(tid): 100.0}, stop=[piece * 3])
+    assert stopped.choices[0].finish_reason == "stop"
+    assert stopped.usage.completion_tokens == 3
+    assert piece * 3 not in (stopped.choices[0].message.content or "")
+
+
 BAD = {
     # name: (body bytes or dict, content type, status, param or code to find)
     "malformed json": (b'{"messages": [', "application/json", 400, "invalid_json"),

@@ -44,9 +44,10 @@ GATHER_STATUS = 2
 # int64 words of the header: next overflow's size, flags, step, inline bytes used.
 _HEADER_WORDS = 4
 HEADER_BYTES = 8 * _HEADER_WORDS
-#: Bytes of every message kept for news delivered at once (about a kilobyte
-#: per joining request with a short prompt; at 10 Mbit/s 2 KiB take 1.7 ms).
-INLINE_BYTES = 2048
+#: Bytes of every message kept for news delivered at once: room for a couple
+#: of dozen short greedy requests (token ids, and parameters only where they
+#: differ from the defaults), little against a decode step's all-reduces.
+INLINE_BYTES = 4096
 
 #: Seconds an idle rank sleeps between polls of the pending broadcast.
 IDLE_POLL_SECONDS = 0.002

@@ -89,8 +89,29 @@ class SeededSampler:
         return self.sampler(logprobs)  # [1] token id
 
 
+#: Sampling parameters of a join record, with the values left out when default.
+SAMPLING_DEFAULTS = {"temp": 0.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0, "xtc_probability": 0.0, "xtc_threshold": 0.1}
+#: Logits processor parameters (``make_logits_processors``'s), likewise.
+LOGITS_DEFAULTS = {
+    "logit_bias": None,
+    "repetition_penalty": 0.0,
+    "repetition_context_size": 20,
+    "presence_penalty": 0.0,
+    "presence_context_size": 20,
+    "frequency_penalty": 0.0,
+    "frequency_context_size": 20,
+}
+
+
+def _changed(values: Dict[str, Any], defaults: Dict[str, Any]) -> Dict[str, Any]:
+    return {k: v for k, v in values.items() if v != defaults[k]}
+
+
 def make_join(rid: int, prepared, args, seed: Optional[int]) -> Dict[str, Any]:
     """The msgpack-able record of a request joining the batch (built on rank 0).
+
+    Defaults are left out, so that a typical request's record is little more
+    than its token ids and fits a step's inline area (see :mod:`.control`).
 
     Args:
         rid: Rank 0's id of the request.
@@ -100,25 +121,30 @@ def make_join(rid: int, prepared, args, seed: Optional[int]) -> Dict[str, Any]:
         seed: The seed of its sampler (None for greedy requests).
     """
     s = args.sampling
-    return {
+    sampling = {
+        "temp": float(s.temperature),
+        "top_p": float(s.top_p),
+        "top_k": int(s.top_k),
+        "min_p": float(s.min_p),
+        "xtc_probability": float(s.xtc_probability),
+        "xtc_threshold": float(s.xtc_threshold),
+    }
+    join = {
         "rid": rid,
         "prompt": list(prepared.tokens),
-        # Segments are consecutive slices of the prompt: their lengths suffice.
-        "segments": [len(seg) for seg in prepared.segments],
-        "types": list(prepared.segment_types),
         "max_tokens": int(args.max_tokens),
-        "sampling": {
-            "temp": float(s.temperature),
-            "top_p": float(s.top_p),
-            "top_k": int(s.top_k),
-            "min_p": float(s.min_p),
-            "xtc_probability": float(s.xtc_probability),
-            "xtc_threshold": float(s.xtc_threshold),
-        },
-        "logits": dataclasses.asdict(args.logits),
         "stop": [list(seq) for seq in prepared.stop_tokens],
-        "seed": seed,
+        "sampling": _changed(sampling, SAMPLING_DEFAULTS),
+        "logits": _changed(dataclasses.asdict(args.logits), LOGITS_DEFAULTS),
     }
+    if len(prepared.segments) > 1:
+        # Consecutive slices of the prompt: their lengths suffice.
+        join["segments"] = [len(seg) for seg in prepared.segments]
+    if list(prepared.segment_types) != ["assistant"]:
+        join["types"] = list(prepared.segment_types)
+    if seed is not None:
+        join["seed"] = seed
+    return join
 
 
 @functools.lru_cache(maxsize=128)
@@ -237,7 +263,7 @@ class Engine:
     # ------------------------------------------------------------- changes
 
     def _sampler(self, join: dict):
-        s = join["sampling"]
+        s = {**SAMPLING_DEFAULTS, **join["sampling"]}
         sampler = make_sampler(
             s["temp"],
             top_p=s["top_p"],
@@ -271,10 +297,10 @@ class Engine:
     def _join(self, join: dict) -> None:
         prompt = join["prompt"]
         segments, start = [], 0
-        for n in join["segments"]:
+        for n in join.get("segments", [len(prompt)]):
             segments.append(prompt[start : start + n])
             start += n
-        types = list(join["types"])
+        types = list(join.get("types", ["assistant"]))
         cache, cached = self._cached_prefix(prompt)
         skip = cached  # drop the cached tokens from the segments, as mlx-lm does
         while skip > 0:
@@ -284,7 +310,7 @@ class Engine:
             else:
                 segments[0] = segments[0][skip:]
                 break
-        logits = dict(join["logits"])
+        logits = {**LOGITS_DEFAULTS, **join["logits"]}
         if logits.get("logit_bias"):
             logits["logit_bias"] = {int(k): float(v) for k, v in logits["logit_bias"].items()}
         (uid,) = self.batch.insert_segments(
