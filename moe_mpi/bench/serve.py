@@ -12,7 +12,8 @@ Run it alone, not under ``mpirun``: it starts each server itself with
 
 Servers (``--servers``):
 
-* ``moe-mpi``: ``moe-mpi serve`` (``--mode``, default ``ep``);
+* ``moe-mpi``: ``moe-mpi serve`` (``--mode ep``); ``moe-mpi-sliced``:
+  ``moe-mpi serve --mode sliced``;
 * ``mlx-lm``: ``mlx_lm.server`` as mlx-lm ships it, tensor parallel through
   its ``sharded_load``; started through :func:`run_mlx_lm_server`, which
   only imports ``moe_mpi`` first so that it gets the same BLAS;
@@ -56,7 +57,8 @@ from ..runner import PROG, env_rank, fail, parse_args
 
 __all__ = ["ServerJob", "main", "run_mlx_lm_server", "setup_arg_parser", "stream_chat"]
 
-SERVERS = ("moe-mpi", "mlx-lm", "mlx-lm+kernels")
+SERVERS = ("moe-mpi", "moe-mpi-sliced", "mlx-lm", "mlx-lm+kernels")
+BASELINES = ("mlx-lm", "mlx-lm+kernels")
 DEFAULT_CLIENTS = [1, 4, 16, 64]
 READY_TIMEOUT = 900.0  # loading a 3 GB model over a slow fake link takes a while
 REQUEST_TIMEOUT = 1800.0
@@ -170,8 +172,9 @@ def server_argv(kind: str, args: argparse.Namespace, model: Path, host: str, por
     from ..launch import mpirun_command
 
     python = [sys.executable]
-    if kind == "moe-mpi":
-        program = python + ["-m", "moe_mpi", "serve", "--mode", args.mode]
+    if kind.startswith("moe-mpi"):
+        mode = "sliced" if kind == "moe-mpi-sliced" else "ep"
+        program = python + ["-m", "moe_mpi", "serve", "--mode", mode]
     else:
         program = python + ["-m", "moe_mpi.bench.serve", "--mlx-lm-server"]
         if kind == "mlx-lm+kernels":
@@ -254,11 +257,9 @@ def stream_chat(url: str, model: str, prompt: str, max_tokens: int, timeout: flo
         "stream": True,
         "stream_options": {"include_usage": True},
     })
-    record: Dict[str, Any] = {"start": time.perf_counter(), "first": None, "end": None, "tokens": 0, "text": ""}
+    record: Dict[str, Any] = {"start": time.perf_counter(), "first": None, "end": None, "tokens": 0, "text": "", "retries": 0}
     try:
-        conn = http.client.HTTPConnection(host, port, timeout=timeout)
-        conn.request("POST", "/v1/chat/completions", body, {"Content-Type": "application/json"})
-        response = conn.getresponse()
+        response = _post(host, port, body, timeout, record)
         if response.status != 200:
             record["error"] = f"HTTP {response.status}: {response.read()[:200]!r}"
             return record
@@ -281,12 +282,33 @@ def stream_chat(url: str, model: str, prompt: str, max_tokens: int, timeout: flo
             if chunk.get("usage"):
                 record["tokens"] = chunk["usage"]["completion_tokens"]
                 record["prompt_tokens"] = chunk["usage"]["prompt_tokens"]
-        conn.close()
+        response.close()
     except (OSError, ValueError, http.client.HTTPException) as e:
         record["error"] = f"{type(e).__name__}: {e}"
     record["end"] = time.perf_counter()
     record["first"] = record["first"] or record["end"]
     return record
+
+
+def _post(host: str, port: int, body: str, timeout: float, record: Dict[str, Any]):
+    """POSTs a chat request; retries a connection the server dropped before answering.
+
+    mlx_lm.server (Python's http.server) listens with a backlog of 5 and
+    resets connections beyond it when many clients connect at once; the
+    openai client retries those, and so does this one (up to 3 times, the
+    request's clock still running from the first try).
+    """
+    for attempt in range(4):
+        conn = http.client.HTTPConnection(host, port, timeout=timeout)
+        try:
+            conn.request("POST", "/v1/chat/completions", body, {"Content-Type": "application/json"})
+            return conn.getresponse()
+        except (ConnectionResetError, ConnectionRefusedError, http.client.RemoteDisconnected):
+            conn.close()
+            if attempt == 3:
+                raise
+            record["retries"] += 1
+            time.sleep(0.1 * (attempt + 1))
 
 
 def run_level(url: str, model: str, clients: int, prompts: List[str], max_tokens: int) -> tuple:
@@ -337,7 +359,9 @@ def summarize_level(records: List[Dict[str, Any]], wall: float) -> Dict[str, Any
         "requests": len(records),
         "errors": [r["error"] for r in records if "error" in r][:5],
         "failed": len(records) - len(ok),
+        "retries": sum(r.get("retries", 0) for r in records),
         "tokens": tokens,
+        "prompt_tokens_mean": sum(r.get("prompt_tokens", 0) for r in ok) / len(ok) if ok else None,
         "wall_s": wall,
         "aggregate_tps": tokens / wall if wall > 0 else None,
         "ttft_p50_ms": 1e3 * _percentile(ttft, 0.5) if ttft else None,
@@ -425,9 +449,10 @@ def bench_server(kind: str, args: argparse.Namespace, model: Path, cluster: Opti
         stream_chat(url, name, next(prompts), 8)  # warm-up
         for clients in args.clients:
             count = max(clients * args.requests, args.min_requests)
-            before = http_get(url, "/status")[1] if kind == "moe-mpi" else None
+            ours = kind.startswith("moe-mpi")
+            before = http_get(url, "/status")[1] if ours else None
             records, wall = run_level(url, name, clients, [next(prompts) for _ in range(count)], args.max_tokens)
-            after = http_get(url, "/status")[1] if kind == "moe-mpi" else None
+            after = http_get(url, "/status")[1] if ours else None
             row = {"server": kind, "clients": clients, **summarize_level(records, wall), "status": _status_delta(before, after)}
             rows.append(row)
             print(format_row(row), flush=True)
@@ -440,7 +465,7 @@ def _fmt(value, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
-TABLE_HEAD = "| clients | server | aggregate tok/s | TTFT p50 ms | TTFT p95 ms | per-request tok/s (p50) | requests | tokens |"
+TABLE_HEAD = "| clients | server | aggregate tok/s | TTFT p50 ms | TTFT p95 ms | per-request tok/s (p50) | requests | tokens | prompt tokens (mean) |"
 
 
 def format_row(row: Dict[str, Any]) -> str:
@@ -449,23 +474,25 @@ def format_row(row: Dict[str, Any]) -> str:
     return (
         f"| {row['clients']} | {row['server']} | {_fmt(row['aggregate_tps'], '.1f')} | "
         f"{_fmt(row['ttft_p50_ms'], '.0f')} | {_fmt(row['ttft_p95_ms'], '.0f')} | "
-        f"{_fmt(row['request_tps_p50'], '.1f')} | {row['requests']}{failed} | {row['tokens']} |"
+        f"{_fmt(row['request_tps_p50'], '.1f')} | {row['requests']}{failed} | {row['tokens']} | "
+        f"{_fmt(row['prompt_tokens_mean'], '.0f')} |"
     )
 
 
 def ratio_lines(rows: List[Dict[str, Any]]) -> List[str]:
     """moe-mpi against each baseline, per client count: aggregate tokens/s and TTFT p50."""
     lines = []
-    ours = {r["clients"]: r for r in rows if r["server"] == "moe-mpi"}
-    for base in SERVERS[1:]:
-        theirs = {r["clients"]: r for r in rows if r["server"] == base}
-        for clients in sorted(set(ours) & set(theirs)):
-            a, b = ours[clients], theirs[clients]
-            if a["aggregate_tps"] and b["aggregate_tps"] and a["ttft_p50_ms"] and b["ttft_p50_ms"]:
-                lines.append(
-                    f"# {clients} clients: moe-mpi / {base}: aggregate {a['aggregate_tps'] / b['aggregate_tps']:.2f}x, "
-                    f"TTFT p50 {a['ttft_p50_ms'] / b['ttft_p50_ms']:.2f}x (lower is better)"
-                )
+    for kind in [k for k in SERVERS if k not in BASELINES]:
+        ours = {r["clients"]: r for r in rows if r["server"] == kind}
+        for base in BASELINES:
+            theirs = {r["clients"]: r for r in rows if r["server"] == base}
+            for clients in sorted(set(ours) & set(theirs)):
+                a, b = ours[clients], theirs[clients]
+                if a["aggregate_tps"] and b["aggregate_tps"] and a["ttft_p50_ms"] and b["ttft_p50_ms"]:
+                    lines.append(
+                        f"# {clients} clients: {kind} / {base}: aggregate {a['aggregate_tps'] / b['aggregate_tps']:.2f}x, "
+                        f"TTFT p50 {a['ttft_p50_ms'] / b['ttft_p50_ms']:.2f}x (lower is better)"
+                    )
     return lines
 
 
@@ -483,12 +510,11 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     parser.add_argument("--quantize", type=int, choices=[4, 8], default=None, help="Serve a copy quantized by mlx-lm's convert -q with this many bits.")
     parser.add_argument("--np", type=positive_int, default=2, help="Ranks (default: 2).")
     parser.add_argument("--servers", default="moe-mpi,mlx-lm", help=f"Comma-separated, from {', '.join(SERVERS)} (default: moe-mpi,mlx-lm).")
-    parser.add_argument("--mode", choices=["ep", "sliced"], default="ep", help="moe-mpi serve's mode (default: ep).")
     parser.add_argument("--clients", type=int_list, default=DEFAULT_CLIENTS, help="Client counts (default: 1,4,16,64).")
     parser.add_argument("--requests", type=positive_int, default=2, help="Requests per client per level (default: 2).")
     parser.add_argument("--min-requests", type=positive_int, default=8, help="Requests per level at least (default: 8).")
-    parser.add_argument("--max-tokens", type=positive_int, default=32, help="max_tokens of every request (default: 32).")
-    parser.add_argument("--prompt-words", type=positive_int, default=24, help="Random words per prompt (default: 24).")
+    parser.add_argument("--max-tokens", type=positive_int, default=64, help="max_tokens of every request (default: 64).")
+    parser.add_argument("--prompt-words", type=positive_int, default=4, help="Random words per prompt (default: 4, about 35 tokens with the chat template on the synthetic tokenizer).")
     parser.add_argument("--seed", type=int, default=0, help="Seed of the prompts.")
     parser.add_argument("--port", type=positive_int, default=18080, help="Port with --cluster (default: 18080); otherwise a free one.")
     parser.add_argument("--cluster", default=None, help="A cluster file from examples/netns_bench.py --driver (fake hosts).")
@@ -525,7 +551,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         f"# code: {info['code']}",
         f"# per level: clients x {args.requests} (at least {args.min_requests}) streaming chat requests, greedy, max_tokens {args.max_tokens}, prompts of {args.prompt_words} random words",
         TABLE_HEAD,
-        "|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     print("\n".join(header), flush=True)
     rows = []
