@@ -23,7 +23,7 @@ Servers (``--servers``):
 
 Method, per server: start it, wait for ``/health``, send one warm-up
 request; then for each client count C, C client threads send C x ``--requests``
-(at least ``--min-requests``) streaming chat completions, each thread one
+(at least ``--min-requests``, at most ``--max-requests``) streaming chat completions, each thread one
 at a time (greedy, with
 ``max_tokens`` and prompts of random words, distinct across the whole run,
 so the prompt caches never hit). A request's time to first token (TTFT) is
@@ -448,7 +448,7 @@ def bench_server(kind: str, args: argparse.Namespace, model: Path, cluster: Opti
         prompts = iter(make_prompts(10_000, args.prompt_words, seed=args.seed))
         stream_chat(url, name, next(prompts), 8)  # warm-up
         for clients in args.clients:
-            count = max(clients * args.requests, args.min_requests)
+            count = min(max(clients * args.requests, args.min_requests), args.max_requests)
             ours = kind.startswith("moe-mpi")
             before = http_get(url, "/status")[1] if ours else None
             records, wall = run_level(url, name, clients, [next(prompts) for _ in range(count)], args.max_tokens)
@@ -513,6 +513,7 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     parser.add_argument("--clients", type=int_list, default=DEFAULT_CLIENTS, help="Client counts (default: 1,4,16,64).")
     parser.add_argument("--requests", type=positive_int, default=2, help="Requests per client per level (default: 2).")
     parser.add_argument("--min-requests", type=positive_int, default=8, help="Requests per level at least (default: 8).")
+    parser.add_argument("--max-requests", type=positive_int, default=64, help="Requests per level at most (default: 64).")
     parser.add_argument("--max-tokens", type=positive_int, default=64, help="max_tokens of every request (default: 64).")
     parser.add_argument("--prompt-words", type=positive_int, default=4, help="Random words per prompt (default: 4, about 35 tokens with the chat template on the synthetic tokenizer).")
     parser.add_argument("--seed", type=int, default=0, help="Seed of the prompts.")
@@ -549,7 +550,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         f"# {PROG} bench serve: {model.name}, {args.np} ranks; {link}",
         f"# machine: {info['machine']['cpu']}, {os.cpu_count()} CPUs; mlx {info['machine']['mlx']}, mlx-lm {info['machine']['mlx_lm']}; load {info['machine']['loadavg']}",
         f"# code: {info['code']}",
-        f"# per level: clients x {args.requests} (at least {args.min_requests}) streaming chat requests, greedy, max_tokens {args.max_tokens}, prompts of {args.prompt_words} random words",
+        f"# per level: clients x {args.requests} (at least {args.min_requests}, at most {args.max_requests}) streaming chat requests, greedy, max_tokens {args.max_tokens}, prompts of {args.prompt_words} random words",
         TABLE_HEAD,
         "|---|---|---|---|---|---|---|---|---|",
     ]
