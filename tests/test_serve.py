@@ -451,6 +451,21 @@ def test_startup_errors_end_every_rank_with_one_message(ckpt, tmp_path):
     assert "Traceback" not in proc.stderr
 
 
+def test_bench_serve_drives_both_servers(ckpt, tmp_path):
+    out = tmp_path / "bench.json"
+    argv = [sys.executable, "-m", "moe_mpi", "bench", "serve", "--model", str(ckpt), "--clients", "1,3",
+            "--servers", "moe-mpi,mlx-lm", "--max-tokens", "4", "--requests", "1", "--min-requests", "3",
+            "--json", str(out), "--logs", str(tmp_path / "logs")]
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=4 * TIMEOUT, env=ENV)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["server"], r["clients"], r["requests"], r["failed"]) for r in rows] == [
+        ("moe-mpi", 1, 3, 0), ("moe-mpi", 3, 3, 0), ("mlx-lm", 1, 3, 0), ("mlx-lm", 3, 3, 0)]
+    assert all(0 < r["tokens"] <= 3 * 4 and r["aggregate_tps"] > 0 and r["ttft_p50_ms"] > 0 for r in rows)
+    assert rows[1]["status"]["control_broadcasts_per_step"] <= 2  # from moe-mpi serve's /status
+    assert "3 clients: moe-mpi / mlx-lm: aggregate" in proc.stdout
+
+
 # --------------------------------------------------------------------------
 # In-process units (no MPI)
 # --------------------------------------------------------------------------

@@ -47,6 +47,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -520,6 +521,7 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     parser.add_argument("--port", type=positive_int, default=18080, help="Port with --cluster (default: 18080); otherwise a free one.")
     parser.add_argument("--cluster", default=None, help="A cluster file from examples/netns_bench.py --driver (fake hosts).")
     parser.add_argument("--json", default=None, help="Write the results here.")
+    parser.add_argument("--logs", default=None, help="Directory for the servers' logs (default: a new temporary one).")
     parser.add_argument("--debug", action="store_true", help="Tracebacks on errors.")
     return parser
 
@@ -556,7 +558,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ]
     print("\n".join(header), flush=True)
     rows = []
-    workdir = Path(args.json).parent if args.json else Path.cwd()
+    workdir = Path(args.logs) if args.logs else Path(tempfile.mkdtemp(prefix="moe-bench-serve-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    print(f"# server logs: {workdir}", flush=True)
     for kind in servers:
         rows += bench_server(kind, args, model, cluster, workdir)
     for line in ratio_lines(rows):
