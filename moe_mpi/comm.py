@@ -7,7 +7,7 @@ control traffic for prompts, sampled tokens and statistics.
 
 Two data paths implement :meth:`Communicator.all_sum`:
 
-* ``"mpi4py"`` (default): evaluate the array, hand MPI a zero-copy host view of
+* ``"mpi4py"`` (default): evaluate the array, hand MPI a zero-copy view of
   its buffer, ``Allreduce`` into a reused numpy buffer and wrap the result in a
   new ``mx.array``. Fastest for decode-sized messages (a few KiB), where the
   cost is dominated by per-call overhead (see ``examples/allreduce_paths.py``).
@@ -93,7 +93,7 @@ class CollectiveStats:
             nothing leaves the process). For ``all_sum`` this is
             ``x.nbytes`` in the caller's dtype, independent of the backend,
             even though the mpi4py path moves bfloat16 as float32.
-        seconds: Wall time spent inside the call (host conversions plus MPI,
+        seconds: Wall time spent inside the call (buffer conversions plus MPI,
             including waiting for slower ranks; not the evaluation of the
             input's lazy graph).
     """
@@ -555,7 +555,7 @@ class Communicator:
         return result
 
     def allreduce_max(self, value: float) -> float:
-        """Maximum of a host scalar over all ranks (e.g. the slowest rank's time)."""
+        """Maximum of a Python number over all ranks (e.g. the slowest rank's time)."""
         start = time.perf_counter()
         if self._size == 1:
             result = float(value)

@@ -26,6 +26,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from .errors import UserError
 from .results import id_key
+from .runner import under_launcher
 
 __all__ = [
     "CONTEXT_KEYS",
@@ -52,10 +53,6 @@ STDIN_FIRST_SECONDS = 10.0
 CONTEXT_KEYS = ("max_position_embeddings", "max_seq_len", "n_positions", "seq_length")
 
 
-def _under_launcher() -> bool:
-    return any(v in os.environ for v in ("OMPI_COMM_WORLD_SIZE", "PMIX_RANK", "PMI_RANK"))
-
-
 def read_stdin(
     idle_seconds: float = STDIN_IDLE_SECONDS, first_seconds: float = STDIN_FIRST_SECONDS
 ) -> str:
@@ -71,7 +68,7 @@ def read_stdin(
     Raises:
         UserError: Nothing arrived in time, or the bytes are not UTF-8.
     """
-    if not _under_launcher():
+    if not under_launcher():
         return sys.stdin.read()
     import select
 

@@ -118,6 +118,20 @@ def env_rank() -> int:
     return 0
 
 
+def under_launcher() -> bool:
+    """Whether an MPI launcher (mpirun, mpiexec) started this process."""
+    return any(v in os.environ for v in ("OMPI_COMM_WORLD_SIZE", "PMIX_RANK", "PMI_RANK"))
+
+
+def show_progress(choice: Optional[bool] = None) -> bool:
+    """Whether this process draws progress bars: ``choice`` if given, else on
+    rank 0 when stderr is a terminal or a launcher forwards it (mpirun gives
+    the ranks pipes, not the user's terminal)."""
+    if choice is not None:
+        return choice and env_rank() == 0
+    return env_rank() == 0 and (sys.stderr.isatty() or under_launcher())
+
+
 def print_error(message: str, *, prefix: str = "") -> None:
     """Writes ``<prefix>moe-mpi: error: <message>`` to stderr and flushes."""
     sys.stderr.write(f"{prefix}{PROG}: error: {message}\n")

@@ -142,7 +142,7 @@ class CheckpointIndex:
         return self._to_mx(key, self._rows_host(key, rows))
 
     def _rows_host(self, key: str, rows: Optional[Sequence[int]]) -> np.ndarray:
-        """Rows of a tensor as a host array (bfloat16 as its uint16 bits)."""
+        """Rows of a tensor as a numpy array (bfloat16 as its uint16 bits)."""
         info = self.tensors[key]
         if info.dtype not in _DTYPES:
             raise CheckpointError(f"{info.file}: tensor {key!r} has unsupported dtype {info.dtype}")

@@ -584,3 +584,8 @@ def test_progress_bar_only_on_a_tty():
     assert "\r" in drawn and "2/4" in drawn and "prompt" in drawn and "tokens-per-sec" in drawn
     assert drawn.endswith("\nsummary line\n")
     assert pipe.getvalue() == "summary line\n"  # no bar when not a TTY
+    forced = io.StringIO()  # under mpirun: a pipe to the launcher, shown on request
+    bar = Progress(4, stream=forced, show=True)
+    bar.update(4, 8)
+    bar.close("done")
+    assert "4/4" in forced.getvalue() and forced.getvalue().endswith("\ndone\n")

@@ -1,8 +1,8 @@
 """End-to-end tests of ``moe-mpi serve`` under real ``mpirun``, with the ``openai`` client.
 
 One 2-rank server serves most tests (started once for the module; the last
-test stops it with SIGTERM and times it). A 3-rank server, a server whose
-rank 1 is killed, and start-up failures get their own jobs. The model is a
+test stops it with SIGTERM and times it). A 3-rank server (mode auto), a
+server whose rank 1 is killed, and start-up failures get their own jobs. The model is a
 tiny random qwen3_moe (the one tests/test_generate.py uses, seed 1) with a
 256-token context, so that an over-long prompt is cheap to make.
 
@@ -395,9 +395,27 @@ def test_sigterm_to_mpirun_stops_every_rank(server):
 # --------------------------------------------------------------------------
 
 
-def test_three_ranks_api_key_and_sigint(ckpt, tmp_path):
-    job = start_server(3, ckpt, tmp_path, "--api-key", "sesame")
+def skewed_stats(path: Path) -> Path:
+    """Router statistics in which experts 0 and 1 take most slots (for --mode auto)."""
+    import numpy as np
+
+    from moe_mpi.routing import RoutingStats
+
+    stats = RoutingStats([8, 8])  # the tiny qwen3_moe: 2 MoE layers of 8 experts
+    hot = np.array([[0, 1]] * 30 + [[2, 3], [4, 5], [6, 7]])  # [T, k=2]
+    for layer in range(2):
+        stats(layer, hot)
+    stats.save(path)
+    return path
+
+
+def test_three_ranks_auto_mode_api_key_and_sigint(ckpt, tmp_path):
+    # The sharding options are generate's: a per-layer auto layout from statistics.
+    stats = skewed_stats(tmp_path / "stats.json")
+    job = start_server(3, ckpt, tmp_path, "--api-key", "sesame", "--mode", "auto", "--stats", stats, "--replicas", "1")
     try:
+        model = get_json(job.url, "/status", {"Authorization": "Bearer sesame"})["model"]
+        assert model["mode"] == "auto" and len(model["experts_per_rank"]) == 3, model
         status, reply = post_raw(job.url, "/v1/chat/completions", json.dumps({"messages": [{"role": "user", "content": "hi"}]}).encode())
         assert status == 401 and reply["error"]["code"] == "invalid_api_key"
         client = openai.OpenAI(base_url=job.url + "/v1", api_key="sesame", max_retries=0, timeout=TIMEOUT)

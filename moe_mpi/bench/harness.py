@@ -63,6 +63,14 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the token ids")
     parser.add_argument(
+        "--stats", metavar="FILE", default=None,
+        help="router statistics (moe-mpi profile) for mode auto (uniform routing without)",
+    )
+    parser.add_argument(
+        "--replicas", type=float, default=0.0,
+        help="mode auto: extra whole experts each rank may hold per layer (default 0)",
+    )
+    parser.add_argument(
         "--tp-cpu-path",
         action="store_true",
         help="give the mlx-lm-tp baseline moe_mpi's CPU speed path (numpy one-row products, "
@@ -194,6 +202,17 @@ def _verdicts(ctx: Context, entry: Dict[str, Any], guard, rows, reference) -> Li
     return marked
 
 
+def _decode_path(model) -> Dict[str, Any]:
+    """Which code runs the model's decode steps, for the entry (holds no reference to the model)."""
+    path = getattr(model, "cpu_path", None)
+    fused = path is not None and path.decode_step is not None
+    return {
+        "fused_decode": fused,
+        "decode_step": "moe_mpi's numpy decode step (moe_mpi.cpu.decode)" if fused else "the model's own code",
+        "decode_step_off": path.decode_step_off if path is not None else None,
+    }
+
+
 def run_modes(
     ctx: Context,
     names: Sequence[str],
@@ -254,12 +273,7 @@ def run_modes(
         load_seconds = ctx.ctl.allreduce_max(time.perf_counter() - start)
         # What the mode keeps resident, as opposed to its peak while loading.
         entry["model_bytes"] = ctx.ctl.allgather(int(mx.get_active_memory()))
-        path = getattr(built.model, "cpu_path", None)
-        entry["fused_decode"] = path is not None and path.decode_step is not None
-        entry["decode_step"] = (
-            "moe_mpi's numpy decode step (moe_mpi.cpu.decode)" if entry["fused_decode"] else "the model's own code"
-        )
-        entry["decode_step_off"] = path.decode_step_off if path is not None else None
+        entry.update(_decode_path(built.model))
         emit(f"# mode {name}: built in {load_seconds:.1f} s; decode steps: {entry['decode_step']}; running")
         guard = built.run(lambda m: verify.guard_logits(m, tokens))
         rows = workload(ctx, built)

@@ -13,7 +13,7 @@ same on every rank). Per iteration, in every mode:
 * **router**: the block's own code (gate, softmax, top-k) with its switch
   layer replaced by a probe that evaluates the routing and returns zeros.
 * **experts**: the switch layer on the routed input, ``switch(x, inds)``:
-  ``ep``: this rank's experts (incl. reading the routing to the host);
+  ``ep``: this rank's experts (incl. reading the routing back to numpy);
   ``mlx-lm-tp``: every expert's slice; ``single``: every expert;
   ``central``: rank 0's scatter, its own experts and the gather.
 * **combine**: ``ep`` (and other SPMD moe_mpi modes): ``comm.all_sum`` of a
@@ -300,10 +300,9 @@ def _row(ctx, built, tokens, result, everyone) -> Dict[str, Any]:
     else:
         row["imbalance"] = None
     proxy = None
-    owners = routing.owners_of(built.model)
-    if owners is not None and result.get("indices") is not None:
-        counts = np.bincount(result["indices"], minlength=len(owners))
-        proxy = routing.routing_imbalance([counts], owners, ctx.size)
+    layouts = routing.layouts_of(built.model)
+    if layouts is not None and result.get("indices") is not None:
+        proxy = routing.routing_imbalance([(0, np.asarray(result["indices"]))], layouts[:1], ctx.size)
     row["imbalance_pairs"] = proxy["per_layer"] if proxy else None
     row["pairs_per_rank"] = proxy["pairs_per_rank"] if proxy else None
     return row

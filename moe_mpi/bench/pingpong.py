@@ -35,7 +35,7 @@ import numpy as np
 from ..comm import quiet_barrier
 from ..errors import UserError
 from ..runner import abort_on_error, add_debug_argument, collective_phase, parse_args
-from .collectives import (
+from .sweep import (
     add_loop_arguments,
     add_output_arguments,
     check_outputs,

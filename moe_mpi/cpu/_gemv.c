@@ -1,26 +1,20 @@
-/* Row-major matrix-vector products for CPU decode: moe_mpi._gemv.
+/* Row-major matrix-vector products for CPU decode: moe_mpi.cpu._gemv.
  *
  * gemv(w, x, y, n, k, m): y[m, n] = x[m, k] @ w[n, k].T, float32, all three
- * C-contiguous (the Python side, moe_mpi/gemv.py, checks shapes and
+ * C-contiguous (the Python side, moe_mpi/cpu/gemv.py, checks shapes and
  * dtypes). w is read once, front to back, whatever m is: each row of w is
  * dotted with every row of x while it is in L1.
  *
  * Why: decode reads every weight once per token, so its speed is how fast
- * one core streams memory. On the benchmark machine (2-core AMD EPYC VM,
- * 2 ranks reading at once, docs/results/decode-kernels-n2.txt) this loop
- * read a 2688x768 matrix at 16-20 GB/s per rank, OpenBLAS sgemv at 9-10
- * GB/s from the same [out, in] memory and 13-14 GB/s from [in, out]. One
- * sequential stream keeps the core's miss queue full; sgemv's several
- * interleaved row streams do not. Over a whole ep decode step's weights it
- * takes 1.1-1.4x the time of a bare read-only pass (examples/decode_ceiling.py).
+ * one core streams memory. One sequential stream keeps the core's miss
+ * queue full; OpenBLAS sgemv's several interleaved row streams do not, and
+ * MLX's CPU matmul packs the matrix first (measured: docs/benchmarks.md,
+ * examples/decode_kernels.py, examples/decode_ceiling.py).
  *
  * One row of x (batch-1 decode) reads STREAMS rows of w, a quarter of the
  * matrix apart, in the same pass, 64 bytes of each in turn, with software
- * prefetch ahead of each. On the Intel VM of 2026-12-03 (2 ranks reading at
- * once, 36 expert-sized matrices in turn) that read at 15.7-16.5 GB/s per
- * rank against 13.0-14.1 GB/s one row at a time and 13.7-15.0 GB/s for BLAS
- * sdot's read-only pass (scratch probes, several builds; interleaving whole
- * rows instead did not help). Each row's sum is formed in the same order
+ * prefetch ahead of each: a few concurrent streams read faster than one on
+ * the machines we measured. Each row's sum is formed in the same order
  * either way, so results do not change.
  *
  * x86-64 picks an AVX-512 or AVX2+FMA loop at run time; elsewhere (and on
@@ -31,17 +25,15 @@
 #include <stddef.h>
 #include <string.h>
 
-/* Bytes ahead of the current position that the loops prefetch. On the
- * benchmark machine 256 was as fast as 128, 512, 1024, 2048 or no software
- * prefetch at all, or faster, within its noise (scratch probes): the
- * hardware prefetcher does most of the work on one sequential stream. */
+/* Bytes ahead of the current position that the loops prefetch. Other
+ * distances were no faster: the hardware prefetcher does most of the work
+ * on one sequential stream. */
 #ifndef PREFETCH_BYTES
 #define PREFETCH_BYTES 256
 #endif
 
 /* Rows of w read together when x has one row, and how far ahead each is
- * prefetched. 2 and 4 streams read alike; 8, or prefetching 2048 bytes
- * ahead, were slower (scratch probes on the Intel VM). */
+ * prefetched. More streams, or prefetching further ahead, were slower. */
 #define STREAMS 4
 #define STREAM_PREFETCH 512
 
@@ -265,12 +257,9 @@ static PyObject *gemv(PyObject *self, PyObject *args) {
 /* read(a): the float32 sum of a buffer, read once front to back: a
  * read-only memory probe (moe_mpi.bench.roofline.stream_read, the "read"
  * kernel of examples/decode_ceiling.py), not a decode kernel. Decode only
- * reads its weights; this is the fastest way found here to read memory
+ * reads its weights; this is the fastest way we found to read memory
  * once, doing nothing else: one sequential stream, 16 partial sums (the
- * compiler vectorises them), prefetch 2 KiB ahead. On the Intel VM
- * (2 ranks at once, 256 MiB each, scratch probes) it read 16.7-17.9 GB/s,
- * as fast as an AVX-512 loop and faster than BLAS sdot or the 4-stream
- * matrix-vector loop. */
+ * compiler vectorises them), prefetch 2 KiB ahead. */
 #define READ_PREFETCH 2048
 
 static float read_sum(const float *a, Py_ssize_t n) {

@@ -1,11 +1,11 @@
 """A fast BLAS for MLX's Linux CPU wheel.
 
 The ``mlx[cpu]`` wheel for Linux links a reference BLAS that it bundles
-(``mlx_cpu.libs/libblas-*.so``): a float32 matmul runs at about 2 GFLOP/s.
+(``mlx_cpu.libs/libblas-*.so``), far slower than an optimised one.
 MLX resolves ``cblas_*`` dynamically, so a BLAS loaded with ``RTLD_GLOBAL``
 *before* ``mlx.core`` is imported takes precedence. ``import moe_mpi`` does
 this with Debian's OpenBLAS (package ``libopenblas0-pthread``, installed by
-``make``), which runs the same matmul at 50-100 GFLOP/s per core.
+``make``); ``moe-mpi bench`` headers print the matmul speed each rank gets.
 
 Because it happens at import, every model in the process gets the same BLAS:
 moe_mpi's modes and plain mlx-lm alike (benchmarks compare like with like).

@@ -50,7 +50,7 @@ def _madvise():
 
 
 def _span(a: mx.array) -> Optional[tuple]:
-    """(address, bytes) of an evaluated array's memory, or None if not host-readable."""
+    """(address, bytes) of an evaluated array's memory, or None if numpy cannot view it."""
     try:
         view = np.asarray(memoryview(a))  # no copy; fails for dtypes numpy lacks (bfloat16)
     except (TypeError, ValueError, BufferError, RuntimeError):

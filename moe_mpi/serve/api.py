@@ -44,6 +44,7 @@ from typing import Any, Dict, List, Optional
 import msgpack
 from mlx_lm.server import APIHandler, CompletionRequest, ModelProvider, ResponseGenerator
 
+from ..argtypes import sharding_options
 from ..errors import UserError
 from ..prompts import context_length
 from .desk import StatusQuery
@@ -161,14 +162,13 @@ class ClusterModelProvider(ModelProvider):
         if adapter_path is not None or draft_model_path is not None:
             raise UserError("adapters and draft models are not supported by moe-mpi serve")
         args = self.cli_args
+        # The load of moe-mpi generate, with the same sharding options.
         model, tokenizer, config = load(
             model_path,
             comm=self.comm,
-            placement=args.placement,
-            weights=args.weights,
-            mode=args.mode,
             tokenizer_config=self._tokenizer_config,
             return_config=True,
+            **sharding_options(args),
         )
         if args.use_default_chat_template and tokenizer.chat_template is None:
             tokenizer.chat_template = tokenizer.default_chat_template

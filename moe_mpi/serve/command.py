@@ -16,7 +16,7 @@ import sys
 import threading
 from typing import Optional, Sequence
 
-from ..argtypes import float_list, non_negative_float, non_negative_int, positive_int, unit_interval
+from ..argtypes import add_sharding_arguments, non_negative_float, non_negative_int, positive_int, unit_interval
 from ..comm import BACKENDS, Communicator
 from ..errors import UserError
 from ..runner import PROG, abort_on_error, add_debug_argument, collective_phase, env_rank, parse_args
@@ -38,8 +38,6 @@ __all__ = ["main", "setup_arg_parser"]
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8080
 DEFAULT_MAX_TOKENS = 512
-#: Modes that can serve: every rank runs the whole step (``central`` cannot).
-SERVE_MODES = ("ep", "sliced")
 DEMO_MODEL_ID = "moe_mpi-demo"
 
 
@@ -71,9 +69,7 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     add("--model", default=None, help="Local model directory or Hugging Face repo (default: the bundled demo model).")
     add("--host", default=DEFAULT_HOST, help=f"Address rank 0 listens on (default: {DEFAULT_HOST}, this machine only; 0.0.0.0 opens it to the network, see docs/serving.md).")
     add("--port", type=non_negative_int, default=DEFAULT_PORT, help=f"Port (default: {DEFAULT_PORT}; 0 picks a free one).")
-    add("--mode", choices=SERVE_MODES, default="ep", help="ep: whole experts per rank (default); sliced: a slice of every expert.")
-    add("--placement", default="contiguous", help="Which rank owns which experts: contiguous (default), round-robin or a JSON file.")
-    add("--weights", type=float_list, default=None, help="Relative share of the experts per rank, e.g. 2,1,1.")
+    add_sharding_arguments(parser)  # --mode, --placement, --weights, ...: as moe-mpi generate
     add("--backend", choices=BACKENDS, default="mpi4py", help="Data path of the per-layer all-reduce (default: mpi4py).")
     add("--api-key", default=None, help="Require 'Authorization: Bearer KEY' (default: the MOE_MPI_API_KEY environment variable, else none).")
     add("--allowed-origins", type=_origins, default=[], help="Comma-separated origins that browsers may call from (CORS); default: none.")
@@ -139,7 +135,7 @@ def _context(args, provider: ClusterModelProvider, model_arg: Optional[str]) -> 
             "mode": info.mode,
             "ranks": info.size,
             "moe_layers": info.num_moe_layers,
-            "experts_per_rank": [[p.counts[r] for p in info.placements] for r in range(info.size)],
+            "experts_per_rank": info.experts_per_rank(),
         },
         config=provider.config,
         vocab_size=_vocab_size(provider.config, provider.tokenizer),
