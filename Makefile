@@ -13,7 +13,7 @@ MAX_TOKENS ?= 60
 # --oversubscribe.
 MPIRUN_FLAGS := --oversubscribe $(shell [ "$$(id -u)" = 0 ] && echo --allow-run-as-root)
 
-.PHONY: venv blas test demo clean
+.PHONY: venv blas test demo serve clean
 
 venv: $(STAMP) blas
 
@@ -41,6 +41,12 @@ test: venv
 demo: venv
 	$(VENV)/bin/mpirun $(MPIRUN_FLAGS) -n $(NP) $(VENV)/bin/moe-mpi generate \
 	  --prompt "$(PROMPT)" --max-tokens $(MAX_TOKENS) --temp 0.7 --seed 0 --verbose
+
+# The demo model behind an OpenAI-compatible API on $(NP) ranks, at
+# http://127.0.0.1:8080/v1 (try: .venv/bin/python examples/openai_client.py).
+SERVE_ARGS ?=
+serve: venv
+	$(VENV)/bin/mpirun $(MPIRUN_FLAGS) -n $(NP) $(VENV)/bin/moe-mpi serve $(SERVE_ARGS)
 
 clean:
 	rm -rf $(VENV)

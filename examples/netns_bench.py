@@ -12,6 +12,14 @@ packet waits its serialisation time as on a real link of that speed::
         bench decode --synthetic dbrx-like --modes ep,sliced,mlx-lm-tp --tp-cpu-path --batch 1,8
 
 Everything after ``--`` is a ``moe-mpi`` command line, run on every rank.
+With ``--driver`` it is instead run once, here in the root namespace, with
+``--cluster FILE`` added: a JSON file saying how to start ranks on the fake
+hosts (the mpirun options and rank prefix used here) and rank 0's address.
+That is for commands that start their own jobs and talk to them over the
+network, as ``moe-mpi bench serve`` does::
+
+    sudo .venv/bin/python examples/netns_bench.py --rate 10mbit --driver -- bench serve --synthetic dbrx-like
+
 The compute is this machine's either way: only the link differs from a
 shared-memory run, which is what makes the comparison of one all-reduce per
 MoE layer (``ep``, ``sliced``) against tensor parallelism's two useful.
@@ -59,6 +67,7 @@ def parse_args(argv=None):
     parser.add_argument("--hosts", type=int, default=2, help="fake hosts, one rank each (default 2)")
     parser.add_argument("--rate", help="tc rate of every host's outgoing link, e.g. 1gbit, 100mbit (default: none, veth speed)")
     parser.add_argument("--timeout", type=float, default=3600, help="seconds before the job is killed (default 3600)")
+    parser.add_argument("--driver", action="store_true", help="run the command once in the root namespace, with --cluster FILE (see above)")
     parser.add_argument("command", nargs=argparse.REMAINDER, help="the moe-mpi command line, after --")
     args = parser.parse_args(argv)
     if args.command[:1] == ["--"]:
@@ -111,17 +120,28 @@ def main(argv=None) -> int:
             path = Path(tmp) / "hosts.openmpi"
             entries = [hostfile.HostEntry(h.ip, slots=1) for h in cluster.hosts]
             hostfile.write(hostfile.Hostfile(entries, "openmpi"), path, "openmpi")
-            rank_argv = ["sh", "-c", PIN, "sh", sys.executable, "-m", "moe_mpi", *args.command]
-            # No --oversubscribe: with it, Open MPI 5 packs every rank onto
-            # the hostfile's first host whatever its slots say.
-            cmd = mpirun_command(
-                args.hosts, rank_argv, oversubscribe=False,
-                extra=["--hostfile", str(path), *cluster.mpirun_flags(), "--bind-to", "none"],
-            )
+            prefix = ["sh", "-c", PIN, "sh"]
+            extra = ["--hostfile", str(path), *cluster.mpirun_flags(), "--bind-to", "none"]
+            if args.driver:
+                cluster_file = Path(tmp) / "cluster.json"
+                cluster_file.write_text(json.dumps({
+                    "hosts": [h.ip for h in cluster.hosts],
+                    "address": cluster.hosts[0].ip,
+                    "mpirun_extra": extra,
+                    "rank_prefix": prefix,
+                    "link": link_description(args.rate, args.hosts)[len("# link: "):],
+                    "rate": args.rate,
+                }))
+                cmd = [sys.executable, "-m", "moe_mpi", *args.command, "--cluster", str(cluster_file)]
+            else:
+                # No --oversubscribe: with it, Open MPI 5 packs every rank onto
+                # the hostfile's first host whatever its slots say.
+                cmd = mpirun_command(args.hosts, [*prefix, sys.executable, "-m", "moe_mpi", *args.command],
+                                     oversubscribe=False, extra=extra)
             print(link_description(args.rate, args.hosts), flush=True)
             print("# hosts: " + ", ".join(f"{h.hostname} {h.ip}" for h in cluster.hosts), flush=True)
             print(f"# ranks pinned: rank r on CPU r mod {os.cpu_count()} (taskset)", flush=True)
-            print("# mpirun: " + shlex.join(cmd), flush=True)
+            print(("# driver: " if args.driver else "# mpirun: ") + shlex.join(cmd), flush=True)
             proc = subprocess.Popen(cmd, start_new_session=True)
             try:
                 rc = proc.wait(timeout=args.timeout)

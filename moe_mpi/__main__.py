@@ -19,8 +19,9 @@ from .runner import PROG, say
 #: Command name -> one-line description (shown by ``moe-mpi --help``).
 SUBCOMMANDS = {
     "generate": "Generate text with an MoE model, experts spread over the MPI ranks.",
+    "serve": "Serve an MoE model over an OpenAI-compatible HTTP API, with continuous batching.",
     "profile": "Record router statistics over a prompts file, for balancing the experts.",
-        "info": "Show what each rank will hold (experts, bytes), without launching anything.",
+    "info": "Show what each rank will hold (experts, bytes), without launching anything.",
     "hostfile": "Check and convert MPI hostfiles (Open MPI, MPICH, mlx.launch JSON).",
     "bench": "Benchmarks of expert-parallel inference (collectives, ping-pong, models).",
 }

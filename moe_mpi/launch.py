@@ -17,7 +17,7 @@ import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-__all__ = ["find_mpirun", "mpirun_command", "run_mpirun"]
+__all__ = ["find_mpirun", "kill_job", "mpirun_command", "run_mpirun"]
 
 
 def find_mpirun() -> str:
@@ -130,14 +130,18 @@ def run_mpirun(
     try:
         stdout, stderr = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        _kill_job(proc)
+        kill_job(proc)
         stdout, stderr = proc.communicate()
         raise subprocess.TimeoutExpired(cmd, timeout, output=stdout, stderr=stderr)
     return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
 
 
-def _kill_job(proc: subprocess.Popen) -> None:
-    # SIGTERM first: mpirun forwards it to the ranks and cleans up.
+def kill_job(proc: subprocess.Popen) -> None:
+    """Ends an ``mpirun`` started with ``start_new_session=True``, and every rank.
+
+    SIGTERM first, which mpirun forwards to the ranks; SIGKILL after 10 s;
+    then SIGKILL to whatever is left in the job's session (Linux).
+    """
     proc.send_signal(signal.SIGTERM)
     try:
         proc.wait(timeout=10)

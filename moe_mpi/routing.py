@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
 
@@ -92,8 +93,15 @@ class RoutingStats:
         }
 
     def save(self, path, model: Optional[Dict[str, Any]] = None) -> None:
-        """Writes the statistics as JSON (:data:`FORMAT`, :data:`VERSION`)."""
-        Path(path).write_text(json.dumps(self.to_dict(model)) + "\n")
+        """Writes the statistics as JSON (:data:`FORMAT`, :data:`VERSION`).
+
+        Atomically (a temporary file, then a rename): a server that saves
+        between requests and is then killed leaves the last whole file.
+        """
+        path = Path(path)
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(json.dumps(self.to_dict(model)) + "\n")
+        os.replace(tmp, path)
 
     @classmethod
     def load(cls, path) -> "RoutingStats":

@@ -33,6 +33,7 @@ BENCHMARKS = {
     "prefill": "Prefill tokens/s of an MoE model across the ranks.",
     "layer": "Time of one expert-parallel MoE layer.",
     "roofline": "Memory-bandwidth limit of decode per mode (STREAM probe + bytes per token).",
+    "serve": "Concurrent clients against moe-mpi serve and mlx_lm.server (run alone, not under mpirun).",
     "plot": "Plot results of several runs (tokens/s by mode and rank count, all-reduce latency).",
 }
 

@@ -1,0 +1,221 @@
+"""``moe-mpi serve``: the command line, start-up and the run.
+
+Start-up runs in collective phases (:mod:`moe_mpi.runner`), so a bad option,
+a port in use or an unreadable model gives one ``moe-mpi: error:`` line and
+every rank exits with code 1. Once serving, any unexpected error on any rank
+aborts the whole job (``MPI_Abort``) after that rank prints its traceback:
+there is never a server that accepts requests it cannot answer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import threading
+from typing import Optional, Sequence
+
+from ..argtypes import add_sharding_arguments, non_negative_float, non_negative_int, positive_int, unit_interval
+from ..comm import BACKENDS, Communicator
+from ..errors import UserError
+from ..routing import RoutingStats, record_routing
+from ..runner import PROG, abort_on_error, add_debug_argument, collective_phase, env_rank, parse_args
+from .api import (
+    ClusterModelProvider,
+    ClusterResponseGenerator,
+    ServeContext,
+    describe_address,
+    make_http_server,
+    model_aliases,
+    start_http_server,
+)
+from .desk import Desk
+from .engine import BatchOptions, Engine, Follower
+from .status import time_experts
+
+__all__ = ["main", "setup_arg_parser"]
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 8080
+DEFAULT_MAX_TOKENS = 512
+DEMO_MODEL_ID = "moe_mpi-demo"
+
+
+def _json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r} ({e})") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r}")
+    return value
+
+
+def _origins(text: str) -> list:
+    return [o.strip() for o in text.split(",") if o.strip()]
+
+
+def setup_arg_parser() -> argparse.ArgumentParser:
+    """Set up and return the argument parser."""
+    parser = argparse.ArgumentParser(
+        prog=f"{PROG} serve",
+        description=(
+            "Serve an MoE model over an OpenAI-compatible HTTP API, its experts "
+            "spread over the MPI ranks. Run with `mpirun -n N`: rank 0 answers "
+            "HTTP, every rank steps the same continuous batch."
+        ),
+    )
+    add = parser.add_argument
+    add("--model", default=None, help="Local model directory or Hugging Face repo (default: the bundled demo model).")
+    add("--host", default=DEFAULT_HOST, help=f"Address rank 0 listens on (default: {DEFAULT_HOST}, this machine only; 0.0.0.0 opens it to the network, see docs/serving.md).")
+    add("--port", type=non_negative_int, default=DEFAULT_PORT, help=f"Port (default: {DEFAULT_PORT}; 0 picks a free one).")
+    add_sharding_arguments(parser)  # --mode, --placement, --weights, ...: as moe-mpi generate
+    add("--backend", choices=BACKENDS, default="mpi4py", help="Data path of the per-layer all-reduce (default: mpi4py).")
+    add("--api-key", default=None, help="Require 'Authorization: Bearer KEY' (default: the MOE_MPI_API_KEY environment variable, else none).")
+    add("--allowed-origins", type=_origins, default=[], help="Comma-separated origins that browsers may call from (CORS); default: none.")
+    add("--max-tokens", type=positive_int, default=DEFAULT_MAX_TOKENS, help=f"Default max_tokens of a request (default: {DEFAULT_MAX_TOKENS}).")
+    add("--temp", type=non_negative_float, default=0.0, help="Default temperature (default: 0, greedy).")
+    add("--top-p", type=unit_interval, default=1.0, help="Default top_p (default: 1).")
+    add("--top-k", type=non_negative_int, default=0, help="Default top_k (default: 0, off).")
+    add("--min-p", type=unit_interval, default=0.0, help="Default min_p (default: 0, off).")
+    add("--decode-concurrency", type=positive_int, default=32, help="Most requests decoded together (default: 32, as mlx_lm.server).")
+    add("--prompt-concurrency", type=positive_int, default=8, help="Most prompts prefilled together (default: 8, as mlx_lm.server).")
+    add("--prefill-step-size", type=positive_int, default=2048, help="Prompt tokens per prefill chunk (default: 2048).")
+    add("--prompt-cache-size", type=non_negative_int, default=10, help="Prompt cache entries, kept on every rank (default: 10; 0: off).")
+    add("--prompt-cache-bytes", type=positive_int, default=None, help="Byte limit of the prompt cache (default: none).")
+    add("--chat-template", default="", help="A chat template to use instead of the tokenizer's.")
+    add("--use-default-chat-template", action="store_true", help="Use the tokenizer's default chat template if it has none.")
+    add("--chat-template-args", type=_json_object, default={}, help='JSON arguments for the chat template, e.g. \'{"enable_thinking": false}\'.')
+    add("--trust-remote-code", action="store_true", help="Allow the tokenizer's own code.")
+    add("--record-routing", metavar="FILE", default=None, help="Write router statistics of the requests served to FILE (docs/balance.md), between bursts of requests and at exit; for --mode auto or --stats on the next start.")
+    add("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="Rank 0's log level (default: INFO, one line per request).")
+    add_debug_argument(parser)
+    # What mlx-lm's ModelProvider and ResponseGenerator read of their options.
+    parser.set_defaults(adapter_path=None, draft_model=None, pipeline=False, num_draft_tokens=0, kv_bits=None)
+    return parser
+
+
+def _configure_logging(level: str) -> None:
+    # Only rank 0 talks to clients; the other ranks would repeat its lines.
+    logging.basicConfig(
+        level=getattr(logging, level) if env_rank() == 0 else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def _backend_comm(comm: Communicator, backend: str) -> Communicator:
+    if backend == comm.backend:
+        return comm
+    try:
+        return Communicator(backend=backend)
+    except RuntimeError as e:
+        raise UserError(f"--backend {backend}: {e}") from None
+
+
+def _vocab_size(config: dict, tokenizer) -> int:
+    for source in (config, config.get("text_config") or {}):
+        if isinstance(source.get("vocab_size"), int):
+            return source["vocab_size"]
+    return len(tokenizer.vocab)
+
+
+def _context(args, provider: ClusterModelProvider, model_arg: Optional[str]) -> ServeContext:
+    import os
+
+    model = provider.model
+    info = model.ep_info
+    path = provider.model_key[0]
+    model_id = model_arg or DEMO_MODEL_ID
+    return ServeContext(
+        model_id=model_id,
+        aliases=model_aliases(model_id, path),
+        model_info={
+            "id": model_id,
+            "path": str(path),
+            "mode": info.mode,
+            "ranks": info.size,
+            "moe_layers": info.num_moe_layers,
+            "experts_per_rank": info.experts_per_rank(),
+        },
+        config=provider.config,
+        vocab_size=_vocab_size(provider.config, provider.tokenizer),
+        max_tokens=args.max_tokens,
+        api_key=args.api_key or os.environ.get("MOE_MPI_API_KEY") or None,
+    )
+
+
+def _http_failed(desk: Desk):
+    def failed(exc: BaseException) -> None:
+        desk.http_failure = exc
+        desk.inbox.put(None)  # wakes a desk waiting for requests
+
+    return failed
+
+
+def serve(args: argparse.Namespace, comm: Communicator) -> None:
+    """Loads the model, starts rank 0's HTTP server and runs the engine (every rank)."""
+    from ..loading import resolve_model_path
+
+    rank0 = comm.rank == 0
+    httpd = None
+    model_arg = args.model
+    with collective_phase(comm, debug=args.debug, name_ranks=False):
+        comm = _backend_comm(comm, args.backend)
+        if rank0:  # fail on a port in use before the long load
+            httpd = make_http_server(args.host, args.port)
+    with collective_phase(comm, debug=args.debug):
+        args.model = str(resolve_model_path(model_arg))
+        provider = ClusterModelProvider(args, comm)
+        provider.load_default()
+        timer = time_experts(provider.model)
+        lock = threading.Lock()
+        generator = ClusterResponseGenerator(provider, lock)
+        desk = Desk(generator.requests, provider.tokenizer, lock) if rank0 else Follower()
+        options = BatchOptions(
+            decode_concurrency=args.decode_concurrency,
+            prompt_concurrency=args.prompt_concurrency,
+            prefill_step_size=args.prefill_step_size,
+            prompt_cache_size=args.prompt_cache_size,
+            prompt_cache_bytes=args.prompt_cache_bytes,
+        )
+        engine = Engine(provider.model, provider.tokenizer, comm, options, desk, provider.model_key, timer)
+        context = _context(args, provider, model_arg)
+    if rank0:
+        start_http_server(httpd, generator, context, on_failure=_http_failed(desk))
+        info = context.model_info
+        logging.warning(
+            "%s serve: %s on %d rank(s), mode %s, at %s (Ctrl-C or SIGTERM to mpirun stops every rank)",
+            PROG, context.model_id, info["ranks"], info["mode"], describe_address(httpd),
+        )
+    comm.reset_stats()
+    stats = RoutingStats.for_model(provider.model) if args.record_routing and rank0 else None
+    save = _routing_saver(args.record_routing, stats, context.model_info)
+    with record_routing(provider.model if stats is not None else None, stats):
+        engine.run(on_idle=save)
+    if save is not None:
+        save()
+
+
+def _routing_saver(path: Optional[str], stats: Optional[RoutingStats], info: dict):
+    """Rank 0 with ``--record-routing``: saves the statistics when they have grown; else None."""
+    if stats is None:
+        return None
+    saved = [0]
+
+    def save() -> None:
+        if stats.tokens[0] != saved[0]:
+            stats.save(path, model={"path": info["path"], "ranks": info["ranks"], "mode": info["mode"]})
+            saved[0] = stats.tokens[0]
+
+    return save
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    """Runs ``moe-mpi serve`` with ``argv`` (default ``sys.argv[1:]``)."""
+    args = parse_args(setup_arg_parser(), argv)
+    _configure_logging(args.log_level)
+    comm = Communicator()
+    with abort_on_error(comm, debug=args.debug):
+        serve(args, comm)

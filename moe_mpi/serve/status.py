@@ -1,0 +1,134 @@
+"""The figures of ``GET /status``: per rank, and what they add up to.
+
+Every rank reports its own (:meth:`moe_mpi.serve.engine.Engine.figures`):
+requests and tokens it stepped, time in its experts, time and count of its
+all-reduces, its control broadcasts, peak memory. They reach rank 0 in one
+allgather, at the step after a client asked: a status query costs one
+collective, and none is spent while nobody asks.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Dict, List, Optional
+
+import mlx.core as mx
+
+from ..experts import local_switch_layers, with_mixin
+
+__all__ = ["ExpertTimer", "TimedExperts", "summarize", "time_experts"]
+
+
+class ExpertTimer:
+    """Seconds and calls of a rank's expert computations."""
+
+    def __init__(self):
+        self.seconds = 0.0
+        self.calls = 0
+
+
+class TimedExperts:
+    """Mixin for a local switch layer: times its computation (``/status``).
+
+    The inputs are evaluated first, so that the time is the experts' own and
+    not the attention's still pending in the lazy graph; the output is
+    evaluated before the clock stops. Both would be evaluated a moment later
+    anyway, by the routing read or the layer's all-reduce.
+    """
+
+    def __call__(self, x: mx.array, indices: mx.array) -> mx.array:
+        mx.eval(x, indices)
+        start = time.perf_counter()
+        out = super().__call__(x, indices)  # [..., k, D]
+        mx.eval(out)
+        timer = self.expert_timer
+        timer.seconds += time.perf_counter() - start
+        timer.calls += 1
+        return out
+
+
+def time_experts(model) -> ExpertTimer:
+    """Puts :class:`TimedExperts` in front of every local switch layer of ``model``.
+
+    Returns:
+        The timer they all add to.
+    """
+    timer = ExpertTimer()
+    for switch in local_switch_layers(model):
+        switch.expert_timer = timer
+        switch.__class__ = with_mixin(TimedExperts, type(switch))
+    return timer
+
+
+def _per_token(count: float, tokens: int) -> Optional[float]:
+    return count / tokens if tokens else None
+
+
+def _rank_row(f: Dict[str, Any], moe_layers: int) -> Dict[str, Any]:
+    control = f["control"]
+    steps = f["steps"]
+    return {
+        "rank": f["rank"],
+        "host": f["host"],
+        "pid": f["pid"],
+        "requests": f["requests"],
+        "prompt_tokens": f["prompt_tokens"],
+        "generated_tokens": f["generated_tokens"],
+        "steps": steps,
+        "decode_steps": f["decode_steps"],
+        "expert_seconds": f["expert_seconds"],
+        "all_reduce_seconds": f["all_reduce_seconds"],
+        "all_reduces": f["all_reduces"],
+        "all_reduces_per_token": _per_token(f["all_reduces"], f["generated_tokens"]),
+        # A forward pass over the batch does one all-reduce per MoE layer.
+        "forward_passes": f["all_reduces"] / moe_layers if moe_layers else None,
+        "control_broadcasts": control["broadcasts"],
+        "control_bytes": control["bytes"],
+        "control_seconds": control["seconds"],
+        "control_broadcasts_per_step": _per_token(control["broadcasts"], steps),
+        "other_collectives": f["other_collectives"],
+        "peak_memory_bytes": f["peak_memory_bytes"],
+        "max_rss_bytes": f["max_rss_bytes"],
+    }
+
+
+def summarize(figures: List[Dict[str, Any]], model: Dict[str, Any]) -> Dict[str, Any]:
+    """The ``/status`` document from every rank's figures.
+
+    Args:
+        figures: One dict per rank, in rank order.
+        model: What is served (id, mode, MoE layers, ranks).
+
+    Returns:
+        A JSON-serialisable dict: ``model``, ``requests`` (rank 0's count
+        of requests and tokens), ``control`` (broadcasts per step, the
+        promise of at most one), and ``ranks`` (one row per rank).
+    """
+    first = figures[0]
+    moe_layers = model.get("moe_layers", 0)
+    steps = first["steps"]
+    return {
+        "object": "moe_mpi.status",
+        "model": model,
+        "uptime_seconds": first["uptime_seconds"],
+        "requests": {
+            "total": first["requests"],
+            "active": first["active"],
+            "finished": first["finished"],
+            "cancelled": first["cancelled"],
+            "prompt_tokens": first["prompt_tokens"],
+            "cached_prompt_tokens": first["cached_prompt_tokens"],
+            "generated_tokens": first["generated_tokens"],
+        },
+        "control": {
+            # One broadcast per step, plus one each time the server wakes
+            # from idle (a request or a status query arriving): never per layer.
+            "broadcasts": first["control"]["broadcasts"],
+            "steps": steps,
+            "decode_steps": first["decode_steps"],
+            "broadcasts_per_step": _per_token(first["control"]["broadcasts"], steps),
+            "bytes_per_broadcast": _per_token(first["control"]["bytes"], first["control"]["broadcasts"]),
+            "status_allgathers": first["status_allgathers"],
+        },
+        "ranks": [_rank_row(f, moe_layers) for f in figures],
+    }
