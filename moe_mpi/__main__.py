@@ -21,6 +21,8 @@ SUBCOMMANDS = {
     "generate": "Generate text with an MoE model, experts spread over the MPI ranks.",
     "info": "Show what each rank will hold (experts, bytes), without launching anything.",
     "hostfile": "Check and convert MPI hostfiles (Open MPI, MPICH, mlx.launch JSON).",
+    "calibrate": "Measure this cluster's bandwidth, kernel rates and link costs into a profile (under mpirun).",
+    "plan": "Predict tokens/s and memory per mode and machine count: will another Mac help?",
     "bench": "Benchmarks of expert-parallel inference (collectives, ping-pong, models).",
 }
 
