@@ -15,7 +15,11 @@ cores). In about half a minute it measures:
 * **kernel tables**: seconds per weight byte of a weight matrix put through
   1 to 512 rows, per weight format: ``float32`` (moe_mpi's CPU kernels:
   the compiled matrix-vector loop up to 8 rows, BLAS above) and ``q4``
-  (MLX's 4-bit ``quantized_matmul``, group 64);
+  (MLX's 4-bit ``quantized_matmul``, group 64); and the same for experts
+  (``float32/expert``, ``q4/expert``): moe_mpi's own expert kernel
+  (``compute`` of a loaded switch layer: gate, up, activation, down, the
+  rows gathered and scattered) on a probe layer of 4 experts, hidden 1024,
+  intermediate 2816, every expert given the same number of rows;
 * **fixed costs**: the decode step and the prefill of two tiny random
   models (1 and 3 layers, hidden 64) on each rank alone, per code path
   (the numpy decode step; MLX's model code, float and 4-bit); the
@@ -50,10 +54,11 @@ from .runner import abort_on_error, add_debug_argument, collective_phase, parse_
 __all__ = ["fit_latency_bandwidth", "main", "setup_arg_parser"]
 
 FLOAT_ROWS = (1, 2, 4, 8, 16, 64, 256, 512)
-QUANT_ROWS = (1, 2, 4, 8, 16, 64, 256)
+QUANT_ROWS = (1, 2, 4, 8, 16, 64)  # arithmetic-bound from a few rows: beyond, time grows with rows
 ALLREDUCE_SIZES = (1 << 10, 4 << 10, 16 << 10, 64 << 10, 256 << 10, 1 << 20, 2 << 20)
 EXCHANGE_SIZES = (1 << 10, 16 << 10, 256 << 10, 1 << 20)
 PINGPONG_SIZES = (8, 1 << 10, 16 << 10, 64 << 10, 256 << 10)
+PROBE_EXPERTS = 4
 
 
 def setup_arg_parser() -> argparse.ArgumentParser:
@@ -177,6 +182,60 @@ def matmul_flops(comm, repeats: int) -> float:
     mx.eval(a, b)
     seconds = _slowest(comm, _median_seconds(comm, lambda: mx.eval(a @ b), repeats))
     return 2 * 512 * 2048 * 2048 / seconds
+
+
+def _probe_layer(tmp: Path, bits: Optional[int], self_comm):
+    """A loaded 1-layer probe model's switch layer and its bytes per expert."""
+    from .loading import load_model
+    from .synthetic import tiny_config, write_checkpoint
+
+    config = tiny_config("qwen3_moe", hidden_size=1024, num_hidden_layers=1, num_attention_heads=8,
+                         num_key_value_heads=4, num_experts=PROBE_EXPERTS, num_experts_per_tok=1,
+                         moe_intermediate_size=2816, intermediate_size=2816, vocab_size=512)
+    path = write_checkpoint(tmp / f"probe-{bits}", config, quantize=bits, group_size=64, tokenizer=False)
+    model, _ = load_model(path, self_comm, mode="ep")
+    switch = model.ep_info.switches[0]
+    from mlx.utils import tree_flatten
+
+    nbytes = sum(a.nbytes for _, a in tree_flatten(switch.parameters())) / PROBE_EXPERTS
+    return switch, nbytes
+
+
+def expert_table(comm, switch, expert_bytes: float, rows_list: Sequence[int], repeats: int) -> Dict[str, list]:
+    """Seconds per weight byte of ``switch.compute`` with ``rows`` rows per expert.
+
+    All experts of the probe get the same rows in one call (as a decode step
+    or a prefill hands a layer's experts their rows together), except from
+    16 rows on, where one expert does (arithmetic-bound by then, so the
+    cost per byte no longer depends on how many experts share the call).
+    """
+    import mlx.core as mx
+
+    per_byte = []
+    for rows in rows_list:
+        experts = PROBE_EXPERTS if rows < 16 else 1
+        x = mx.random.normal((experts * rows, 1024), key=mx.random.key(rows))
+        ids = np.repeat(np.arange(experts), rows)
+        mx.eval(x)
+        seconds = _median_seconds(comm, lambda: mx.eval(switch.compute(x, ids)), repeats)
+        per_byte.append(_slowest(comm, seconds) / (experts * expert_bytes))
+    return {"rows": list(rows_list), "seconds_per_byte": per_byte}
+
+
+def expert_tables(comm, repeats: int) -> Dict[str, dict]:
+    """``float32/expert`` and ``q4/expert`` tables, each rank timing its own probe."""
+    from mpi4py import MPI
+
+    from .comm import Communicator
+
+    self_comm = Communicator(MPI.COMM_SELF)
+    out = {}
+    with tempfile.TemporaryDirectory(prefix="moe-calibrate-") as tmp:
+        for fmt, bits, rows in (("float32", None, FLOAT_ROWS), ("q4", 4, QUANT_ROWS)):
+            switch, nbytes = _probe_layer(Path(tmp), bits, self_comm)
+            out[f"{fmt}/expert"] = expert_table(comm, switch, nbytes, rows, repeats)
+            del switch
+    return out
 
 
 # ---------------------------------------------------------------------------
@@ -422,6 +481,7 @@ def measure(comm, args) -> tuple:
         "float32": kernel_table(comm, _float32_kernel, FLOAT_ROWS, args.repeats),
         "q4": kernel_table(comm, _q4_kernel, QUANT_ROWS, args.repeats),
     }
+    tables.update(expert_tables(comm, args.repeats))
     say("# kernel tables: " + "; ".join(
         f"{k} " + " ".join(f"{r}:{1 / s / 1e9:.1f}" for r, s in zip(t["rows"], t["seconds_per_byte"]))
         for k, t in tables.items()) + " (rows:GB/s of weights)", flush=True)

@@ -467,10 +467,10 @@ def _expert_seconds(shape: ModelShape, mode: Mode, ranks: Sequence[Machine], cou
     active = counts > 0
     for r, m in enumerate(ranks):
         if mode.experts == "sliced":
-            t = m.kernel_seconds(shape.fmt, shape.expert_bytes / n, counts, shape.weight_bits) * active
+            t = m.kernel_seconds(shape.fmt, shape.expert_bytes / n, counts, shape.weight_bits, "expert") * active
         else:
             mine = owners == r
-            t = m.kernel_seconds(shape.fmt, shape.expert_bytes, counts[:, mine], shape.weight_bits) * active[:, mine]
+            t = m.kernel_seconds(shape.fmt, shape.expert_bytes, counts[:, mine], shape.weight_bits, "expert") * active[:, mine]
         out[:, r] = t.sum(axis=1)
     return out
 

@@ -156,11 +156,14 @@ class Machine:
     def usable_bytes(self) -> float:
         return self.memory_bytes * self.usable_fraction
 
-    def kernel_seconds(self, fmt: str, nbytes, rows, bits: float):
+    def kernel_seconds(self, fmt: str, nbytes, rows, bits: float, kind: str = "linear"):
         """Seconds to put ``rows`` rows through a weight of ``nbytes`` bytes.
 
         Args:
             fmt: The weight format (``float32``, ``bfloat16``, ``q4``, ...).
+            kind: ``"linear"`` (one projection) or ``"expert"`` (a routed
+                expert: its table ``<fmt>/expert`` if measured, else the
+                format's).
             nbytes: Weight bytes (number or numpy array).
             rows: Rows (tokens) through it (number or numpy array).
             bits: Bits per weight of ``fmt`` (for the FLOP count: each
@@ -172,7 +175,7 @@ class Machine:
         """
         import numpy as np
 
-        table = self.kernels.get(fmt)
+        table = (self.kernels.get(f"{fmt}/{kind}") if kind != "linear" else None) or self.kernels.get(fmt)
         if table is not None:
             return np.asarray(nbytes, dtype=np.float64) * table.per_byte(rows)
         read = np.asarray(nbytes, dtype=np.float64) / (self.efficiency * self.bandwidth)

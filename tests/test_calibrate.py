@@ -90,7 +90,7 @@ def test_calibrate_on_two_ranks_writes_a_profile_plan_reads(tmp_path, capsys):
     machine, link, meta = read_profile(out)
     assert meta["ranks"] == 2 and meta["seconds"] < 120
     assert machine.bandwidth > 1e8 and machine.flops > 1e8
-    assert set(machine.kernels) == {"float32", "q4"}
+    assert set(machine.kernels) == {"float32", "q4", "float32/expert", "q4/expert"}
     assert {"numpy/decode", "mlx/decode", "mlx-quantized/decode", "mlx/prefill"} <= set(machine.layer_seconds)
     assert set(link.allreduce) >= {"mpi4py-numpy", "mlx-mpi4py"}
     assert 0 < link.latency < 1e-3 and link.exchange is not None
