@@ -326,6 +326,9 @@ def _run(args) -> int:
         "# memory = weights + KV cache of the busiest rank" + (" (ep: weights from the checkpoint's sharding plan)" if exact and exact.get(1) else "")
         + "; comm = share of the time on the link (predicted)",
     ]
+    if profile_machine is not None and profile_machine.ranks_per_host > 1:
+        header.append(f"# the profile was measured with {profile_machine.ranks_per_host} ranks sharing one host's "
+                      "cores and memory: every row uses those per-rank rates (pessimistic for fewer ranks)")
     if args.json:
         payload = {"model": shape.name, "shape": shape.__dict__, "batch": args.batch, "prompt_tokens": args.prompt_tokens,
                    "context": args.context, "rows": rows}
