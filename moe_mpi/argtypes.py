@@ -1,4 +1,4 @@
-"""Number types for argparse options, one copy each for every command.
+"""Argparse pieces every command shares: number types, and the options that say how to shard.
 
 Each function takes the option's text and returns the value, or raises
 ``argparse.ArgumentTypeError`` with a message that says what was expected
@@ -16,11 +16,13 @@ import argparse
 from typing import List
 
 __all__ = [
+    "add_sharding_arguments",
     "float_list",
     "int_list",
     "non_negative_float",
     "non_negative_int",
     "positive_int",
+    "sharding_options",
     "unit_interval",
 ]
 
@@ -127,3 +129,50 @@ def float_list(text: str) -> List[float]:
     if not values:
         raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
     return values
+
+
+#: The modes a command that runs the model on every rank offers (``central`` needs its own driver).
+SPMD_MODES = ("ep", "sliced", "auto")
+
+
+def add_sharding_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--mode``, ``--placement``, ``--weights``, ``--stats``, ``--layouts``, ``--replicas``."""
+    parser.add_argument(
+        "--mode", choices=SPMD_MODES, default="ep",
+        help="how experts are shared out: 'ep' (default: whole experts per rank), 'sliced' (a slice of "
+        "every expert per rank) or 'auto' (per layer, from --stats: hot experts split or replicated, "
+        "the rest placed to even out the load; docs/balance.md)",
+    )
+    parser.add_argument(
+        "--placement", default="contiguous",
+        help="ep: which rank owns which experts: 'contiguous' (default), 'round-robin' or a JSON placement file",
+    )
+    parser.add_argument(
+        "--weights", type=float_list, default=None,
+        help="relative share of the experts per rank, one number per rank, e.g. 2,1,1 (a bigger Mac takes more)",
+    )
+    parser.add_argument(
+        "--stats", metavar="FILE", default=None,
+        help="router statistics (moe-mpi profile): 'ep' places each layer's experts by them, 'auto' balances by them",
+    )
+    parser.add_argument(
+        "--layouts", metavar="FILE", default=None,
+        help="per-layer expert layouts (moe-mpi info --write-layouts) for 'ep' or 'auto'",
+    )
+    parser.add_argument(
+        "--replicas", type=non_negative_float, default=0.0,
+        help="auto: extra whole experts each rank may hold per layer (memory budget; default 0)",
+    )
+    parser.add_argument(
+        "--warm-experts", action="store_true",
+        help="Metal: idle ranks compute their least recently used experts as throw-away work, so the "
+        "GPU keeps every expert's memory wired (off on the CPU)",
+    )
+
+
+def sharding_options(args: argparse.Namespace) -> dict:
+    """The keyword arguments of :func:`moe_mpi.load` from :func:`add_sharding_arguments`' options."""
+    return dict(
+        mode=args.mode, placement=args.placement, weights=args.weights,
+        stats=args.stats, layouts=args.layouts, replicas=args.replicas, warm_experts=args.warm_experts,
+    )

@@ -65,7 +65,7 @@ class CentralExperts(LocalExperts):
         k, d = indices.shape[-1], x.shape[-1]
         x_flat = x.reshape(-1, d)  # [T, D]
         flat = np.asarray(indices.reshape(-1))  # [T*k]
-        owners, positions = _routes(shard.placement)
+        owners, positions = _routes(shard.layout)
         owner = owners[flat]  # [T*k]
         index = positions[flat]  # [T*k] expert's index on its owner
         x_buffer = None
@@ -105,10 +105,10 @@ class CentralExperts(LocalExperts):
 
 
 @functools.lru_cache(maxsize=None)
-def _routes(placement) -> Tuple[np.ndarray, np.ndarray]:
+def _routes(layout) -> Tuple[np.ndarray, np.ndarray]:
     """``[num_experts]`` each: every expert's owner, and its row in the owner's stacked weights."""
-    owners = np.asarray(placement.owners, dtype=np.int64)
-    positions = np.array([placement.local_index(e) for e in range(placement.num_experts)], dtype=np.int64)
+    owners = np.asarray(layout.owners(), dtype=np.int64)
+    positions = np.array([layout.whole_on(int(r)).index(e) for e, r in enumerate(owners)], dtype=np.int64)
     return owners, positions
 
 

@@ -19,6 +19,8 @@ from typing import Any, Tuple
 import mlx.core as mx
 import numpy as np
 
+from .layout import assign_slots
+
 
 @dataclass(frozen=True, eq=False)
 class ExpertShard:
@@ -26,32 +28,78 @@ class ExpertShard:
 
     One record per MoE layer, shared by the block (``block.expert_shard``,
     whose ``comm`` does the layer's one all-reduce) and its switch layer
-    (``switch.expert_shard``, which uses ``local_of`` to pick its slots).
+    (``switch.expert_shard``, which uses it to pick its slots).
+
+    The switch layer's own stacked weights hold ``experts``: whole experts,
+    or, when every expert is split (``mode="sliced"``), this rank's slice of
+    each. In a layout that splits some experts and keeps others whole, the
+    slices of ``split_experts`` are stacked in a second switch layer, the
+    child ``switch.split``.
 
     Attributes:
         layer: Index of the layer among the model's MoE layers.
         num_experts: Experts the router chooses from.
-        experts: Global ids of the experts stacked here, in stacking order.
+        experts: Global ids stacked in the switch layer's own weights, in order.
         comm: The communicator of the layer's all-reduce (``all_sum``).
-        placement: Which rank owns which expert; None where every rank
-            holds a slice of every expert (``mode="sliced"``).
+        layout: The layer's :class:`moe_mpi.layout.Layout`, or None where
+            every expert is here (tensor parallelism's baseline).
+        rank: This rank.
+        split_experts: Global ids stacked, as slices, in ``switch.split``.
     """
 
     layer: int
     num_experts: int
     experts: Tuple[int, ...]
     comm: Any = None
-    placement: Any = None
+    layout: Any = None
+    rank: int = 0
+    split_experts: Tuple[int, ...] = ()
+    is_child: bool = False  # the record of a ``switch.split`` child
 
     def __post_init__(self):
-        lookup = np.full(self.num_experts, -1, dtype=np.int64)
-        lookup[np.asarray(self.experts, dtype=np.int64)] = np.arange(len(self.experts))
-        object.__setattr__(self, "local_of", lookup)  # [num_experts]: local index, -1 elsewhere
+        object.__setattr__(self, "local_of", _lookup(self.experts, self.num_experts))  # [E]: index here, -1 elsewhere
+        object.__setattr__(self, "split_local_of", _lookup(self.split_experts, self.num_experts))
+        replicas = self.layout is not None and bool(self.layout.replicated)
+        object.__setattr__(self, "has_replicas", replicas)
 
     @property
     def all_local(self) -> bool:
-        """Every expert is here (each whole, or each a slice)."""
-        return len(self.experts) == self.num_experts
+        """Every expert is in the switch layer's own weights (each whole, or each a slice)."""
+        return len(self.experts) == self.num_experts and not self.split_experts and not self.has_replicas
+
+    def slots(self, flat: np.ndarray) -> Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Which of a call's ``(token, slot)`` pairs this rank computes, and with what.
+
+        Args:
+            flat: ``[T*k]`` global expert ids (the routing, the same on every rank).
+
+        Returns:
+            ``(own_slots, own_ids, split_slots, split_ids)``: the slots computed
+            with the switch layer's own weights and their index there, and the
+            slots of split experts with their index in ``switch.split``.
+        """
+        if self.has_replicas:  # a replicated expert's slots go to one holder
+            chosen = assign_slots(self.layout, flat)  # [T*k]
+            own_slots = np.flatnonzero(chosen == self.rank)
+            own_ids = self.local_of[flat[own_slots]]
+        else:
+            local = self.local_of[flat]  # [T*k], -1 where not in the own weights
+            own_slots = np.flatnonzero(local >= 0)
+            own_ids = local[own_slots]
+        if not self.split_experts:
+            return own_slots, own_ids, _EMPTY, _EMPTY
+        split = self.split_local_of[flat]
+        split_slots = np.flatnonzero(split >= 0)
+        return own_slots, own_ids, split_slots, split[split_slots]
+
+
+_EMPTY = np.zeros(0, dtype=np.int64)
+
+
+def _lookup(experts: Tuple[int, ...], num_experts: int) -> np.ndarray:
+    lookup = np.full(num_experts, -1, dtype=np.int64)
+    lookup[np.asarray(experts, dtype=np.int64)] = np.arange(len(experts))
+    return lookup
 
 
 class LocalExperts:
@@ -84,18 +132,21 @@ class LocalExperts:
         return self.local_slots(x, indices)
 
     def local_slots(self, x: mx.array, indices: mx.array) -> mx.array:
-        """The general path of :meth:`__call__`: only the local ``(token, slot)`` pairs are computed."""
+        """The general path of :meth:`__call__`: only this rank's ``(token, slot)`` pairs are computed."""
         k, d = indices.shape[-1], x.shape[-1]
         x_flat = x.reshape(-1, d)  # [T, D]
         # Reading the routing back (numpy) is one sync per layer; it lets the
         # rank compute only its own (token, slot) pairs instead of all T*k.
         flat = np.asarray(indices.reshape(-1))  # [T*k] global ids
-        local = self.expert_shard.local_of[flat]  # [T*k], -1 where another rank owns it
-        slots = np.flatnonzero(local >= 0)  # [M]
+        own_slots, own_ids, split_slots, split_ids = self.expert_shard.slots(flat)
         out = mx.zeros((flat.size, d), dtype=x.dtype)  # [T*k, D]
-        if slots.size:
-            rows = x_flat[mx.array(slots // k)]  # [M, D] token of each local slot
-            out[mx.array(slots)] = self.compute(rows, local[slots]).astype(x.dtype)
+        for slots, ids, unit in ((own_slots, own_ids, self), (split_slots, split_ids, self.get("split"))):
+            if slots.size:
+                rows = x_flat[mx.array(slots // k)]  # [M, D] token of each slot
+                out[mx.array(slots)] = unit.compute(rows, ids).astype(x.dtype)
+        warm = self.__dict__.get("warm_up")  # moe_mpi.warmup: idle experts kept warm (Metal)
+        if warm is not None:
+            out = out + warm.pad(self, flat, own_ids, x)
         return out.reshape(*indices.shape, d)  # [..., k, D]
 
     def compute(self, rows: mx.array, local_ids: np.ndarray) -> mx.array:
@@ -130,10 +181,16 @@ def make_local(switch, shard: ExpertShard) -> None:
     switch.__class__ = with_mixin(LocalExperts, type(switch))
 
 
-def local_switch_layers(model) -> list:
-    """The model's switch layers that hold this rank's experts, in layer order."""
-    found = [m for _, m in model.named_modules() if isinstance(m, LocalExperts)]
-    return sorted(found, key=lambda m: m.expert_shard.layer)
+def local_switch_layers(model, children: bool = False) -> list:
+    """The model's switch layers that hold this rank's experts, in layer order.
+
+    With ``children``, also the ``split`` child of each that has one.
+    """
+    found = [m for _, m in model.named_modules() if isinstance(m, LocalExperts) and not m.expert_shard.is_child]
+    found.sort(key=lambda m: m.expert_shard.layer)
+    if children:
+        found += [m["split"] for m in found if "split" in m]
+    return found
 
 
 _MIXED = {}

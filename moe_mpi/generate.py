@@ -45,12 +45,13 @@ after the failing rank prints its traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import resource
 import sys
 import time
 from typing import Callable, Dict, List, Optional, Sequence, TextIO, Tuple
 
-from .argtypes import float_list, non_negative_float, positive_int, unit_interval
+from .argtypes import add_sharding_arguments, non_negative_float, positive_int, sharding_options, unit_interval
 from .comm import BACKENDS, Communicator
 from .errors import CollectiveError, UserError
 from .prompts import (
@@ -62,7 +63,7 @@ from .prompts import (
     read_prompt_argument,
     read_prompts_file,
 )
-from .results import ResultWriter, id_key, result_row, scan_results_file
+from .results import ResultWriter, check_writable, id_key, result_row, scan_results_file
 from .runner import PROG, abort_on_error, add_debug_argument, collective_phase, parse_args, show_progress
 
 DEFAULT_MAX_TOKENS = 100
@@ -70,7 +71,6 @@ DEFAULT_TEMP = 0.0
 DEFAULT_TOP_P = 1.0
 DEFAULT_SEED = 0
 DEFAULT_BATCH_SIZE = 8
-DEFAULT_PLACEMENT = "contiguous"
 
 # --------------------------------------------------------------------------
 # Command line
@@ -157,23 +157,7 @@ def setup_arg_parser() -> argparse.ArgumentParser:
             f"same tokens (default: {DEFAULT_SEED})."
         ),
     )
-    parser.add_argument(
-        "--placement",
-        default=DEFAULT_PLACEMENT,
-        help=(
-            "Which rank owns which experts: 'contiguous' (default), "
-            "'round-robin' or a JSON placement file."
-        ),
-    )
-    parser.add_argument(
-        "--weights",
-        type=float_list,
-        default=None,
-        help=(
-            "Relative share of the experts per rank for contiguous placement, "
-            "one number per rank, e.g. 2,1,1 (a faster machine takes more)."
-        ),
-    )
+    add_sharding_arguments(parser)
     parser.add_argument(
         "--system-prompt",
         default=None,
@@ -208,6 +192,16 @@ def setup_arg_parser() -> argparse.ArgumentParser:
         ),
     )
     parser.add_argument(
+        "--record-routing",
+        metavar="FILE",
+        default=None,
+        help=(
+            "Write router statistics of this run to FILE (JSON, docs/balance.md): per MoE "
+            "layer, how often each expert was chosen. For --mode auto or --stats. In batch "
+            "mode --output may then be left out."
+        ),
+    )
+    parser.add_argument(
         "--progress",
         action=argparse.BooleanOptionalAction,
         default=None,
@@ -222,8 +216,8 @@ def setup_arg_parser() -> argparse.ArgumentParser:
 
 def _validate(parser: argparse.ArgumentParser) -> Callable[[argparse.Namespace], None]:
     def validate(args: argparse.Namespace) -> None:
-        if args.prompts_file is not None and args.output is None:
-            parser.error("--prompts-file needs --output (the results file)")
+        if args.prompts_file is not None and args.output is None and args.record_routing is None:
+            parser.error("--prompts-file needs --output (the results file) or --record-routing")
         if args.output is not None and args.prompts_file is None:
             parser.error("--output is for batch mode: use it with --prompts-file")
 
@@ -290,14 +284,7 @@ def _load(args: argparse.Namespace, comm):
     from .loading import load
 
     # No --model: resolve_model_path gives the bundled demo model.
-    return load(
-        args.model,
-        comm=comm,
-        placement=args.placement,
-        weights=args.weights,
-        return_config=True,
-        progress=args.progress,
-    )
+    return load(args.model, comm=comm, return_config=True, progress=args.progress, **sharding_options(args))
 
 
 def _backend_comm(comm: Communicator, backend: str) -> Communicator:
@@ -382,12 +369,9 @@ def _model_name(args: argparse.Namespace) -> str:
 
 def _describe_model(model, comm, model_name: str) -> str:
     info = model.ep_info
-    counts = ", ".join(
-        "/".join(str(p.counts[r]) for p in info.placements) for r in range(comm.size)
-    )
     return (
-        f"Model: {model_name}; {comm.size} rank(s), {info.num_moe_layers} MoE layers, "
-        f"experts per rank: {counts}"
+        f"Model: {model_name}; {comm.size} rank(s), mode {info.mode}, {info.num_moe_layers} MoE layers, "
+        f"experts per rank: {', '.join(info.experts_per_rank())}"
     )
 
 
@@ -433,6 +417,30 @@ class Progress:
         self.stream.flush()
 
 
+@contextlib.contextmanager
+def _recording(args: argparse.Namespace, model, rank0: bool):
+    """Rank 0 records the routing while open, with ``--record-routing``; yields the statistics or None."""
+    from .routing import RoutingStats, record_routing
+
+    stats = RoutingStats.for_model(model) if args.record_routing else None
+    with record_routing(model if stats is not None and rank0 else None, stats):
+        yield stats
+
+
+def _save_routing(args: argparse.Namespace, model, comm, stats) -> None:
+    """Rank 0 writes ``--record-routing``; collective."""
+    if stats is None:
+        return
+    with collective_phase(comm, debug=args.debug, name_ranks=False):
+        if comm.rank == 0:
+            info = model.ep_info
+            stats.save(args.record_routing, model={
+                "path": _model_name(args), "model_type": getattr(model, "model_type", None),
+                "ranks": info.size, "mode": info.mode,
+            })
+            _print_stats([f"{PROG}: router statistics of {stats.tokens[0]} tokens written to {args.record_routing}"])
+
+
 def generate_one(args: argparse.Namespace, comm: Communicator) -> None:
     """Single-prompt mode: rank 0 streams the text to stdout."""
     debug = args.debug
@@ -440,6 +448,8 @@ def generate_one(args: argparse.Namespace, comm: Communicator) -> None:
     with collective_phase(comm, debug=debug, name_ranks=False):
         comm = _backend_comm(comm, args.backend)
         text = read_prompt_argument(args.prompt) if comm.rank == 0 else None
+        if comm.rank == 0:
+            check_writable(args.record_routing, "--record-routing")
     # After the phase: if rank 0 could not read stdin, all ranks left above.
     text = comm.bcast(text)
 
@@ -463,13 +473,15 @@ def generate_one(args: argparse.Namespace, comm: Communicator) -> None:
     _seed(args.seed)
     comm.reset_stats()
     response = None
-    for response in stream_generate(
-        model, tokenizer, prompt, max_tokens=args.max_tokens, sampler=sampler
-    ):
-        if rank0:
-            sys.stdout.write(response.text)
-            sys.stdout.flush()
+    with _recording(args, model, rank0) as stats:
+        for response in stream_generate(
+            model, tokenizer, prompt, max_tokens=args.max_tokens, sampler=sampler
+        ):
+            if rank0:
+                sys.stdout.write(response.text)
+                sys.stdout.flush()
     snapshot = comm.snapshot()
+    _save_routing(args, model, comm, stats)
     if rank0:
         sys.stdout.write("\n")
         sys.stdout.flush()
@@ -499,8 +511,9 @@ def _batch_plan(args: argparse.Namespace, comm: Communicator) -> Dict:
     plan = None
     with collective_phase(comm, debug=args.debug, name_ranks=False):
         if comm.rank == 0:
+            check_writable(args.record_routing, "--record-routing")
             rows = read_prompts_file(args.prompts_file)
-            done, repair = scan_results_file(args.output, args.prompts_file)
+            done, repair = scan_results_file(args.output, args.prompts_file) if args.output else (set(), None)
             todo = [r for r in rows if id_key(r["id"]) not in done]
             plan = {"todo": todo, "total": len(rows), "repair": repair}
     return comm.bcast(plan)
@@ -560,13 +573,14 @@ def _generate_batches(
         new_tokens = sum(len(t) for t in result.token_ids)
         prompt_tokens += sum(len(t) for t in batch)
         generated += new_tokens
-        if rank0:
+        if writer is not None:
             writer.write(
                 [
                     result_row(row, detokenize(tokenizer, out), len(ids), len(out), seconds)
                     for row, ids, out in zip(batch_rows, batch, result.token_ids)
                 ]
             )
+        if progress is not None:
             progress.update(len(batch_rows), new_tokens)
     return prompt_tokens, generated
 
@@ -592,7 +606,7 @@ def generate_batch(args: argparse.Namespace, comm: Communicator) -> None:
     writer = None
     with collective_phase(comm, debug=debug):
         tokens = _encode_rows(args, tokenizer, config, todo)
-        if rank0:
+        if rank0 and args.output:
             writer = ResultWriter(args.output, plan["repair"])
 
     if args.verbose and rank0:
@@ -601,16 +615,21 @@ def generate_batch(args: argparse.Namespace, comm: Communicator) -> None:
     progress = Progress(len(todo), show=show_progress(args.progress)) if rank0 else None
     _seed(args.seed)
     comm.reset_stats()
-    prompt_tokens, generated = _generate_batches(
-        args, model, tokenizer, todo, tokens, sampler, rank0, writer, progress
-    )
+    with _recording(args, model, rank0) as stats:
+        prompt_tokens, generated = _generate_batches(
+            args, model, tokenizer, todo, tokens, sampler, rank0, writer, progress
+        )
     snapshot = comm.snapshot()
+    _save_routing(args, model, comm, stats)
     if rank0:
-        writer.close()
+        if writer is not None:
+            writer.close()
         already = f", {skipped} already there" if skipped else ""
+        wrote = f"wrote {len(todo)} results to {args.output}{already}" if writer is not None else (
+            f"generated for {len(todo)} prompts"
+        )
         progress.close(
-            f"{PROG}: wrote {len(todo)} results to {args.output}{already}; "
-            f"{generated} tokens in {progress.seconds:.1f} s "
+            f"{PROG}: {wrote}; {generated} tokens in {progress.seconds:.1f} s "
             f"({progress.tokens_per_second:.1f} tokens-per-sec)"
         )
     _report_stats(

@@ -15,7 +15,13 @@ import argparse
 import json
 from typing import Optional, Sequence
 
-from .argtypes import float_list
+import numpy as np
+
+from .argtypes import SPMD_MODES, float_list, non_negative_float, positive_int
+from .balance import expected_loads
+from .layout import Layout, layouts_to_json
+from .placement import ExpertPlacement
+from .routing import RoutingStats
 from .memory import DEFAULT_CONTEXT, DEFAULT_PREFILL_STEP, MemoryPlan, human_bytes, plan_memory
 from .runner import fail, parse_args
 
@@ -48,13 +54,16 @@ def format_plan(plan: MemoryPlan) -> str:
     lines.append(f"Placement ({plan.placement_strategy}):")
     for p in plan.placements:
         lines.extend("  " + line for line in p.table().splitlines())
+    if not plan.placements:
+        kinds = sorted({layout.describe() for layout in plan.layouts})
+        lines.extend(f"  {len([l for l in plan.layouts if l.describe() == k])} MoE layers: {k}" for k in kinds)
     lines.append("")
 
     lines.append(
         f"Memory per rank (weights: exactly what load() holds; KV cache at "
         f"{plan.context} tokens and activations: estimates):"
     )
-    header = ["rank", "experts", "replicated", "expert wts", "shared exp", "weights", "KV cache", "activations", "peak"]
+    header = ["rank", "whole exp", "replicated", "expert wts", "shared exp", "weights", "KV cache", "activations", "peak"]
     rows = [
         [
             str(r.rank),
@@ -90,6 +99,33 @@ def format_plan(plan: MemoryPlan) -> str:
     return "\n".join(lines)
 
 
+def expected_balance(plan: MemoryPlan, stats, batch: int) -> list:
+    """Per MoE layer: the busiest rank's expected rows over the mean rank's at ``batch`` tokens per
+    step, for plain ``ep`` (contiguous placement) and for the plan's layout, and the latter's rows per rank."""
+    rows = []
+    n = plan.num_ranks
+    for i, layout in enumerate(plan.layouts):
+        e = layout.num_experts
+        p = stats.frequencies(i) if stats is not None else np.full(e, 1.0 / e)
+        k = (stats.top_k[i] if stats is not None and stats.top_k[i] else None) or plan.top_k or 2
+        plain = Layout.from_owners(ExpertPlacement.contiguous(e, n).owners, n)
+        _, before = expected_loads(plain, p, k, batch)
+        loads, after = expected_loads(layout, p, k, batch)
+        rows.append({"layer": i, "plain_ep": before, "chosen": after, "rows_per_rank": [float(x) for x in loads]})
+    return rows
+
+
+def format_balance(rows: list, batch: int, measured: bool) -> str:
+    """The expected-load table."""
+    source = "the router statistics" if measured else "uniform routing (no --stats)"
+    lines = ["", f"Expected load at {batch} tokens per step, from {source}: busiest rank / mean rank"]
+    lines.append("  layer  plain ep  this layout  rows per rank")
+    for r in rows:
+        per_rank = "/".join(f"{x:.1f}" for x in r["rows_per_rank"])
+        lines.append(f"  {r['layer']:>5}  {r['plain_ep']:8.2f}  {r['chosen']:11.2f}  {per_rank}")
+    return "\n".join(lines)
+
+
 # ---------------------------------------------------------------------------
 # CLI
 # ---------------------------------------------------------------------------
@@ -114,6 +150,19 @@ def setup_arg_parser() -> argparse.ArgumentParser:
         help="Expert placement: contiguous (default), round-robin, or a placement JSON file.",
     )
     parser.add_argument("--weights", type=float_list, default=None, help="Relative expert share per rank, e.g. 2,1,1.")
+    parser.add_argument("--mode", choices=SPMD_MODES, default="ep", help="ep (default), sliced or auto, as for generate.")
+    parser.add_argument(
+        "--stats", metavar="FILE", default=None,
+        help="Router statistics (moe-mpi profile): ep and auto place by them, and the expected load per "
+        "rank and layer is shown before (plain ep) and after.",
+    )
+    parser.add_argument("--layouts", metavar="FILE", default=None, help="Per-layer layouts file, as for generate.")
+    parser.add_argument("--replicas", type=non_negative_float, default=0.0, help="auto: extra whole experts per rank.")
+    parser.add_argument(
+        "--batch", type=positive_int, default=8,
+        help="Tokens per step the expected load is shown for (default: 8).",
+    )
+    parser.add_argument("--write-layouts", metavar="FILE", default=None, help="Write the layouts chosen, for --layouts.")
     parser.add_argument(
         "--context", type=int, default=DEFAULT_CONTEXT, help=f"Context length for the KV-cache estimate (default: {DEFAULT_CONTEXT})."
     )
@@ -141,6 +190,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     if num_ranks is None:
         num_ranks = 2
     try:
+        stats = RoutingStats.load(args.stats) if args.stats else None
         plan = plan_memory(
             args.model,
             num_ranks,
@@ -148,17 +198,25 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             weights=args.weights,
             context=args.context,
             prefill_step=args.prefill_step,
+            mode=args.mode,
+            stats=stats,
+            layouts=args.layouts,
+            replicas=args.replicas,
         )
+        if args.write_layouts:
+            layouts_to_json(list(plan.layouts), args.write_layouts, note=f"moe-mpi info {plan.placement_strategy}")
     except (ValueError, OSError) as e:
         # ValueError covers PlanningError, CheckpointError and placement errors;
         # OSError covers ModelNotFoundError and unreadable files.
         fail(e)
     except KeyError as e:  # a config.json without a key the model class needs
         fail(f"config.json is missing {e}")
+    balance_rows = expected_balance(plan, stats, args.batch)
     if args.json:
-        print(json.dumps(plan.to_dict(), indent=2))
+        print(json.dumps(dict(plan.to_dict(), expected_load=balance_rows), indent=2))
     else:
         print(format_plan(plan))
+        print(format_balance(balance_rows, args.batch, stats is not None))
 
 
 if __name__ == "__main__":

@@ -33,9 +33,12 @@ from mlx_lm.utils import _get_classes, infer_quant_config, load_config, load_tok
 from . import cpu
 from .errors import CheckpointError, ModelNotFoundError
 from .placement import ExpertPlacement
+from .routing import RoutingStats
 from .runner import under_launcher
+from .warmup import use_warm_experts
 from .safetensors_io import CheckpointIndex, ShapeOnlyIndex
-from .shard import Plan, Take, drop_dense, per_expert_source, shard_structure, take
+from .shard import drop_dense, shard_structure
+from .slicing import Plan, Take, TakeSplit, per_expert_source, take
 
 PER_EXPERT_KEY = re.compile(r"\.experts\.\d+\.")
 
@@ -158,14 +161,18 @@ def _quantize(model: nn.Module, config: dict, tensors: Dict[str, Any]) -> None:
 
 def _read(index: CheckpointIndex, raw: dict, tensors: dict, codes: dict, src) -> mx.array:
     """Reads one sharded parameter from disk, following its plan entry."""
-    if isinstance(src, Take):
+    if isinstance(src, (Take, TakeSplit)):
         key = src.key
-        if key in raw and tensors.get(key) is raw[key]:
-            return index.read_take(key, src.axis, src.index)  # untouched by sanitize
+        rows = src.experts if isinstance(src, TakeSplit) else None
+        if key in raw and tensors.get(key) is raw[key]:  # untouched by sanitize
+            if rows is None:
+                return index.read_take(key, src.axis, src.index)
+            return take(index.read_take(key, 0, rows), src.axis, src.index)  # the rows, then their slice
         if key in codes:  # stacked by sanitize from per-expert tensors
             src = per_expert_source(codes[key], src)
         elif key in tensors:  # transformed by sanitize: correct, but reads it whole
-            return take(tensors[key], src.axis, src.index)
+            whole = tensors[key] if rows is None else take(tensors[key], 0, rows)
+            return take(whole, src.axis, src.index)
         else:
             raise CheckpointError(f"checkpoint has no tensor {key!r}")
     if all(k in index for k in src.keys):
@@ -215,11 +222,13 @@ def plan_load(
     weights: Optional[Sequence[float]] = None,
     model_config: Optional[dict] = None,
     mode: str = "ep",
+    **layout_options,
 ) -> LoadPlan:
     """Builds this rank's shard of a model and plans its reads; reads no data.
 
     ``comm`` needs only ``rank`` and ``size`` here (``moe-mpi info`` plans
-    every rank of a run in one process).
+    every rank of a run in one process). ``layout_options`` (``layouts``,
+    ``stats``, ``replicas``) go to :func:`moe_mpi.shard.shard_structure`.
     """
     config = read_config(model_path)
     config.update(model_config or {})
@@ -248,7 +257,7 @@ def plan_load(
     # arrays where sanitize passed a per-expert tensor through unchanged.
     _quantize(model, config, {**tensors, **{k: raw[k] for k in names if k in tensors}})
     model.eval()
-    plan: Plan = shard_structure(model, comm, placement, weights, mode)
+    plan: Plan = shard_structure(model, comm, placement, weights, mode, **layout_options)
     worker = mode == "central" and comm.rank != 0
     if worker:
         drop_dense(model)  # central-mode workers hold only their experts
@@ -326,13 +335,14 @@ def load_model(
     model_config: Optional[dict] = None,
     mode: str = "ep",
     progress: Optional[bool] = None,
+    **layout_options,
 ) -> Tuple[nn.Module, dict]:
     """Builds this rank's shard of a model and reads its weights from disk.
 
     Returns:
         ``(model, config)``.
     """
-    lp = plan_load(model_path, comm, placement, weights, model_config, mode)
+    lp = plan_load(model_path, comm, placement, weights, model_config, mode, **layout_options)
     bar = _progress(lp, comm, progress)
     try:
         params = read_parameters(lp, on_read=bar.update if bar is not None else None)
@@ -355,6 +365,10 @@ def load(
     return_config: bool = False,
     mode: str = "ep",
     progress: Optional[bool] = None,
+    layouts=None,
+    stats=None,
+    replicas: float = 0.0,
+    warm_experts: bool = False,
 ):
     """Loads this rank's shard of an MoE model and the tokenizer.
 
@@ -373,9 +387,22 @@ def load(
         progress: Show a progress bar of rank 0's bytes read (shares over
             1 GiB only); None: when stderr is a terminal or mpirun forwards it.
         mode: ``"ep"`` (expert parallel, the default: each rank owns whole
-            experts), ``"sliced"`` (each rank holds a slice of every expert)
+            experts), ``"sliced"`` (each rank holds a slice of every expert),
+            ``"auto"`` (per layer, the layout that evens out the expected
+            load: hot experts split or replicated, see :mod:`moe_mpi.balance`)
             or ``"central"`` (rank 0 routes and the experts' owners serve
             it; the baseline, see :mod:`moe_mpi.central`).
+        layouts: Each MoE layer's :class:`moe_mpi.layout.Layout`, or a
+            layouts file (``moe-mpi balance --output``), for ``ep``, ``auto``
+            or ``central``.
+        stats: Router statistics (a :class:`moe_mpi.routing.RoutingStats`
+            or its file, from ``moe-mpi profile``): ``ep`` places each
+            layer's experts by them, ``auto`` balances by them.
+        replicas: ``auto``: extra whole experts each rank may hold per layer.
+        warm_experts: On Metal, idle ranks compute their least recently used
+            experts as throw-away work so their memory stays wired, and the
+            wired limit is set to the model's size (:mod:`moe_mpi.warmup`).
+            Off on the CPU.
 
     Returns:
         ``(model, tokenizer)`` or ``(model, tokenizer, config)``.
@@ -385,7 +412,14 @@ def load(
 
         comm = Communicator()
     model_path = resolve_model_path(path_or_hf_repo)
-    model, config = load_model(model_path, comm, placement, weights, model_config, mode, progress)
+    if stats is not None and not hasattr(stats, "frequencies"):
+        stats = RoutingStats.load(stats)
+    model, config = load_model(
+        model_path, comm, placement, weights, model_config, mode, progress,
+        layouts=layouts, stats=stats, replicas=replicas,
+    )
+    if warm_experts:
+        use_warm_experts(model)
     tokenizer = load_tokenizer(
         model_path, tokenizer_config, eos_token_ids=config.get("eos_token_id", None)
     )

@@ -27,9 +27,11 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from .loading import LoadPlan, plan_load, read_config, read_parameters, resolve_model_path
+from .layout import Layout
 from .placement import ExpertPlacement
 from .safetensors_io import CheckpointIndex, ShapeOnlyIndex, dtype_name
-from .shard import Plan, StackOf, find_moe_blocks, shared_children
+from .shard import find_moe_blocks, shared_children
+from .slicing import Plan, StackOf, TakeSplit
 
 __all__ = [
     "DEFAULT_CONTEXT",
@@ -113,6 +115,7 @@ class MemoryPlan:
     num_ranks: int
     placement_strategy: str
     placements: Tuple[ExpertPlacement, ...]
+    layouts: Tuple[Layout, ...]
     context: int
     prefill_step: int
     kv_bytes_per_token: Optional[int]
@@ -121,7 +124,8 @@ class MemoryPlan:
     ranks: List[RankMemory] = field(default_factory=list)
 
     def to_dict(self) -> dict:
-        d = {k: v for k, v in asdict(self).items() if k not in ("placements", "ranks")}
+        d = {k: v for k, v in asdict(self).items() if k not in ("placements", "ranks", "layouts")}
+        d["layouts"] = [layout.to_dict() for layout in self.layouts]
         d["placements"] = [
             {"num_experts": p.num_experts, "experts_per_rank": [list(p.local_experts(r)) for r in range(p.num_ranks)]}
             for p in self.placements
@@ -154,8 +158,11 @@ def _read_buffer_bytes(plan: Plan, model_params: Dict[str, mx.array], tensors: d
     largest = 0
     for path, src in plan.items():
         held = model_params[path].nbytes
-        if isinstance(src, StackOf) or src.axis == 0:
+        if isinstance(src, StackOf) or (not isinstance(src, TakeSplit) and src.axis == 0):
             extra = held
+        elif isinstance(src, TakeSplit):  # the experts' rows, then their slice
+            whole = (tensors.get(src.key) if src.key in tensors else raw[src.key])
+            extra = 2 * whole.nbytes * len(src.experts) // whole.shape[0]
         else:
             whole = (tensors.get(src.key) if src.key in tensors else raw[src.key]).nbytes
             extra = 2 * whole
@@ -307,10 +314,10 @@ def _quantization(config: dict) -> Optional[dict]:
 # ---------------------------------------------------------------------------
 
 
-def _plan_rank(model_path: Path, rank: int, num_ranks: int, placement, weights) -> LoadPlan:
+def _plan_rank(model_path: Path, rank: int, num_ranks: int, placement, weights, mode: str, options: dict) -> LoadPlan:
     """One rank's load plan, its model filled with shape-only placeholders."""
     # The real loader's plan, with reads that return shapes, not data.
-    lp = plan_load(model_path, PlanningComm(rank, num_ranks), placement, weights)
+    lp = plan_load(model_path, PlanningComm(rank, num_ranks), placement, weights, None, mode, **options)
     params = read_parameters(lp, ShapeOnlyIndex(lp.index), evaluate=False)
     # strict: the shapes are checked exactly as they are by a real load.
     lp.model.load_weights(params, strict=True)
@@ -348,8 +355,9 @@ def _model_facts(model: nn.Module, config: dict, blocks, context: int, prefill_s
         architecture=(config.get("architectures") or [None])[0],
         num_layers=len(getattr(model, "layers", [])) or len(blocks),
         num_moe_layers=model.ep_info.num_moe_layers,
-        num_experts=tuple(p.num_experts for p in model.ep_info.placements),
+        num_experts=tuple(sorted({b.num_experts_total for b in blocks})),
         placements=model.ep_info.placements,
+        layouts=model.ep_info.layouts,
         top_k=top_k,
         kv_bytes_per_token=per_token,
         kv_description=kv_text,
@@ -358,7 +366,9 @@ def _model_facts(model: nn.Module, config: dict, blocks, context: int, prefill_s
     return fields, kv_bytes, act_bytes
 
 
-def _placement_strategy(placement, weights: Optional[Sequence[float]]) -> str:
+def _placement_strategy(placement, weights: Optional[Sequence[float]], mode: str = "ep", stats=None) -> str:
+    if mode != "ep" or stats is not None:
+        return f"mode {mode}" + (", by router statistics" if stats is not None else "")
     if isinstance(placement, ExpertPlacement):
         return "explicit"
     if weights is not None:
@@ -381,6 +391,10 @@ def plan_memory(
     weights: Optional[Sequence[float]] = None,
     context: int = DEFAULT_CONTEXT,
     prefill_step: int = DEFAULT_PREFILL_STEP,
+    mode: str = "ep",
+    stats=None,
+    layouts=None,
+    replicas: float = 0.0,
 ) -> MemoryPlan:
     """Computes, without reading tensor data, what each of ``num_ranks`` ranks holds.
 
@@ -393,6 +407,7 @@ def plan_memory(
         weights: Optional relative share of experts per rank.
         context: Tokens of context the KV-cache estimate is for.
         prefill_step: Prompt tokens per forward pass while prefilling.
+        mode, stats, layouts, replicas: As for :func:`moe_mpi.load`.
 
     Returns:
         The plan, one :class:`RankMemory` per rank.
@@ -413,7 +428,8 @@ def plan_memory(
     ranks: List[RankMemory] = []
     facts = None
     for rank in range(num_ranks):
-        lp = _plan_rank(model_path, rank, num_ranks, placement, weights)
+        lp = _plan_rank(model_path, rank, num_ranks, placement, weights, mode,
+                        dict(stats=stats, layouts=layouts, replicas=replicas))
         model = lp.model
         blocks = find_moe_blocks(model)
         flat = dict(tree_flatten(model.parameters()))
@@ -424,7 +440,7 @@ def plan_memory(
         ranks.append(
             RankMemory(
                 rank=rank,
-                num_experts=len(model.ep_info.placements[0].local_experts(rank)),
+                num_experts=max(len(layout.whole_on(rank)) for layout in model.ep_info.layouts),
                 replicated_bytes=sizes["replicated"],
                 expert_bytes=sizes["experts"],
                 shared_expert_bytes=sizes["shared"],
@@ -442,7 +458,7 @@ def plan_memory(
         checkpoint_files=len(index.files),
         checkpoint_bytes=sum(t.nbytes for t in index.tensors.values()),
         num_ranks=num_ranks,
-        placement_strategy=_placement_strategy(placement, weights),
+        placement_strategy=_placement_strategy(placement, weights, mode, stats),
         context=context,
         prefill_step=prefill_step,
         ranks=ranks,

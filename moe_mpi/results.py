@@ -138,3 +138,12 @@ class ResultWriter:
     def close(self) -> None:
         """Closes the file."""
         self._file.close()
+
+
+def check_writable(path: Optional[str], option: str) -> None:
+    """Raises a :class:`UserError` if ``path``'s directory does not exist (None: nothing to check)."""
+    if path is None:
+        return
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        raise UserError(f"{option} {path}: directory {directory} does not exist")

@@ -22,64 +22,23 @@ reads exactly those slices from disk.
 """
 
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
-from mlx_lm.models.switch_layers import (
-    QuantizedSwitchLinear,
-    SwitchGLU,
-    SwitchLinear,
-    SwitchMLP,
-)
+from mlx_lm.models.switch_layers import SwitchGLU, SwitchMLP
 
-from . import central, cpu
+from . import balance, central, cpu
 from .adapters import convert_blocks
 from .experts import ExpertShard, LocalExperts, make_local, with_mixin
+from .layout import Layout, layouts_from_json
 from .placement import ExpertPlacement
-
-
-@dataclass(frozen=True, eq=False)
-class Take:
-    """Positions ``index`` along ``axis`` of checkpoint tensor ``key``."""
-
-    key: str
-    axis: int
-    index: np.ndarray
-
-
-@dataclass(frozen=True, eq=False)
-class StackOf:
-    """Checkpoint tensors ``keys`` (one per expert) stacked on a new axis 0.
-
-    With ``index``, each tensor contributes only positions ``index`` along
-    its ``axis`` (mode="sliced": the same slice of every expert).
-    """
-
-    keys: Tuple[str, ...]
-    axis: int = 0
-    index: Optional[np.ndarray] = None
-
-
-def per_expert_source(keys: Sequence[str], take: Take) -> StackOf:
-    """Turns a :class:`Take` of a stacked ``[E, ...]`` tensor into reads of
-    the per-expert tensors ``keys`` (expert e's tensor is ``keys[e]``)."""
-    if take.axis == 0:  # whole experts: only the local ones
-        return StackOf(tuple(keys[int(i)] for i in take.index))
-    return StackOf(tuple(keys), take.axis - 1, take.index)
-
-
-Source = Union[Take, StackOf]
-Plan = Dict[str, Source]
+from .slicing import Plan, keep_experts, keep_slice, per_expert_source, slice_bounds, split_child
 
 SWITCH_TYPES = (SwitchGLU, SwitchMLP)
-MODES = ("ep", "sliced", "central")
-LINEAR_TYPES = (nn.Linear, nn.QuantizedLinear, SwitchLinear, QuantizedSwitchLinear)
-# Names mlx-lm gives the input and output projections of a (shared) MLP.
-IN_PROJ = ("gate_proj", "up_proj", "fc1", "w1", "w3", "v1")
-OUT_PROJ = ("down_proj", "fc2", "w2")
+MODES = ("ep", "sliced", "central", "auto")
 
 
 class ExpertParallelBlock:
@@ -102,7 +61,13 @@ def _make_expert_parallel(block: nn.Module, shard: ExpertShard) -> None:
 
 @dataclass(frozen=True)
 class ShardInfo:
-    """What :func:`shard_structure` did, kept on the model as ``model.ep_info``."""
+    """What :func:`shard_structure` did, kept on the model as ``model.ep_info``.
+
+    Attributes:
+        layouts: Each MoE layer's :class:`moe_mpi.layout.Layout`.
+        placements: The expert placements of ``ep`` and ``central`` (one
+            per distinct expert count), else empty.
+    """
 
     rank: int
     size: int
@@ -110,6 +75,19 @@ class ShardInfo:
     placements: Tuple[ExpertPlacement, ...]
     mode: str = "ep"
     switches: Tuple[nn.Module, ...] = ()
+    layouts: Tuple[Layout, ...] = ()
+
+    def experts_per_rank(self) -> List[str]:
+        """Per rank, the experts it holds whole per layer (a range if layers differ), and how many are split."""
+        lines = []
+        for r in range(self.size):
+            whole = sorted({len(lay.whole_on(r)) for lay in self.layouts})
+            split = sorted({len(lay.split) for lay in self.layouts})
+            text = "/".join(map(str, whole)) if len(whole) <= 2 else f"{whole[0]}-{whole[-1]}"
+            if split != [0]:
+                text += f" whole + slices of {'/'.join(map(str, split))}"
+            lines.append(text)
+        return lines
 
 
 @dataclass
@@ -145,13 +123,20 @@ class MoEBlock:
 
 
 def find_moe_blocks(model: nn.Module) -> List[MoEBlock]:
-    """Lists the MoE blocks of a model: modules with a switch-layer child."""
+    """Lists the MoE blocks of a model (modules with a switch-layer child), in layer order."""
     blocks = []
     for path, module in model.named_modules():
+        if isinstance(module, SWITCH_TYPES):  # a switch layer's own `split` child is not a block
+            continue
         for name, child in module.children().items():
             if isinstance(child, SWITCH_TYPES):
                 blocks.append(MoEBlock(path, module, name))
-    return sorted(blocks, key=lambda b: b.path)
+    return sorted(blocks, key=lambda b: _layer_order(b.path))
+
+
+def _layer_order(path: str) -> tuple:
+    """A sort key that puts ``layers.2`` before ``layers.10``."""
+    return tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in path.split("."))
 
 
 def resolve_placement(
@@ -182,26 +167,36 @@ def resolve_placement(
     )
 
 
-def take(a: mx.array, axis: int, index: np.ndarray) -> mx.array:
-    """``a`` at positions ``index`` along ``axis``: a slice when they are consecutive."""
-    if index.size and np.all(np.diff(index) == 1):
-        sl = (slice(None),) * axis + (slice(int(index[0]), int(index[-1]) + 1),)
-        return a[sl]
-    return mx.take(a, mx.array(index), axis=axis)
+def _shard_switch(moe: MoEBlock, shard: ExpertShard, weights: Optional[Sequence[float]], mode: str) -> Plan:
+    """Cuts the switch layer to this rank's part of ``shard.layout``; returns the sources.
 
-
-def _shard_switch(moe: MoEBlock, shard: ExpertShard) -> Plan:
-    """Keeps the rank's experts in the switch layer; returns their sources."""
-    local = np.asarray(shard.experts, dtype=np.int64)
-    prefix = moe.switch_path
-    plan, sliced = {}, []
-    for name, a in tree_flatten(moe.switch.parameters()):
-        plan[f"{prefix}.{name}"] = Take(f"{prefix}.{name}", 0, local)
-        sliced.append((name, take(a, 0, local)))
-    moe.switch.update(tree_unflatten(sliced))
-    make_local(moe.switch, shard)
-    # Adapters for models that store experts one module each (dbrx) say where
-    # expert e's tensors are; otherwise the checkpoint holds stacked tensors.
+    Every expert split: the switch layer keeps this rank's slice of each.
+    Otherwise it keeps the experts this rank holds whole, and a child
+    ``switch.split`` holds its slice of each split expert.
+    """
+    switch, layout, prefix = moe.switch, shard.layout, moe.switch_path
+    size, rank = layout.num_ranks, shard.rank
+    bounds = None
+    if layout.split:
+        bounds = slice_bounds(switch, rank, size, weights)
+        if bounds is None:
+            raise ValueError(
+                f"{moe.path}: mode={mode!r} needs expert layers with in/out projections, no output bias, "
+                f"and an intermediate size that splits into num_ranks={size} whole quantization groups, "
+                "to split experts"
+            )
+    if len(layout.split) == layout.num_experts:
+        plan = keep_slice(prefix, switch, bounds)
+        make_local(switch, shard)
+        return _adapter_sources(moe, plan)
+    plan, child = {}, None
+    if layout.split:  # before the switch layer loses the experts the child reads
+        child, plan = split_child(prefix, switch, layout.split, bounds)
+    plan.update(keep_experts(prefix, switch, shard.experts))
+    make_local(switch, shard)
+    if child is not None:
+        switch.split = child
+        make_local(child, ExpertShard(shard.layer, shard.num_experts, layout.split, shard.comm, rank=rank, is_child=True))
     return _adapter_sources(moe, plan)
 
 
@@ -212,86 +207,11 @@ def _adapter_sources(moe: MoEBlock, plan: Plan) -> Plan:
         return plan
     block_prefix = f"{moe.path}." if moe.path else ""
     out = {}
-    for key, take in plan.items():
+    for key, source in plan.items():
         proj, leaf = key.rsplit(".", 2)[-2:]
         keys = [f"{block_prefix}{templates[proj].format(e=e)}.{leaf}" for e in range(moe.num_experts_total)]
-        out[key] = per_expert_source(keys, take)
+        out[key] = per_expert_source(keys, source)
     return out
-
-
-def _is_quantized(m: nn.Module) -> bool:
-    return isinstance(m, (nn.QuantizedLinear, QuantizedSwitchLinear))
-
-
-def _linear_dims(m: nn.Module) -> Optional[Tuple[int, int]]:
-    """(in_dims, out_dims) of a float or quantized (switch) linear, else None."""
-    if not isinstance(m, LINEAR_TYPES):
-        return None
-    w = m.weight  # [(E,) out, in] (in packed when quantized)
-    return (w.shape[-1] * 32 // m.bits if _is_quantized(m) else w.shape[-1]), w.shape[-2]
-
-
-def _split_bounds(mlp: nn.Module, rank: int, size: int) -> Optional[Tuple[int, int]]:
-    """This rank's [start, stop) of an MLP's intermediate dimension.
-
-    Works for a shared MLP and for a stacked switch layer alike. Returns None
-    where the module is not in-projections / elementwise / out-projection, or
-    cannot be cut into ``size`` non-empty slices that respect the
-    quantization groups.
-    """
-    children = {n: c for n, c in mlp.children().items() if tree_flatten(c.parameters())}
-    outs = [n for n in children if n in OUT_PROJ]
-    ins = [n for n in children if n in IN_PROJ]
-    if len(outs) != 1 or not ins or len(ins) + 1 != len(children):
-        return None
-    dims = {n: _linear_dims(children[n]) for n in children}
-    if any(d is None for d in dims.values()):
-        return None
-    out = children[outs[0]]
-    inter = dims[outs[0]][0]
-    if any(dims[n][1] != inter for n in ins) or "bias" in out:
-        return None
-    unit = 1
-    if _is_quantized(out):
-        # A slice of the packed input axis must hold whole groups and words.
-        unit = out.group_size
-        if (unit * out.bits) % 32:
-            return None
-    if inter % unit or inter // unit < size:
-        return None
-    chunks = np.array_split(np.arange(inter // unit), size)[rank]
-    return int(chunks[0]) * unit, (int(chunks[-1]) + 1) * unit
-
-
-def _shard_intermediate(prefix: str, mlp: nn.Module, rank: int, size: int) -> Optional[Plan]:
-    """Keeps this rank's slice of an MLP's intermediate dimension.
-
-    For a shared MLP (``[out, in]`` weights) or a stacked switch layer
-    (``[E, out, in]``: every expert keeps the same slice). Returns None if the
-    module cannot be split.
-    """
-    bounds = _split_bounds(mlp, rank, size)
-    if bounds is None:
-        return None
-    start, stop = bounds
-    plan, sliced = {}, []
-    for pname, a in tree_flatten(mlp.parameters()):
-        proj, leaf = pname.split(".", 1)
-        lin = mlp[proj]
-        lead = lin.weight.ndim - 2  # 1 for stacked experts
-        if proj in IN_PROJ:  # rows of the intermediate dimension
-            axis, lo, hi = lead, start, stop
-        elif leaf == "weight" and _is_quantized(lin):
-            axis, lo, hi = lead + 1, start * lin.bits // 32, stop * lin.bits // 32
-        elif _is_quantized(lin):  # scales, biases: one per group
-            axis, lo, hi = lead + 1, start // lin.group_size, stop // lin.group_size
-        else:
-            axis, lo, hi = lead + 1, start, stop
-        index = np.arange(lo, hi)
-        plan[f"{prefix}.{pname}"] = Take(f"{prefix}.{pname}", axis, index)
-        sliced.append((pname, take(a, axis, index)))
-    mlp.update(tree_unflatten(sliced))
-    return plan
 
 
 class NoOutput(nn.Module):
@@ -316,6 +236,9 @@ def shard_structure(
     placement: Union[ExpertPlacement, str, None] = None,
     weights: Optional[Sequence[float]] = None,
     mode: str = "ep",
+    layouts: Union[Sequence[Layout], str, None] = None,
+    stats=None,
+    replicas: float = 0.0,
 ) -> Plan:
     """Rewrites a model in place into this rank's shard.
 
@@ -326,15 +249,27 @@ def shard_structure(
     Args:
         model: An mlx-lm model with MoE blocks.
         comm: The communicator (``rank``, ``size``, ``all_sum``, ...).
-        placement: See :func:`resolve_placement`.
-        weights: Optional relative share of experts per rank.
+        placement: See :func:`resolve_placement` (``ep``, ``central``).
+        weights: Optional relative share of experts per rank (and of each
+            split expert's slices).
         mode: ``"ep"``, expert parallel: each rank owns whole experts;
             replicated dense part; one all-reduce per MoE layer.
             ``"sliced"``: each rank holds a slice of every expert's
             intermediate dimension (like the shared experts); perfectly
             balanced; still one all-reduce per MoE layer.
+            ``"auto"``: per layer, hot experts split or replicated and the
+            rest placed to even out the expected load, from ``stats``
+            (:mod:`moe_mpi.balance`); still one all-reduce per layer.
             ``"central"``: rank 0 runs the dense part and routes; the
             experts' owners serve it (:mod:`moe_mpi.central`).
+        layouts: Each MoE layer's :class:`moe_mpi.layout.Layout`, or a
+            layouts file (``moe-mpi balance`` writes one), for ``ep``,
+            ``auto`` or ``central``; overrides ``placement`` and ``stats``.
+        stats: Router statistics (:class:`moe_mpi.routing.RoutingStats`):
+            ``ep`` places each layer's experts by them, ``auto`` balances by
+            them (uniform routing without).
+        replicas: ``auto``: extra expert copies each rank may hold (memory
+            budget, in experts per layer).
 
     Returns:
         The plan: for each sharded parameter path, where its values come from.
@@ -356,45 +291,89 @@ def shard_structure(
         if isinstance(moe.switch, LocalExperts):
             raise ValueError(f"{moe.path} is already sharded")
     rank, size = comm.rank, comm.size
-    plan: Plan = {}
     placements = {}
-    for layer, moe in enumerate(blocks):
-        n = moe.num_experts
-        if mode == "sliced":
-            # Every rank holds every expert, a slice of its intermediate dim.
-            switch_plan = _shard_intermediate(moe.switch_path, moe.switch, rank, size)
-            if switch_plan is None:
-                raise ValueError(
-                    f"{moe.path}: mode='sliced' needs expert layers with in/out "
-                    f"projections, no output bias, and an intermediate size that "
-                    f"splits into num_ranks={size} whole quantization groups"
-                )
-            plan.update(_adapter_sources(moe, switch_plan))
-            shard = ExpertShard(layer, n, tuple(range(n)), comm)
-            make_local(moe.switch, shard)
-        else:
+    if layouts is None and stats is None and mode in ("ep", "central"):
+        for moe in blocks:
+            n = moe.num_experts
             if n not in placements:
                 placements[n] = resolve_placement(placement, n, size, weights)
-            shard = ExpertShard(layer, n, placements[n].local_experts(rank), comm, placements[n])
-            plan.update(_shard_switch(moe, shard))
+    layouts = _layouts(blocks, mode, size, placements, weights, layouts, stats, replicas)
+    plan: Plan = {}
+    for layer, (moe, layout) in enumerate(zip(blocks, layouts)):
+        n = moe.num_experts
+        all_split = len(layout.split) == n
+        experts = tuple(range(n)) if all_split else layout.whole_on(rank)
+        shard = ExpertShard(layer, n, experts, comm, layout, rank, () if all_split else layout.split)
+        plan.update(_shard_switch(moe, shard, weights, mode))
         if mode == "central":
             # The dense part, shared experts included, runs on rank 0 alone.
             central.make_central(moe.switch)
             continue
         for name in shared_children(moe.block):
-            shared_plan = _shard_intermediate(f"{moe.path}.{name}" if moe.path else name, moe.block[name], rank, size)
-            if shared_plan is not None:
-                plan.update(shared_plan)
-            else:
-                # Not splittable: the rank with the fewest experts computes it.
-                owner = int(np.argmin(placements[n].counts)) if mode != "sliced" else 0
-                if rank != owner:
-                    setattr(moe.block, name, NoOutput())
+            shared = moe.block[name]
+            bounds = slice_bounds(shared, rank, size, weights)
+            if bounds is not None:
+                plan.update(keep_slice(f"{moe.path}.{name}" if moe.path else name, shared, bounds))
+            elif rank != min(range(size), key=lambda r: (len(layout.whole_on(r)), r)):
+                # Not splittable: the rank with the fewest whole experts computes it.
+                setattr(moe.block, name, NoOutput())
         _make_expert_parallel(moe.block, shard)
     switches = tuple(moe.switch for moe in blocks)
     # A dataclass, not a tuple: nn.Module would take a tuple for parameters.
-    model.ep_info = ShardInfo(rank, size, len(blocks), tuple(placements.values()), mode, switches)
+    model.ep_info = ShardInfo(rank, size, len(blocks), tuple(placements.values()), mode, switches, tuple(layouts))
     return plan
+
+
+def _layouts(blocks, mode, size, placements, weights, layouts, stats, replicas) -> List[Layout]:
+    """Each MoE layer's layout, from the arguments of :func:`shard_structure`."""
+    counts = [moe.num_experts for moe in blocks]
+    if layouts is not None:
+        if mode == "sliced":
+            raise ValueError("layouts are for mode='ep', 'auto' or 'central'; mode='sliced' splits every expert")
+        if isinstance(layouts, (str, bytes)) or hasattr(layouts, "__fspath__"):
+            layouts = layouts_from_json(str(layouts), size, counts)
+        layouts = list(layouts)
+        if len(layouts) != len(blocks):
+            raise ValueError(f"{len(layouts)} layouts for {len(blocks)} MoE layers")
+        for i, (layout, n) in enumerate(zip(layouts, counts)):
+            if (layout.num_experts, layout.num_ranks) != (n, size):
+                raise ValueError(
+                    f"layout of MoE layer {i} is for num_experts={layout.num_experts}, num_ranks="
+                    f"{layout.num_ranks}; the layer has num_experts={n} and the run num_ranks={size}"
+                )
+            if mode == "central" and layout.owners() is None:
+                raise ValueError(f"mode='central' needs one owner per expert; layout of MoE layer {i}: {layout.describe()}")
+        return layouts
+    if mode == "sliced":
+        return [Layout.all_split(n, size) for n in counts]
+    if stats is not None:
+        if hasattr(stats, "check_fits"):
+            stats.check_fits(counts)
+        freqs = [stats.frequencies(i) for i in range(len(blocks))]
+    else:
+        freqs = [np.full(n, 1.0 / n) for n in counts]
+    if mode == "auto":
+        splittable = [slice_bounds(moe.switch, 0, size, weights) is not None for moe in blocks]
+        top_k = [_top_k(moe, stats, i) for i, moe in enumerate(blocks)]
+        return [
+            balance.auto_layout(f, k, size, weights=weights, replicas=replicas, can_split=can)
+            for f, k, can in zip(freqs, top_k, splittable)
+        ]
+    if stats is not None:  # ep: each layer placed by its own statistics
+        return [balance.ep_layout(f, size, weights=weights) for f in freqs]
+    return [Layout.from_owners(placements[n].owners, size) for n in counts]
+
+
+def _top_k(moe: MoEBlock, stats, layer: int) -> int:
+    """Experts per token of a block: from the statistics, else the block's own attributes."""
+    k = stats.top_k[layer] if stats is not None and getattr(stats, "top_k", None) else None
+    if k:
+        return int(k)
+    for name in ("top_k", "num_experts_per_tok", "n_activated_experts", "moe_top_k"):
+        value = getattr(moe.block, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return 2
 
 
 def expert_parameters(model: nn.Module) -> set:
@@ -419,6 +398,9 @@ def shard_experts(
     placement: Union[ExpertPlacement, str, None] = None,
     weights: Optional[Sequence[float]] = None,
     mode: str = "ep",
+    layouts: Union[Sequence[Layout], str, None] = None,
+    stats=None,
+    replicas: float = 0.0,
 ) -> nn.Module:
     """Shards an already built (and loaded) mlx-lm MoE model across ranks.
 
@@ -431,7 +413,8 @@ def shard_experts(
         comm: A :class:`moe_mpi.Communicator`; ``Communicator()`` if None.
         placement: See :func:`resolve_placement`.
         weights: Optional relative share of experts per rank.
-        mode: ``"ep"`` (default) or ``"central"``; see :func:`shard_structure`.
+        mode: ``"ep"`` (default), ``"sliced"``, ``"auto"`` or ``"central"``;
+            see :func:`shard_structure`, as for ``layouts``, ``stats`` and ``replicas``.
 
     Returns:
         The same model, sharded.
@@ -440,7 +423,7 @@ def shard_experts(
         from .comm import Communicator
 
         comm = Communicator()
-    shard_structure(model, comm, placement, weights, mode)
+    shard_structure(model, comm, placement, weights, mode, layouts, stats, replicas)
     if mode == "central" and comm.rank != 0:
         drop_dense(model)  # workers hold only their experts
     mx.eval(model.parameters())

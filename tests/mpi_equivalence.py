@@ -34,7 +34,7 @@ def _collectives(comm) -> dict:
 def check_case(comm: Communicator, case: dict) -> str:
     ref = np.load(case["reference"])
     parallel = case.get("parallel", "ep")
-    kwargs = dict(placement=case.get("placement"), weights=case.get("weights"), mode=parallel)
+    kwargs = dict(placement=case.get("placement"), weights=case.get("weights"), mode=parallel, layouts=case.get("layouts"))
     if case["mode"] == "load":
         model, _ = load(case["model"], comm=comm, **kwargs)
     else:  # a model already loaded by plain mlx-lm, then sharded

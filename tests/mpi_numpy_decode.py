@@ -1,6 +1,7 @@
 """Rank side of tests/test_numpy_decode.py: run under ``mpirun ... python -m mpi4py``.
 
-argv: checkpoint directory, reference .npz, mode (``ep`` or ``sliced``).
+argv: checkpoint directory, reference .npz, mode (``ep``, ``sliced`` or ``auto``),
+optionally a layouts file.
 Every rank loads its shard and replays the reference's calls on one KV
 cache: a prompt (MLX), decode steps (the numpy step), a 2-token chunk (MLX
 again, on the cache the numpy steps filled), more decode steps. Each call's
@@ -18,7 +19,7 @@ from mlx_lm.models.cache import make_prompt_cache
 from moe_mpi import Communicator, load
 
 comm = Communicator()
-model, _ = load(sys.argv[1], comm=comm, mode=sys.argv[3])
+model, _ = load(sys.argv[1], comm=comm, mode=sys.argv[3], layouts=sys.argv[4] if len(sys.argv) > 4 else None)
 ref = np.load(sys.argv[2])
 path = model.cpu_path
 assert path.decode_step is not None, f"the numpy decode step was not installed: {path.decode_step_off}"

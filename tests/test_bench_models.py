@@ -104,7 +104,7 @@ def test_decode_says_which_modes_ran_the_fused_step(results):
     # The tiny synthetic model is float32 qwen3_moe: ep and sliced decode fused.
     modes = results["decode"]["modes"]
     for mode, entry in modes.items():
-        assert entry["fused_decode"] == (mode in ("ep", "sliced")), mode
+        assert entry["fused_decode"] == (mode in ("ep", "sliced", "auto")), mode
     assert "# mode ep: built in" in results["decode"]["_stdout"]
     assert "decode steps: moe_mpi's numpy decode step (moe_mpi.cpu.decode)" in results["decode"]["_stdout"]
 
@@ -271,14 +271,18 @@ def test_synthetic_shapes():
 
 
 def test_routing_imbalance():
-    owners = [0, 0, 1, 1]
-    balanced = [np.array([1, 1, 1, 1])]
-    assert routing.routing_imbalance(balanced, owners, 2)["per_layer"] == 1.0
-    skewed = [np.array([2, 0, 0, 0]), np.array([1, 0, 1, 0])]  # 2/0, then 1/1
-    result = routing.routing_imbalance(skewed, owners, 2)
+    from moe_mpi.layout import Layout
+
+    ep = [Layout.from_owners([0, 0, 1, 1], 2)]
+    balanced = [(0, np.array([0, 1, 2, 3]))]
+    assert routing.routing_imbalance(balanced, ep, 2)["per_layer"] == 1.0
+    skewed = [(0, np.array([0, 0])), (0, np.array([0, 2]))]  # 2/0, then 1/1
+    result = routing.routing_imbalance(skewed, ep, 2)
     assert result["per_layer"] == pytest.approx((2.0 + 1.0) / 2)
-    assert result["pairs_per_rank"] == [3, 1]
-    assert routing.routing_imbalance([], owners, 2) is None
+    assert result["pairs_per_rank"] == [3, 1] and result["layers"] == [pytest.approx(1.5)]
+    split = [Layout.all_split(4, 2)]  # every expert split: balanced whatever the routing
+    assert routing.routing_imbalance(skewed, split, 2)["per_layer"] == 1.0
+    assert routing.routing_imbalance([], ep, 2) is None
     assert routing.routing_imbalance(balanced, None, 2) is None
 
 
@@ -331,7 +335,7 @@ def test_decode_rows_count_which_code_ran(results):
     decode = results["decode"]
     for row in decode["rows"]:
         path = row["decode_path"]
-        numpy = row["steps"] if row["mode"] in ("ep", "sliced") else 0
+        numpy = row["steps"] if row["mode"] in ("ep", "sliced", "auto") else 0
         assert path == {"numpy_steps": numpy, "model_code_steps": row["steps"] - numpy}, row
     assert decode["switches"] == [{}, {}] or all(isinstance(s, dict) for s in decode["switches"])
     assert "# switches: " in decode["_stdout"]

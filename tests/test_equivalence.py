@@ -76,6 +76,23 @@ def write_reference(model_dir: Path, out: Path, seed: int = 0) -> Path:
     return out
 
 
+def write_mixed_layouts(model_dir: Path, ref: Path, n: int, out: Path, split: bool = True) -> Path:
+    """A layouts file: per MoE layer, experts 0 and 1 split (if ``split``), expert 2
+    on every rank, the rest one owner each, round robin shifted by the layer."""
+    from moe_mpi.layout import Layout, layouts_to_json
+
+    config = json.loads((model_dir / "config.json").read_text())
+    flat = dict(config, **(config.get("ffn_config") or {}))
+    experts = next(flat[k] for k in ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts") if flat.get(k))
+    layouts = []
+    for layer in range(int(np.load(ref)["moe_layers"])):
+        holders = [() if split else (layer % n,), () if split else ((layer + 1) % n,), tuple(range(n))]
+        holders += [((e + layer) % n,) for e in range(3, experts)]
+        layouts.append(Layout(n, tuple(holders)))
+    layouts_to_json(layouts, str(out))
+    return out
+
+
 @pytest.fixture(scope="session")
 def arch_checkpoints(tmp_path_factory):
     """Writes (once per session) each arch's checkpoints and references."""
@@ -117,6 +134,14 @@ def test_sharded_matches_mlx_lm(arch, n, arch_checkpoints, tmp_path):
                 dict(name=f"{arch}/{name}-{parallel}", model=str(path), reference=str(ref),
                      mode="load", placement=None, parallel=parallel)
             )
+    if n > 1:  # layouts per layer: split, replicated and single-owner experts mixed (mode="auto")
+        for name in ("fp32", "fp32-per-expert", "q4"):
+            path, ref = files[name]
+            layouts = write_mixed_layouts(path, ref, n, tmp_path / f"{name}-layouts.json", split=name != "q4" or n == 2)
+            cases.append(dict(name=f"{arch}/{name}-auto-layouts", model=str(path), reference=str(ref),
+                              mode="load", placement=None, parallel="auto", layouts=str(layouts)))
+            cases.append(dict(name=f"{arch}/{name}-auto", model=str(path), reference=str(ref),
+                              mode="load", placement=None, parallel="auto"))
     if n in WEIGHTS:
         path, ref = files["fp32"]
         cases.append(

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
@@ -427,3 +428,31 @@ def test_check_format_overrides_and_hints(tmp_path):
     assert hf.format == "openmpi" and hf.total_slots == 2 and "one slot per CPU core" in hf.warnings[0]
     with pytest.raises(hostfile.HostfileError, match="no such file"):
         hostfile.read(tmp_path / "missing")
+
+
+def test_info_shows_the_expected_load_before_and_after(tmp_path):
+    """moe-mpi info --mode auto --stats: the layouts chosen, and per layer the
+    busiest rank's expected share against plain ep's, from the statistics."""
+    from moe_mpi.routing import RoutingStats
+
+    path = synthetic.write_checkpoint(tmp_path / "m", "qwen3_moe", seed=0)
+    stats = RoutingStats([8, 8])
+    for layer in range(2):
+        stats(layer, np.array([[0, 1]] * 40 + [[2, 5]] * 4))  # experts 0 and 1: most of the slots
+    stats.save(tmp_path / "stats.json")
+    out = tmp_path / "layouts.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "moe_mpi", "info", "--model", str(path), "--np", "2", "--mode", "auto",
+         "--stats", str(tmp_path / "stats.json"), "--write-layouts", str(out)],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "Expected load at 8 tokens per step, from the router statistics" in proc.stdout, proc.stdout
+    rows = [line.split() for line in proc.stdout.splitlines() if line.strip()[:1].isdigit() and len(line.split()) == 4]
+    assert len(rows) == 2 and all(float(r[2]) < float(r[1]) for r in rows), proc.stdout  # better than plain ep
+    assert json.loads(out.read_text())["format"] == "moe_mpi.layouts"
+    bad = subprocess.run(
+        [sys.executable, "-m", "moe_mpi", "info", "--model", str(path), "--stats", str(out)],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert bad.returncode != 0 and "not a moe_mpi routing statistics file" in bad.stderr, bad.stderr

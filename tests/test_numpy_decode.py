@@ -59,13 +59,14 @@ def reference(checkpoint, tmp_path_factory):
 
 
 @pytest.mark.parametrize("n", [1, 2, 3])
-@pytest.mark.parametrize("mode", ["ep", "sliced"])
-def test_numpy_decode_matches_mlx_lm(checkpoint, reference, n, mode):
-    proc = run_mpirun(
-        n,
-        [sys.executable, "-m", "mpi4py", str(HERE / "mpi_numpy_decode.py"), str(checkpoint), str(reference), mode],
-        timeout=300,
-    )
+@pytest.mark.parametrize("mode", ["ep", "sliced", "auto"])
+def test_numpy_decode_matches_mlx_lm(checkpoint, reference, n, mode, tmp_path):
+    argv = [sys.executable, "-m", "mpi4py", str(HERE / "mpi_numpy_decode.py"), str(checkpoint), str(reference), mode]
+    if mode == "auto" and n > 1:  # split, replicated and single-owner experts in one layer
+        from test_equivalence import write_mixed_layouts
+
+        argv.append(str(write_mixed_layouts(checkpoint, reference, n, tmp_path / "layouts.json")))
+    proc = run_mpirun(n, argv, timeout=300)
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, output
     assert proc.stdout.count("10 in numpy, match") == n, output
@@ -127,7 +128,7 @@ def test_off_switch_and_uncovered_models(checkpoint, tmp_path, monkeypatch):
     assert model.cpu_path.decode_step is None
     assert model.cpu_path.decode_step_off == "model_type='olmoe' is not covered (qwen3_moe, mixtral)"
     model, _ = load(str(checkpoint), comm=comm, mode="central")
-    assert model.cpu_path.decode_step is None and model.cpu_path.decode_step_off == "not an ep or sliced shard"
+    assert model.cpu_path.decode_step is None and model.cpu_path.decode_step_off == "not an ep, sliced or auto shard"
 
 
 def test_models_the_step_was_not_written_for_keep_mlx_lm_code(checkpoint, monkeypatch):

@@ -185,3 +185,131 @@ def test_sliced_mode_partial_sums(arch, size, quantize):
     assert max(inter) * size >= config.get("moe_intermediate_size", 64) > min(inter)
     for model, comm in ranks:
         assert comm.calls == len(expected)
+
+
+# ----------------------------------------------------------------- layouts
+# Per-layer layouts: experts whole on one rank, replicated, or split, mixed
+# in one layer; every slot is computed once (or as slices that sum to it).
+
+
+def _mixed_layouts(num_experts: int, size: int, layers: int):
+    """A different mixed layout per layer: the first two experts split, the
+    third replicated on every rank, the rest one owner each (round robin,
+    shifted by layer)."""
+    from moe_mpi.layout import Layout
+
+    layouts = []
+    for layer in range(layers):
+        holders = [(), (), tuple(range(size))]
+        holders += [((e + layer) % size,) for e in range(3, num_experts)]
+        layouts.append(Layout(size, tuple(holders)))
+    return layouts
+
+
+@pytest.mark.parametrize("tokens", [9, 1])
+@pytest.mark.parametrize("quantize", [None, 4])
+@pytest.mark.parametrize("size", [2, 3])
+@pytest.mark.parametrize("arch", ["qwen3_moe", "mixtral", "deepseek_v3", "dbrx", "qwen2_moe"])
+def test_mixed_layouts_partial_sums(arch, size, quantize, tokens):
+    """Split, replicated and single-owner experts in one layer, a different
+    layout per layer: the ranks' partial sums add up to the block, with one
+    all-reduce per layer."""
+    config = CONFIGS[arch]
+    ref = _model(config, quantize)
+    from moe_mpi.adapters import convert_blocks
+
+    convert_blocks(ref)
+    blocks = find_moe_blocks(ref)
+    n = blocks[0].num_experts
+    layouts = _mixed_layouts(n, size, len(blocks))
+    if quantize and size == 3:  # intermediate 64 in 32-groups: no 3 slices
+        with pytest.raises(ValueError, match="to split experts"):
+            _rank_models(config, size, quantize, mode="auto", layouts=layouts)
+        return
+    x = _block_inputs(ref, tokens=tokens)
+    expected = [b.block(x) for b in blocks]
+    ranks = _rank_models(config, size, quantize, mode="auto", layouts=layouts)
+    for i, want in enumerate(expected):
+        got = sum(find_moe_blocks(m)[i].block(x) for m, _ in ranks)
+        np.testing.assert_allclose(np.array(got), np.array(want), rtol=1e-5, atol=1e-5)
+    for (model, comm), rank in zip(ranks, range(size)):
+        assert comm.calls == len(expected)
+        switch = find_moe_blocks(model)[0].switch
+        assert switch.expert_shard.experts == layouts[0].whole_on(rank)
+        assert switch.split.expert_shard.experts == (0, 1)  # the split experts' slices
+        assert model.ep_info.layouts == tuple(layouts)
+
+
+def test_layout_validation_and_assignment():
+    from moe_mpi.layout import SPLIT, Layout, assign_slots, rank_loads
+
+    with pytest.raises(ValueError, match="rank 1 holds no expert"):
+        Layout(2, ((0,), (0,)))
+    with pytest.raises(ValueError, match="out of range"):
+        Layout(2, ((0,), (2,)))
+    with pytest.raises(ValueError, match="names a rank twice"):
+        Layout(2, ((0, 0), (1,)))
+    layout = Layout(2, ((), (0,), (1,), (0, 1)))  # expert 0 split, 3 replicated
+    assert layout.split == (0,) and layout.replicated == (3,) and layout.whole_on(0) == (1, 3)
+    # Expert 1 (2 rows) on rank 0: the replicated expert 3 goes to rank 1.
+    flat = np.array([1, 3, 1, 0, 3, 2])
+    assert assign_slots(layout, flat).tolist() == [0, 1, 0, SPLIT, 1, 1]
+    assert rank_loads(layout, flat).tolist() == [2.5, 3.5]
+    # Ties go to the lower rank; all of an expert's slots to one holder.
+    assert assign_slots(layout, np.array([3, 3])).tolist() == [0, 0]
+    with pytest.raises(ValueError, match="'sliced' splits every expert"):
+        _rank_models(CONFIGS["mixtral"], 2, mode="sliced", layouts=_mixed_layouts(8, 2, 2))
+    with pytest.raises(ValueError, match="3 layouts for 2 MoE layers"):
+        _rank_models(CONFIGS["qwen3_moe"], 2, mode="auto", layouts=_mixed_layouts(8, 2, 3))
+
+
+def test_auto_mode_chooses_and_stays_exact():
+    """mode='auto' with no statistics (uniform routing) and with skewed ones:
+    a layout per layer, and the partial sums still add up."""
+    from moe_mpi.routing import RoutingStats
+
+    config = CONFIGS["qwen3_moe"]
+    ref = _model(config)
+    blocks = find_moe_blocks(ref)
+    stats = RoutingStats([b.num_experts for b in blocks])
+    hot = np.array([[0, 1]] * 30 + [[2, 3]] * 2)  # experts 0 and 1 take most slots
+    for layer in range(len(blocks)):
+        stats(layer, hot)
+    x = _block_inputs(ref)
+    expected = [b.block(x) for b in blocks]
+    for kw in ({}, {"stats": stats}, {"stats": stats, "replicas": 2}):
+        ranks = _rank_models(config, 2, mode="auto", **kw)
+        for i, want in enumerate(expected):
+            got = sum(find_moe_blocks(m)[i].block(x) for m, _ in ranks)
+            np.testing.assert_allclose(np.array(got), np.array(want), rtol=1e-5, atol=1e-5)
+        layouts = ranks[0][0].ep_info.layouts
+        assert len(layouts) == len(blocks) and all(l.num_ranks == 2 for l in layouts)
+
+
+def test_warm_up_picks_least_recently_used_idle_experts():
+    from moe_mpi.warmup import WarmUp
+
+    warm = WarmUp(5)
+    assert warm.choose([1, 3], 2).tolist() == [0, 2]  # never used: lowest index first
+    assert warm.choose([0], 3).tolist() == [4, 1, 2]  # 4 never used; then those last used at step 1
+    assert warm.choose([], 0).tolist() == []
+    assert warm.pads == 5
+
+
+def test_warm_up_never_changes_the_output(monkeypatch):
+    """Forced on the CPU (it is a Metal option): ranks pad their steps with
+    idle experts, and the partial sums are exactly what they were."""
+    from moe_mpi.warmup import use_warm_experts
+
+    monkeypatch.setenv("MOE_MPI_CPU", "0")  # the switch layers' own path, where the pad runs
+    config = CONFIGS["mixtral"]
+    x = _block_inputs(_model(config), tokens=3)
+    plain = _rank_models(config, 2)
+    warmed = _rank_models(config, 2)
+    assert all(use_warm_experts(m, force=True) == 2 for m, _ in warmed)
+    for step in range(3):
+        for (a, _), (b, _) in zip(plain, warmed):
+            for block_a, block_b in zip(find_moe_blocks(a), find_moe_blocks(b)):
+                np.testing.assert_array_equal(np.array(block_a.block(x)), np.array(block_b.block(x)))
+    pads = [s.warm_up.pads for m, _ in warmed for s in (b.switch for b in find_moe_blocks(m))]
+    assert sum(pads) > 0, pads

@@ -252,3 +252,28 @@ def test_tokenizer(tmp_path, vocab_size):
         [{"role": "user", "content": "hi"}], add_generation_prompt=True, tokenize=False
     )
     assert text.endswith("<|im_start|>assistant\n")
+
+
+def test_skewed_routers_prefer_some_experts(tmp_path):
+    """router_skew: each layer's expert shares follow capped Zipf shares (on
+    tokens the fit never saw), each layer in its own order; mlx-lm loads it."""
+    import mlx.core as mx
+    import numpy as np
+    from mlx_lm.utils import load as mlx_lm_load
+
+    from moe_mpi import routing, synthetic
+
+    config = synthetic.tiny_config("qwen3_moe", num_experts=16, num_experts_per_tok=4, num_hidden_layers=3)
+    path = synthetic.write_checkpoint(tmp_path / "skewed", config, seed=2, router_skew=1.2)
+    model, _ = mlx_lm_load(str(path))
+    stats = routing.RoutingStats.for_model(model)
+    tokens = mx.array(np.random.default_rng(99).integers(0, config["vocab_size"], (8, 64)).astype(np.int32))
+    with routing.record_routing(model, stats):
+        mx.eval(model(tokens))
+    want = synthetic._capped_zipf(16, 1.2, 0.25)
+    hottest = []
+    for layer in range(stats.num_layers):
+        got = np.sort(stats.frequencies(layer))[::-1]
+        np.testing.assert_allclose(got[:4], want[:4], atol=0.05)
+        hottest.append(int(np.argmax(stats.frequencies(layer))))
+    assert len(set(hottest)) > 1, hottest  # not the same expert in every layer

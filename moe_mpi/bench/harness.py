@@ -63,6 +63,14 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the token ids")
     parser.add_argument(
+        "--stats", metavar="FILE", default=None,
+        help="router statistics (moe-mpi profile) for mode auto (uniform routing without)",
+    )
+    parser.add_argument(
+        "--replicas", type=float, default=0.0,
+        help="mode auto: extra whole experts each rank may hold per layer (default 0)",
+    )
+    parser.add_argument(
         "--tp-cpu-path",
         action="store_true",
         help="give the mlx-lm-tp baseline moe_mpi's CPU speed path (numpy one-row products, "

@@ -300,10 +300,9 @@ def _row(ctx, built, tokens, result, everyone) -> Dict[str, Any]:
     else:
         row["imbalance"] = None
     proxy = None
-    owners = routing.owners_of(built.model)
-    if owners is not None and result.get("indices") is not None:
-        counts = np.bincount(result["indices"], minlength=len(owners))
-        proxy = routing.routing_imbalance([counts], owners, ctx.size)
+    layouts = routing.layouts_of(built.model)
+    if layouts is not None and result.get("indices") is not None:
+        proxy = routing.routing_imbalance([(0, np.asarray(result["indices"]))], layouts[:1], ctx.size)
     row["imbalance_pairs"] = proxy["per_layer"] if proxy else None
     row["pairs_per_rank"] = proxy["pairs_per_rank"] if proxy else None
     return row

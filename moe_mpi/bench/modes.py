@@ -122,7 +122,11 @@ class MoeMpiMode:
     def build(self, ctx: Context) -> Built:
         from .. import load
 
-        model, _ = load(ctx.path, comm=ctx.comm, mode=self.mode)
+        # Only auto balances by --stats: ep stays plain ep, the baseline it is measured against.
+        options = {}
+        if self.mode == "auto":
+            options = dict(stats=getattr(ctx.args, "stats", None), replicas=getattr(ctx.args, "replicas", 0.0))
+        model, _ = load(ctx.path, comm=ctx.comm, mode=self.mode, progress=False, **options)
         if self.drive is None:
             return Built(self.mode, model, lambda fn: fn(model), range(ctx.size))
         drive = self.drive
@@ -209,6 +213,9 @@ def _central_drive(model, fn):
 MODES: Dict[str, Any] = {
     "ep": MoeMpiMode(
         "ep", description="moe_mpi expert parallel: one all-reduce per MoE layer"
+    ),
+    "auto": MoeMpiMode(
+        "auto", description="moe_mpi auto: per layer, experts split, replicated or placed from --stats (uniform without)"
     ),
     "central": MoeMpiMode(
         "central",

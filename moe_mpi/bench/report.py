@@ -356,6 +356,10 @@ def check_lines(results: Mapping[str, Mapping[str, Any]], rows: Sequence[Mapping
         )
         if entry.get("decode_step_off") and entry.get("decode_step_off") != "the CPU speed path is off (MLX on a GPU, or MOE_MPI_CPU=0)":
             lines.append(f"#   no numpy decode step: {entry['decode_step_off']}")
+        for r in mine:
+            layers = (r.get("imbalance_detail") or {}).get("layers")
+            if layers:
+                lines.append(f"#   busiest rank / mean, per MoE layer, {_params(r)}: " + " ".join(f"{v:.2f}" for v in layers))
     return lines
 
 

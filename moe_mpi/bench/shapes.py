@@ -91,6 +91,15 @@ SYNTHETIC: Dict[str, Dict[str, Any]] = {
 }
 
 
+# A skewed twin of dbrx-like: the same weights' shapes, routers that prefer
+# some experts (moe_mpi.synthetic.skew_routers: Zipf's 1/rank**1.2, capped
+# at 1/k, a different order per layer).
+SYNTHETIC["dbrx-like-skewed"] = SYNTHETIC["dbrx-like"]
+
+#: Shape name -> Zipf exponent of its routers' expert shares (0: even).
+ROUTER_SKEW: Dict[str, float] = {"dbrx-like-skewed": 1.2}
+
+
 def synthetic_config(name: str) -> Dict[str, Any]:
     """The full ``config.json`` dict of synthetic shape ``name``.
 
@@ -121,10 +130,10 @@ def synthetic_dir(name: str, cache_dir: Optional[str] = None) -> Path:
     never reuses a stale checkpoint.
     """
     config = synthetic_config(name)
-    key = json.dumps(
-        {"config": config, "seed": SYNTHETIC_SEED, "version": _CACHE_VERSION},
-        sort_keys=True,
-    )
+    record = {"config": config, "seed": SYNTHETIC_SEED, "version": _CACHE_VERSION}
+    if ROUTER_SKEW.get(name):
+        record["router_skew"] = [ROUTER_SKEW[name], "bias along an embedding direction"]
+    key = json.dumps(record, sort_keys=True)
     digest = hashlib.sha256(key.encode()).hexdigest()[:12]
     base = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
     return base / f"{name}-{digest}"
@@ -138,7 +147,7 @@ def _write_synthetic(name: str, path: Path) -> None:
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
     os.chmod(tmp, 0o755)  # mkdtemp's 0700 would hide the cache from other users
     try:
-        write_checkpoint(tmp, synthetic_config(name), seed=SYNTHETIC_SEED)
+        write_checkpoint(tmp, synthetic_config(name), seed=SYNTHETIC_SEED, router_skew=ROUTER_SKEW.get(name, 0.0))
         os.replace(tmp, path)
     finally:
         if tmp.exists():

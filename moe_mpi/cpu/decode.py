@@ -179,13 +179,14 @@ class NumpyMoE:
         """``[B, D]`` normed rows in, the block's output ``[B, D]`` (summed over ranks) out."""
         k = self.top_k
         inds, scores = self.route(h)  # [B, k] each
-        local = self.switch.expert_shard.local_of[inds.reshape(-1)]  # [B*k], -1 where another rank owns it
-        slots = np.flatnonzero(local >= 0)
-        slots = slots[np.argsort(local[slots], kind="stable")]  # an expert's rows together
+        own_slots, own_ids, split_slots, split_ids = self.switch.expert_shard.slots(inds.reshape(-1))
         partial = np.zeros_like(h)  # [B, D], this rank's share
-        if slots.size:
-            y = self.switch.numpy_rows(h[slots // k], local[slots])  # [M, D]
-            np.add.at(partial, slots // k, y * scores.reshape(-1)[slots, None])
+        for slots, ids, unit in ((own_slots, own_ids, self.switch), (split_slots, split_ids, self.switch.get("split"))):
+            if slots.size:
+                order = np.argsort(ids, kind="stable")  # an expert's rows together
+                slots, ids = slots[order], ids[order]
+                y = unit.numpy_rows(h[slots // k], ids)  # [M, D]
+                np.add.at(partial, slots // k, y * scores.reshape(-1)[slots, None])
         return self.comm.all_sum(partial)  # the one collective of this layer
 
     def route(self, h: np.ndarray):
@@ -322,8 +323,8 @@ def unsupported(model, tensor_parallel: bool = False) -> Optional[str]:
         blocks = [getattr(layer, arch.block_attr) for layer in model.layers]
         if not all(isinstance(b.switch_mlp, LocalExperts) for b in blocks if "switch_mlp" in b):
             return "tensor parallel without the CPU expert kernels (moe_mpi.cpu.tensor_parallel)"
-    elif getattr(model, "ep_info", None) is None or model.ep_info.mode not in ("ep", "sliced"):
-        return "not an ep or sliced shard"
+    elif getattr(model, "ep_info", None) is None or model.ep_info.mode not in ("ep", "sliced", "auto"):
+        return "not an ep, sliced or auto shard"
     dtypes = {a.dtype for _, a in tree_flatten(model.parameters())}
     if dtypes != {mx.float32}:
         return f"weights are {sorted(str(d) for d in dtypes)}, not float32"

@@ -180,7 +180,9 @@ class CpuCompute:
         # Cheaper than flattening the parameters: this runs on every call.
         key = tuple(id(a) for name in self.cpu_kernels.projections for a in self[name].values())
         if getattr(self, "_numpy_key", None) != key:
-            params = tree_flatten(self.parameters())
+            params = [
+                (f"{name}.{leaf}", a) for name in self.cpu_kernels.projections for leaf, a in tree_flatten(self[name].parameters())
+            ]
             views = None
             if all(a.dtype == mx.float32 for _, a in params):
                 views = {}
@@ -206,7 +208,8 @@ class CpuExperts(CpuCompute):
     token's whole layer in numpy, and no ``gather_mm`` call it cannot take."""
 
     def __call__(self, x: mx.array, indices: mx.array) -> mx.array:
-        if indices.size == indices.shape[-1] and self.takes_numpy(x):
+        child = self.get("split")
+        if indices.size == indices.shape[-1] and self.takes_numpy(x) and (child is None or child.takes_numpy(x)):
             return self._one_token(x, indices)
         if not self.gather_ok(x):  # the shortcut of LocalExperts would call gather_mm
             return self.local_slots(x, indices)
@@ -216,18 +219,18 @@ class CpuExperts(CpuCompute):
         """One token's ``k`` slots in numpy: ``[..., D]`` in, ``[..., k, D]`` out.
 
         The token's experts are distinct, so each is one matrix-vector
-        product per projection; slots of other ranks' experts stay zero.
+        product per projection; slots this rank does not compute stay zero.
         Building the output in numpy spares the gather, zeros and scatter
         ops of the general path, each a round trip to MLX's CPU stream.
         """
         d = x.shape[-1]
         flat = np.asarray(indices.reshape(-1))  # [k]
-        local = self.expert_shard.local_of[flat]  # [k], -1 where another rank owns it
         out = np.zeros((flat.size, d), dtype=np.float32)  # [k, D]
-        slots = np.flatnonzero(local >= 0)
-        if slots.size:
-            row = view(x).reshape(-1)  # [D]
-            out[slots] = self.numpy_rows(np.broadcast_to(row, (slots.size, d)), local[slots])
+        row = view(x).reshape(-1)  # [D]
+        own_slots, own_ids, split_slots, split_ids = self.expert_shard.slots(flat)
+        for slots, ids, unit in ((own_slots, own_ids, self), (split_slots, split_ids, self.get("split"))):
+            if slots.size:
+                out[slots] = unit.numpy_rows(np.broadcast_to(row, (slots.size, d)), ids)
         return mx.array(out).reshape(*indices.shape, d)
 
 
@@ -323,10 +326,10 @@ def use_cpu_experts(model: nn.Module, full: bool = True) -> int:
     Returns:
         The number of switch layers changed.
     """
-    mixin = CpuExperts if full else CpuCompute
-    layers = local_switch_layers(model)
+    layers = local_switch_layers(model, children=True)
     for switch in layers:
         switch.cpu_kernels = choose_kernels(switch)
-        switch.__class__ = with_mixin(mixin, type(switch))
+        top = full and not switch.expert_shard.is_child  # a child is only computed through
+        switch.__class__ = with_mixin(CpuExperts if top else CpuCompute, type(switch))
     store_transposed(model)
     return len(layers)

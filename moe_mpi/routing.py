@@ -1,0 +1,188 @@
+"""Router statistics: which experts each MoE layer's router chooses, recorded as a model runs.
+
+The router is replicated, so any rank sees the whole routing; rank 0
+records it. :func:`record_routing` hands every MoE layer call's routing to a
+sink (``sink(layer, inds)``, ``inds`` ``[T, k]`` global expert ids) while it
+is open; :class:`RoutingStats` is the usual sink: per layer, the
+``(token, slot)`` count of every expert and how often two experts are chosen
+for the same token (co-activation). It is saved as JSON in a documented,
+versioned format (``docs/balance.md``) that ``moe-mpi balance``, ``--mode
+auto`` and ``moe-mpi info`` read.
+
+Recording reads the routing back to numpy (a sync per layer), so it is for
+profiling runs, not timed ones.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
+
+import numpy as np
+
+from .shard import find_moe_blocks
+
+FORMAT = "moe_mpi.routing"
+VERSION = 1
+
+Sink = Callable[[int, np.ndarray], None]
+
+
+class RoutingStats:
+    """Per-layer routing counts.
+
+    Attributes:
+        counts: Per MoE layer, ``[E]`` (token, slot) pairs routed to each expert.
+        coactivation: Per layer, ``[E, E]``: tokens that chose both experts
+            (the diagonal is ``counts``).
+        tokens: Per layer, the tokens routed.
+        top_k: Per layer, the experts chosen per token.
+    """
+
+    def __init__(self, num_experts: Sequence[int]):
+        self.counts = [np.zeros(e, dtype=np.int64) for e in num_experts]
+        self.coactivation = [np.zeros((e, e), dtype=np.int64) for e in num_experts]
+        self.tokens = [0] * len(num_experts)
+        self.top_k: List[Optional[int]] = [None] * len(num_experts)
+
+    @classmethod
+    def for_model(cls, model) -> "RoutingStats":
+        """Empty statistics shaped for ``model``'s MoE layers."""
+        return cls([moe.num_experts_total for moe in find_moe_blocks(model)])
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.counts)
+
+    def __call__(self, layer: int, inds: np.ndarray) -> None:
+        """Adds one call's routing: ``inds`` ``[T, k]`` global expert ids."""
+        inds = np.asarray(inds, dtype=np.int64).reshape(-1, np.shape(inds)[-1])  # [T, k]
+        e = self.counts[layer].size
+        self.counts[layer] += np.bincount(inds.reshape(-1), minlength=e)
+        onehot = np.zeros((inds.shape[0], e), dtype=np.int64)  # [T, E]
+        np.put_along_axis(onehot, inds, 1, axis=1)
+        self.coactivation[layer] += onehot.T @ onehot
+        self.tokens[layer] += inds.shape[0]
+        self.top_k[layer] = inds.shape[1]
+
+    def frequencies(self, layer: int) -> np.ndarray:
+        """``[E]``: the share of the layer's slots each expert got (sums to 1; uniform if none yet)."""
+        counts = self.counts[layer].astype(np.float64)
+        total = counts.sum()
+        return counts / total if total else np.full(counts.size, 1.0 / counts.size)
+
+    def to_dict(self, model: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+        return {
+            "format": FORMAT,
+            "version": VERSION,
+            "model": model or {},
+            "layers": [
+                {
+                    "layer": i,
+                    "num_experts": int(c.size),
+                    "top_k": k,
+                    "tokens": int(t),
+                    "counts": c.tolist(),
+                    "coactivation": co.tolist(),
+                }
+                for i, (c, co, t, k) in enumerate(zip(self.counts, self.coactivation, self.tokens, self.top_k))
+            ],
+        }
+
+    def save(self, path, model: Optional[Dict[str, Any]] = None) -> None:
+        """Writes the statistics as JSON (:data:`FORMAT`, :data:`VERSION`)."""
+        Path(path).write_text(json.dumps(self.to_dict(model)) + "\n")
+
+    @classmethod
+    def load(cls, path) -> "RoutingStats":
+        """Reads a statistics file.
+
+        Raises:
+            ValueError: Not a routing statistics file, another version, or inconsistent.
+        """
+        try:
+            data = json.loads(Path(path).read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not JSON: {e}") from None
+        if not isinstance(data, dict) or data.get("format") != FORMAT:
+            raise ValueError(f"{path}: not a moe_mpi routing statistics file (no \"format\": \"{FORMAT}\")")
+        if data.get("version") != VERSION:
+            raise ValueError(f"{path}: routing statistics version {data.get('version')!r}; this moe_mpi reads {VERSION}")
+        layers = data.get("layers")
+        if not isinstance(layers, list) or not layers:
+            raise ValueError(f"{path}: no layers")
+        stats = cls([int(layer["num_experts"]) for layer in layers])
+        for i, layer in enumerate(layers):
+            counts = np.asarray(layer["counts"], dtype=np.int64)
+            if counts.shape != stats.counts[i].shape or (counts < 0).any():
+                raise ValueError(f"{path}: layer {i}: counts must be {stats.counts[i].size} non-negative integers")
+            stats.counts[i] = counts
+            co = layer.get("coactivation")
+            if co is not None:
+                stats.coactivation[i] = np.asarray(co, dtype=np.int64).reshape(counts.size, counts.size)
+            stats.tokens[i] = int(layer.get("tokens", 0))
+            stats.top_k[i] = layer.get("top_k")
+        return stats
+
+    def check_fits(self, num_experts: Sequence[int], where: str = "the statistics") -> None:
+        """Raises ``ValueError`` unless the statistics are for a model with these MoE layers."""
+        mine = [c.size for c in self.counts]
+        if list(mine) != list(num_experts):
+            raise ValueError(
+                f"{where} are for {len(mine)} MoE layers of {sorted(set(mine))} experts; the model has "
+                f"{len(num_experts)} MoE layers of {sorted(set(num_experts))} experts"
+            )
+
+
+def _recording_class(cls: type, sink: Sink, layer: int) -> type:
+    """``cls`` whose calls hand their routing to ``sink`` before computing."""
+
+    class Recording(cls):
+        def __call__(self, x, indices, *args, **kwargs):
+            sink(layer, np.asarray(indices).reshape(-1, indices.shape[-1]))  # [T, k]
+            return super().__call__(x, indices, *args, **kwargs)
+
+    return Recording
+
+
+def _recording_route(block, sink: Sink, layer: int):
+    """A numpy decode step's ``block.route`` that hands its routing to ``sink``."""
+    route = type(block).route
+
+    def recording(h):
+        inds, scores = route(block, h)
+        sink(layer, inds)
+        return inds, scores
+
+    return recording
+
+
+@contextlib.contextmanager
+def record_routing(model, sink: Sink) -> Iterator[None]:
+    """Hands every MoE layer call's routing to ``sink(layer, inds)`` while open.
+
+    Covers the switch layers (any mode, or a plain mlx-lm model) and the
+    numpy decode step, which routes without calling them. A no-op for
+    ``model`` None (ranks that do not record).
+    """
+    switches, blocks = [], []
+    if model is not None:
+        for layer, moe in enumerate(find_moe_blocks(model)):
+            switch = moe.switch
+            switches.append((switch, type(switch)))
+            switch.__class__ = _recording_class(type(switch), sink, layer)
+        path = getattr(model, "cpu_path", None)
+        step = path.decode_step if path is not None else None
+        moe_layers = [layer.mlp for layer in step.layers if hasattr(layer.mlp, "route")] if step else []
+        for layer, block in enumerate(moe_layers):
+            block.route = _recording_route(block, sink, layer)
+            blocks.append(block)
+    try:
+        yield
+    finally:
+        for switch, cls in switches:
+            switch.__class__ = cls
+        for block in blocks:
+            del block.route  # the class's own again
