@@ -42,6 +42,9 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from .balance import auto_layout, draw_routing
+from .modelshape import ModelShape, PerfModelError
+from .layout import Layout, assign_slots
 from .profiles import Link, Machine
 
 __all__ = [
@@ -52,6 +55,7 @@ __all__ = [
     "Prediction",
     "Routing",
     "bytes_per_step",
+    "default_layouts",
     "expected_experts",
     "memory_per_rank",
     "predict",
@@ -59,187 +63,10 @@ __all__ = [
     "route_counts",
 ]
 
+
 #: Routing draws per estimate at one token (fewer for many tokens, see route_counts).
 N_SAMPLES = 20000
 _MAX_DRAWS = 4_000_000  # samples x tokens x experts per estimate
-
-_ACT_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
-
-
-class PerfModelError(ValueError):
-    """A model, mode or input the performance model cannot use (the message says why)."""
-
-
-# ---------------------------------------------------------------------------
-# The model's shape and bytes
-# ---------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ModelShape:
-    """What the performance model needs of an MoE model: sizes and weight format.
-
-    Bytes per weight: ``weight_bits / 8``; a quantized format's bits include
-    its per-group scale and bias (``bits + 2 * 8 * scale_bytes / group_size``).
-    """
-
-    name: str
-    layers: int
-    moe_layers: int
-    hidden: int  # D
-    vocab: int  # V
-    heads: int
-    kv_heads: int
-    head_dim: int
-    experts: int  # E routed experts per MoE layer
-    top_k: int
-    expert_inter: int  # I: a routed expert's intermediate size
-    shared_inter: int = 0  # the shared experts' intermediate size in all
-    dense_inter: int = 0  # intermediate size of the dense MLP of non-MoE layers
-    fmt: str = "float32"  # weight format: float32, bfloat16, float16, q4, q8, ...
-    weight_bits: float = 32.0
-    router_bits: float = 32.0
-    act_bytes: int = 4  # activations and KV cache
-    tied_embeddings: bool = False
-
-    def __post_init__(self):
-        if self.experts < 1 or self.moe_layers < 1:
-            raise PerfModelError(f"model {self.name!r} has no MoE layers (experts={self.experts}, MoE layers={self.moe_layers})")
-        if not 1 <= self.top_k <= self.experts:
-            raise PerfModelError(f"model {self.name!r}: top_k={self.top_k} must be in 1..experts={self.experts}")
-
-    def _bytes(self, params: float, bits: Optional[float] = None) -> float:
-        return params * (self.weight_bits if bits is None else bits) / 8
-
-    @property
-    def attention_bytes(self) -> float:
-        """q, k, v and o projections of one layer."""
-        d, hd = self.hidden, self.head_dim
-        return self._bytes(2 * d * self.heads * hd + 2 * d * self.kv_heads * hd)
-
-    @property
-    def router_bytes(self) -> float:
-        return self._bytes(self.hidden * self.experts, self.router_bits)
-
-    @property
-    def expert_bytes(self) -> float:
-        """One routed expert of one layer: gate, up and down projections."""
-        return self._bytes(3 * self.hidden * self.expert_inter)
-
-    @property
-    def shared_bytes(self) -> float:
-        return self._bytes(3 * self.hidden * self.shared_inter)
-
-    @property
-    def dense_mlp_bytes(self) -> float:
-        return self._bytes(3 * self.hidden * self.dense_inter)
-
-    @property
-    def lm_head_bytes(self) -> float:
-        return self._bytes(self.vocab * self.hidden)
-
-    @property
-    def embedding_bytes(self) -> float:
-        return 0.0 if self.tied_embeddings else self.lm_head_bytes
-
-    @property
-    def kv_bytes_per_token(self) -> float:
-        """KV cache of one token of one sequence, all layers."""
-        return self.layers * 2 * self.kv_heads * self.head_dim * self.act_bytes
-
-    @property
-    def norm_bytes(self) -> float:
-        return (self.layers * 2 + 1) * self.hidden * self.act_bytes
-
-    @property
-    def dense_layers(self) -> int:
-        return self.layers - self.moe_layers
-
-    @property
-    def weight_bytes(self) -> float:
-        """All weights of the model."""
-        per_layer = self.attention_bytes
-        moe = self.router_bytes + self.experts * self.expert_bytes + self.shared_bytes
-        return (self.layers * per_layer + self.moe_layers * moe + self.dense_layers * self.dense_mlp_bytes
-                + self.lm_head_bytes + self.embedding_bytes + self.norm_bytes)
-
-    def parts(self) -> Dict[str, float]:
-        """The byte counts by part, as ``moe-mpi bench roofline`` prints them."""
-        return {
-            "attention_per_layer": self.attention_bytes,
-            "router_per_layer": self.router_bytes,
-            "expert": self.expert_bytes,
-            "lm_head": self.lm_head_bytes,
-            "layers": self.layers,
-            "moe_layers": self.moe_layers,
-            "num_experts": self.experts,
-            "top_k": self.top_k,
-        }
-
-    @classmethod
-    def from_config(cls, config: dict, name: str = "") -> "ModelShape":
-        """The shape of an mlx-lm / Hugging Face ``config.json`` dict.
-
-        Reads qwen3_moe, qwen2_moe, mixtral and dbrx key names (and the
-        ``quantization`` entry mlx-lm writes).
-
-        Raises:
-            PerfModelError: No MoE layers, or a layout the byte model does
-                not cover (DeepSeek's MLA attention), naming the key.
-        """
-        flat = {**(config.get("attn_config") or {}), **(config.get("ffn_config") or {}), **config}
-        name = name or str(config.get("_name_or_path") or config.get("model_type") or "model")
-
-        def get(*keys, default=None):
-            for k in keys:
-                v = flat.get(k)
-                if isinstance(v, (int, float)) and not isinstance(v, bool):
-                    return v
-            return default
-
-        if "kv_lora_rank" in flat:
-            raise PerfModelError(f"model {name!r}: multi-head latent attention (kv_lora_rank) is not in the byte model")
-        experts = get("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts", default=0)
-        if not experts:
-            raise PerfModelError(
-                f"model {name!r} ({config.get('model_type')}) has no MoE layers: its config has no "
-                "num_experts / num_local_experts / n_routed_experts / moe_num_experts"
-            )
-        hidden = get("hidden_size", "d_model", "dim")
-        layers = get("num_hidden_layers", "n_layers")
-        heads = get("num_attention_heads", "n_heads")
-        if not (hidden and layers and heads):
-            raise PerfModelError(f"model {name!r}: config lacks hidden_size, num_hidden_layers or num_attention_heads")
-        kv = get("num_key_value_heads", "kv_n_heads", "n_kv_heads", default=heads)
-        inter = get("moe_intermediate_size", "ffn_hidden_size", "intermediate_size")
-        if not inter:
-            raise PerfModelError(f"model {name!r}: config gives no expert intermediate size (moe_intermediate_size)")
-        step = get("decoder_sparse_step", default=1) or 1
-        dense_only = set(config.get("mlp_only_layers") or [])
-        first_dense = get("first_k_dense_replace", default=0)
-        moe_layers = sum(1 for i in range(int(layers)) if (i + 1) % step == 0 and i not in dense_only and i >= first_dense)
-        shared = get("shared_expert_intermediate_size", default=0)
-        if not shared and get("n_shared_experts"):
-            shared = get("n_shared_experts") * inter
-        dtype = str(config.get("torch_dtype") or config.get("dtype") or "float32")
-        act = _ACT_BYTES.get(dtype, 2)
-        fmt, bits, router_bits = dtype, 8.0 * act, 8.0 * act
-        q = config.get("quantization") or config.get("quantization_config")
-        if isinstance(q, dict) and q.get("bits"):
-            group = q.get("group_size", 64)
-            fmt = f"q{q['bits']}"
-            bits = q["bits"] + 2 * 8 * act / group
-            gates = [v for k, v in q.items() if isinstance(v, dict) and k.endswith(("mlp.gate", "router"))]
-            router_bits = (gates[0]["bits"] + 2 * 8 * act / gates[0].get("group_size", group)) if gates else bits
-        return cls(
-            name=name, layers=int(layers), moe_layers=moe_layers, hidden=int(hidden), vocab=int(get("vocab_size")),
-            heads=int(heads), kv_heads=int(kv), head_dim=int(get("head_dim", default=hidden // heads)),
-            experts=int(experts), top_k=int(get("num_experts_per_tok", "moe_top_k", "top_k")),
-            expert_inter=int(inter), shared_inter=int(shared),
-            dense_inter=int(get("intermediate_size", default=0) if moe_layers < layers else 0),
-            fmt=fmt, weight_bits=bits, router_bits=router_bits, act_bytes=act,
-            tied_embeddings=bool(config.get("tie_word_embeddings", False)),
-        )
 
 
 # ---------------------------------------------------------------------------
@@ -286,22 +113,19 @@ class Routing:
 
 
 def _samples(tokens: int, experts: int) -> int:
-    return int(min(N_SAMPLES, max(64, _MAX_DRAWS // max(1, tokens * experts))))
+    return int(min(N_SAMPLES, max(16, _MAX_DRAWS // max(1, tokens * experts))))
 
 
 def route_counts(experts: int, top_k: int, tokens: int, probs=None, seed: int = 0, samples: Optional[int] = None) -> np.ndarray:
     """``[S, E]``: (token, slot) pairs routed to each expert, in S draws of ``tokens`` tokens.
 
     Each token picks ``top_k`` distinct experts: uniformly, or in proportion
-    to ``probs`` (``[E]``, Gumbel top-k).
+    to ``probs`` (``[E]``), by :func:`moe_mpi.balance.draw_routing`, the
+    draw the balancing search uses.
     """
-    rng = np.random.default_rng(seed)
     s = samples or _samples(tokens, experts)
-    keys = rng.random((s, tokens, experts), dtype=np.float32)
-    if probs is not None:
-        # Gumbel top-k: log p + Gumbel noise, largest k = weighted draws without replacement.
-        keys = np.log(np.maximum(np.asarray(probs, dtype=np.float32), 1e-30)) - np.log(-np.log(np.maximum(keys, 1e-12)))
-    picks = np.argpartition(-keys, top_k - 1, axis=-1)[..., :top_k].reshape(s, -1)  # [S, T*k]
+    p = np.full(experts, 1.0 / experts) if probs is None else np.asarray(probs, dtype=np.float64)
+    picks = draw_routing(p, top_k, tokens, s, np.random.default_rng(seed)).reshape(s, -1)  # [S, T*k]
     counts = np.zeros((s, experts), dtype=np.int32)
     np.add.at(counts, (np.repeat(np.arange(s), picks.shape[1]), picks.reshape(-1)), 1)
     return counts
@@ -340,8 +164,10 @@ class Mode:
     """How a mode splits the model and talks.
 
     Attributes:
-        experts: ``"whole"`` (a rank owns whole experts) or ``"sliced"``
-            (every rank a 1/N slice of every expert).
+        experts: ``"whole"`` (a rank owns whole experts), ``"sliced"``
+            (every rank a 1/N slice of every expert) or ``"balanced"``
+            (per layer, the layout :func:`moe_mpi.balance.auto_layout`
+            chooses: experts whole, replicated or split).
         dense: ``"replicated"``, ``"split"`` (attention and dense MLPs 1/N,
             tensor parallel) or ``"rank0"`` (central router).
         comm: ``"allreduce"`` (one per MoE layer), ``"allreduce2"`` (two per
@@ -360,14 +186,16 @@ MODES: Dict[str, Mode] = {}
 
 
 def register_mode(mode: Mode) -> None:
-    """Adds a mode (e.g. a balancing mode: whole experts, its per-layer
-    imbalance passed to :func:`predict`)."""
+    """Adds a mode (e.g. another placement: whole experts, its per-layer
+    layouts or imbalance passed to :func:`predict`)."""
     MODES[mode.name] = mode
 
 
 for _m in (
     Mode("ep", "whole", "replicated", "allreduce", "moe_mpi expert parallel: whole experts, one all-reduce per MoE layer"),
     Mode("sliced", "sliced", "replicated", "allreduce", "moe_mpi sliced: 1/N of every expert, one all-reduce per MoE layer"),
+    Mode("auto", "balanced", "replicated", "allreduce",
+         "moe_mpi auto: per layer, experts whole, replicated or split by the balancing search, one all-reduce"),
     Mode("central", "whole", "rank0", "exchange", "central router: rank 0 scatters rows to expert owners, gathers"),
     Mode("mlx-lm-tp", "sliced", "split", "allreduce2", "mlx-lm tensor parallel: attention and experts split, two all-reduces per layer"),
     Mode("single", "whole", "replicated", "none", "one process, the whole model"),
@@ -380,6 +208,34 @@ def get_mode(name: str) -> Mode:
     if name not in MODES:
         raise PerfModelError(f"unknown mode {name!r}; known: {', '.join(MODES)}")
     return MODES[name]
+
+
+def default_layouts(shape: ModelShape, mode: str, n: int, routing: Optional["Routing"] = None,
+                    replicas: float = 0.0) -> List[Layout]:
+    """Per MoE layer, where a mode puts the experts on ``n`` ranks, as moe_mpi would.
+
+    Whole experts: moe_mpi's default contiguous placement; sliced (and
+    tensor parallel): every expert split; ``auto``:
+    :func:`moe_mpi.balance.auto_layout` on the layer's routing frequencies
+    (uniform without statistics), as ``load(mode="auto")`` chooses it.
+    """
+    m = get_mode(mode)
+    e = shape.experts
+    if m.experts == "sliced":
+        return [Layout.all_split(e, n)] * shape.moe_layers
+    if m.experts == "balanced":
+        routing = routing or Routing()
+        chosen: Dict[Optional[Tuple[float, ...]], Layout] = {}
+        out = []
+        for layer in range(shape.moe_layers):
+            probs = routing.layer_probs(layer)
+            if probs not in chosen:
+                p = np.full(e, 1.0 / e) if probs is None else np.asarray(probs)
+                # The arguments moe_mpi.shard passes, so the layout is the one a run uses.
+                chosen[probs] = auto_layout(p, shape.top_k, n, replicas=replicas, can_split=shape.expert_inter >= n)
+            out.append(chosen[probs])
+        return out
+    return [Layout.from_owners(contiguous_owners(e, n), n)] * shape.moe_layers
 
 
 # ---------------------------------------------------------------------------
@@ -422,7 +278,7 @@ def code_path(mode: Mode, phase: str, shape: ModelShape, machine: Machine) -> st
     """Which code runs a call: ``"numpy"`` (moe_mpi's numpy decode step: float32
     decode of ep, sliced and tensor parallel on a CPU-path machine),
     ``"mlx-quantized"`` (MLX's model code on quantized weights) or ``"mlx"``."""
-    numpy_modes = ("ep", "sliced", "mlx-lm-tp", "single")
+    numpy_modes = ("ep", "sliced", "auto", "mlx-lm-tp", "single")
     if phase == "decode" and machine.numpy_decode and shape.fmt == "float32" and mode.name in numpy_modes:
         return "numpy"
     return "mlx-quantized" if shape.fmt.startswith("q") else "mlx"
@@ -459,18 +315,47 @@ def _dense_seconds(shape: ModelShape, mode: Mode, m: Machine, n: int, tokens: in
     return float(t)
 
 
-def _expert_seconds(shape: ModelShape, mode: Mode, ranks: Sequence[Machine], counts: np.ndarray,
-                    owners: np.ndarray) -> np.ndarray:
-    """``[S, N]``: each rank's expert time in each routing draw."""
+#: Routing draws used for a layout with replicated experts (each draw assigns its slots in Python).
+REPLICA_SAMPLES = 1000
+
+
+def computing_rank(layout: Layout, counts: np.ndarray) -> np.ndarray:
+    """``[S, E]``: the rank that computes each expert's rows in each draw, -1 for split experts.
+
+    Replicated experts go where :func:`moe_mpi.layout.assign_slots` sends
+    them (all of an expert's rows to one holder), draw by draw.
+    """
+    first = np.array([h[0] if h else -1 for h in layout.holders])
+    out = np.broadcast_to(first, counts.shape).copy()
+    replicated = np.asarray(layout.replicated, dtype=np.int64)
+    if replicated.size:
+        experts = np.arange(layout.num_experts)
+        for s, row in enumerate(counts):
+            flat = np.repeat(experts, row)
+            busy = replicated[row[replicated] > 0]
+            if busy.size:
+                out[s, busy] = assign_slots(layout, flat)[np.searchsorted(flat, busy)]
+    return out
+
+
+def _expert_seconds(shape: ModelShape, ranks: Sequence[Machine], counts: np.ndarray, layout: Layout) -> np.ndarray:
+    """``[S, N]``: each rank's expert time in each routing draw.
+
+    A whole expert costs its computing rank the expert's bytes through its
+    rows; a split one costs every rank 1/N of the bytes through all its rows.
+    """
     n = len(ranks)
     out = np.zeros((counts.shape[0], n))
     active = counts > 0
+    split = np.array([not h for h in layout.holders])
+    comp = computing_rank(layout, counts)  # [S, E]
     for r, m in enumerate(ranks):
-        if mode.experts == "sliced":
-            t = m.kernel_seconds(shape.fmt, shape.expert_bytes / n, counts, shape.weight_bits, "expert") * active
-        else:
-            mine = owners == r
-            t = m.kernel_seconds(shape.fmt, shape.expert_bytes, counts[:, mine], shape.weight_bits, "expert") * active[:, mine]
+        t = np.zeros(counts.shape)
+        mine = (comp == r) & active
+        if mine.any():
+            t += m.kernel_seconds(shape.fmt, shape.expert_bytes, counts, shape.weight_bits, "expert") * mine
+        if split.any():
+            t += m.kernel_seconds(shape.fmt, shape.expert_bytes / n, counts, shape.weight_bits, "expert") * (active & split)
         out[:, r] = t.sum(axis=1)
     return out
 
@@ -499,7 +384,7 @@ def predict(
     phase: str = "decode",
     context: int = 0,
     routing: Optional[Routing] = None,
-    owners: Optional[Sequence[Sequence[int]]] = None,
+    layouts: Optional[Sequence[Layout]] = None,
     imbalance: Optional[Sequence[float]] = None,
 ) -> Prediction:
     """Predicted time of one forward call.
@@ -514,10 +399,11 @@ def predict(
         phase: ``"decode"`` or ``"prefill"``.
         context: Cached tokens per sequence (decode attention reads them).
         routing: Uniform (None) or measured expert frequencies.
-        owners: Per MoE layer, expert -> rank (default: contiguous).
+        layouts: Per MoE layer, where the experts are
+            (:class:`moe_mpi.layout.Layout`; default: :func:`default_layouts`).
         imbalance: Per MoE layer, the busiest rank's expert time over the
-            mean rank's, for a mode that knows it (a balancing placement);
-            replaces the drawn busiest rank.
+            mean rank's, for a placement no :class:`Layout` describes
+            (the paper's round-robin groups); replaces the drawn busiest rank.
 
     Raises:
         PerfModelError: Unknown mode or phase, or inputs that do not fit
@@ -539,7 +425,12 @@ def predict(
     ar_path = allreduce_path(m, path)
     layer_fixed, step_fixed = max((r.fixed_seconds(f"{path}/{phase}") for r in ranks), key=sum)
     routing = routing or Routing()
-    default_owners = contiguous_owners(shape.experts, n) if m.experts == "whole" else None
+    if layouts is None:
+        layouts = default_layouts(shape, m.name, n, routing)
+    if len(layouts) != shape.moe_layers or any(x.num_ranks != n or x.num_experts != shape.experts for x in layouts):
+        raise PerfModelError(f"layouts: need {shape.moe_layers} (one per MoE layer) of {shape.experts} experts on {n} ranks")
+    if m.comm in ("exchange", "allgather") and any(x.owners() is None for x in layouts):
+        raise PerfModelError(f"mode {m.name!r} needs one owner per expert (no split or replicated experts)")
 
     parts = {"dense": 0.0, "experts": 0.0, "comm": 0.0, "head": 0.0, "fixed": 0.0}
     drawn: Dict[Tuple, np.ndarray] = {}
@@ -554,13 +445,17 @@ def predict(
             experts_t = 0.0
             layer_t = max(dense)
         else:
-            lay_owners = np.asarray(owners[moe_index]) if owners is not None else default_owners
+            layout = layouts[moe_index]
             probs = routing.layer_probs(moe_index)
-            key = (probs, None if lay_owners is None else tuple(lay_owners))
+            key = (probs, layout)
             if key not in drawn:
                 counts = route_counts(shape.experts, shape.top_k, tokens, probs, routing.seed)
-                drawn[key] = (counts, _expert_seconds(shape, m, ranks, counts, lay_owners))
+                if layout.replicated:
+                    counts = counts[:REPLICA_SAMPLES]
+                drawn[key] = (counts, _expert_seconds(shape, ranks, counts, layout))
             counts, per_rank = drawn[key]
+            owners = layout.owners()
+            lay_owners = None if owners is None else np.asarray(owners)
             if imbalance is not None:
                 busiest = per_rank.mean(axis=1) * imbalance[moe_index]
                 with_dense = busiest + max(dense)
@@ -646,13 +541,15 @@ def bytes_per_step(parts: Dict[str, float], mode: str, size: int, batch: int) ->
     return dense + moe_layers * experts
 
 
-def memory_per_rank(shape: ModelShape, mode: str, size: int, kv_tokens: int) -> List[float]:
+def memory_per_rank(shape: ModelShape, mode: str, size: int, kv_tokens: int,
+                    layouts: Optional[Sequence[Layout]] = None) -> List[float]:
     """Bytes each rank holds: its weights plus its KV cache of ``kv_tokens`` tokens (all sequences).
 
-    ep / central / allgather: the dense part (rank 0 only in central) and
-    its whole experts (contiguous placement); sliced: the dense part and
-    1/N of every expert; tensor parallel: 1/N of attention, dense MLPs,
-    experts and KV heads, the routers, embedding and LM head whole.
+    ep / auto / central / allgather: the dense part (rank 0 only in
+    central), per layer the rank's whole experts (``layouts``, default
+    :func:`default_layouts`) and 1/N of each split one; sliced: the dense
+    part and 1/N of every expert; tensor parallel: 1/N of attention, dense
+    MLPs, experts and KV heads, the routers, embedding and LM head whole.
     """
     m = get_mode(mode)
     kv = kv_tokens * shape.kv_bytes_per_token
@@ -664,14 +561,14 @@ def memory_per_rank(shape: ModelShape, mode: str, size: int, kv_tokens: int) -> 
         return [whole + routers + (attention + experts + kv) / size] * size
     if m.experts == "sliced":
         return [whole + routers + attention + experts / size + kv] * size
-    owners = contiguous_owners(shape.experts, size)
+    layouts = layouts if layouts is not None else default_layouts(shape, mode, size)
     out = []
     for r in range(size):
-        own = shape.moe_layers * (np.sum(owners == r) * shape.expert_bytes + shape.shared_bytes / size)
+        held = sum(len(x.whole_on(r)) + len(x.split) / size for x in layouts)  # experts' worth, all layers
+        own = held * shape.expert_bytes + shape.moe_layers * shape.shared_bytes / size
         dense = whole + routers + attention + kv
         if m.dense == "rank0":
             own += (shape.moe_layers * shape.shared_bytes * (size - 1) / size) if r == 0 else -shape.moe_layers * shape.shared_bytes / size
             dense = dense if r == 0 else 0.0
         out.append(float(dense + own))
     return out
-

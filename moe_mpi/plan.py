@@ -30,7 +30,7 @@ from .runner import add_debug_argument, fail, parse_args
 
 __all__ = ["KNOWN_MODELS", "main", "model_config", "plan_rows", "setup_arg_parser"]
 
-DEFAULT_MODES = ("ep", "sliced", "central", "mlx-lm-tp")
+DEFAULT_MODES = ("ep", "sliced", "auto", "central", "mlx-lm-tp")
 HOURS_PER_YEAR = 365 * 24
 
 
@@ -123,7 +123,10 @@ def setup_arg_parser() -> argparse.ArgumentParser:
                         help="share of spec bandwidth built-in machines reach, in (0, 1] (default 1: the roofline)")
     parser.add_argument("--price", default=None, help="machine prices, NAME=USD[,NAME=USD] (for cost per Mtok)")
     parser.add_argument("--years", type=float, default=3.0, help="years to spread a machine's price over (default 3)")
-    parser.add_argument("--router-stats", metavar="FILE", help='JSON {"layers": [[pairs per expert], ...]}')
+    parser.add_argument("--stats", metavar="FILE", help="routing statistics (`moe-mpi profile`): experts drawn by "
+                        "their measured frequencies, and mode auto's layouts chosen from them (default: uniform)")
+    parser.add_argument("--replicas", type=float, default=0.0,
+                        help="mode auto: extra whole experts a rank may hold per layer, as `--replicas` of a run")
     parser.add_argument("--json", nargs="?", const="-", metavar="FILE", help="write rows as JSON (to stdout with no FILE)")
     parser.add_argument("--plot", metavar="FILE.png", help="tokens/s against N per mode and link")
     add_debug_argument(parser)
@@ -146,26 +149,27 @@ def _prices(text: Optional[str]) -> Dict[str, float]:
     return out
 
 
-def _routing(path: Optional[str], experts: int):
+def _routing(path: Optional[str], shape):
+    """The routing of ``--stats``: a ``moe-mpi profile`` statistics file, checked against the model."""
     from .perfmodel import Routing
+    from .routing import RoutingStats
 
     if not path:
         return None
-    data = json.loads(Path(path).read_text())
-    if not isinstance(data, dict) or not isinstance(data.get("layers"), list):
-        raise ValueError(f"--router-stats {path}: expected a JSON object with 'layers': [[count per expert], ...]")
-    return Routing.from_counts(data["layers"], experts)
+    stats = RoutingStats.load(path)
+    stats.check_fits([shape.experts] * shape.moe_layers, where=f"--stats {path}")
+    return Routing.from_counts(stats.counts, shape.experts)
 
 
 def plan_rows(shape, machines, links, modes, batch, prompt, context, routing=None, prices=None, years=3.0,
-              exact=None) -> List[dict]:
+              exact=None, replicas=0.0) -> List[dict]:
     """One row per (link, mode, N): memory, fit, decode/prefill predictions, cost.
 
     ``exact``: ``N -> ep weight bytes per rank`` from the checkpoint
     (:func:`exact_weights`), used for the whole-expert modes in place of the
     byte model's count.
     """
-    from .perfmodel import PerfModelError, memory_per_rank, predict
+    from .perfmodel import PerfModelError, default_layouts, memory_per_rank, predict
 
     rows = []
     for link in links:
@@ -174,12 +178,13 @@ def plan_rows(shape, machines, links, modes, batch, prompt, context, routing=Non
                 ranks = machines[:n]
                 name = "single" if (n == 1 and mode == "single") else mode
                 try:
-                    memory = memory_per_rank(shape, name, n, batch * context)
+                    layouts = default_layouts(shape, name, n, routing, replicas)
+                    memory = memory_per_rank(shape, name, n, batch * context, layouts)
                     if exact and exact.get(n) and name in ("ep", "allgather"):
                         kv = batch * context * shape.kv_bytes_per_token
                         memory = [w + kv for w in exact[n]]
-                    decode = predict(shape, name, ranks, link, batch, "decode", context, routing)
-                    prefill = predict(shape, name, ranks, link, prompt, "prefill", 0, routing)
+                    decode = predict(shape, name, ranks, link, batch, "decode", context, routing, layouts)
+                    prefill = predict(shape, name, ranks, link, prompt, "prefill", 0, routing, layouts)
                 except PerfModelError as e:
                     rows.append(dict(link=link.name, mode=name, ranks=n, skipped=str(e)))
                     continue
@@ -314,10 +319,10 @@ def _run(args) -> int:
     for m in modes:
         get_mode(m)
     prices = _prices(args.price)
-    routing = _routing(args.router_stats, shape.experts)
+    routing = _routing(args.stats, shape)
     exact = {n: exact_weights(path, n) for n in range(1, len(machines) + 1)} if path is not None else None
     rows = plan_rows(shape, machines, links, modes, args.batch, args.prompt_tokens, args.context, routing, prices,
-                     args.years, exact)
+                     args.years, exact, args.replicas)
     header = [
         f"# moe-mpi plan: {shape.name}: {shape.layers} layers ({shape.moe_layers} MoE), {shape.experts} experts top-{shape.top_k}, "
         f"{shape.fmt} ({shape.weight_bits:g} bits/weight), {shape.weight_bytes / 2**30:.1f} GiB of weights",

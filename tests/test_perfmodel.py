@@ -248,6 +248,39 @@ def test_router_statistics_skew_the_load():
         pm.Routing.from_counts([[1, 2]], 4)
 
 
+def test_layouts_split_and_replicated_experts_by_hand():
+    from moe_mpi.layout import Layout
+
+    s = tiny_shape(experts=4, top_k=1)
+    _, _, expert, _ = _hand_parts(s)
+    # Expert 0 split over both ranks, 1 and 2 whole on rank 0, 3 whole on rank 1; every token to expert 0:
+    # each rank reads half of expert 0.
+    hot = pm.Routing.from_counts([[1, 0, 0, 0]], 4)
+    mixed = Layout(2, ((), (0,), (0,), (1,)))
+    p = pm.predict(s, "auto", [READER] * 2, LINK, 8, routing=hot, layouts=[mixed])
+    assert p.parts["experts"] == pytest.approx(expert / 2)
+    # Expert 0 held whole by both ranks: one of them computes all its rows, the other nothing.
+    both = Layout(2, ((0, 1), (0,), (1,), (1,)))
+    assert pm.predict(s, "auto", [READER] * 2, LINK, 8, routing=hot, layouts=[both]).parts["experts"] == pytest.approx(expert)
+    # Memory: rank 0 holds experts 1 and 2 and half of 0; rank 1 expert 3 and half of 0.
+    dense = s.attention_bytes + s.router_bytes + s.lm_head_bytes + s.embedding_bytes + s.norm_bytes
+    assert pm.memory_per_rank(s, "auto", 2, 0, [mixed]) == pytest.approx([dense + 2.5 * s.expert_bytes, dense + 1.5 * s.expert_bytes])
+    with pytest.raises(pm.PerfModelError, match="needs one owner per expert"):
+        pm.predict(s, "central", [READER] * 2, LINK, 1, layouts=[mixed])
+
+
+def test_auto_splits_a_hot_expert_and_beats_ep():
+    """Mode auto takes moe_mpi.balance's layout: with one expert taking most of the slots it is split,
+    and the busiest rank reads less than under ep's contiguous placement."""
+    s = pm.ModelShape.from_config(synthetic_config("dbrx-like"))
+    hot = pm.Routing.from_counts([[50] + [1] * 15] * s.moe_layers, 16)
+    layouts = pm.default_layouts(s, "auto", 2, hot)
+    assert 0 in layouts[0].split
+    auto = pm.predict(s, "auto", [READER] * 2, LINK, 8, routing=hot, layouts=layouts)
+    ep = pm.predict(s, "ep", [READER] * 2, LINK, 8, routing=hot)
+    assert auto.parts["experts"] < 0.95 * ep.parts["experts"]  # 0.92 here: reading-bound, a hot expert costs one read
+
+
 def test_memory_per_rank_by_hand():
     s = pm.ModelShape.from_config(synthetic_config("dbrx-like"))
     dense = 8 * (s.attention_bytes + s.router_bytes) + s.lm_head_bytes + s.embedding_bytes + s.norm_bytes
@@ -298,7 +331,7 @@ def test_plan_dbrx_on_four_m2_ultras(capsys):
     assert plan_main(["--model", "dbrx", "--machines", "m2-ultra-192:4", "--link", "10gbe,tb5-rdma",
                       "--price", "m2-ultra-192=6599", "--json", "-"]) == 0
     rows = json.loads(capsys.readouterr().out)["rows"]
-    assert len(rows) == 2 * 4 * 4  # links x modes x N
+    assert len(rows) == 2 * 5 * 4  # links x modes (ep, sliced, auto, central, mlx-lm-tp) x N
     one = [r for r in rows if r["ranks"] == 1]
     # 132B bfloat16 weights (246 GiB) do not fit in 3/4 of 192 GiB; two machines do.
     assert all(not r["fits"] and r["memory_bytes"] > 240 * 2**30 for r in one)
