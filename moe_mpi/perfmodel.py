@@ -419,6 +419,10 @@ def predict(
         raise PerfModelError(f"mode 'single' runs on 1 rank, got {n}")
     if n > 1 and link is None:
         raise PerfModelError(f"{n} ranks need a link")
+    if m.dense == "split" and any(x % n for x in (shape.heads, shape.kv_heads, shape.expert_inter)):
+        # mlx-lm's shard() divides head counts and intermediate sizes by N and has no remainder case.
+        raise PerfModelError(f"tensor parallel splits heads={shape.heads}, kv_heads={shape.kv_heads} and "
+                             f"intermediate={shape.expert_inter} evenly: not over {n} ranks")
     if imbalance is not None and len(imbalance) != shape.moe_layers:
         raise PerfModelError(f"imbalance: one value per MoE layer ({shape.moe_layers}), got {len(imbalance)}")
     path = code_path(m, phase, shape, ranks[0])

@@ -335,8 +335,10 @@ def test_plan_dbrx_on_four_m2_ultras(capsys):
     one = [r for r in rows if r["ranks"] == 1]
     # 132B bfloat16 weights (246 GiB) do not fit in 3/4 of 192 GiB; two machines do.
     assert all(not r["fits"] and r["memory_bytes"] > 240 * 2**30 for r in one)
-    assert all(r["fits"] for r in rows if r["ranks"] >= 2)
     by = {(r["link"], r["mode"], r["ranks"]): r for r in rows}
+    # DBRX's 8 KV heads do not split over 3: mlx-lm's tensor parallel cannot run there.
+    assert "kv_heads=8" in by["10gbe", "mlx-lm-tp", 3]["skipped"]
+    assert all(r["fits"] for r in rows if r["ranks"] >= 2 and "skipped" not in r)
     # The one-all-reduce modes spend less of their time on a slow link than tensor parallel's two.
     assert by["10gbe", "sliced", 4]["decode_comm_share"] < by["10gbe", "mlx-lm-tp", 4]["decode_comm_share"]
     assert by["tb5-rdma", "ep", 4]["decode_comm_share"] < by["10gbe", "ep", 4]["decode_comm_share"]
@@ -379,3 +381,31 @@ def test_plan_rejects_a_malformed_profile_and_a_dense_model(tmp_path):
                                                    "num_attention_heads": 4, "vocab_size": 100}))
     proc = _plan("--model", str(dense), "--machines", "m2-max-96:2", "--link", "10gbe")
     assert proc.returncode == 1 and "has no MoE layers" in proc.stderr, proc.stderr
+
+
+def test_plan_reads_routing_statistics(tmp_path, capsys):
+    """--stats: a moe-mpi profile file skews the draws and auto's layouts; one for another model is an error."""
+    from moe_mpi.routing import RoutingStats
+
+    stats = RoutingStats([16] * 8)
+    for layer in range(8):
+        stats(layer, np.array([[0, 1, 2, 3]] * 30 + [[4, 5, 6, 7]] * 10))  # experts 0-3 hot, all on rank 0 under ep
+    stats.save(tmp_path / "stats.json")
+    argv = ["--model", "dbrx-like", "--machines", "m2-ultra-64:2", "--link", "tb5-rdma", "--modes", "ep,auto", "--json", "-"]
+    assert plan_main(argv) == 0
+    uniform = {(r["mode"], r["ranks"]): r for r in json.loads(capsys.readouterr().out)["rows"]}
+    assert plan_main(argv + ["--stats", str(tmp_path / "stats.json")]) == 0
+    skewed = {(r["mode"], r["ranks"]): r for r in json.loads(capsys.readouterr().out)["rows"]}
+    # ep: rank 0 owns every hot expert and reads them all; auto spreads them.
+    assert skewed["ep", 2]["decode_tokens_per_s"] < uniform["ep", 2]["decode_tokens_per_s"]
+    assert skewed["auto", 2]["decode_tokens_per_s"] > skewed["ep", 2]["decode_tokens_per_s"]
+    RoutingStats([8] * 8).save(tmp_path / "other.json")
+    proc = _plan(*argv[:-2], "--stats", str(tmp_path / "other.json"))
+    assert proc.returncode == 1 and "MoE layers of [8] experts" in proc.stderr, proc.stderr
+
+
+def test_tensor_parallel_needs_divisible_heads():
+    s = pm.ModelShape.from_config(synthetic_config("dbrx-like"))  # 12 heads, 6 KV heads
+    assert pm.predict(s, "mlx-lm-tp", [READER] * 3, LINK, 1).seconds > 0
+    with pytest.raises(pm.PerfModelError, match="kv_heads=6 .* not over 4 ranks"):
+        pm.predict(s, "mlx-lm-tp", [READER] * 4, LINK, 1)
