@@ -175,7 +175,7 @@ def test_ep_decode_by_hand():
 
 
 def test_sliced_tp_and_single_by_hand():
-    s = tiny_shape()
+    s = tiny_shape(kv_heads=2)  # tensor parallel splits the KV heads too
     attention, router, expert, head = _hand_parts(s)
     ar = 1e-6 + 16 / 1e9
     sliced = pm.predict(s, "sliced", [READER] * 2, LINK, 1)
