@@ -409,3 +409,16 @@ def test_tensor_parallel_needs_divisible_heads():
     assert pm.predict(s, "mlx-lm-tp", [READER] * 3, LINK, 1).seconds > 0
     with pytest.raises(pm.PerfModelError, match="kv_heads=6 .* not over 4 ranks"):
         pm.predict(s, "mlx-lm-tp", [READER] * 4, LINK, 1)
+
+
+def test_the_validation_and_paper_scripts_the_docs_cite_still_run():
+    """docs/perfmodel.md's tables come from these; they read committed JSON (no MPI)."""
+    run = REPO / "docs" / "results" / "perfmodel" / "n2-decode-q4"
+    proc = subprocess.run([sys.executable, "examples/perfmodel_validate.py", "--run", str(run)], capture_output=True,
+                          text=True, cwd=REPO, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "# 10 rows: median |error|" in proc.stdout
+    proc = subprocess.run([sys.executable, "examples/perfmodel_paper.py"], capture_output=True, text=True, cwd=REPO,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.count("cannot run") == 2  # tensor parallel on 3 nodes, 10 GbE and TB5
