@@ -23,6 +23,8 @@ SUBCOMMANDS = {
     "profile": "Record router statistics over a prompts file, for balancing the experts.",
     "info": "Show what each rank will hold (experts, bytes), without launching anything.",
     "hostfile": "Check and convert MPI hostfiles (Open MPI, MPICH, mlx.launch JSON).",
+    "calibrate": "Measure this cluster's bandwidth, kernel rates and link costs into a profile (under mpirun).",
+    "plan": "Predict tokens/s and memory per mode and machine count: will another Mac help?",
     "bench": "Benchmarks of expert-parallel inference (collectives, ping-pong, models).",
 }
 

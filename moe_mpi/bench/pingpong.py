@@ -10,7 +10,12 @@ plus reduction and Python overhead)::
 
 Method (OSU's ``osu_latency``): per size, a barrier, ``-x`` warm-up round
 trips, then ``-i`` timed round trips timed as one loop with ``MPI.Wtime`` on
-rank 0; latency = elapsed / (2 * iterations). Each round trip is also timed
+rank 0; latency = elapsed / (2 * iterations). As in OSU (and ``python -m
+mpi4py.bench pingpong``), each rank sends from a buffer of its own that no
+receive writes. ``--echo`` makes rank 1 send back the buffer it has just
+received into instead: the data to send was just written by that rank's
+core, as an all-reduce's partial sums are, and on a shared-memory host that
+costs more (docs/perfmodel.md, "Ping-pong"). Each round trip is also timed
 alone, and ``p50`` (median round trip / 2, not in OSU) shows the latency
 without the scheduler stalls that dominate the mean on a busy host. Sizes above
 ``--large-threshold`` use ``--iterations-large``/``--warmup-large``. Buffers
@@ -21,7 +26,8 @@ so they do not steal the CPU from the pair on a shared host.
 Check: the payload is pseudo-random bytes 1..255; after the timed loop one
 more round trip runs into zeroed buffers and both ranks compare what they
 received, ``#wrong`` being the number of wrong bytes (rank 1's received
-message plus rank 0's echo). Any wrong byte makes the command exit 1.
+message plus what rank 1 echoes back to rank 0). Any wrong byte makes the
+command exit 1.
 """
 
 from __future__ import annotations
@@ -77,7 +83,7 @@ def payload(nbytes: int) -> np.ndarray:
 
 
 def pingpong(
-    pair, nbytes: int, iterations: int, warmup: int, check: bool = True
+    pair, nbytes: int, iterations: int, warmup: int, check: bool = True, echo: bool = False
 ) -> tuple[float, float, int]:
     """Time round trips of ``nbytes`` between ranks 0 and 1 of ``pair``.
 
@@ -88,6 +94,8 @@ def pingpong(
         warmup: Untimed round trips first.
         check: Run one more round trip into zeroed buffers and count wrong
             bytes.
+        echo: Rank 1 sends back the buffer it received into (just written
+            by its core) rather than its own send buffer (OSU's way).
 
     Returns:
         ``(seconds, p50_seconds, wrong)``: the one-way latency as OSU
@@ -118,8 +126,9 @@ def pingpong(
             pair.Recv(recv, source=peer, tag=1)
         else:
             pair.Recv(recv, source=peer, tag=1)
-            # Echo what arrived, so rank 0's check covers both directions.
-            pair.Send(recv, dest=peer, tag=1)
+            # OSU sends from a buffer no receive writes; --echo sends what
+            # just arrived (data fresh in this core's cache).
+            pair.Send(recv if echo else send, dest=peer, tag=1)
         if i >= warmup:
             now = wtime()
             round_trips[i - warmup] = now - last
@@ -133,6 +142,7 @@ def pingpong(
             pair.Send(send, dest=peer, tag=2)
             pair.Recv(recv, source=peer, tag=2)
         else:
+            # Echo what arrived, so rank 0's check covers both directions.
             pair.Recv(recv, source=peer, tag=2)
             pair.Send(recv, dest=peer, tag=2)
         wrong = int(np.count_nonzero(recv != expected))
@@ -159,7 +169,7 @@ def run_pingpong(comm, args: argparse.Namespace, emit) -> list[dict[str, Any]]:
         if in_pair:
             for nbytes in message_sizes(*args.message_size):
                 iterations, warmup = loop_counts(args, nbytes)
-                seconds, p50, wrong = pingpong(pair, nbytes, iterations, warmup, check)
+                seconds, p50, wrong = pingpong(pair, nbytes, iterations, warmup, check, args.echo)
                 # Rank 0's clock timed the loop; rank 1 adds its wrong bytes.
                 both = np.empty((2, 3), dtype=np.float64)
                 mine = np.array([seconds, p50, wrong], dtype=np.float64)
@@ -218,6 +228,12 @@ def setup_arg_parser() -> argparse.ArgumentParser:
         warmup_large=DEFAULT_WARMUP_LARGE,
     )
     parser.add_argument(
+        "--echo",
+        action="store_true",
+        help="rank 1 sends back the buffer it just received into (data fresh in its cache, as "
+        "an all-reduce's partial sums are) instead of its own send buffer (osu_latency's way)",
+    )
+    parser.add_argument(
         "--no-check",
         action="store_true",
         help="skip checking the received bytes (#wrong shows n/a)",
@@ -235,7 +251,8 @@ def _method_lines(args, info) -> list[str]:
         f"pair: rank 0 on {hosts[0]}, rank 1 on {hosts[1]}"
         + (" (same host)" if same else " (different hosts)"),
         f"sizes: {format_size(args.message_size[0])} to "
-        f"{format_size(args.message_size[1])}; payload: numpy uint8, mpi4py Send/Recv",
+        f"{format_size(args.message_size[1])}; payload: numpy uint8, mpi4py Send/Recv; rank 1 sends "
+        + ("back the buffer it received into (--echo)" if args.echo else "from its own send buffer (osu_latency)"),
         f"loop: -x {args.warmup} warm-up + -i {args.iterations} timed round trips"
         f" per size; above {format_size(args.large_threshold)}: {warmup_large} +"
         f" {iterations_large}",
@@ -288,6 +305,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 config = {
                     "timing": "osu_latency: rank 0 times the loop of round "
                     "trips with MPI.Wtime; one-way = elapsed / (2 * iterations)",
+                    "echo": args.echo,
                 }
                 write_results(args, "pingpong", info, config, rows, wrong, load_end, _CSV_COLUMNS)
                 if args.plot:

@@ -30,14 +30,14 @@ import argparse
 import json
 import time
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional
 
 import numpy as np
 
 from ..errors import CollectiveError
+from ..perfmodel import ModelShape, PerfModelError, bytes_per_step, expected_experts
 from ..runner import abort_on_error, add_debug_argument, parse_args
 
-N_SAMPLES = 20000  # routing draws for the expected number of experts read
 STREAM_MB = 256  # triad arrays per rank, far beyond any cache
 
 
@@ -102,62 +102,14 @@ def _best_seconds(comm, fn, repeats: int) -> float:
     return best
 
 
-def expected_experts(num_experts: int, top_k: int, batch: int, owners: Optional[Sequence[int]], seed: int = 0) -> float:
-    """Expected experts the slowest reader reads in one decode step.
-
-    Args:
-        num_experts, top_k, batch: Routing shape; uniform routing is assumed.
-        owners: Expert -> rank (whole-expert placement), or None when every
-            rank reads every chosen expert (single, sliced, tensor parallel).
-    """
-    rng = np.random.default_rng(seed)
-    picks = np.argsort(rng.random((N_SAMPLES, batch, num_experts)), axis=-1)[..., :top_k]
-    chosen = np.zeros((N_SAMPLES, num_experts), dtype=bool)
-    np.put_along_axis(chosen, picks.reshape(N_SAMPLES, -1), True, axis=1)
-    if owners is None:
-        return float(chosen.sum(1).mean())
-    owners = np.asarray(owners)
-    per_rank = np.stack([chosen[:, owners == r].sum(1) for r in range(owners.max() + 1)], 1)
-    return float(per_rank.max(1).mean())
-
-
 ITEMSIZE = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
 def model_bytes(config: Dict, itemsize: int = 4) -> Dict[str, float]:
-    """Weight bytes of a qwen3_moe/mixtral-style float config, by part."""
-    d = config["hidden_size"]
-    heads = config["num_attention_heads"]
-    kv = config.get("num_key_value_heads", heads)
-    head_dim = config.get("head_dim", d // heads)
-    inter = config.get("moe_intermediate_size", config.get("intermediate_size"))
-    layers = config["num_hidden_layers"]
-    attention = (d * heads * head_dim * 2 + d * kv * head_dim * 2) * itemsize
-    experts = config.get("num_experts", config.get("num_local_experts"))
-    return {
-        "attention_per_layer": attention,
-        "router_per_layer": d * experts * itemsize,
-        "expert": 3 * d * inter * itemsize,
-        "lm_head": config["vocab_size"] * d * itemsize,
-        "layers": layers,
-        "num_experts": experts,
-        "top_k": config["num_experts_per_tok"],
-    }
-
-
-def bytes_per_step(parts: Dict[str, float], mode: str, size: int, batch: int) -> float:
-    """Weight bytes the slowest rank reads in one decode step of ``batch`` tokens."""
-    e, k, layers = parts["num_experts"], parts["top_k"], parts["layers"]
-    attention = parts["attention_per_layer"] / (size if mode == "mlx-lm-tp" else 1)
-    dense = layers * (attention + parts["router_per_layer"]) + parts["lm_head"]
-    if mode == "single":
-        experts = expected_experts(e, k, batch, None) * parts["expert"]
-    elif mode in ("sliced", "mlx-lm-tp"):
-        experts = expected_experts(e, k, batch, None) * parts["expert"] / size
-    else:  # ep, central: whole experts, contiguous placement
-        owners = np.repeat(np.arange(size), [len(c) for c in np.array_split(np.arange(e), size)])
-        experts = expected_experts(e, k, batch, owners) * parts["expert"]
-    return dense + layers * experts
+    """Weight bytes of a qwen3_moe/mixtral-style float config, by part
+    (:meth:`moe_mpi.perfmodel.ModelShape.parts`, the one byte model)."""
+    dtype = {size: name for name, size in ITEMSIZE.items()}[itemsize]
+    return ModelShape.from_config(dict(config, torch_dtype=dtype)).parts()
 
 
 def limit_parts(config: Dict) -> Optional[Dict[str, float]]:
@@ -174,7 +126,7 @@ def limit_parts(config: Dict) -> Optional[Dict[str, float]]:
         return None
     try:
         return model_bytes(config, itemsize)
-    except KeyError:
+    except (KeyError, TypeError, PerfModelError):
         return None
 
 

@@ -1,0 +1,526 @@
+"""``moe-mpi calibrate``: measure what the performance model needs, write a profile.
+
+Run under ``mpirun`` with the ranks and hosts you will run models on::
+
+    mpirun -n 2 --host mac1,mac2 moe-mpi calibrate --out cluster.json
+    moe-mpi plan --model M --profile cluster.json
+
+Every rank measures at once, so the rates are what each rank gets while the
+others work too (with several ranks on one host they share its memory and
+cores). In about half a minute it measures:
+
+* **bandwidth**: a read-only pass over a 256 MB array
+  (:func:`moe_mpi.bench.roofline.stream_read`), bytes/s per rank;
+* **flops**: a float32 matrix product ``[512, 2048] x [2048, 2048]``;
+* **kernel tables**: seconds per weight byte of a weight matrix put through
+  1 to 512 rows, per weight format: ``float32`` (moe_mpi's CPU kernels:
+  the compiled matrix-vector loop up to 8 rows, BLAS above) and ``q4``
+  (MLX's 4-bit ``quantized_matmul``, group 64); and the same for experts
+  (``float32/expert``, ``q4/expert``): moe_mpi's own expert kernel
+  (``compute`` of a loaded switch layer: gate, up, activation, down, the
+  rows gathered and scattered) on a probe layer of 4 experts, hidden 1024,
+  intermediate 2816, every expert given the same number of rows;
+* **fixed costs**: the decode step and the prefill of two tiny random
+  models (1 and 3 layers, hidden 64) on each rank alone, per code path
+  (the numpy decode step; MLX's model code, float and 4-bit); the
+  difference per layer is the cost per layer, the rest the cost per call;
+* **link** (2+ ranks): one-way latency and bandwidth between ranks 0 and 1
+  (ping-pong), the all-reduce of 1 KiB to 2 MiB on each data path
+  (``Communicator.all_sum`` on numpy arrays and on MLX arrays, and
+  ``mx.distributed.all_sum``), each fitted to ``latency + bytes /
+  bandwidth``, and rank 0's exchange with each worker as the central router
+  makes it (request, rows, reply).
+
+The profile (JSON) holds a :class:`moe_mpi.profiles.Machine` and a
+:class:`moe_mpi.profiles.Link`; ``moe-mpi plan --profile`` reads it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from .argtypes import positive_int
+from .runner import abort_on_error, add_debug_argument, collective_phase, parse_args
+
+__all__ = ["fit_latency_bandwidth", "main", "setup_arg_parser"]
+
+FLOAT_ROWS = (1, 2, 4, 8, 16, 64, 256, 512)
+QUANT_ROWS = (1, 2, 4, 8, 16, 64)  # arithmetic-bound from a few rows: beyond, time grows with rows
+ALLREDUCE_SIZES = (1 << 10, 4 << 10, 16 << 10, 64 << 10, 256 << 10, 1 << 20, 2 << 20)
+EXCHANGE_SIZES = (1 << 10, 16 << 10, 256 << 10, 1 << 20)
+PINGPONG_SIZES = (8, 1 << 10, 16 << 10, 64 << 10, 256 << 10)
+PROBE_EXPERTS = 4
+
+
+def setup_arg_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="moe-mpi calibrate",
+        description="Measure memory bandwidth, kernel rates, fixed costs and the link's all-reduce "
+        "and point-to-point costs on the ranks of this mpirun job, and write a profile for "
+        "`moe-mpi plan --profile`.",
+    )
+    parser.add_argument("--out", metavar="FILE", required=True, help="profile to write (JSON)")
+    parser.add_argument("--name", help="machine name in the profile (default: rank 0's hostname)")
+    parser.add_argument("--link-name", default=None, help="link name in the profile (default: shared-memory or network)")
+    parser.add_argument("--stream-mb", type=positive_int, default=256, help="bandwidth probe array, MB per rank (default 256)")
+    parser.add_argument("--repeats", type=positive_int, default=3, help="timings per point, the median counts (default 3)")
+    parser.add_argument("--no-fixed", action="store_true", help="skip the tiny-model fixed costs (they need MLX's CPU or Metal backend and mlx-lm)")
+    add_debug_argument(parser)
+    return parser
+
+
+# ---------------------------------------------------------------------------
+# Fits and timing
+# ---------------------------------------------------------------------------
+
+
+def fit_latency_bandwidth(sizes: Sequence[float], seconds: Sequence[float]) -> Tuple[float, float]:
+    """Least-squares ``seconds = latency + bytes / bandwidth``, each point weighted
+    by 1/seconds (relative error, so the small sizes count as much as the large).
+
+    Returns:
+        ``(latency seconds, bandwidth bytes/s)``; latency is clamped at 0 and
+        the bandwidth at the largest point's when the slope is not positive.
+
+    Raises:
+        ValueError: Fewer than two points.
+    """
+    x = np.asarray(sizes, dtype=np.float64)
+    y = np.asarray(seconds, dtype=np.float64)
+    if x.size < 2 or x.size != y.size:
+        raise ValueError(f"a latency/bandwidth fit needs 2+ points, got {x.size} sizes and {y.size} times")
+    w = 1.0 / y
+    a = np.stack([np.ones_like(x), x], axis=1) * w[:, None]
+    (latency, per_byte), *_ = np.linalg.lstsq(a, y * w, rcond=None)
+    if per_byte <= 0:
+        per_byte = y[-1] / x[-1]
+    return max(float(latency), 0.0), float(1.0 / per_byte)
+
+
+def _median_seconds(comm, fn: Callable[[], object], repeats: int) -> float:
+    """Median of ``repeats`` timed runs of ``fn`` on this rank, every run
+    started at a barrier so all ranks work at once (one warm-up first)."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        comm.barrier()
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def _slowest(comm, value: float) -> float:
+    """The largest of every rank's ``value``: the rank that sets the pace."""
+    return max(comm.allgather(value))
+
+
+# ---------------------------------------------------------------------------
+# Machine: bandwidth, flops, kernel tables
+# ---------------------------------------------------------------------------
+
+
+def _float32_kernel(rows: int):
+    """(fn, weight bytes): ``rows`` rows through a float32 weight, as moe_mpi's CPU path does it."""
+    import mlx.core as mx
+
+    from .cpu import gemv
+
+    k = 2048
+    n = 8192 if rows <= 8 else max(256, 8192 * 16 // rows)  # ~64 MB for reads, smaller where compute rules
+    w = np.random.default_rng(0).standard_normal((n, k), dtype=np.float32)
+    x = np.ones((rows, k), dtype=np.float32)
+    if rows <= 8:
+        return (lambda: gemv.matvec(w, x)), w.nbytes
+    wm, xm = mx.array(w), mx.array(x)
+    mx.eval(wm, xm)
+    return (lambda: mx.eval(xm @ wm.T)), w.nbytes
+
+
+def _q4_kernel(rows: int):
+    """(fn, weight bytes): ``rows`` rows through a 4-bit (group 64) weight, MLX's quantized_matmul."""
+    import mlx.core as mx
+
+    k = 2048
+    n = 8192 if rows <= 8 else max(256, 8192 * 8 // rows)
+    w = mx.random.normal((n, k), key=mx.random.key(0))
+    wq, scales, biases = mx.quantize(w, group_size=64, bits=4)
+    x = mx.ones((rows, k))
+    mx.eval(wq, scales, biases, x)
+    nbytes = wq.nbytes + scales.nbytes + biases.nbytes
+
+    def run():
+        mx.eval(mx.quantized_matmul(x, wq, scales, biases, transpose=True, group_size=64, bits=4))
+
+    return run, nbytes
+
+
+def kernel_table(comm, make: Callable, rows_list: Sequence[int], repeats: int) -> Dict[str, list]:
+    """Seconds per weight byte at each row count (the slowest rank's median)."""
+    per_byte = []
+    for rows in rows_list:
+        fn, nbytes = make(rows)
+        per_byte.append(_slowest(comm, _median_seconds(comm, fn, repeats)) / nbytes)
+    return {"rows": list(rows_list), "seconds_per_byte": per_byte}
+
+
+def matmul_flops(comm, repeats: int) -> float:
+    """FLOP/s of a float32 ``[512, 2048] x [2048, 2048]`` product (slowest rank)."""
+    import mlx.core as mx
+
+    a = mx.random.normal((512, 2048), key=mx.random.key(1))
+    b = mx.random.normal((2048, 2048), key=mx.random.key(2))
+    mx.eval(a, b)
+    seconds = _slowest(comm, _median_seconds(comm, lambda: mx.eval(a @ b), repeats))
+    return 2 * 512 * 2048 * 2048 / seconds
+
+
+def _probe_layer(tmp: Path, bits: Optional[int], self_comm):
+    """A loaded 1-layer probe model's switch layer and its bytes per expert."""
+    from .loading import load_model
+    from .synthetic import tiny_config, write_checkpoint
+
+    config = tiny_config("qwen3_moe", hidden_size=1024, num_hidden_layers=1, num_attention_heads=8,
+                         num_key_value_heads=4, num_experts=PROBE_EXPERTS, num_experts_per_tok=1,
+                         moe_intermediate_size=2816, intermediate_size=2816, vocab_size=512)
+    path = write_checkpoint(tmp / f"probe-{bits}", config, quantize=bits, group_size=64, tokenizer=False)
+    model, _ = load_model(path, self_comm, mode="ep")
+    switch = model.ep_info.switches[0]
+    from mlx.utils import tree_flatten
+
+    nbytes = sum(a.nbytes for _, a in tree_flatten(switch.parameters())) / PROBE_EXPERTS
+    return switch, nbytes
+
+
+def expert_table(comm, switch, expert_bytes: float, rows_list: Sequence[int], repeats: int) -> Dict[str, list]:
+    """Seconds per weight byte of ``switch.compute`` with ``rows`` rows per expert.
+
+    All experts of the probe get the same rows in one call (as a decode step
+    or a prefill hands a layer's experts their rows together), except from
+    16 rows on, where one expert does (arithmetic-bound by then, so the
+    cost per byte no longer depends on how many experts share the call).
+    """
+    import mlx.core as mx
+
+    per_byte = []
+    for rows in rows_list:
+        experts = PROBE_EXPERTS if rows < 16 else 1
+        x = mx.random.normal((experts * rows, 1024), key=mx.random.key(rows))
+        ids = np.repeat(np.arange(experts), rows)
+        mx.eval(x)
+        seconds = _median_seconds(comm, lambda: mx.eval(switch.compute(x, ids)), repeats)
+        per_byte.append(_slowest(comm, seconds) / (experts * expert_bytes))
+    return {"rows": list(rows_list), "seconds_per_byte": per_byte}
+
+
+def expert_tables(comm, repeats: int) -> Dict[str, dict]:
+    """``float32/expert`` and ``q4/expert`` tables, each rank timing its own probe."""
+    from mpi4py import MPI
+
+    from .comm import Communicator
+
+    self_comm = Communicator(MPI.COMM_SELF)
+    out = {}
+    with tempfile.TemporaryDirectory(prefix="moe-calibrate-") as tmp:
+        for fmt, bits, rows in (("float32", None, FLOAT_ROWS), ("q4", 4, QUANT_ROWS)):
+            switch, nbytes = _probe_layer(Path(tmp), bits, self_comm)
+            out[f"{fmt}/expert"] = expert_table(comm, switch, nbytes, rows, repeats)
+            del switch
+    return out
+
+
+# ---------------------------------------------------------------------------
+# Fixed costs: tiny models on each rank alone
+# ---------------------------------------------------------------------------
+
+
+def _tiny_config(layers: int) -> dict:
+    from .synthetic import tiny_config
+
+    return tiny_config("qwen3_moe", hidden_size=64, num_hidden_layers=layers, num_attention_heads=4,
+                       num_key_value_heads=2, num_experts=8, num_experts_per_tok=2,
+                       moe_intermediate_size=64, intermediate_size=64, vocab_size=512)
+
+
+def _time_model(path: Path, env: Dict[str, str], self_comm, repeats: int) -> Tuple[float, float]:
+    """``(decode step, prefill of 16 tokens)`` seconds of a tiny model loaded on this rank alone."""
+    import mlx.core as mx
+    from mlx_lm.models.cache import make_prompt_cache
+
+    from .loading import load_model
+
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        model, _ = load_model(path, self_comm, mode="ep")
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    prompt = mx.array(np.arange(16, dtype=np.int32)[None])
+
+    def prefill():
+        cache = make_prompt_cache(model)
+        mx.eval(model(prompt, cache=cache))
+        return cache
+
+    cache = prefill()
+    token = mx.array([[1]], dtype=mx.int32)
+
+    def step():
+        mx.eval(model(token, cache=cache))
+
+    steps = [_timed(step) for _ in range(20 * repeats)]
+    fills = [_timed(prefill) for _ in range(3 * repeats)]
+    return statistics.median(steps[5:]), statistics.median(fills[1:])
+
+
+def _timed(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def fixed_costs(comm, repeats: int) -> Tuple[Dict[str, float], Dict[str, float]]:
+    """``(per layer, per call)`` seconds by ``path/phase``, from 1- and 3-layer tiny models.
+
+    Paths: ``numpy`` (the numpy decode step, float32), ``mlx`` (MLX's model
+    code, float32), ``mlx-quantized`` (4-bit). Each rank times its own copy
+    while the others time theirs.
+    """
+    from mpi4py import MPI
+
+    from .comm import Communicator
+    from .synthetic import write_checkpoint
+
+    self_comm = Communicator(MPI.COMM_SELF)
+    cases = {"numpy": ({}, None), "mlx": ({"MOE_MPI_NUMPY_DECODE": "0"}, None), "mlx-quantized": ({}, 4)}
+    times: Dict[Tuple[str, int], Tuple[float, float]] = {}
+    with tempfile.TemporaryDirectory(prefix="moe-calibrate-") as tmp:
+        for name, (env, bits) in cases.items():
+            for layers in (1, 3):
+                path = Path(tmp) / f"{name}-{layers}"
+                write_checkpoint(path, _tiny_config(layers), quantize=bits, group_size=64, tokenizer=False)
+                comm.barrier()
+                times[name, layers] = _time_model(path, env, self_comm, repeats)
+    per_layer, per_call = {}, {}
+    for name in cases:
+        for i, phase in enumerate(("decode", "prefill")):
+            one = _slowest(comm, times[name, 1][i])
+            three = _slowest(comm, times[name, 3][i])
+            layer = max((three - one) / 2, 0.0)
+            per_layer[f"{name}/{phase}"] = layer
+            per_call[f"{name}/{phase}"] = max(one - layer, 0.0)
+    return per_layer, per_call
+
+
+# ---------------------------------------------------------------------------
+# Link: ping-pong, all-reduce per data path, central exchange
+# ---------------------------------------------------------------------------
+
+
+def _allreduce_case(path: str, comm_np, comm_mlx, nbytes: int):
+    import mlx.core as mx
+
+    count = max(1, nbytes // 4)
+    if path == "mpi4py-numpy":
+        x = np.ones(count, dtype=np.float32)
+        return lambda: comm_np.all_sum(x)
+    a = mx.ones((count,), dtype=mx.float32)
+    mx.eval(a)
+    target = comm_np if path == "mlx-mpi4py" else comm_mlx
+    return lambda: mx.eval(target.all_sum(a))
+
+
+def allreduce_fits(comm, repeats: int) -> Dict[str, dict]:
+    """Per data path: mean and median seconds per size (the slowest rank's), and
+    the line through the medians. The model uses the medians: on a shared
+    machine a few calls stalled by the scheduler for milliseconds dominate a
+    mean of microsecond calls, and the decode benchmark's own spread holds them."""
+    from .comm import Communicator
+
+    comm_np = Communicator()
+    try:
+        comm_mlx = Communicator(backend="mlx")
+    except (RuntimeError, ValueError):
+        comm_mlx = None
+    paths = ["mpi4py-numpy", "mlx-mpi4py"] + (["mlx-distributed"] if comm_mlx is not None else [])
+    out = {}
+    for path in paths:
+        means, medians = [], []
+        for nbytes in ALLREDUCE_SIZES:
+            fn = _allreduce_case(path, comm_np, comm_mlx, nbytes)
+            iterations = max(10, min(200, int(2e7 // max(nbytes, 1))))
+            times = []
+            for i in range(iterations + 5):
+                comm.barrier()
+                t = time.perf_counter()
+                fn()
+                if i >= 5:
+                    times.append(time.perf_counter() - t)
+            means.append(_slowest(comm, float(np.mean(times))))
+            medians.append(_slowest(comm, float(np.median(times))))
+        latency, bandwidth = fit_latency_bandwidth(ALLREDUCE_SIZES, medians)
+        out[path] = {"sizes": list(ALLREDUCE_SIZES), "mean_s": means, "p50_s": medians,
+                     "latency": latency, "bandwidth": bandwidth}
+    return out
+
+
+def pingpong_fit(comm) -> dict:
+    """One-way latency and bandwidth between ranks 0 and 1 (the others wait)."""
+    from mpi4py import MPI
+
+    from .bench.pingpong import pingpong
+
+    world = comm.comm
+    pair = world.Split(0 if comm.rank < 2 else MPI.UNDEFINED, comm.rank)
+    rows = []
+    if pair != MPI.COMM_NULL:
+        for nbytes in PINGPONG_SIZES:
+            iterations = 2000 if nbytes <= 16 << 10 else 200
+            seconds, p50, _ = pingpong(pair, nbytes, iterations, 20, check=False)
+            rows.append((seconds, p50))
+        pair.Free()
+    rows = comm.bcast(rows if comm.rank == 0 else None)
+    latency, bandwidth = fit_latency_bandwidth(PINGPONG_SIZES, [r[1] for r in rows])
+    return {"sizes": list(PINGPONG_SIZES), "mean_s": [r[0] for r in rows], "p50_s": [r[1] for r in rows],
+            "latency": latency, "bandwidth": bandwidth}
+
+
+def exchange_fit(comm, repeats: int) -> dict:
+    """Rank 0's exchange with one worker, as :mod:`moe_mpi.central` makes it.
+
+    Request (msgpack), rows out, reply of the same size back; the bytes of
+    the fit are both ways together. Each worker in turn; the others wait.
+    """
+    from .comm import Communicator
+
+    ctl = Communicator()
+    sizes, means, medians = [], [], []
+    for nbytes in EXCHANGE_SIZES:
+        rows = np.ones(nbytes, dtype=np.uint8)
+        times = []
+        for worker in range(1, ctl.size):
+            for i in range(25 * repeats):
+                ctl.barrier()
+                if ctl.rank == 0:
+                    t = time.perf_counter()
+                    ctl.send_obj({"layer": 0, "rows": [0], "experts": [0]}, worker, 11)
+                    ctl.send_array(rows, worker, 12)
+                    ctl.recv_array((nbytes,), np.uint8, worker, 13)
+                    if i >= 5:
+                        times.append(time.perf_counter() - t)
+                elif ctl.rank == worker:
+                    ctl.recv_obj(0, 11)
+                    back = ctl.recv_array((nbytes,), np.uint8, 0, 12)
+                    ctl.send_array(back, 0, 13)
+        sizes.append(2 * nbytes)
+        means.append(float(np.mean(times)) if ctl.rank == 0 else 0.0)
+        medians.append(float(np.median(times)) if ctl.rank == 0 else 0.0)
+    means, medians = ctl.bcast((means, medians))
+    latency, bandwidth = fit_latency_bandwidth(sizes, medians)
+    return {"sizes": sizes, "mean_s": means, "p50_s": medians, "latency": latency, "bandwidth": bandwidth}
+
+
+# ---------------------------------------------------------------------------
+# The command
+# ---------------------------------------------------------------------------
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = parse_args(setup_arg_parser(), argv)
+    from .comm import Communicator
+
+    comm = Communicator()
+    with abort_on_error(comm, debug=args.debug):
+        with collective_phase(comm, debug=args.debug):
+            directory = Path(args.out).expanduser().resolve().parent
+            if comm.rank == 0 and not directory.is_dir():
+                raise FileNotFoundError(2, "No such directory", str(directory))
+        start = time.perf_counter()
+        profile = measure(comm, args)
+        seconds = time.perf_counter() - start
+        if comm.rank == 0:
+            from .profiles import write_profile
+
+            machine, link, meta = profile
+            meta["seconds"] = seconds
+            write_profile(args.out, machine, link, meta)
+            _print_summary(machine, link, meta, args.out)
+    return 0
+
+
+def measure(comm, args) -> tuple:
+    """Every measurement, collective; ``(Machine, Link, meta)`` on every rank."""
+    from .bench.machine import machine_info
+    from .bench.roofline import stream_read
+    from .cpu import switches
+    from .profiles import AllReduceFit, KernelTable, Link, Machine
+
+    say = print if comm.rank == 0 else (lambda *a, **k: None)
+    info = machine_info(comm)
+    ranks_per_host = max((len(node["ranks"]) for node in info.get("nodes") or []), default=1)
+    cores = os.cpu_count() or 1
+    say(f"# moe-mpi calibrate: {comm.size} rank(s), {ranks_per_host} per host, {cores} cores on rank 0's host", flush=True)
+    bandwidth = min(comm.allgather(stream_read(comm, args.stream_mb))) * 1e9
+    say(f"# read bandwidth per rank: {bandwidth / 1e9:.1f} GB/s", flush=True)
+    flops = matmul_flops(comm, args.repeats)
+    say(f"# float32 matmul per rank: {flops / 1e9:.1f} GFLOP/s", flush=True)
+    tables = {
+        "float32": kernel_table(comm, _float32_kernel, FLOAT_ROWS, args.repeats),
+        "q4": kernel_table(comm, _q4_kernel, QUANT_ROWS, args.repeats),
+    }
+    tables.update(expert_tables(comm, args.repeats))
+    say("# kernel tables: " + "; ".join(
+        f"{k} " + " ".join(f"{r}:{1 / s / 1e9:.1f}" for r, s in zip(t["rows"], t["seconds_per_byte"]))
+        for k, t in tables.items()) + " (rows:GB/s of weights)", flush=True)
+    per_layer, per_call = ({}, {}) if args.no_fixed else fixed_costs(comm, args.repeats)
+    meta = {"hosts": info.get("hosts"), "ranks": comm.size, "ranks_per_host": ranks_per_host,
+            "cpu": info.get("cpu"), "date": info.get("date"), "tables": tables}
+    machine = Machine(
+        name=args.name or socket.gethostname(),
+        memory_bytes=float(info.get("memory_bytes") or 1),
+        bandwidth=bandwidth, flops=flops, efficiency=1.0, usable_fraction=0.9,
+        layer_seconds=per_layer, step_seconds=per_call,
+        kernels={k: KernelTable(tuple(t["rows"]), tuple(t["seconds_per_byte"])) for k, t in tables.items()},
+        numpy_decode=switches.enabled() and switches.get("MOE_MPI_NUMPY_DECODE") == "1", cores=cores, ranks_per_host=ranks_per_host,
+        source=f"moe-mpi calibrate on {comm.size} rank(s), {info.get('cpu')}",
+    )
+    if comm.size < 2:
+        link = Link(args.link_name or "none", 0.0, 1e15, source="one rank: no link measured")
+        return machine, link, meta
+    pp = pingpong_fit(comm)
+    ar = allreduce_fits(comm, args.repeats)
+    ex = exchange_fit(comm, args.repeats)
+    meta.update(pingpong=pp, allreduce=ar, exchange=ex)
+    name = args.link_name or ("shared-memory" if ranks_per_host == comm.size else "network")
+    link = Link(
+        name, pp["latency"], pp["bandwidth"],
+        allreduce={p: AllReduceFit(f["latency"], f["bandwidth"], comm.size, tuple(f["sizes"]), tuple(f["p50_s"]))
+                   for p, f in ar.items()},
+        exchange=AllReduceFit(ex["latency"], ex["bandwidth"], comm.size, tuple(ex["sizes"]), tuple(ex["p50_s"])),
+        source=f"moe-mpi calibrate on {comm.size} ranks ({', '.join(sorted(set(info.get('hosts') or [])))})",
+    )
+    return machine, link, meta
+
+
+def _print_summary(machine, link, meta, out) -> None:
+    print(f"# fixed costs per layer / per call (ms): " + ", ".join(
+        f"{k} {1e3 * machine.layer_seconds[k]:.3f}/{1e3 * machine.step_seconds[k]:.3f}" for k in machine.layer_seconds))
+    if "pingpong" in meta:
+        print(f"# ping-pong: latency {link.latency * 1e6:.2f} us, {link.bandwidth / 1e9:.2f} GB/s")
+        for path, fit in link.allreduce.items():
+            print(f"# all-reduce {path}: {fit.latency * 1e6:.1f} us + bytes / {fit.bandwidth / 1e9:.2f} GB/s")
+        print(f"# central exchange: {link.exchange.latency * 1e6:.1f} us + bytes / {link.exchange.bandwidth / 1e9:.2f} GB/s")
+    print(f"# wrote {out} in {meta['seconds']:.1f} s")
