@@ -232,7 +232,10 @@ def default_layouts(shape: ModelShape, mode: str, n: int, routing: Optional["Rou
             if probs not in chosen:
                 p = np.full(e, 1.0 / e) if probs is None else np.asarray(probs)
                 # The arguments moe_mpi.shard passes, so the layout is the one a run uses.
-                chosen[probs] = auto_layout(p, shape.top_k, n, replicas=replicas, can_split=shape.expert_inter >= n)
+                chosen[probs] = auto_layout(
+                    p, shape.top_k, n, replicas=replicas, can_split=shape.expert_inter >= n,
+                    intermediate=shape.expert_inter,
+                )
             out.append(chosen[probs])
         return out
     return [Layout.from_owners(contiguous_owners(e, n), n)] * shape.moe_layers
