@@ -118,12 +118,13 @@ def _layer_ceiling(comm, config: dict, routing) -> float:
     rank, size = comm.rank, comm.size
     parts = roofline.model_bytes(config, itemsize=4)  # bytes of float32 weights
     e, k = parts["num_experts"], parts["top_k"]
-    dense = (parts["attention_per_layer"] + parts["router_per_layer"]) // 4  # floats
-    expert = parts["expert"] // 4
+    # model_bytes counts bytes as floats (quantized weights are fractional): whole floats here
+    dense = int(parts["attention_per_layer"] + parts["router_per_layer"]) // 4
+    expert = int(parts["expert"]) // 4
     local = e // size
     rng = np.random.default_rng(rank)
     buffers = [rng.standard_normal(dense + local * expert, dtype=np.float32) for _ in range(parts["layers"])]
-    head = rng.standard_normal(parts["lm_head"] // 4, dtype=np.float32)
+    head = rng.standard_normal(int(parts["lm_head"]) // 4, dtype=np.float32)
 
     def step() -> None:
         for buffer in buffers:
