@@ -721,6 +721,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                 generate_batch(args, comm, watchdog)
             else:
                 generate_one(args, comm, watchdog)
+            # Watched: a rank that froze near the end would otherwise hang
+            # the others in MPI_Finalize, where nothing watches.
+            comm.barrier()
         finally:
             watchdog.stop()
 

@@ -43,6 +43,18 @@ def ckpt(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
+def endless_ckpt(ckpt, tmp_path_factory) -> Path:
+    """``ckpt`` whose end-of-sequence token is outside the vocabulary: generation runs to --max-tokens."""
+    import json
+
+    dst = shutil.copytree(ckpt, tmp_path_factory.mktemp("endless") / "model")
+    config = json.loads((dst / "config.json").read_text())
+    config["eos_token_id"] = [config["vocab_size"] + 7]
+    (dst / "config.json").write_text(json.dumps(config))
+    return dst
+
+
+@pytest.fixture(scope="module")
 def blocking_ckpt(ckpt, tmp_path_factory) -> Path:
     """The checkpoint with a named pipe for its weights: loading it blocks."""
     dst = tmp_path_factory.mktemp("fifo") / "model"
@@ -178,8 +190,8 @@ def blocked_in_fifo(pid: int) -> bool:
 # --------------------------------------------------------------------------
 
 
-def test_rank_killed_mid_generation(ckpt):
-    job = Job(mpirun_command(3, generate_argv("--model", ckpt, "--max-tokens", LONG, "--ignore-chat-template")))
+def test_rank_killed_mid_generation(endless_ckpt):
+    job = Job(mpirun_command(3, generate_argv("--model", endless_ckpt, "--max-tokens", LONG, "--ignore-chat-template")))
     victim = job.rank_pid(1)
     job.wait_for_stdout()
     os.kill(victim, signal.SIGKILL)
@@ -211,9 +223,9 @@ def test_rank_killed_mid_load(ckpt, blocking_ckpt):
 # --------------------------------------------------------------------------
 
 
-def test_rank_stopped_mid_generation_is_named(ckpt):
+def test_rank_stopped_mid_generation_is_named(endless_ckpt):
     job = Job(mpirun_command(
-        3, generate_argv("--model", ckpt, "--max-tokens", LONG, "--ignore-chat-template", "--timeout", TIMEOUT)
+        3, generate_argv("--model", endless_ckpt, "--max-tokens", LONG, "--ignore-chat-template", "--timeout", TIMEOUT)
     ))
     victim = job.rank_pid(2)
     job.wait_for_stdout()

@@ -28,6 +28,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -278,6 +279,11 @@ def test_cut_link_between_hosts_is_named_by_the_watchdog(cluster, checkpoint, tm
     import time
 
     model, _ = checkpoint
+    endless = shutil.copytree(model, tmp_path / "endless")  # generation runs to --max-tokens
+    config = json.loads((endless / "config.json").read_text())
+    config["eos_token_id"] = [config["vocab_size"] + 7]
+    (endless / "config.json").write_text(json.dumps(config))
+    model = endless
     a, b = cluster.hosts[:2]
     hostfile_path = tmp_path / "hosts.openmpi"
     hostfile_path.write_text(f"{a.ip} slots=1\n{b.ip} slots=1\n")
