@@ -124,7 +124,6 @@ class LocalExperts:
             ``[..., k, D]``: the expert output in every slot whose expert is
             local, zeros in every other slot.
         """
-        self.__dict__["last_indices"] = indices  # the routing guard hashes it (moe_mpi.guard)
         if self.expert_shard.all_local and indices.size == indices.shape[-1]:
             # One token, every expert here (mode="sliced"): each chosen expert
             # has one row, and no routing needs to be read back to Python; the

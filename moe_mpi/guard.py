@@ -59,6 +59,14 @@ def routing_hash(inds: np.ndarray) -> np.ndarray:
     return (mixed.sum(axis=-1) % _PRIME + np.uint64(1)).astype(np.float32)
 
 
+class RoutingTap:
+    """Mixin for a guarded switch layer: keeps the routing of its last call for the guard to hash."""
+
+    def __call__(self, x, indices):
+        self.__dict__["last_indices"] = indices
+        return super().__call__(x, indices)
+
+
 class FixedLogits:
     """Mixin for a router layer: returns the logits it was given (a redo with rank 0's routing)."""
 
@@ -117,7 +125,7 @@ class RoutingGuard:
     def block_all_sum(self, block, x, partial, args, kwargs):
         """The guarded all-reduce of an :class:`~moe_mpi.shard.ExpertParallelBlock` call."""
         switch = block[_switch_name(block)]
-        inds = np.asarray(switch.__dict__["last_indices"])  # evaluated already by the local slots
+        inds = np.asarray(switch.__dict__["last_indices"])  # [..., k]; evaluated already by the local slots
         k = inds.shape[-1]
         out, hashes = self.comm.all_sum_extra(partial, self._extra(inds.reshape(-1, k)))
         layer = block.expert_shard.layer
@@ -218,6 +226,8 @@ def guard_routing(model, comm=None, strict: bool = False) -> RoutingGuard:
     for moe in blocks:
         moe.block.__dict__["routing_guard"] = guard
         moe.block.__dict__["switch_name"] = moe.switch_name
+        # In front of every other mixin (the CPU kernels answer one token without LocalExperts).
+        moe.switch.__class__ = with_mixin(RoutingTap, type(moe.switch))
     path = getattr(model, "cpu_path", None)
     step = path.decode_step if path is not None else None
     if step is not None:
