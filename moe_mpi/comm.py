@@ -38,6 +38,8 @@ import numpy as np
 
 __all__ = [
     "BACKENDS",
+    "ACTIVITY",
+    "Activity",
     "CollectiveStats",
     "Communicator",
     "init_mpi",
@@ -117,6 +119,40 @@ class _InitState:
     mlx_group: Any
     # Whether init_mpi registered an atexit MPI_Finalize (MLX does not).
     finalize_at_exit: bool
+
+
+class Activity:
+    """Where this process is in its collectives, for a watchdog thread to read.
+
+    Every MPI operation of a :class:`Communicator` (and :func:`quiet_barrier`)
+    adds one to ``entered`` when it starts waiting on other ranks and one to
+    ``left`` when it returns, so ``entered > left`` means "inside operation
+    number ``entered``". The ranks run their collectives in the same order,
+    so the numbers are comparable across ranks. Two integer increments per
+    call: the cost on the hot path is tens of nanoseconds against an
+    all-reduce's tens of microseconds. ``kind`` names the operation, except
+    on the all-reduce's hot path, which leaves it ``"all_sum"``.
+    """
+
+    __slots__ = ("entered", "left", "kind")
+
+    def __init__(self):
+        self.entered = 0
+        self.left = 0
+        self.kind = "all_sum"
+
+    def enter(self, kind: str) -> None:
+        self.kind = kind
+        self.entered += 1
+
+    def leave(self) -> None:
+        self.left += 1
+        self.kind = "all_sum"
+
+
+#: The process's one :class:`Activity`, shared by all its communicators
+#: (``generate --backend mlx`` makes a second one).
+ACTIVITY = Activity()
 
 
 # Process-wide by nature: MPI can be initialised once per process.
@@ -248,6 +284,7 @@ class Communicator:
         if native_float16(MPI):
             self._np_dtypes[mx.float16] = np.dtype(np.float16)
         self._out = None  # see _out_buffer
+        self._extra = None  # see all_sum_extra
         self._out_key = None
         self.stats: dict[str, CollectiveStats] = {}
         self.reset_stats()
@@ -322,6 +359,14 @@ class Communicator:
     def _record(self, kind: str, nbytes: int, start: float) -> None:
         self.stats[kind].add(nbytes, time.perf_counter() - start)
 
+    def _enter(self, kind: str) -> None:
+        if self._size > 1:
+            ACTIVITY.enter(kind)
+
+    def _leave(self) -> None:
+        if self._size > 1:
+            ACTIVITY.leave()
+
     # ----------------------------------------------------------- collectives
 
     def all_sum(self, x):
@@ -360,13 +405,18 @@ class Communicator:
         # computation feeding it. The view is zero-copy.
         send = memoryview(x)
         start = time.perf_counter()
-        if (send.shape, send.format) == self._out_key and send.c_contiguous:
-            # The hot path, inline: same shape and dtype as the last call.
-            out_view = self._out[1]
-            self.comm.Allreduce(send, out_view, op=self._SUM)
-            out = mx.array(out_view)
-        else:
-            out = self._all_sum_mpi4py(x, send)
+        activity = ACTIVITY
+        activity.entered += 1  # for the watchdog (see Activity)
+        try:  # free unless it raises (Python >= 3.11)
+            if (send.shape, send.format) == self._out_key and send.c_contiguous:
+                # The hot path, inline: same shape and dtype as the last call.
+                out_view = self._out[1]
+                self.comm.Allreduce(send, out_view, op=self._SUM)
+                out = mx.array(out_view)
+            else:
+                out = self._all_sum_mpi4py(x, send)
+        finally:
+            activity.left += 1
         # _record, inlined: this runs once per MoE layer per decode step.
         stats = self._all_sum_stats
         stats.calls += 1
@@ -374,17 +424,86 @@ class Communicator:
         stats.seconds += time.perf_counter() - start
         return out
 
+    def all_sum_extra(self, x, extra: np.ndarray):
+        """:meth:`all_sum` of ``x`` with a few float32 columns per row in the same message.
+
+        For checks that ride along with a layer's one all-reduce
+        (:mod:`moe_mpi.guard`). The message is float32 ``[T, D + m]``: ``x``
+        widened exactly, then ``extra``. A float32 ``x`` sums to the values
+        :meth:`all_sum` gives (the same MPI sum of the same numbers);
+        bfloat16 and float16 are summed in float32 and rounded once, as the
+        mpi4py path of :meth:`all_sum` does for bfloat16 (for float16 it
+        would sum natively in 16 bits instead). Counted as one ``all_sum``.
+
+        Args:
+            x: ``mx.array`` (float32, bfloat16 or float16) or C-contiguous
+                float32 numpy array, ``[..., D]``, ``T`` rows in all.
+            extra: float32 ``[T, m]``.
+
+        Returns:
+            ``(sum of x, sum of extra)``: the first as :meth:`all_sum` returns
+            it (a numpy ``x`` is overwritten in place), the second a new
+            ``[T, m]`` numpy array.
+
+        Raises:
+            ValueError: The ``"mlx"`` backend (its message is MLX's own), or
+                ``extra`` has not ``T`` rows.
+        """
+        if self.backend == "mlx" and self._size > 1:
+            raise ValueError("all_sum_extra needs backend='mpi4py'")
+        d = x.shape[-1]
+        t = x.size // d if d else 0
+        if extra.shape[0] != t:
+            raise ValueError(f"extra has {extra.shape[0]} rows; x has {t} rows of {d}")
+        m = extra.shape[1]
+        start = time.perf_counter()
+        buf = self._extra
+        if buf is None or buf.shape != (t, d + m):
+            buf = self._extra = np.empty((t, d + m), dtype=np.float32)
+        head = buf[:, :d]
+        if isinstance(x, np.ndarray):
+            np.copyto(head, x.reshape(t, d))
+        else:
+            view = memoryview(x)  # evaluates x
+            if x.dtype == mx.bfloat16 and view.c_contiguous:
+                bits = np.frombuffer(view.cast("B"), np.uint16).reshape(t, d)
+                np.left_shift(bits, 16, out=head.view(np.uint32), dtype=np.uint32)  # exact widening
+            elif x.dtype in (mx.float32, mx.float16) and view.c_contiguous:
+                np.copyto(head, np.asarray(view).reshape(t, d))
+            else:
+                np.copyto(head, np.asarray(memoryview(x.astype(mx.float32))).reshape(t, d))
+        buf[:, d:] = extra
+        if self._size > 1:
+            activity = ACTIVITY
+            activity.entered += 1
+            try:
+                self.comm.Allreduce(self._MPI.IN_PLACE, buf, op=self._SUM)
+            finally:
+                activity.left += 1
+        if isinstance(x, np.ndarray):
+            x.reshape(t, d)[...] = head
+            out = x
+        else:
+            out = mx.array(np.ascontiguousarray(head)).reshape(x.shape)
+            if x.dtype != mx.float32:
+                out = out.astype(x.dtype)  # lazy, as in all_sum
+        self._all_sum_stats.add(buf.nbytes if self._size > 1 else 0, time.perf_counter() - start)
+        return out, buf[:, d:].copy()
+
     def _all_sum_numpy(self, x: np.ndarray) -> np.ndarray:
         if x.dtype != np.float32 or not x.flags.c_contiguous:
             raise TypeError(f"all_sum of a numpy array takes C-contiguous float32, not {x.dtype}")
         start = time.perf_counter()
         if self._size > 1:
+            activity = ACTIVITY
+            activity.entered += 1
             if self.backend == "mlx":
                 out = mx.distributed.all_sum(mx.array(x), group=self._group)
                 mx.eval(out)
                 x = np.array(memoryview(out))
             else:
                 self.comm.Allreduce(self._MPI.IN_PLACE, x, op=self._SUM)
+            activity.left += 1
         stats = self._all_sum_stats
         stats.calls += 1
         stats.bytes += x.nbytes if self._size > 1 else 0
@@ -396,11 +515,13 @@ class Communicator:
             raise TypeError("all_sum does not support bool arrays")
         mx.eval(x)  # outside the timed region, as for mpi4py
         start = time.perf_counter()
+        ACTIVITY.entered += 1
         out = mx.distributed.all_sum(x, group=self._group)
         # Synchronous on purpose: MLX runs the reduction on its communication
         # thread, and MPI was initialised single-threaded, so it must finish
         # before any mpi4py call on this thread.
         mx.eval(out)
+        ACTIVITY.left += 1
         self._record("all_sum", x.nbytes, start)
         return out
 
@@ -510,12 +631,14 @@ class Communicator:
             # Length -1 tells the other ranks that root failed to encode, so
             # they raise instead of waiting forever for the payload.
             length = np.array([-1 if error else len(payload)], dtype=np.int64)
+            self._enter("bcast")
             self.comm.Bcast(length, root=root)
             n = int(length[0])
             if n >= 0:
                 buf = bytearray(payload) if self._rank == root else bytearray(n)
                 self.comm.Bcast(buf, root=root)
                 payload = bytes(buf)
+            self._leave()
         else:
             n = -1 if error else len(payload)
         if n < 0:
@@ -541,6 +664,7 @@ class Communicator:
             nbytes = 0
         else:
             counts = np.empty(self._size, dtype=np.int64)
+            self._enter("allgather")
             self.comm.Allgather(np.array([len(payload)], dtype=np.int64), counts)
             displs = np.zeros(self._size, dtype=np.int64)
             np.cumsum(counts[:-1], out=displs[1:])
@@ -548,6 +672,7 @@ class Communicator:
             self.comm.Allgatherv(
                 payload, [buf, (counts.tolist(), displs.tolist()), self._MPI.BYTE]
             )
+            self._leave()
             parts = [bytes(buf[d : d + c]) for d, c in zip(displs, counts)]
             nbytes = len(payload)
         result = [msgpack.unpackb(p, raw=False, strict_map_key=False) for p in parts]
@@ -562,7 +687,9 @@ class Communicator:
             nbytes = 0
         else:
             buf = np.array([value], dtype=np.float64)
+            self._enter("allreduce_max")
             self.comm.Allreduce(self._MPI.IN_PLACE, buf, op=self._MPI.MAX)
+            self._leave()
             result = float(buf[0])
             nbytes = buf.nbytes
         self._record("allreduce_max", nbytes, start)
@@ -575,14 +702,18 @@ class Communicator:
     def send_array(self, buf: np.ndarray, dest: int, tag: int = 0) -> None:
         """Send a contiguous numpy buffer as raw bytes (no pickling, no copy)."""
         start = time.perf_counter()
+        self._enter("send")
         self.comm.Send([buf, self._MPI.BYTE], dest=dest, tag=tag)
+        self._leave()
         self._record("send", buf.nbytes, start)
 
     def recv_array(self, shape: tuple, dtype, source: int, tag: int = 0) -> np.ndarray:
         """Receive a buffer sent by :meth:`send_array` into a new numpy array."""
         start = time.perf_counter()
         buf = np.empty(shape, dtype=dtype)
+        self._enter("recv")
         self.comm.Recv([buf, self._MPI.BYTE], source=source, tag=tag)
+        self._leave()
         self._record("recv", buf.nbytes, start)
         return buf
 
@@ -590,16 +721,20 @@ class Communicator:
         """Send a small msgpack-serialisable object (metadata)."""
         start = time.perf_counter()
         payload = msgpack.packb(obj, use_bin_type=True)
+        self._enter("send")
         self.comm.Send([payload, self._MPI.BYTE], dest=dest, tag=tag)
+        self._leave()
         self._record("send", len(payload), start)
 
     def recv_obj(self, source: int, tag: int = 0) -> Any:
         """Receive an object sent by :meth:`send_obj`."""
         start = time.perf_counter()
         status = self._MPI.Status()
+        self._enter("recv")
         self.comm.Probe(source=source, tag=tag, status=status)
         buf = bytearray(status.Get_count(self._MPI.BYTE))
         self.comm.Recv([buf, self._MPI.BYTE], source=source, tag=tag)
+        self._leave()
         self._record("recv", len(buf), start)
         return msgpack.unpackb(bytes(buf), raw=False, strict_map_key=False)
 
@@ -607,7 +742,9 @@ class Communicator:
         """Block until every rank has called :meth:`barrier`."""
         start = time.perf_counter()
         if self._size > 1:
+            self._enter("barrier")
             self.comm.Barrier()
+            self._leave()
         self._record("barrier", 0, start)
 
     def abort(self, code: int = 1) -> None:
@@ -643,12 +780,14 @@ def quiet_barrier(comm, idle: bool = True) -> None:
     mpi_comm = comm.comm if isinstance(comm, Communicator) else comm
     if mpi_comm.Get_size() == 1:
         return
+    ACTIVITY.enter("barrier")
     request = mpi_comm.Ibarrier()
-    if not idle:
+    if idle:
+        while not request.Test():
+            time.sleep(QUIET_POLL_SECONDS)
+    else:
         request.Wait()
-        return
-    while not request.Test():
-        time.sleep(QUIET_POLL_SECONDS)
+    ACTIVITY.leave()
 
 
 def native_float16(MPI) -> bool:

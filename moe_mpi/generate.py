@@ -65,6 +65,7 @@ from .prompts import (
 )
 from .results import ResultWriter, check_writable, id_key, result_row, scan_results_file
 from .runner import PROG, abort_on_error, add_debug_argument, collective_phase, parse_args, show_progress
+from .watchdog import DEFAULT_TIMEOUT, Watchdog
 
 DEFAULT_MAX_TOKENS = 100
 DEFAULT_TEMP = 0.0
@@ -192,6 +193,32 @@ def setup_arg_parser() -> argparse.ArgumentParser:
         ),
     )
     parser.add_argument(
+        "--routing-guard",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help=(
+            "Check in every MoE layer's all-reduce that all ranks chose the same experts, and redo a "
+            "layer where they did not with rank 0's routing (docs/reliability.md). Default: on, "
+            "except with --backend mlx, which cannot carry the check."
+        ),
+    )
+    parser.add_argument(
+        "--strict-routing",
+        action="store_true",
+        help="A routing divergence between ranks is an error instead of being repaired.",
+    )
+    parser.add_argument(
+        "--timeout",
+        type=non_negative_float,
+        default=DEFAULT_TIMEOUT,
+        metavar="SECONDS",
+        help=(
+            "End the job, naming the rank at fault, when an MPI operation has waited this long "
+            "for the other ranks: a frozen Mac, a stopped process, a cut link (docs/reliability.md). "
+            f"0 waits for ever (default: {DEFAULT_TIMEOUT:g})."
+        ),
+    )
+    parser.add_argument(
         "--record-routing",
         metavar="FILE",
         default=None,
@@ -220,6 +247,10 @@ def _validate(parser: argparse.ArgumentParser) -> Callable[[argparse.Namespace],
             parser.error("--prompts-file needs --output (the results file) or --record-routing")
         if args.output is not None and args.prompts_file is None:
             parser.error("--output is for batch mode: use it with --prompts-file")
+        if args.routing_guard and args.backend == "mlx":
+            parser.error("--routing-guard needs --backend mpi4py (MLX's all-reduce cannot carry the check)")
+        if args.strict_routing and (args.routing_guard is False or args.backend == "mlx"):
+            parser.error("--strict-routing needs the routing guard (--backend mpi4py, no --no-routing-guard)")
 
     return validate
 
@@ -280,11 +311,37 @@ def _seed(seed: int) -> None:
     mx.random.seed(seed)
 
 
-def _load(args: argparse.Namespace, comm):
-    from .loading import load
+def _load(args: argparse.Namespace, comm, watchdog: Watchdog):
+    """Loads this rank's shard, then checks that every rank loaded the same model (collective)."""
+    from .fingerprint import compare, model_fields
+    from .loading import load, resolve_model_path
 
-    # No --model: resolve_model_path gives the bundled demo model.
-    return load(args.model, comm=comm, return_config=True, progress=args.progress, **sharding_options(args))
+    with collective_phase(comm, debug=args.debug):
+        # No --model: resolve_model_path gives the bundled demo model.
+        with watchdog.busy():  # others wait for a slow disk while this rank answers
+            model, tokenizer, config = load(
+                args.model, comm=comm, return_config=True, progress=args.progress, **sharding_options(args)
+            )
+        fields = model_fields(resolve_model_path(args.model), config, model)
+    compare(comm, fields, "the model they loaded")
+    if args.routing_guard is not False and args.backend == "mpi4py":
+        from .guard import guard_routing
+
+        model.routing_guard = guard_routing(model, strict=args.strict_routing)
+    return model, tokenizer, config
+
+
+def _report_guard(model, comm) -> None:
+    """Rank 0 says how often the routing guard redid a layer (nothing if never)."""
+    guard = getattr(model, "routing_guard", None)
+    if guard is None or not guard.repairs or comm.rank != 0:
+        return
+    layer, ranks, tokens = guard.events[0]
+    _print_stats([
+        f"{PROG}: warning: the ranks' routing diverged in {guard.repairs} MoE layer call(s) (first: layer "
+        f"{layer}, ranks {', '.join(map(str, ranks))} differed from rank 0 on {tokens} token(s)); each was "
+        "redone with rank 0's routing. Ranks on different hardware or software round near-ties differently."
+    ])
 
 
 def _backend_comm(comm: Communicator, backend: str) -> Communicator:
@@ -441,20 +498,20 @@ def _save_routing(args: argparse.Namespace, model, comm, stats) -> None:
             _print_stats([f"{PROG}: router statistics of {stats.tokens[0]} tokens written to {args.record_routing}"])
 
 
-def generate_one(args: argparse.Namespace, comm: Communicator) -> None:
+def generate_one(args: argparse.Namespace, comm: Communicator, watchdog: Watchdog) -> None:
     """Single-prompt mode: rank 0 streams the text to stdout."""
     debug = args.debug
     # Only rank 0 reads (stdin goes to rank 0 alone): no "(on rank 0)".
     with collective_phase(comm, debug=debug, name_ranks=False):
         comm = _backend_comm(comm, args.backend)
-        text = read_prompt_argument(args.prompt) if comm.rank == 0 else None
+        with watchdog.busy():  # stdin may take its time
+            text = read_prompt_argument(args.prompt) if comm.rank == 0 else None
         if comm.rank == 0:
             check_writable(args.record_routing, "--record-routing")
     # After the phase: if rank 0 could not read stdin, all ranks left above.
     text = comm.bcast(text)
 
-    with collective_phase(comm, debug=debug):
-        model, tokenizer, config = _load(args, comm)
+    model, tokenizer, config = _load(args, comm, watchdog)
     with collective_phase(comm, debug=debug):
         prompt = encode_prompt(
             tokenizer,
@@ -485,6 +542,7 @@ def generate_one(args: argparse.Namespace, comm: Communicator) -> None:
     if rank0:
         sys.stdout.write("\n")
         sys.stdout.flush()
+    _report_guard(model, comm)
     _report_stats(
         args,
         model,
@@ -501,7 +559,7 @@ def generate_one(args: argparse.Namespace, comm: Communicator) -> None:
     )
 
 
-def _batch_plan(args: argparse.Namespace, comm: Communicator) -> Dict:
+def _batch_plan(args: argparse.Namespace, comm: Communicator, watchdog: Watchdog) -> Dict:
     """The prompts still to do and the output's repair, read by rank 0 only.
 
     On several hosts only rank 0's copies of the files matter; the other
@@ -509,7 +567,7 @@ def _batch_plan(args: argparse.Namespace, comm: Communicator) -> Dict:
     failure cannot strand them in the ``bcast``.
     """
     plan = None
-    with collective_phase(comm, debug=args.debug, name_ranks=False):
+    with collective_phase(comm, debug=args.debug, name_ranks=False), watchdog.busy():
         if comm.rank == 0:
             check_writable(args.record_routing, "--record-routing")
             rows = read_prompts_file(args.prompts_file)
@@ -585,13 +643,13 @@ def _generate_batches(
     return prompt_tokens, generated
 
 
-def generate_batch(args: argparse.Namespace, comm: Communicator) -> None:
+def generate_batch(args: argparse.Namespace, comm: Communicator, watchdog: Watchdog) -> None:
     """Batch mode: prompts file in, results file out (written by rank 0)."""
     debug = args.debug
     rank0 = comm.rank == 0
     with collective_phase(comm, debug=debug, name_ranks=False):
         comm = _backend_comm(comm, args.backend)
-    plan = _batch_plan(args, comm)
+    plan = _batch_plan(args, comm, watchdog)
     todo, total = plan["todo"], plan["total"]
     skipped = total - len(todo)
     if not todo:
@@ -601,8 +659,7 @@ def generate_batch(args: argparse.Namespace, comm: Communicator) -> None:
             )
         return
 
-    with collective_phase(comm, debug=debug):
-        model, tokenizer, config = _load(args, comm)
+    model, tokenizer, config = _load(args, comm, watchdog)
     writer = None
     with collective_phase(comm, debug=debug):
         tokens = _encode_rows(args, tokenizer, config, todo)
@@ -621,6 +678,7 @@ def generate_batch(args: argparse.Namespace, comm: Communicator) -> None:
         )
     snapshot = comm.snapshot()
     _save_routing(args, model, comm, stats)
+    _report_guard(model, comm)
     if rank0:
         if writer is not None:
             writer.close()
@@ -649,10 +707,25 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     args = parse_args(parser, argv, validate=_validate(parser))
     comm = Communicator()
     with abort_on_error(comm, debug=args.debug):
-        if args.prompts_file is not None:
-            generate_batch(args, comm)
-        else:
-            generate_one(args, comm)
+        from .fingerprint import compare, run_fields
+
+        # The first collective: ranks started with different options or
+        # versions would not even run the same collectives after it.
+        compare(comm, run_fields(args), "how to run")
+        watchdog = Watchdog(comm, args.timeout)
+        with collective_phase(comm, debug=args.debug, name_ranks=False):
+            watchdog.exchange()
+        watchdog.start()
+        try:
+            if args.prompts_file is not None:
+                generate_batch(args, comm, watchdog)
+            else:
+                generate_one(args, comm, watchdog)
+            # Watched: a rank that froze near the end would otherwise hang
+            # the others in MPI_Finalize, where nothing watches.
+            comm.barrier()
+        finally:
+            watchdog.stop()
 
 
 if __name__ == "__main__":

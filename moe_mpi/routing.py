@@ -159,8 +159,8 @@ def _recording_route(block, sink: Sink, layer: int):
     """A numpy decode step's ``block.route`` that hands its routing to ``sink``."""
     route = type(block).route
 
-    def recording(h):
-        inds, scores = route(block, h)
+    def recording(h, *logits):
+        inds, scores = route(block, h, *logits)
         sink(layer, inds)
         return inds, scores
 

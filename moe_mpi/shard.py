@@ -51,6 +51,9 @@ class ExpertParallelBlock:
 
     def __call__(self, x, *args, **kwargs):
         partial = super().__call__(x, *args, **kwargs)  # [..., D], this rank's share
+        guard = self.__dict__.get("routing_guard")  # moe_mpi.guard: the same all-reduce, checked
+        if guard is not None:
+            return guard.block_all_sum(self, x, partial, args, kwargs)
         return self.expert_shard.comm.all_sum(partial)  # the one collective of this layer
 
 

@@ -4,7 +4,8 @@
 2 ranks with the ``tiny`` synthetic model (or its shapes);
 ``decode_compile.py`` needs no model; ``link_sweep.py`` reads the committed
 results of the link sweep. Only the shape of the output is checked: these
-are measurements, and speed is not asserted.
+are measurements, and speed is not asserted. ``fault_times.py`` (3 ranks)
+must report both faults ending the job.
 """
 
 import importlib.util
@@ -115,3 +116,15 @@ def test_hugepages_ab_times_both_copies_every_round(tmp_path):
     assert re.search(r"^# 2 ranks, tiny, batch 1; rank 0 moved \d+ MiB of \d+ MiB", out, re.M), out
     rows = re.findall(r"^\s+(\d)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)x$", out, re.M)
     assert [r[0] for r in rows] == ["0", "1"] and all(float(v) > 0 for r in rows for v in r[1:]), out
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_fault_times_reports_both_faults():
+    proc = subprocess.run(
+        [sys.executable, "examples/fault_times.py", "--timeout", "2"], capture_output=True, text=True,
+        timeout=TIMEOUT, cwd=REPO,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    kill, stop = proc.stdout.strip().splitlines()[-2:]
+    assert kill.startswith("SIGKILL on rank 2: job ended after") and "0 processes left" in kill, kill
+    assert stop.startswith("SIGSTOP on rank 2: job ended after") and "rank 2 stopped answering" in stop, stop

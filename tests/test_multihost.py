@@ -28,6 +28,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -264,3 +265,49 @@ def test_netns_bench_example_runs_a_bench_on_two_hosts():
     assert all(float(r[2]) > 0 for r in rows), rows
     after = netns_hosts._run("ip", "netns", "list").stdout.split()
     assert set(after) <= set(before), f"left behind: {set(after) - set(before)}"
+
+
+def test_cut_link_between_hosts_is_named_by_the_watchdog(cluster, checkpoint, tmp_path):
+    """docs/reliability.md: a link between two hosts stops carrying packets mid-generation.
+
+    The route from host a to host b becomes a blackhole (mpirun still reaches
+    both daemons through the gateway): the ranks' MPI traffic and heartbeats
+    stop, nobody dies, and without the watchdog both ranks would wait for
+    ever. Each side must name the other within ``--timeout`` plus a few
+    seconds, and the job must end.
+    """
+    import time
+
+    model, _ = checkpoint
+    endless = shutil.copytree(model, tmp_path / "endless")  # generation runs to --max-tokens
+    config = json.loads((endless / "config.json").read_text())
+    config["eos_token_id"] = [config["vocab_size"] + 7]
+    (endless / "config.json").write_text(json.dumps(config))
+    model = endless
+    a, b = cluster.hosts[:2]
+    hostfile_path = tmp_path / "hosts.openmpi"
+    hostfile_path.write_text(f"{a.ip} slots=1\n{b.ip} slots=1\n")
+    argv = [sys.executable, "-m", "moe_mpi", "generate", "--model", str(model), "--max-tokens", "100000",
+            "--ignore-chat-template", "--timeout", "3"]
+    from moe_mpi.launch import mpirun_command
+
+    cmd = mpirun_command(2, argv, oversubscribe=False, extra=["--hostfile", str(hostfile_path), *cluster.mpirun_flags()])
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True)
+    first = proc.stdout.read(1)  # generation has started
+    assert first, proc.stderr.read()
+    netns_hosts._run("ip", "-n", a.netns, "route", "add", "blackhole", f"{b.ip}/32")
+    cut = time.monotonic()
+    try:
+        out, err = proc.communicate(timeout=TIMEOUT)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"the job did not end after the link was cut: {err[-3000:]}")
+    finally:
+        netns_hosts._run("ip", "-n", a.netns, "route", "del", "blackhole", f"{b.ip}/32", check=False)
+    took = time.monotonic() - cut
+    assert proc.returncode != 0, err[-3000:]
+    assert "rank 1 stopped answering" in err or "rank 0 stopped answering" in err, err[-3000:]
+    assert took < 3 + 10, f"{took:.1f} s: {err[-3000:]}"

@@ -24,7 +24,7 @@ from ..cpu import switches
 from ..argtypes import positive_int
 from ..runner import collective_phase
 from . import report, verify
-from .modes import Built, Context, SingleProcess, get_mode, mode_description, mode_names, modes_arg
+from .modes import Built, Context, SingleProcess, default_modes, get_mode, mode_description, mode_names, modes_arg
 from .shapes import SYNTHETIC, default_cache_dir, describe_model, ensure_synthetic
 
 __all__ = ["add_common_arguments", "delta", "exclude_from_peak_rss", "run_benchmark", "run_modes", "timed_run"]
@@ -53,7 +53,7 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
         type=modes_arg,
         default=None,
         help=f"comma-separated modes, run one after another on the same model "
-        f"(default: all: {','.join(mode_names())})",
+        f"(default: {','.join(default_modes())}; also: {','.join(n for n in mode_names() if n not in default_modes())})",
     )
     parser.add_argument(
         "--backend",
@@ -366,7 +366,7 @@ def run_benchmark(
         ranks_per_host = {n["hostname"]: len(n["ranks"]) for n in info["nodes"]}
         group = mlx_group()
         ctx = Context(comm, ctl, Path(path), config, group, args)
-        modes = args.modes or mode_names()
+        modes = args.modes or default_modes()
         model_line = describe_model(config, synthetic, path)
         version = report.code_version() if comm.rank == 0 else {}
         extra = [model_line]

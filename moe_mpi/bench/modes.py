@@ -26,7 +26,7 @@ import mlx.nn as nn
 
 from ..comm import quiet_barrier
 
-__all__ = ["Built", "Context", "MODES", "get_mode", "mode_description", "mode_names", "modes_arg", "tp_code_counts"]
+__all__ = ["Built", "Context", "MODES", "default_modes", "get_mode", "mode_description", "mode_names", "modes_arg", "tp_code_counts"]
 
 @dataclasses.dataclass
 class Context:
@@ -112,16 +112,21 @@ class MoeMpiMode:
             others serve (``central``: :func:`moe_mpi.central.drive`); None
             when every rank runs the model (SPMD).
         description: One line for the header.
+        guard: Install the routing guard (:func:`moe_mpi.guard.guard_routing`).
+        name: The mode's name in the results (default ``mode``).
     """
 
     kind = "moe_mpi"
 
     def __init__(
-        self, mode: str, drive: Optional[Callable] = None, description: str = ""
+        self, mode: str, drive: Optional[Callable] = None, description: str = "", guard: bool = False,
+        name: Optional[str] = None,
     ):
         self.mode = mode
         self.drive = drive
         self.description = description or f"moe_mpi.load(mode={mode!r})"
+        self.guard = guard
+        self.name = name or mode
 
     def build(self, ctx: Context) -> Built:
         from .. import load
@@ -131,10 +136,14 @@ class MoeMpiMode:
         if self.mode == "auto":
             options = dict(stats=getattr(ctx.args, "stats", None), replicas=getattr(ctx.args, "replicas", 0.0))
         model, _ = load(ctx.path, comm=ctx.comm, mode=self.mode, progress=False, **options)
+        if self.guard:
+            from ..guard import guard_routing
+
+            guard_routing(model)
         if self.drive is None:
-            return Built(self.mode, model, lambda fn: fn(model), range(ctx.size))
+            return Built(self.name, model, lambda fn: fn(model), range(ctx.size))
         drive = self.drive
-        return Built(self.mode, model, lambda fn: drive(model, fn), [0])
+        return Built(self.name, model, lambda fn: drive(model, fn), [0])
 
 
 class MlxLmTensorParallel:
@@ -218,6 +227,10 @@ MODES: Dict[str, Any] = {
     "ep": MoeMpiMode(
         "ep", description="moe_mpi expert parallel: one all-reduce per MoE layer"
     ),
+    "ep-guarded": MoeMpiMode(
+        "ep", guard=True, name="ep-guarded",
+        description="ep with the routing guard: a routing check carried in each MoE layer's all-reduce",
+    ),
     "auto": MoeMpiMode(
         "auto", description="moe_mpi auto: per layer, experts split, replicated or placed from --stats (uniform without)"
     ),
@@ -229,6 +242,15 @@ MODES: Dict[str, Any] = {
     "mlx-lm-tp": MlxLmTensorParallel(),
     "single": SingleProcess(),
 }
+
+
+#: Modes run only when named in ``--modes``, not by default.
+OPT_IN = ("ep-guarded",)
+
+
+def default_modes() -> List[str]:
+    """The modes a benchmark runs without ``--modes``."""
+    return [n for n in mode_names() if n not in OPT_IN]
 
 
 def mode_names() -> List[str]:

@@ -174,11 +174,24 @@ class NumpyMoE:
         self.norm_topk_prob = arch.renormalise(block)
         self.switch = block.switch_mlp  # this rank's experts (or slices), with the CPU expert kernels
         self.comm = comm  # the block's communicator: the layer's one all-reduce
+        self.guard = None  # moe_mpi.guard's RoutingGuard: the all-reduce carries a routing check
 
     def __call__(self, h: np.ndarray) -> np.ndarray:
         """``[B, D]`` normed rows in, the block's output ``[B, D]`` (summed over ranks) out."""
-        k = self.top_k
         inds, scores = self.route(h)  # [B, k] each
+        partial = self.partial(h, inds, scores)
+        if self.guard is not None:
+            return self.guard.numpy_all_sum(self, h, inds, partial, lambda logits: self.redo(h, logits))
+        return self.comm.all_sum(partial)  # the one collective of this layer
+
+    def redo(self, h: np.ndarray, logits: np.ndarray):
+        """``(inds, partial)`` routed from the given router logits (rank 0's, on the guard's rare path)."""
+        inds, scores = self.route(h, logits)
+        return inds, self.partial(h, inds, scores)
+
+    def partial(self, h: np.ndarray, inds: np.ndarray, scores: np.ndarray) -> np.ndarray:
+        """This rank's share ``[B, D]`` of the block's output for the given routing."""
+        k = self.top_k
         own_slots, own_ids, split_slots, split_ids = self.switch.expert_shard.slots(inds.reshape(-1))
         partial = np.zeros_like(h)  # [B, D], this rank's share
         for slots, ids, unit in ((own_slots, own_ids, self.switch), (split_slots, split_ids, self.switch.get("split"))):
@@ -187,13 +200,17 @@ class NumpyMoE:
                 slots, ids = slots[order], ids[order]
                 y = unit.numpy_rows(h[slots // k], ids)  # [M, D]
                 np.add.at(partial, slots // k, y * scores.reshape(-1)[slots, None])
-        return self.comm.all_sum(partial)  # the one collective of this layer
+        return partial
 
-    def route(self, h: np.ndarray):
+    def logits(self, h: np.ndarray) -> np.ndarray:
+        """The router's logits ``[B, E]``."""
+        return gemv.matvec(self.gate, h)
+
+    def route(self, h: np.ndarray, logits: Optional[np.ndarray] = None):
         """The top-k experts of each row and their weights, ``[B, k]`` each, as the block routes."""
         k = self.top_k
         # Every rank computes the same routing: the router is replicated.
-        gates = _softmax(gemv.matvec(self.gate, h))  # [B, E]
+        gates = _softmax(self.logits(h) if logits is None else logits)  # [B, E]
         inds = np.argpartition(gates, -k, axis=-1)[:, -k:]  # [B, k]
         scores = np.take_along_axis(gates, inds, axis=-1)  # [B, k]
         if self.norm_topk_prob:
