@@ -27,9 +27,10 @@ On a divergence (every rank sees it at once):
 * with ``strict`` it is an error at once: a :class:`CollectiveError` raised
   on every rank, naming the layer and the ranks.
 
-Costs on the hot path: the routing's hash in numpy (the routing is read
-back to numpy once per layer already, to pick the local slots) and a copy
-of the partial sum into the wider message. ``moe-mpi bench decode`` measures
+Costs on the hot path: the routing's hash in numpy (the switch layer's
+routing, kept by :class:`RoutingTap` and already evaluated when the
+layer's partial sum is) and a copy of the partial sum into the wider
+message. ``moe-mpi bench decode`` measures
 the guard (docs/reliability.md). The guard needs the mpi4py all-reduce path
 (``backend="mpi4py"``, the default); :func:`guard_routing` refuses others.
 """
@@ -125,7 +126,7 @@ class RoutingGuard:
     def block_all_sum(self, block, x, partial, args, kwargs):
         """The guarded all-reduce of an :class:`~moe_mpi.shard.ExpertParallelBlock` call."""
         switch = block[_switch_name(block)]
-        inds = np.asarray(switch.__dict__["last_indices"])  # [..., k]; evaluated already by the local slots
+        inds = np.asarray(switch.__dict__["last_indices"])  # [..., k]: RoutingTap kept it; the partial sum needed it
         k = inds.shape[-1]
         out, hashes = self.comm.all_sum_extra(partial, self._extra(inds.reshape(-1, k)))
         layer = block.expert_shard.layer
