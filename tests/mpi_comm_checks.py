@@ -273,9 +273,9 @@ def mlx_after_mpi4py_init() -> None:
 
 def mlx_initialised_first() -> None:
     """MLX initialised MPI before moe_mpi (mx.distributed.init()): both work."""
-    from moe_mpi.comm import _default_mlx_mpi_libname
+    from moe_mpi.mpi_init import default_mlx_mpi_libname
 
-    _default_mlx_mpi_libname()
+    default_mlx_mpi_libname()
     group = mx.distributed.init()
     for backend in ("mlx", "mpi4py"):
         comm = Communicator(backend=backend)
