@@ -49,7 +49,7 @@ import contextlib
 import resource
 import sys
 import time
-from typing import Callable, Dict, List, Optional, Sequence, TextIO, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from .argtypes import add_sharding_arguments, non_negative_float, positive_int, sharding_options, unit_interval
 from .comm import BACKENDS, Communicator
@@ -63,7 +63,7 @@ from .prompts import (
     read_prompt_argument,
     read_prompts_file,
 )
-from .results import ResultWriter, check_writable, id_key, result_row, scan_results_file
+from .results import Progress, ResultWriter, check_writable, id_key, result_row, scan_results_file
 from .runner import PROG, abort_on_error, add_debug_argument, collective_phase, parse_args, show_progress
 from .watchdog import DEFAULT_TIMEOUT, Watchdog
 
@@ -430,48 +430,6 @@ def _describe_model(model, comm, model_name: str) -> str:
         f"Model: {model_name}; {comm.size} rank(s), mode {info.mode}, {info.num_moe_layers} MoE layers, "
         f"experts per rank: {', '.join(info.experts_per_rank())}"
     )
-
-
-class Progress:
-    """Rank 0's progress through a batch run: a bar, then a summary line.
-
-    The bar is tqdm's, on ``stream`` (stderr), counting prompts and showing
-    the generation rate; ``show`` None leaves it out when the stream is not
-    a terminal (under mpirun, pass :func:`moe_mpi.runner.show_progress`: the
-    launcher gives the ranks pipes). The summary line is written either way.
-    """
-
-    def __init__(self, total: int, stream: Optional[TextIO] = None, show: Optional[bool] = None):
-        from tqdm import tqdm
-
-        self.stream = sys.stderr if stream is None else stream
-        self.tokens = 0
-        self.start = time.perf_counter()
-        # disable=None: tqdm turns itself off on a stream that is not a TTY.
-        disable = None if show is None else not show
-        self.bar = tqdm(total=total, unit="prompt", file=self.stream, disable=disable, dynamic_ncols=True, mininterval=0.5)
-
-    @property
-    def seconds(self) -> float:
-        """Wall time since the bar was created."""
-        return time.perf_counter() - self.start
-
-    @property
-    def tokens_per_second(self) -> float:
-        """Generated tokens per second of wall time so far."""
-        return self.tokens / max(self.seconds, 1e-9)
-
-    def update(self, prompts: int, tokens: int) -> None:
-        """Counts ``prompts`` more prompts done with ``tokens`` generated tokens."""
-        self.tokens += tokens
-        self.bar.set_postfix_str(f"{self.tokens_per_second:.1f} tokens-per-sec", refresh=False)
-        self.bar.update(prompts)
-
-    def close(self, summary: str) -> None:
-        """Ends the bar and writes ``summary`` (always)."""
-        self.bar.close()
-        self.stream.write(summary + "\n")
-        self.stream.flush()
 
 
 @contextlib.contextmanager

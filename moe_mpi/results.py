@@ -13,19 +13,22 @@ file, and a partially written last line, from a crash, is dropped and
 regenerated (:func:`scan_results_file`).
 
 Ids are compared by their JSON text (:func:`id_key`), so the id ``1`` and
-the id ``"1"`` are different prompts.
+the id ``"1"`` are different prompts. Rank 0 shows the run's progress
+(:class:`Progress`).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import sys
+import time
 from pathlib import Path
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import Any, Dict, Optional, Sequence, TextIO, Tuple
 
 from .errors import UserError
 
-__all__ = ["ResultWriter", "id_key", "result_row", "scan_results_file"]
+__all__ = ["Progress", "ResultWriter", "id_key", "result_row", "scan_results_file"]
 
 
 def id_key(row_id: Any) -> str:
@@ -147,3 +150,45 @@ def check_writable(path: Optional[str], option: str) -> None:
     directory = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(directory):
         raise UserError(f"{option} {path}: directory {directory} does not exist")
+
+
+class Progress:
+    """Rank 0's progress through a batch run: a bar, then a summary line.
+
+    The bar is tqdm's, on ``stream`` (stderr), counting prompts and showing
+    the generation rate; ``show`` None leaves it out when the stream is not
+    a terminal (under mpirun, pass :func:`moe_mpi.runner.show_progress`: the
+    launcher gives the ranks pipes). The summary line is written either way.
+    """
+
+    def __init__(self, total: int, stream: Optional[TextIO] = None, show: Optional[bool] = None):
+        from tqdm import tqdm
+
+        self.stream = sys.stderr if stream is None else stream
+        self.tokens = 0
+        self.start = time.perf_counter()
+        # disable=None: tqdm turns itself off on a stream that is not a TTY.
+        disable = None if show is None else not show
+        self.bar = tqdm(total=total, unit="prompt", file=self.stream, disable=disable, dynamic_ncols=True, mininterval=0.5)
+
+    @property
+    def seconds(self) -> float:
+        """Wall time since the bar was created."""
+        return time.perf_counter() - self.start
+
+    @property
+    def tokens_per_second(self) -> float:
+        """Generated tokens per second of wall time so far."""
+        return self.tokens / max(self.seconds, 1e-9)
+
+    def update(self, prompts: int, tokens: int) -> None:
+        """Counts ``prompts`` more prompts done with ``tokens`` generated tokens."""
+        self.tokens += tokens
+        self.bar.set_postfix_str(f"{self.tokens_per_second:.1f} tokens-per-sec", refresh=False)
+        self.bar.update(prompts)
+
+    def close(self, summary: str) -> None:
+        """Ends the bar and writes ``summary`` (always)."""
+        self.bar.close()
+        self.stream.write(summary + "\n")
+        self.stream.flush()

@@ -569,7 +569,7 @@ def test_scan_results_file(tmp_path):
 def test_progress_bar_only_on_a_tty():
     import io
 
-    from moe_mpi.generate import Progress
+    from moe_mpi.results import Progress
 
     class Tty(io.StringIO):
         def isatty(self):
