@@ -270,18 +270,13 @@ class ServeHandler(APIHandler):
 
     def send_api_error(self, error: ApiError) -> None:
         """Writes ``error`` as a complete JSON response."""
-        body = error.body()
-        self.send_response(error.status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self._set_cors_headers()
-        self.end_headers()
-        self.wfile.write(body)
-        self.wfile.flush()
+        self._send_json_body(error.status, error.body())
 
     def send_json(self, status: int, obj: Any) -> None:
         """Writes ``obj`` as a complete JSON response."""
-        body = json.dumps(obj).encode()
+        self._send_json_body(status, json.dumps(obj).encode())
+
+    def _send_json_body(self, status: int, body: bytes) -> None:
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(body)))
