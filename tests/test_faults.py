@@ -201,16 +201,25 @@ def test_rank_killed_mid_generation(endless_ckpt):
     assert "rank 1" in job.err and "signal 9" in job.err, job.err  # mpirun names it
 
 
-def test_rank_killed_mid_load(ckpt, blocking_ckpt):
-    # Rank 0 loads the real checkpoint and waits; rank 1 blocks opening the pipe.
-    cmd = mpirun_command(1, generate_argv("--model", ckpt, "--max-tokens", 4))
-    cmd += [":", "-n", "1", *generate_argv("--model", blocking_ckpt, "--max-tokens", 4)]
+def start_with_rank_1_loading(ckpt, blocking_ckpt, *options):
+    """A 2-rank generate in which rank 1 is stuck loading; returns the job and rank 1's pid.
+
+    Rank 0 loads the real checkpoint and waits; rank 1 blocks opening the
+    pipe of ``blocking_ckpt`` (mpirun's ``:`` syntax gives it that model).
+    """
+    cmd = mpirun_command(1, generate_argv("--model", ckpt, "--max-tokens", 4, *options))
+    cmd += [":", "-n", "1", *generate_argv("--model", blocking_ckpt, "--max-tokens", 4, *options)]
     job = Job(cmd)
     victim = job.rank_pid(1)
     deadline = time.monotonic() + START_WITHIN
     while not blocked_in_fifo(victim):
         assert time.monotonic() < deadline and job.proc.poll() is None, job.err
         time.sleep(0.05)
+    return job, victim
+
+
+def test_rank_killed_mid_load(ckpt, blocking_ckpt):
+    job, victim = start_with_rank_1_loading(ckpt, blocking_ckpt)
     os.kill(victim, signal.SIGKILL)
     took = job.end(DIE_WITHIN)
     assert job.proc.returncode != 0, job.err
@@ -231,8 +240,8 @@ def test_rank_stopped_mid_generation_is_named(endless_ckpt):
     job.wait_for_stdout()
     os.kill(victim, signal.SIGSTOP)
     stopped = time.monotonic()
-    took = job.end(TIMEOUT + DIE_WITHIN)
-    took = time.monotonic() - stopped
+    job.end(TIMEOUT + DIE_WITHIN)
+    took = time.monotonic() - stopped  # from the stop, not from the job's start
     assert job.proc.returncode != 0, job.err
     assert TIMEOUT <= took < TIMEOUT + DIE_WITHIN, f"{took:.1f} s\n{job.err}"
     assert job.err.count("moe-mpi: error:") == 1, job.err
@@ -241,14 +250,7 @@ def test_rank_stopped_mid_generation_is_named(endless_ckpt):
 
 
 def test_loading_rank_is_waited_for_while_it_answers_then_named_when_stopped(ckpt, blocking_ckpt):
-    cmd = mpirun_command(1, generate_argv("--model", ckpt, "--max-tokens", 4, "--timeout", 1))
-    cmd += [":", "-n", "1", *generate_argv("--model", blocking_ckpt, "--max-tokens", 4, "--timeout", 1)]
-    job = Job(cmd)
-    victim = job.rank_pid(1)
-    deadline = time.monotonic() + START_WITHIN
-    while not blocked_in_fifo(victim):
-        assert time.monotonic() < deadline and job.proc.poll() is None, job.err
-        time.sleep(0.05)
+    job, victim = start_with_rank_1_loading(ckpt, blocking_ckpt, "--timeout", 1)
     # Rank 1 is loading (blocked on the pipe) and its heartbeats go on:
     # several timeouts later rank 0 still waits for it.
     time.sleep(4)
