@@ -494,6 +494,12 @@ def test_bench_serve_drives_both_servers(ckpt, tmp_path):
     assert all(0 < r["tokens"] <= 3 * 4 and r["aggregate_tps"] > 0 and r["ttft_p50_ms"] > 0 for r in rows)
     assert rows[1]["status"]["control_broadcasts_per_step"] <= 2  # from moe-mpi serve's /status
     assert "3 clients: moe-mpi / mlx-lm: aggregate" in proc.stdout
+    # The bench checks the output it times: both servers' greedy texts, prompt by prompt.
+    checks = json.loads(out.read_text())["output_check"]
+    assert [(c["clients"], c["server"], c["reference"], c["compared"]) for c in checks] == [
+        (1, "mlx-lm", "moe-mpi", 3), (3, "mlx-lm", "moe-mpi", 3)]
+    assert all(c["equal"] == c["compared"] for c in checks), checks
+    assert "output check, 3 clients: mlx-lm texts equal moe-mpi's in 3/3 requests" in proc.stdout
 
 
 # --------------------------------------------------------------------------
@@ -558,3 +564,87 @@ def test_control_channel_delivers_news_at_the_next_step_and_overflow_one_later()
     assert delivered[1].gather_status and delivered[-1].stop
     assert [m.step for m in delivered] == list(range(len(news)))
     assert root.stats.broadcasts == other.stats.broadcasts == len(news)
+
+
+class _SoloComm:
+    """A one-rank Communicator stand-in for the engine's control channel."""
+
+    rank = 0
+
+    class comm:  # noqa: N801 - the attribute name Communicator has
+        @staticmethod
+        def Ibcast(buf, root):  # noqa: N802 - mpi4py's name
+            class Done:
+                def Wait(self):  # noqa: N802
+                    pass
+
+            return Done()
+
+
+class _ScriptDesk:
+    """Rank 0's desk for an in-process engine: a burst of joins, then stop."""
+
+    def __init__(self, joins):
+        self.joins, self.sent = joins, False
+        self.engine = None
+        self.joined, self.first, self.tokens, self.done = {}, {}, {}, set()
+
+    def compose(self, block):
+        from moe_mpi.serve.control import STOP
+
+        if not self.sent:
+            self.sent = True
+            return 0, {"join": self.joins}
+        return (STOP if len(self.done) == len(self.joins) else 0), None
+
+    def on_join(self, rid, uid, cached):
+        self.joined[rid] = self.engine.counts["steps"]
+
+    def on_progress(self, rid, progress):
+        pass
+
+    def on_token(self, rid, r):
+        self.first.setdefault(rid, self.engine.counts["steps"])
+        self.tokens.setdefault(rid, []).append(r.token)
+        if r.finish_reason is not None:
+            self.done.add(rid)
+
+    def on_cancelled(self, rid):
+        pass
+
+    def on_status(self, figures):
+        pass
+
+
+def _run_engine(ckpt, prompts, prompt_concurrency):
+    from mlx_lm.utils import load
+
+    from moe_mpi.serve.engine import BatchOptions, Engine
+
+    model, tok = load(str(ckpt))
+    joins = [
+        {"rid": i, "prompt": tok.encode(p), "max_tokens": 6, "stop": [], "sampling": {}, "logits": {}}
+        for i, p in enumerate(prompts)
+    ]
+    desk = _ScriptDesk(joins)
+    options = BatchOptions(prompt_concurrency=prompt_concurrency, prompt_cache_size=0)
+    engine = Engine(model, tok, _SoloComm(), options, desk, model_key=("m", None, None))
+    desk.engine = engine
+    engine.run()
+    return desk
+
+
+def test_a_burst_joins_in_groups_and_the_first_group_streams_before_the_next_prefills(ckpt):
+    # Real mlx-lm model and BatchGenerator in one process; only MPI is absent.
+    prompts = [f"burst {i}: the quick brown fox number {i}" for i in range(7)]
+    desk = _run_engine(ckpt, prompts, prompt_concurrency=3)
+    groups = [[0, 1, 2], [3, 4, 5], [6]]
+    for earlier, later in zip(groups, groups[1:]):
+        # Every first token of a group came out before the next group joined.
+        assert max(desk.first[r] for r in earlier) <= min(desk.joined[r] for r in later), (desk.first, desk.joined)
+        assert len({desk.joined[r] for r in later}) == 1
+    assert all(len(desk.tokens[r]) == 6 for r in range(len(prompts)))
+    # Batched greedy tokens equal each prompt's tokens served alone.
+    for i, prompt in enumerate(prompts[:3] + prompts[6:]):
+        alone = _run_engine(ckpt, [prompt], prompt_concurrency=3)
+        assert alone.tokens[0] == desk.tokens[prompts.index(prompt)]

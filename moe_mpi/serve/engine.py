@@ -8,7 +8,16 @@ step of the running sequences, plus a prefill chunk of the joining ones)::
         message = channel.exchange(...)   the one control broadcast (control.py)
         apply message: joins, cancels     the same changes, in the same order
         [allgather of status figures]     only when a client asked for /status
+        admit waiting joins               when no request awaits its first token
         batch.next()                      forward passes: one all_sum per MoE layer
+
+Joins wait in a queue (on every rank alike) and enter the batch, up to
+``prompt_concurrency`` at a time, only when every request in the batch has
+had its first token. mlx-lm's ``BatchGenerator.next()`` hands out a step's
+tokens after that step's prefill, so a request that had finished its prompt
+would otherwise wait for the next group's whole prefill for its first token:
+a burst of 16 clients got every first token only after both groups of 8
+were prefilled.
 
 Only rank 0 talks to clients. Its :class:`~moe_mpi.serve.desk.Desk`
 composes the messages (validated, tokenized requests; cancellations of
@@ -28,6 +37,7 @@ so a cache hit is a hit everywhere.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import hashlib
@@ -184,6 +194,8 @@ class _Sequence:
     prompt_tokens: int
     # Cache types of the segments still to prefill, last first (mlx-lm's order).
     segment_types: List[str]
+    # Whether its first token has come out (until then, joins wait).
+    started: bool = False
 
 
 class Engine:
@@ -207,6 +219,7 @@ class Engine:
         self.model_key = model_key
         self.expert_timer = expert_timer
         self.channel = ControlChannel(comm)
+        self.prompt_concurrency = options.prompt_concurrency
         self.batch = BatchGenerator(
             model,
             completion_batch_size=options.decode_concurrency,
@@ -221,6 +234,7 @@ class Engine:
         self.xtc_special = list(tokenizer.encode("\n")) + list(tokenizer.eos_token_ids)
         self.sequences: Dict[int, _Sequence] = {}  # uid -> sequence
         self.uid_of: Dict[int, int] = {}  # rid -> uid
+        self.waiting: collections.deque = collections.deque()  # join records not yet in the batch
         self.counts = {
             "requests": 0,
             "finished": 0,
@@ -238,7 +252,7 @@ class Engine:
     @property
     def idle(self) -> bool:
         """Nothing to run and no news on the way (the same on every rank)."""
-        return not self.sequences and not self.channel.news_pending
+        return not self.sequences and not self.waiting and not self.channel.news_pending
 
     def run(self, on_idle: Optional[Callable[[], None]] = None) -> None:
         """Steps the batch until a message says stop. Every rank calls it.
@@ -259,14 +273,21 @@ class Engine:
             if message.stop:
                 return
             self._apply(message.events)
+            self._admit()
             if self.sequences:
                 self._step()
 
     def _apply(self, events: dict) -> None:
         for rid in events.get("cancel", ()):
             self._cancel(rid)
-        for join in events.get("join", ()):
-            self._join(join)
+        self.waiting.extend(events.get("join", ()))
+
+    def _admit(self) -> None:
+        """Waiting joins enter the batch when no request awaits its first token."""
+        if any(not seq.started for seq in self.sequences.values()):
+            return
+        for _ in range(min(self.prompt_concurrency, len(self.waiting))):
+            self._join(self.waiting.popleft())
 
     # ------------------------------------------------------------- changes
 
@@ -361,6 +382,7 @@ class Engine:
         self._save_segments(prompt_responses)
         for r in responses:
             seq = self.sequences[r.uid]
+            seq.started = True
             self.counts["generated_tokens"] += 1
             self.desk.on_token(seq.rid, r)
             if r.finish_reason is not None:
@@ -400,6 +422,7 @@ class Engine:
             "pid": os.getpid(),
             **self.counts,
             "active": len(self.sequences),
+            "waiting": len(self.waiting),
             "expert_seconds": self.expert_timer.seconds if self.expert_timer else None,
             "all_reduces": all_sum.calls,
             "all_reduce_seconds": all_sum.seconds,

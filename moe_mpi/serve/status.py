@@ -114,6 +114,7 @@ def summarize(figures: List[Dict[str, Any]], model: Dict[str, Any]) -> Dict[str,
         "requests": {
             "total": first["requests"],
             "active": first["active"],
+            "waiting": first["waiting"],
             "finished": first["finished"],
             "cancelled": first["cancelled"],
             "prompt_tokens": first["prompt_tokens"],
