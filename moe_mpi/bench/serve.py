@@ -31,6 +31,13 @@ from sending it to the first chunk with text; its rate is its completion
 tokens over its whole time, from sending to the last chunk. Aggregate tokens/s is every
 completion token of the level over the level's wall time. Token counts are
 the servers' own usage reports.
+
+Every server gets the same prompts at each level, so the greedy texts are
+compared across servers, prompt by prompt, against the first server's
+(``texts equal``). On a random-weight model a batched or differently summed
+forward pass can flip a near-tie between two tokens, so the check reports
+agreement rather than failing; a server whose texts mostly differ is
+computing something else.
 """
 
 from __future__ import annotations
@@ -329,6 +336,7 @@ def run_level(url: str, model: str, clients: int, prompts: List[str], max_tokens
                     return
                 prompt = todo.pop(0)
             record = stream_chat(url, model, prompt, max_tokens)
+            record["prompt"] = prompt
             with lock:
                 records.append(record)
 
@@ -368,7 +376,51 @@ def summarize_level(records: List[Dict[str, Any]], wall: float) -> Dict[str, Any
         "ttft_p50_ms": 1e3 * _percentile(ttft, 0.5) if ttft else None,
         "ttft_p95_ms": 1e3 * _percentile(ttft, 0.95) if ttft else None,
         "request_tps_p50": _percentile(rates, 0.5),
+        "texts": {r["prompt"]: r["text"] for r in ok if "prompt" in r},
     }
+
+
+def _common_prefix(a: str, b: str) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def agreement(rows: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """Each server's greedy texts against the first server's, per client count.
+
+    Returns:
+        One entry per (clients, server) after the first server: ``equal``
+        and ``compared`` requests, and ``prefix``, the mean share of the
+        reference text that the two texts have in common from the start.
+    """
+    out = []
+    for clients in sorted({r["clients"] for r in rows}):
+        level = [r for r in rows if r["clients"] == clients and r.get("texts")]
+        if len(level) < 2:
+            continue
+        ref = level[0]
+        for row in level[1:]:
+            common = [p for p in ref["texts"] if p in row["texts"]]
+            equal = sum(ref["texts"][p] == row["texts"][p] for p in common)
+            shares = [_common_prefix(ref["texts"][p], row["texts"][p]) / max(len(ref["texts"][p]), 1) for p in common]
+            out.append({
+                "clients": clients, "server": row["server"], "reference": ref["server"],
+                "equal": equal, "compared": len(common), "prefix": sum(shares) / len(shares) if shares else None,
+            })
+    return out
+
+
+def agreement_lines(checks: List[Dict[str, Any]]) -> List[str]:
+    """The output check as comment lines."""
+    return [
+        f"# output check, {c['clients']} clients: {c['server']} texts equal {c['reference']}'s in "
+        f"{c['equal']}/{c['compared']} requests (common prefix {_fmt(c['prefix'] and 100 * c['prefix'], '.0f')}% of the text)"
+        for c in checks
+    ]
 
 
 # --------------------------------------------------------------------------
@@ -565,10 +617,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         rows += bench_server(kind, args, model, cluster, workdir)
     for line in ratio_lines(rows):
         print(line)
+    checks = agreement(rows)
+    for line in agreement_lines(checks):
+        print(line)
     if args.json:
         from .machine import write_json
 
-        write_json(args.json, {**info, "model": str(model), "link": link, "options": vars(args), "rows": rows})
+        write_json(args.json, {**info, "model": str(model), "link": link, "options": vars(args), "rows": rows, "output_check": checks})
     return 0
 
 
