@@ -377,6 +377,8 @@ def summarize_level(records: List[Dict[str, Any]], wall: float) -> Dict[str, Any
         "ttft_p95_ms": 1e3 * _percentile(ttft, 0.95) if ttft else None,
         "request_tps_p50": _percentile(rates, 0.5),
         "texts": {r["prompt"]: r["text"] for r in ok if "prompt" in r},
+        # Every request's TTFT, in the order sent: shows how a burst was prefilled.
+        "ttft_ms": [round(1e3 * (r["first"] - r["start"])) for r in sorted(ok, key=lambda r: r["start"])],
     }
 
 
