@@ -22,12 +22,17 @@ layer call on ``m`` rows for each of ``k`` experts:
 
 A pass calls every expert of every MoE layer once, ``k`` per call, so the
 weights come from memory, not the caches; each point is the median of
-``--passes`` passes. Per ``m``, the per-call times over widths ``w`` and
-``k`` (1 and the model's top-k) are fitted to ``t = A + k (a + b w)``:
-``A`` a call's own cost (the same for any layout), ``a`` a slice's fixed
-cost, ``b`` one column's; ``c = a / b`` in columns, with its standard error
-from the fit. The half-slice ratio is ``t(I/2) / (t(I) / 2)`` at ``k`` =
-top-k, which the model puts at ``1 + c / (I/2)``.
+``--passes`` passes. Printed per kernel, rows and rank:
+
+* ``S t(I/S) / t(I)`` for each ``S > 1`` at ``k`` = top-k (a decode step's
+  call): what ``S`` slices cost against the whole expert, which the cost
+  model puts at ``1 + c S / I``, and ``c (model)``, that ``c`` by least
+  squares over ``S``: the constant itself, measured;
+* a kernel fit over widths ``w`` and ``k`` (1 and top-k),
+  ``t = A + k (a + b w)``: ``A`` a call's own cost (the same in every
+  layout), ``a`` a slice's fixed cost, ``b`` one column's, ``c = a / b``;
+* the whole expert's time against its rows, beside the cost model's
+  ``1 + m / ROWS_PER_READ``.
 """
 
 from __future__ import annotations
@@ -43,7 +48,7 @@ import numpy as np
 
 from moe_mpi import Communicator
 from moe_mpi.argtypes import int_list, positive_int
-from moe_mpi.balance import SLICE_OVERHEAD
+from moe_mpi.balance import ROWS_PER_READ, SLICE_OVERHEAD
 from moe_mpi.bench.shapes import SYNTHETIC, ensure_synthetic
 from moe_mpi.loading import load_model
 from moe_mpi.memory import PlanningComm
@@ -132,22 +137,43 @@ def main() -> None:
     if comm.rank:
         return
     print(f"# model {path}: expert intermediate size I = {inter}, top-k {top_k}; {comm.size} ranks at once")
-    print(f"# balance.SLICE_OVERHEAD now {SLICE_OVERHEAD:g} columns; widths {sorted({w for (_, _, w, _) in times})}")
-    print(f"{'kernel':>8} {'rows':>5} {'rank':>4} {'A us':>8} {'a us':>8} {'b ns/col':>9} {'c cols':>8} {'+-':>6}"
-          f" {'rms us':>7} {'half/whole':>10} {'model':>6}")
+    print(f"# balance.SLICE_OVERHEAD now {SLICE_OVERHEAD:g}, ROWS_PER_READ {ROWS_PER_READ:g}; "
+          f"widths {sorted({w for (_, _, w, _) in times})}")
+    splits = sorted(inter // w for w in {w for (_, _, w, _) in times} if w < inter)
+    print("# S*t(I/S)/t(I): S slices against the whole expert, k = top-k experts per call; the cost model puts it")
+    print("# at 1 + c S / I. c (model): that c, least squares over S; kernel fit: t = A + k (a + b w), c = a / b.")
+    print(f"{'kernel':>8} {'rows':>5} {'rank':>4} " + " ".join(f"{'S=' + str(n):>6}" for n in splits)
+          + f" {'c(model)':>9} {'+-':>6} | {'A us':>7} {'a us':>7} {'b ns/col':>8} {'c':>7} {'+-':>6}")
     for m, prefill in kernels:
         for rank, rank_times in enumerate(every):
-            points = [(w, k, t) for (mm, pp, w, k), t in rank_times.items() if (mm, pp) == (m, prefill)]
-            f = fit(points)
-            whole, half = rank_times.get((m, prefill, inter, top_k)), rank_times.get((m, prefill, inter // 2, top_k))
-            ratio = f"{half / (whole / 2):10.3f}" if whole and half else f"{'-':>10}"
-            print(f"{'prefill' if prefill else 'decode':>8} {m:5d} {rank:4d} {f['A'] * 1e6:8.1f} {f['a'] * 1e6:8.2f}"
-                  f" {f['b'] * 1e9:9.2f} {f['c']:8.1f} {f['c_err']:6.1f} {f['rms'] * 1e6:7.1f} {ratio}"
-                  f" {1 + f['c'] / (inter / 2):6.3f}")
+            whole = rank_times[m, prefill, inter, top_k]
+            ratios = [n * rank_times[m, prefill, inter // n, top_k] / whole for n in splits]
+            c, c_err = slice_constant(splits, ratios, inter)
+            f = fit([(w, k, t) for (mm, pp, w, k), t in rank_times.items() if (mm, pp) == (m, prefill)])
+            print(f"{'prefill' if prefill else 'decode':>8} {m:5d} {rank:4d} " + " ".join(f"{r:6.3f}" for r in ratios)
+                  + f" {c:9.1f} {c_err:6.1f} | {f['A'] * 1e6:7.1f} {f['a'] * 1e6:7.1f} {f['b'] * 1e9:8.1f}"
+                  f" {f['c']:7.1f} {f['c_err']:6.1f}")
+    print(f"# whole expert against its rows, k = top-k: t(m) / t({kernels[0][0]}) measured; the cost model's"
+          f" (1 + m/{ROWS_PER_READ:g}) / (1 + {kernels[0][0]}/{ROWS_PER_READ:g})")
+    for m, prefill in kernels:
+        base = [t[kernels[0][0], kernels[0][1], inter, top_k] for t in every]
+        measured = " ".join(f"{t[m, prefill, inter, top_k] / b:7.2f}" for t, b in zip(every, base))
+        model = (1 + m / ROWS_PER_READ) / (1 + kernels[0][0] / ROWS_PER_READ)
+        print(f"#   {'prefill' if prefill else 'decode'} rows {m}: ranks {measured}; model {model:.2f}")
     print("# per point (seconds per call, median of passes): kernel rows width k -> rank 0, rank 1, ...")
     for key in sorted(every[0]):
         m, prefill, w, k = key
         print(f"#   {'prefill' if prefill else 'decode'} {m} {w} {k}: " + " ".join(f"{t[key] * 1e6:.1f}us" for t in every))
+
+
+def slice_constant(splits: List[int], ratios: List[float], inter: int) -> Tuple[float, float]:
+    """The cost model's ``c`` from ``S t(I/S) / t(I) = 1 + c S / I``: least squares through the origin
+    over the splits, and its standard error (0 with one split)."""
+    x = np.array(splits, dtype=np.float64) / inter
+    y = np.array(ratios, dtype=np.float64) - 1.0
+    c = float(x @ y / (x @ x))
+    err = float(np.sqrt(np.sum((y - c * x) ** 2) / (len(x) - 1) / (x @ x))) if len(x) > 1 else 0.0
+    return c, err
 
 
 def _top_k(model) -> int:
