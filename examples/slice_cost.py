@@ -45,6 +45,7 @@ from typing import Dict, List, Tuple
 import moe_mpi  # noqa: F401  (loads OpenBLAS for MLX, one thread per rank)
 import mlx.core as mx
 import numpy as np
+from mlx.utils import tree_flatten
 
 from moe_mpi import Communicator
 from moe_mpi.argtypes import int_list, positive_int
@@ -120,11 +121,15 @@ def main() -> None:
     kernels = [(m, False) for m in args.rows] + [(m, True) for m in args.prefill_rows]
     times: Dict[Tuple[int, bool, int, int], float] = {}  # (m, prefill, width, k) -> seconds per call
     inter = top_k = None
+    huge: Dict[int, float] = {}  # width -> huge-page bytes over expert bytes
     for splits in args.splits:
         model, switches = switches_of(path, comm.rank, splits)
         top_k, hidden = _top_k(model), model.args.hidden_size
         width = slice_unit(switches[0])[0]  # this shard's slice of the intermediate dimension
         inter = inter or width * splits
+        # Decode at one row is memory-bound: whether the weights sit on huge pages shows in its time.
+        expert_bytes = sum(a.nbytes for s in switches for _, a in tree_flatten(s.parameters()))
+        huge[width] = getattr(getattr(model, "cpu_path", None), "huge_page_bytes", 0) / expert_bytes
         for m, prefill in kernels:
             for k in sorted({1, top_k}):
                 per_call = [time_pass(comm, switches, hidden, m, k, prefill, rng) for _ in range(args.passes)]
@@ -134,11 +139,14 @@ def main() -> None:
     # The control allgather sends plain lists (msgpack: no tuple keys).
     every = [{tuple(row[:4]): row[4] for row in rank_rows}
              for rank_rows in comm.allgather([[*key, t] for key, t in times.items()])]
+    huge_every = comm.allgather([[w, f] for w, f in huge.items()])
     if comm.rank:
         return
     print(f"# model {path}: expert intermediate size I = {inter}, top-k {top_k}; {comm.size} ranks at once")
     print(f"# balance.SLICE_OVERHEAD now {SLICE_OVERHEAD:g}, ROWS_PER_READ {ROWS_PER_READ:g}; "
           f"widths {sorted({w for (_, _, w, _) in times})}")
+    print("# weights in huge pages (MADV_COLLAPSE, all weights over expert bytes), per width: "
+          + "; ".join(f"rank {r}: " + " ".join(f"{w}: {f:.0%}" for w, f in sorted(h)) for r, h in enumerate(huge_every)))
     splits = sorted(inter // w for w in {w for (_, _, w, _) in times} if w < inter)
     print("# S*t(I/S)/t(I): S slices against the whole expert, k = top-k experts per call; the cost model puts it")
     print("# at 1 + c S / I. c (model): that c, least squares over S; kernel fit: t = A + k (a + b w), c = a / b.")
