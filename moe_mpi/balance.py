@@ -41,7 +41,9 @@ from .layout import Layout, assign_slots
 
 #: Rows of an expert whose arithmetic costs as much as reading its weights once.
 ROWS_PER_READ = 16.0
-#: Fixed cost of computing a slice, in intermediate units (a guess: not measured on Metal).
+#: Fixed cost of computing a slice, in intermediate units. Measured on a CPU VM where it can be
+#: (examples/slice_cost.py, docs/balance.md "Split against replicated"): 16-37 at 128 rows per
+#: expert, about 0 at 16, not measurable at 1-2; not measured on Metal.
 SLICE_OVERHEAD = 32.0
 #: Batches (tokens per step) the layout is chosen for: decode at 1, 8 and 64, and a 512-token prefill.
 BATCHES = (1, 8, 64, 512)
