@@ -15,7 +15,10 @@ from __future__ import annotations
 import argparse
 from typing import List
 
+from .balance import BALANCE_CHOICES
+
 __all__ = [
+    "add_balance_arguments",
     "add_sharding_arguments",
     "float_list",
     "int_list",
@@ -135,8 +138,27 @@ def float_list(text: str) -> List[float]:
 SPMD_MODES = ("ep", "sliced", "auto")
 
 
+def add_balance_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--balance`` and ``--replicas``: how mode auto treats hot experts.
+
+    One definition for every command that offers mode auto (generate, serve,
+    info, bench, plan).
+    """
+    parser.add_argument(
+        "--balance", choices=BALANCE_CHOICES, default="both",
+        help="mode auto: what may happen to a hot expert: 'split' (a slice on every rank), 'replicate' "
+        "(whole copies on other ranks, within --replicas; never split) or 'both' (default: per layer, "
+        "whichever the cost model prefers); docs/balance.md",
+    )
+    parser.add_argument(
+        "--replicas", type=non_negative_float, default=0.0,
+        help="mode auto with --balance replicate or both: extra whole experts each rank may hold per "
+        "layer (memory budget; default 0)",
+    )
+
+
 def add_sharding_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--mode``, ``--placement``, ``--weights``, ``--stats``, ``--layouts``, ``--replicas``."""
+    """``--mode``, ``--placement``, ``--weights``, ``--stats``, ``--layouts``, ``--balance``, ``--replicas``."""
     parser.add_argument(
         "--mode", choices=SPMD_MODES, default="ep",
         help="how experts are shared out: 'ep' (default: whole experts per rank), 'sliced' (a slice of "
@@ -159,10 +181,7 @@ def add_sharding_arguments(parser: argparse.ArgumentParser) -> None:
         "--layouts", metavar="FILE", default=None,
         help="per-layer expert layouts (moe-mpi info --write-layouts) for 'ep' or 'auto'",
     )
-    parser.add_argument(
-        "--replicas", type=non_negative_float, default=0.0,
-        help="auto: extra whole experts each rank may hold per layer (memory budget; default 0)",
-    )
+    add_balance_arguments(parser)
     parser.add_argument(
         "--warm-experts", action="store_true",
         help="Metal: idle ranks compute their least recently used experts as throw-away work, so the "
@@ -174,5 +193,6 @@ def sharding_options(args: argparse.Namespace) -> dict:
     """The keyword arguments of :func:`moe_mpi.load` from :func:`add_sharding_arguments`' options."""
     return dict(
         mode=args.mode, placement=args.placement, weights=args.weights,
-        stats=args.stats, layouts=args.layouts, replicas=args.replicas, warm_experts=args.warm_experts,
+        stats=args.stats, layouts=args.layouts, replicas=args.replicas, balance=args.balance,
+        warm_experts=args.warm_experts,
     )

@@ -25,7 +25,10 @@ rank with the least expected work per capacity (within each rank's share
 of the experts: its memory); then the ``m`` hottest experts are split, for
 the ``m`` (0 to E) that costs least; then, within a memory budget, the
 hottest whole expert of the busiest rank is copied to the least busy rank
-while that lowers the cost.
+while that lowers the cost. ``balance`` (:data:`BALANCE_CHOICES`) limits the
+search to splitting (no copies), to copying (no split), or allows both; with
+both, copies are also tried on the placement with nothing split, and the
+cheaper of the two results is kept.
 """
 
 from __future__ import annotations
@@ -38,12 +41,16 @@ from .layout import Layout, assign_slots
 
 #: Rows of an expert whose arithmetic costs as much as reading its weights once.
 ROWS_PER_READ = 16.0
-#: Fixed cost of computing a slice, in intermediate units (a guess: not measured on Metal).
+#: Fixed cost of computing a slice, in intermediate units. Measured on a CPU VM where it can be
+#: (examples/slice_cost.py, docs/balance.md "Split against replicated"): 16-37 at 128 rows per
+#: expert, about 0 at 16, not measurable at 1-2; not measured on Metal.
 SLICE_OVERHEAD = 32.0
 #: Batches (tokens per step) the layout is chosen for: decode at 1, 8 and 64, and a 512-token prefill.
 BATCHES = (1, 8, 64, 512)
 #: Routing draws per batch when estimating a layout's cost.
 SAMPLES = 64
+#: What the search may do to hot experts: split them, copy them (replicas), or either.
+BALANCE_CHOICES = ("split", "replicate", "both")
 
 
 def draw_routing(p: np.ndarray, k: int, tokens: int, steps: int, rng: np.random.Generator) -> np.ndarray:
@@ -165,6 +172,7 @@ def auto_layout(
     can_split: bool = True,
     intermediate: int = 1024,
     batches: Sequence[int] = BATCHES,
+    balance: str = "both",
 ) -> Layout:
     """The layout of least :func:`layout_cost` found by the search of the module docstring.
 
@@ -177,10 +185,24 @@ def auto_layout(
         can_split: Whether the layer's experts can be sliced into ``n``.
         intermediate: The experts' intermediate size (thin slices cost more).
         batches: Tokens per step the layout is chosen for.
+        balance: ``"split"``: hot experts may be split, never copied
+            (``replicas`` is ignored); ``"replicate"``: copied within
+            ``replicas``, never split (every expert whole); ``"both"``.
+
+    Raises:
+        ValueError: An unknown ``balance``, or ``"replicate"`` with fewer
+            experts than ranks (a rank would hold nothing).
     """
+    if balance not in BALANCE_CHOICES:
+        raise ValueError(f"balance={balance!r}: expected one of {', '.join(BALANCE_CHOICES)}")
     p = _normalised(p)
     if n == 1:
         return Layout.from_owners([0] * p.size, 1)
+    if balance == "replicate" and p.size < n:
+        raise ValueError(
+            f"balance='replicate' keeps every expert whole: {p.size} experts cannot cover {n} ranks; "
+            "use balance='split' or 'both'"
+        )
     order = sorted(range(p.size), key=lambda e: (-p[e], e))
     capacity = _capacities(p.size, n, weights)
 
@@ -189,22 +211,35 @@ def auto_layout(
     def cost(layout: Layout) -> float:
         return layout_cost(layout, p, k, weights=weights, intermediate=intermediate, draws=draws)
 
-    best, best_cost = None, np.inf
-    for m in range(p.size + 1) if can_split else [0]:
+    best, best_cost, whole_only = None, np.inf, None
+    for m in range(p.size + 1) if can_split and balance != "replicate" else [0]:
         split, whole = set(order[:m]), order[m:]
         if whole and len(whole) < n and not split:
             continue
         owners = place_whole(p, whole, n, weights, capacity)
         layout = Layout(n, tuple(() if e in split else (owners[e],) for e in range(p.size)))
         c = cost(layout)
+        if m == 0:
+            whole_only = (layout, c)
         if c < best_cost - 1e-9:
             best, best_cost = layout, c
-    return _add_replicas(best, best_cost, p, n, replicas, cost)
+    if best is None:  # nothing splits and E < n: no whole placement covers every rank
+        raise ValueError(f"{p.size} experts that cannot be split cannot cover {n} ranks")
+    if balance == "split":
+        return best
+    best, best_cost = _add_replicas(best, best_cost, p, n, replicas, cost)
+    if balance == "both" and whole_only is not None and best.split and replicas >= 1:
+        # Copying the hot experts can beat splitting them even where every whole placement
+        # alone loses to the split: cost both ways, keep the cheaper.
+        copied, copied_cost = _add_replicas(*whole_only, p, n, replicas, cost)
+        if copied_cost < best_cost - 1e-9:
+            best = copied
+    return best
 
 
-def _add_replicas(layout: Layout, current: float, p: np.ndarray, n: int, budget: float, cost) -> Layout:
+def _add_replicas(layout: Layout, current: float, p: np.ndarray, n: int, budget: float, cost) -> Tuple[Layout, float]:
     """Copies the busiest rank's hottest whole expert to the least busy rank with budget
-    left, while that lowers the cost."""
+    left, while that lowers the cost. Returns the layout and its cost."""
     spare = [int(budget)] * n
     while True:
         load = np.zeros(n)
@@ -221,14 +256,14 @@ def _add_replicas(layout: Layout, current: float, p: np.ndarray, n: int, budget:
             if candidates:
                 break
         if not candidates:
-            return layout
+            return layout, current
         e, target = candidates[0]
         holders = list(layout.holders)
         holders[e] = tuple(sorted(holders[e] + (target,)))
         trial = Layout(n, tuple(holders))
         c = cost(trial)
         if c >= current - 1e-9:
-            return layout
+            return layout, current
         layout, current = trial, c
         spare[target] -= 1
 

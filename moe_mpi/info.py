@@ -17,7 +17,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from .argtypes import SPMD_MODES, float_list, non_negative_float, positive_int
+from .argtypes import SPMD_MODES, add_balance_arguments, float_list, positive_int
 from .balance import expected_loads
 from .layout import Layout, layouts_to_json
 from .placement import ExpertPlacement
@@ -157,7 +157,7 @@ def setup_arg_parser() -> argparse.ArgumentParser:
         "rank and layer is shown before (plain ep) and after.",
     )
     parser.add_argument("--layouts", metavar="FILE", default=None, help="Per-layer layouts file, as for generate.")
-    parser.add_argument("--replicas", type=non_negative_float, default=0.0, help="auto: extra whole experts per rank.")
+    add_balance_arguments(parser)
     parser.add_argument(
         "--batch", type=positive_int, default=8,
         help="Tokens per step the expected load is shown for (default: 8).",
@@ -202,6 +202,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             stats=stats,
             layouts=args.layouts,
             replicas=args.replicas,
+            balance=args.balance,
         )
         if args.write_layouts:
             layouts_to_json(list(plan.layouts), args.write_layouts, note=f"moe-mpi info {plan.placement_strategy}")

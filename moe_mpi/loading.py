@@ -228,7 +228,7 @@ def plan_load(
 
     ``comm`` needs only ``rank`` and ``size`` here (``moe-mpi info`` plans
     every rank of a run in one process). ``layout_options`` (``layouts``,
-    ``stats``, ``replicas``) go to :func:`moe_mpi.shard.shard_structure`.
+    ``stats``, ``replicas``, ``balance``) go to :func:`moe_mpi.shard.shard_structure`.
     """
     config = read_config(model_path)
     config.update(model_config or {})
@@ -369,6 +369,7 @@ def load(
     stats=None,
     replicas: float = 0.0,
     warm_experts: bool = False,
+    balance: str = "both",
 ):
     """Loads this rank's shard of an MoE model and the tokenizer.
 
@@ -399,6 +400,9 @@ def load(
             or its file, from ``moe-mpi profile``): ``ep`` places each
             layer's experts by them, ``auto`` balances by them.
         replicas: ``auto``: extra whole experts each rank may hold per layer.
+        balance: ``auto``: ``"split"`` hot experts only, ``"replicate"``
+            them only (within ``replicas``), or ``"both"`` (the default);
+            docs/balance.md.
         warm_experts: On Metal, idle ranks compute their least recently used
             experts as throw-away work so their memory stays wired, and the
             wired limit is set to the model's size (:mod:`moe_mpi.warmup`).
@@ -416,7 +420,7 @@ def load(
         stats = RoutingStats.load(stats)
     model, config = load_model(
         model_path, comm, placement, weights, model_config, mode, progress,
-        layouts=layouts, stats=stats, replicas=replicas,
+        layouts=layouts, stats=stats, replicas=replicas, balance=balance,
     )
     if warm_experts:
         use_warm_experts(model)

@@ -366,9 +366,13 @@ def _model_facts(model: nn.Module, config: dict, blocks, context: int, prefill_s
     return fields, kv_bytes, act_bytes
 
 
-def _placement_strategy(placement, weights: Optional[Sequence[float]], mode: str = "ep", stats=None) -> str:
+def _placement_strategy(placement, weights: Optional[Sequence[float]], mode: str = "ep", stats=None,
+                        balance: str = "both", replicas: float = 0.0) -> str:
     if mode != "ep" or stats is not None:
-        return f"mode {mode}" + (", by router statistics" if stats is not None else "")
+        text = f"mode {mode}"
+        if mode == "auto":
+            text += f", balance {balance}" + (f", replicas {replicas:g}" if balance != "split" else "")
+        return text + (", by router statistics" if stats is not None else "")
     if isinstance(placement, ExpertPlacement):
         return "explicit"
     if weights is not None:
@@ -395,6 +399,7 @@ def plan_memory(
     stats=None,
     layouts=None,
     replicas: float = 0.0,
+    balance: str = "both",
 ) -> MemoryPlan:
     """Computes, without reading tensor data, what each of ``num_ranks`` ranks holds.
 
@@ -407,7 +412,7 @@ def plan_memory(
         weights: Optional relative share of experts per rank.
         context: Tokens of context the KV-cache estimate is for.
         prefill_step: Prompt tokens per forward pass while prefilling.
-        mode, stats, layouts, replicas: As for :func:`moe_mpi.load`.
+        mode, stats, layouts, replicas, balance: As for :func:`moe_mpi.load`.
 
     Returns:
         The plan, one :class:`RankMemory` per rank.
@@ -429,7 +434,7 @@ def plan_memory(
     facts = None
     for rank in range(num_ranks):
         lp = _plan_rank(model_path, rank, num_ranks, placement, weights, mode,
-                        dict(stats=stats, layouts=layouts, replicas=replicas))
+                        dict(stats=stats, layouts=layouts, replicas=replicas, balance=balance))
         model = lp.model
         blocks = find_moe_blocks(model)
         flat = dict(tree_flatten(model.parameters()))
@@ -458,7 +463,7 @@ def plan_memory(
         checkpoint_files=len(index.files),
         checkpoint_bytes=sum(t.nbytes for t in index.tensors.values()),
         num_ranks=num_ranks,
-        placement_strategy=_placement_strategy(placement, weights, mode, stats),
+        placement_strategy=_placement_strategy(placement, weights, mode, stats, balance, replicas),
         context=context,
         prefill_step=prefill_step,
         ranks=ranks,

@@ -211,7 +211,7 @@ def get_mode(name: str) -> Mode:
 
 
 def default_layouts(shape: ModelShape, mode: str, n: int, routing: Optional["Routing"] = None,
-                    replicas: float = 0.0) -> List[Layout]:
+                    replicas: float = 0.0, balance: str = "both") -> List[Layout]:
     """Per MoE layer, where a mode puts the experts on ``n`` ranks, as moe_mpi would.
 
     Whole experts: moe_mpi's default contiguous placement; sliced (and
@@ -234,7 +234,7 @@ def default_layouts(shape: ModelShape, mode: str, n: int, routing: Optional["Rou
                 # The arguments moe_mpi.shard passes, so the layout is the one a run uses.
                 chosen[probs] = auto_layout(
                     p, shape.top_k, n, replicas=replicas, can_split=shape.expert_inter >= n,
-                    intermediate=shape.expert_inter,
+                    intermediate=shape.expert_inter, balance=balance,
                 )
             out.append(chosen[probs])
         return out

@@ -25,7 +25,7 @@ import sys
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
-from .argtypes import positive_int
+from .argtypes import add_balance_arguments, positive_int
 from .runner import add_debug_argument, fail, parse_args
 
 __all__ = ["KNOWN_MODELS", "main", "model_config", "plan_rows", "setup_arg_parser"]
@@ -125,8 +125,7 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     parser.add_argument("--years", type=float, default=3.0, help="years to spread a machine's price over (default 3)")
     parser.add_argument("--stats", metavar="FILE", help="routing statistics (`moe-mpi profile`): experts drawn by "
                         "their measured frequencies, and mode auto's layouts chosen from them (default: uniform)")
-    parser.add_argument("--replicas", type=float, default=0.0,
-                        help="mode auto: extra whole experts a rank may hold per layer, as `--replicas` of a run")
+    add_balance_arguments(parser)  # mode auto's --balance and --replicas, as for a run
     parser.add_argument("--json", nargs="?", const="-", metavar="FILE", help="write rows as JSON (to stdout with no FILE)")
     parser.add_argument("--plot", metavar="FILE.png", help="tokens/s against N per mode and link")
     add_debug_argument(parser)
@@ -162,7 +161,7 @@ def _routing(path: Optional[str], shape):
 
 
 def plan_rows(shape, machines, links, modes, batch, prompt, context, routing=None, prices=None, years=3.0,
-              exact=None, replicas=0.0) -> List[dict]:
+              exact=None, replicas=0.0, balance="both") -> List[dict]:
     """One row per (link, mode, N): memory, fit, decode/prefill predictions, cost.
 
     ``exact``: ``N -> ep weight bytes per rank`` from the checkpoint
@@ -178,7 +177,7 @@ def plan_rows(shape, machines, links, modes, batch, prompt, context, routing=Non
                 ranks = machines[:n]
                 name = "single" if (n == 1 and mode == "single") else mode
                 try:
-                    layouts = default_layouts(shape, name, n, routing, replicas)
+                    layouts = default_layouts(shape, name, n, routing, replicas, balance)
                     memory = memory_per_rank(shape, name, n, batch * context, layouts)
                     if exact and exact.get(n) and name in ("ep", "allgather"):
                         kv = batch * context * shape.kv_bytes_per_token
@@ -322,7 +321,7 @@ def _run(args) -> int:
     routing = _routing(args.stats, shape)
     exact = {n: exact_weights(path, n) for n in range(1, len(machines) + 1)} if path is not None else None
     rows = plan_rows(shape, machines, links, modes, args.batch, args.prompt_tokens, args.context, routing, prices,
-                     args.years, exact, args.replicas)
+                     args.years, exact, args.replicas, args.balance)
     header = [
         f"# moe-mpi plan: {shape.name}: {shape.layers} layers ({shape.moe_layers} MoE), {shape.experts} experts top-{shape.top_k}, "
         f"{shape.fmt} ({shape.weight_bits:g} bits/weight), {shape.weight_bytes / 2**30:.1f} GiB of weights",

@@ -30,7 +30,8 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 from mlx_lm.models.switch_layers import SwitchGLU, SwitchMLP
 
-from . import balance, central, cpu
+from . import central, cpu
+from .balance import auto_layout, ep_layout
 from .adapters import convert_blocks
 from .experts import ExpertShard, LocalExperts, make_local, with_mixin
 from .layout import Layout, layouts_from_json
@@ -242,6 +243,7 @@ def shard_structure(
     layouts: Union[Sequence[Layout], str, None] = None,
     stats=None,
     replicas: float = 0.0,
+    balance: str = "both",
 ) -> Plan:
     """Rewrites a model in place into this rank's shard.
 
@@ -273,6 +275,9 @@ def shard_structure(
             them (uniform routing without).
         replicas: ``auto``: extra expert copies each rank may hold (memory
             budget, in experts per layer).
+        balance: ``auto``: what may happen to hot experts: ``"split"``,
+            ``"replicate"`` (copies within ``replicas``) or ``"both"``
+            (:data:`moe_mpi.balance.BALANCE_CHOICES`).
 
     Returns:
         The plan: for each sharded parameter path, where its values come from.
@@ -300,7 +305,7 @@ def shard_structure(
             n = moe.num_experts
             if n not in placements:
                 placements[n] = resolve_placement(placement, n, size, weights)
-    layouts = _layouts(blocks, mode, size, placements, weights, layouts, stats, replicas)
+    layouts = _layouts(blocks, mode, size, placements, weights, layouts, stats, replicas, balance)
     plan: Plan = {}
     for layer, (moe, layout) in enumerate(zip(blocks, layouts)):
         n = moe.num_experts
@@ -327,7 +332,7 @@ def shard_structure(
     return plan
 
 
-def _layouts(blocks, mode, size, placements, weights, layouts, stats, replicas) -> List[Layout]:
+def _layouts(blocks, mode, size, placements, weights, layouts, stats, replicas, balance) -> List[Layout]:
     """Each MoE layer's layout, from the arguments of :func:`shard_structure`."""
     counts = [moe.num_experts for moe in blocks]
     if layouts is not None:
@@ -361,11 +366,13 @@ def _layouts(blocks, mode, size, placements, weights, layouts, stats, replicas) 
         # The experts' width: thin slices cost more per row (the penalty in balance.py).
         widths = [(slice_unit(moe.switch) or (1, 1))[0] for moe in blocks]
         return [
-            balance.auto_layout(f, k, size, weights=weights, replicas=replicas, can_split=can, intermediate=width)
+            auto_layout(
+                f, k, size, weights=weights, replicas=replicas, can_split=can, intermediate=width, balance=balance
+            )
             for f, k, can, width in zip(freqs, top_k, splittable, widths)
         ]
     if stats is not None:  # ep: each layer placed by its own statistics
-        return [balance.ep_layout(f, size, weights=weights) for f in freqs]
+        return [ep_layout(f, size, weights=weights) for f in freqs]
     return [Layout.from_owners(placements[n].owners, size) for n in counts]
 
 
@@ -406,6 +413,7 @@ def shard_experts(
     layouts: Union[Sequence[Layout], str, None] = None,
     stats=None,
     replicas: float = 0.0,
+    balance: str = "both",
 ) -> nn.Module:
     """Shards an already built (and loaded) mlx-lm MoE model across ranks.
 
@@ -419,7 +427,8 @@ def shard_experts(
         placement: See :func:`resolve_placement`.
         weights: Optional relative share of experts per rank.
         mode: ``"ep"`` (default), ``"sliced"``, ``"auto"`` or ``"central"``;
-            see :func:`shard_structure`, as for ``layouts``, ``stats`` and ``replicas``.
+            see :func:`shard_structure`, as for ``layouts``, ``stats``, ``replicas``
+            and ``balance``.
 
     Returns:
         The same model, sharded.
@@ -428,7 +437,7 @@ def shard_experts(
         from .comm import Communicator
 
         comm = Communicator()
-    shard_structure(model, comm, placement, weights, mode, layouts, stats, replicas)
+    shard_structure(model, comm, placement, weights, mode, layouts, stats, replicas, balance)
     if mode == "central" and comm.rank != 0:
         drop_dense(model)  # workers hold only their experts
     mx.eval(model.parameters())

@@ -5,7 +5,9 @@ the model and checks, against the reference single-process mlx-lm results:
 
 * logits of one forward pass: allclose, rtol = atol = 1e-4;
 * exactly one all-reduce per MoE layer per forward call, no other collective;
-* 16 greedy tokens from mlx-lm's own ``generate_step`` with a prompt cache.
+* 16 greedy tokens from mlx-lm's own ``generate_step`` with a prompt cache;
+* with ``"expect"`` (mode auto's ``balance`` cases), that the layouts chosen
+  split, or copy, experts as expected.
 
 Cases with ``"parallel": "central"`` run the central-router mode instead:
 rank 0 does the checks while the other ranks serve their experts; there is
@@ -35,6 +37,9 @@ def check_case(comm: Communicator, case: dict) -> str:
     ref = np.load(case["reference"])
     parallel = case.get("parallel", "ep")
     kwargs = dict(placement=case.get("placement"), weights=case.get("weights"), mode=parallel, layouts=case.get("layouts"))
+    for option in ("stats", "replicas", "balance"):  # mode auto's optimizer
+        if option in case:
+            kwargs[option] = case[option]
     if case["mode"] == "load":
         model, _ = load(case["model"], comm=comm, **kwargs)
     else:  # a model already loaded by plain mlx-lm, then sharded
@@ -42,6 +47,12 @@ def check_case(comm: Communicator, case: dict) -> str:
         shard_experts(model, comm, **kwargs)
     layers = model.ep_info.num_moe_layers
     assert layers == int(ref["moe_layers"]), (layers, int(ref["moe_layers"]))
+    layouts = model.ep_info.layouts
+    chosen = dict(split=any(l.split for l in layouts), replicated=any(l.replicated for l in layouts))
+    if case.get("expect"):
+        assert chosen == case["expect"], (case["name"], chosen, [l.describe() for l in layouts])
+    elif "balance" in case:  # "both": the cost decides, but the hot experts are split or copied
+        assert chosen["split"] or chosen["replicated"], [l.describe() for l in layouts]
     if parallel == "central":
         return drive(model, lambda m: check_central(m, comm, ref, case["name"]))
     return check_ep(model, comm, ref, case["name"])

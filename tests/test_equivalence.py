@@ -38,6 +38,17 @@ VARIANTS = {
     "fp32-shard_experts": (dict(), "shard", None),
 }
 WEIGHTS = {2: [2, 1], 3: [2, 1, 1]}
+# mode="auto" with each --balance choice runs on experts this wide: wide enough that the optimizer
+# splits hot ones (thin slices cost more, docs/balance.md), so that "split" does split.
+BALANCE_WIDTH = 1024
+# Router statistics the balance cases are chosen from: two hot experts, the rest cooler.
+BALANCE_SHARES = [0.4, 0.3, 0.1, 0.05, 0.05, 0.04, 0.03, 0.03]
+# balance choice -> what its layouts must hold (None: either may happen, by cost).
+BALANCE_EXPECT = {
+    "split": dict(split=True, replicated=False),
+    "replicate": dict(split=False, replicated=True),
+    "both": None,
+}
 
 
 def count_moe_layers(model) -> int:
@@ -93,6 +104,25 @@ def write_mixed_layouts(model_dir: Path, ref: Path, n: int, out: Path, split: bo
     return out
 
 
+def write_skewed_stats(model_dir: Path, ref: Path, out: Path) -> Path:
+    """Router statistics with :data:`BALANCE_SHARES` per MoE layer (drawn tokens, seeded)."""
+    from moe_mpi.balance import draw_routing
+    from moe_mpi.routing import RoutingStats
+
+    config = json.loads((model_dir / "config.json").read_text())
+    flat = dict(config, **(config.get("ffn_config") or {}))
+    experts = next(flat[k] for k in ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts") if flat.get(k))
+    k = next(flat[k] for k in ("num_experts_per_tok", "moe_top_k") if flat.get(k))
+    assert experts == len(BALANCE_SHARES), experts
+    layers = int(np.load(ref)["moe_layers"])
+    stats = RoutingStats([experts] * layers)
+    rng = np.random.default_rng(0)
+    for layer in range(layers):
+        stats(layer, draw_routing(np.array(BALANCE_SHARES), k, 2000, 1, rng)[0])
+    stats.save(str(out))
+    return out
+
+
 @pytest.fixture(scope="session")
 def arch_checkpoints(tmp_path_factory):
     """Writes (once per session) each arch's checkpoints and references."""
@@ -108,6 +138,9 @@ def arch_checkpoints(tmp_path_factory):
                     continue
                 path = synthetic.write_checkpoint(root / name, arch, seed=1, **kwargs)
                 files[name] = (path, write_reference(path, root / f"{name}.npz"))
+            wide = synthetic.tiny_config(arch, moe_intermediate_size=BALANCE_WIDTH)
+            path = synthetic.write_checkpoint(root / "fp32-wide", wide, seed=1)
+            files["fp32-wide"] = (path, write_reference(path, root / "fp32-wide.npz"))
             made[arch] = files
         return made[arch]
 
@@ -142,6 +175,13 @@ def test_sharded_matches_mlx_lm(arch, n, arch_checkpoints, tmp_path):
                               mode="load", placement=None, parallel="auto", layouts=str(layouts)))
             cases.append(dict(name=f"{arch}/{name}-auto", model=str(path), reference=str(ref),
                               mode="load", placement=None, parallel="auto"))
+        # The optimizer with each --balance choice, from skewed statistics, with room for copies.
+        path, ref = files["fp32-wide"]
+        stats = write_skewed_stats(path, ref, tmp_path / "stats-skewed.json")
+        for choice, expect in BALANCE_EXPECT.items():
+            cases.append(dict(name=f"{arch}/fp32-wide-auto-{choice}", model=str(path), reference=str(ref),
+                              mode="load", placement=None, parallel="auto", stats=str(stats), replicas=2,
+                              balance=choice, expect=expect))
     if n in WEIGHTS:
         path, ref = files["fp32"]
         cases.append(

@@ -128,3 +128,33 @@ def test_fault_times_reports_both_faults():
     kill, stop = proc.stdout.strip().splitlines()[-2:]
     assert kill.startswith("SIGKILL on rank 2: job ended after") and "0 processes left" in kill, kill
     assert stop.startswith("SIGSTOP on rank 2: job ended after") and "rank 2 stopped answering" in stop, stop
+
+
+def _slice_cost():
+    spec = importlib.util.spec_from_file_location("slice_cost", REPO / "examples" / "slice_cost.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_slice_cost_fit_recovers_the_fixed_cost():
+    """t = A + k (a + b w): c = a / b in columns, here 20 by construction."""
+    points = [(w, k, 5e-6 + k * (2e-6 + 1e-7 * w)) for w in (64, 128, 256, 512) for k in (1, 4)]
+    fit = _slice_cost().fit(points)
+    assert fit["c"] == pytest.approx(20) and fit["A"] == pytest.approx(5e-6) and fit["c_err"] < 1e-6
+
+
+def test_slice_cost_prints_a_fit_per_kernel_and_rank(tmp_path):
+    """docs/balance.md's slice-penalty measurement runs (tiny model: only the output's shape is checked)."""
+    argv = [sys.executable, "examples/slice_cost.py", "--synthetic", "tiny", "--cache-dir", str(tmp_path),
+            "--splits", "1,2,4", "--rows", "1", "--prefill-rows", "8", "--passes", "1"]
+    proc = launch.run_mpirun(2, argv, timeout=TIMEOUT, cwd=REPO)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    out = proc.stdout
+    assert "expert intermediate size I = 64, top-k 2; 2 ranks at once" in out, out
+    rows = re.findall(r"^\s+(decode|prefill)\s+(\d+)\s+(\d)\s+(-?[\d.]+)\s+(-?[\d.]+)\s+(-?[\d.]+)\s+(-?[\d.]+)", out, re.M)
+    assert sorted((r[0], r[1], r[2]) for r in rows) == [
+        ("decode", "1", "0"), ("decode", "1", "1"), ("prefill", "8", "0"), ("prefill", "8", "1")], out
+    assert all(math.isfinite(float(v)) for r in rows for v in r[3:]), out
+    # Every (kernel, rows, width, k) point of every rank: 2 kernels x 3 widths x k in (1, 2).
+    assert len(re.findall(r"^#   (decode|prefill) \d+ \d+ \d: [\d.]+us [\d.]+us$", out, re.M)) == 12, out

@@ -451,6 +451,20 @@ def test_info_shows_the_expected_load_before_and_after(tmp_path):
     rows = [line.split() for line in proc.stdout.splitlines() if line.strip()[:1].isdigit() and len(line.split()) == 4]
     assert len(rows) == 2 and all(float(r[2]) < float(r[1]) for r in rows), proc.stdout  # better than plain ep
     assert json.loads(out.read_text())["format"] == "moe_mpi.layouts"
+    # --balance replicate copies the hot experts (within --replicas) and splits none.
+    proc = subprocess.run(
+        [sys.executable, "-m", "moe_mpi", "info", "--model", str(path), "--np", "2", "--mode", "auto",
+         "--stats", str(tmp_path / "stats.json"), "--balance", "replicate", "--replicas", "1"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "mode auto, balance replicate, replicas 1, by router statistics" in proc.stdout, proc.stdout
+    assert "whole per rank 5/5, replicated 2, split 0" in proc.stdout, proc.stdout
+    bad = subprocess.run(
+        [sys.executable, "-m", "moe_mpi", "info", "--model", str(path), "--mode", "auto", "--balance", "copy"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert bad.returncode != 0 and "--balance: invalid choice: 'copy'" in bad.stderr, bad.stderr
     bad = subprocess.run(
         [sys.executable, "-m", "moe_mpi", "info", "--model", str(path), "--stats", str(out)],
         capture_output=True, text=True, timeout=120,

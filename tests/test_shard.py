@@ -277,7 +277,8 @@ def test_auto_mode_chooses_and_stays_exact():
         stats(layer, hot)
     x = _block_inputs(ref)
     expected = [b.block(x) for b in blocks]
-    for kw in ({}, {"stats": stats}, {"stats": stats, "replicas": 2}):
+    both = {"stats": stats, "replicas": 2}
+    for kw in ({}, {"stats": stats}, both, dict(both, balance="replicate"), dict(both, balance="split")):
         ranks = _rank_models(config, 2, mode="auto", **kw)
         for i, want in enumerate(expected):
             got = sum(find_moe_blocks(m)[i].block(x) for m, _ in ranks)
@@ -321,3 +322,26 @@ def test_auto_mode_weighs_the_experts_width():
     wide = _rank_models({**CONFIGS["qwen3_moe"], "moe_intermediate_size": 4096}, 2, mode="auto")
     assert not any(layout.split for layout in narrow[0][0].ep_info.layouts)
     assert all(len(layout.split) == layout.num_experts for layout in wide[0][0].ep_info.layouts)
+
+
+def test_auto_balance_split_copy_or_the_cheaper():
+    """balance='split' never copies, 'replicate' never splits, 'both' costs no more than either
+    (by the cost model it is chosen with, on the same draws)."""
+    from moe_mpi import balance
+
+    p = np.array([0.4, 0.3, 0.1, 0.05, 0.05, 0.04, 0.03, 0.03])
+    for n in (2, 3):
+        chosen = {b: balance.auto_layout(p, 2, n, replicas=2, intermediate=1024, balance=b) for b in balance.BALANCE_CHOICES}
+        assert chosen["split"].split and not chosen["split"].replicated, chosen["split"].describe()
+        assert chosen["replicate"].replicated and not chosen["replicate"].split, chosen["replicate"].describe()
+        # Copies go to the hot experts.
+        assert set(chosen["replicate"].replicated) <= {0, 1, 2}, chosen["replicate"].replicated
+        cost = {b: balance.layout_cost(layout, p, 2, intermediate=1024) for b, layout in chosen.items()}
+        assert cost["both"] <= min(cost["split"], cost["replicate"]) + 1e-9, cost
+    # With no budget, 'replicate' is a placement by the statistics; 'split' ignores a budget.
+    assert not balance.auto_layout(p, 2, 2, replicas=0, intermediate=1024, balance="replicate").replicated
+    assert not balance.auto_layout(p, 2, 2, replicas=4, intermediate=1024, balance="split").replicated
+    with pytest.raises(ValueError, match="expected one of split, replicate, both"):
+        balance.auto_layout(p, 2, 2, balance="copy")
+    with pytest.raises(ValueError, match="8 experts cannot cover 9 ranks"):
+        balance.auto_layout(p, 2, 9, replicas=2, balance="replicate")

@@ -21,7 +21,7 @@ import mlx.nn as nn
 
 from ..comm import quiet_barrier
 from ..cpu import switches
-from ..argtypes import non_negative_float, positive_int
+from ..argtypes import add_balance_arguments, positive_int
 from ..runner import collective_phase
 from . import report, verify
 from .modes import Built, Context, SingleProcess, default_modes, get_mode, mode_description, mode_names, modes_arg
@@ -66,10 +66,7 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
         "--stats", metavar="FILE", default=None,
         help="router statistics (moe-mpi profile) for mode auto (uniform routing without)",
     )
-    parser.add_argument(
-        "--replicas", type=non_negative_float, default=0.0,
-        help="mode auto: extra whole experts each rank may hold per layer (default 0)",
-    )
+    add_balance_arguments(parser)
     parser.add_argument(
         "--tp-cpu-path",
         action="store_true",

@@ -24,6 +24,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 import mlx.core as mx
 import mlx.nn as nn
 
+from ..balance import BALANCE_CHOICES
 from ..comm import quiet_barrier
 
 __all__ = ["Built", "Context", "MODES", "default_modes", "get_mode", "mode_description", "mode_names", "modes_arg", "tp_code_counts"]
@@ -114,19 +115,22 @@ class MoeMpiMode:
         description: One line for the header.
         guard: Install the routing guard (:func:`moe_mpi.guard.guard_routing`).
         name: The mode's name in the results (default ``mode``).
+        balance: ``auto``: what hot experts may become (``load(balance=...)``);
+            None: the command's ``--balance``.
     """
 
     kind = "moe_mpi"
 
     def __init__(
         self, mode: str, drive: Optional[Callable] = None, description: str = "", guard: bool = False,
-        name: Optional[str] = None,
+        name: Optional[str] = None, balance: Optional[str] = None,
     ):
         self.mode = mode
         self.drive = drive
         self.description = description or f"moe_mpi.load(mode={mode!r})"
         self.guard = guard
         self.name = name or mode
+        self.balance = balance
 
     def build(self, ctx: Context) -> Built:
         from .. import load
@@ -134,7 +138,10 @@ class MoeMpiMode:
         # Only auto balances by --stats: ep stays plain ep, the baseline it is measured against.
         options = {}
         if self.mode == "auto":
-            options = dict(stats=getattr(ctx.args, "stats", None), replicas=getattr(ctx.args, "replicas", 0.0))
+            options = dict(
+                stats=getattr(ctx.args, "stats", None), replicas=getattr(ctx.args, "replicas", 0.0),
+                balance=self.balance or getattr(ctx.args, "balance", "both"),
+            )
         model, _ = load(ctx.path, comm=ctx.comm, mode=self.mode, progress=False, **options)
         if self.guard:
             from ..guard import guard_routing
@@ -232,8 +239,21 @@ MODES: Dict[str, Any] = {
         description="ep with the routing guard: a routing check carried in each MoE layer's all-reduce",
     ),
     "auto": MoeMpiMode(
-        "auto", description="moe_mpi auto: per layer, experts split, replicated or placed from --stats (uniform without)"
+        "auto", description="moe_mpi auto: per layer, experts split, replicated or placed from --stats (uniform "
+        "without); --balance says which"
     ),
+    # auto with each --balance choice, to compare them in one job (the same rounds, the same machine state).
+    **{
+        f"auto-{choice}": MoeMpiMode(
+            "auto", name=f"auto-{choice}", balance=choice,
+            description="moe_mpi auto: " + {
+                "split": "hot experts split across every rank, never copied",
+                "replicate": "hot experts copied whole within --replicas, never split",
+                "both": "hot experts split or copied, whichever the cost model prefers",
+            }[choice],
+        )
+        for choice in BALANCE_CHOICES
+    },
     "central": MoeMpiMode(
         "central",
         drive=_central_drive,
@@ -245,7 +265,7 @@ MODES: Dict[str, Any] = {
 
 
 #: Modes run only when named in ``--modes``, not by default.
-OPT_IN = ("ep-guarded",)
+OPT_IN = ("ep-guarded",) + tuple(f"auto-{choice}" for choice in BALANCE_CHOICES)
 
 
 def default_modes() -> List[str]:
@@ -267,6 +287,10 @@ def mode_description(name: str, args: argparse.Namespace) -> str:
     text = get_mode(name).description
     if name == "mlx-lm-tp" and getattr(args, "tp_cpu_path", False):
         text += " + moe_mpi's CPU speed path (--tp-cpu-path)"
+    mode = get_mode(name)
+    if getattr(mode, "mode", None) == "auto":
+        balance = mode.balance or getattr(args, "balance", "both")
+        text += f" [balance {balance}, replicas {getattr(args, 'replicas', 0.0):g}]"
     return text
 
 
