@@ -30,7 +30,7 @@ import hashlib
 import json
 import platform
 from pathlib import Path
-from typing import Any, Dict, Iterable, List
+from typing import Any, Dict, Iterable, List, Optional
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -94,11 +94,18 @@ def versions() -> Dict[str, str]:
     }
 
 
-def run_fields(args: argparse.Namespace) -> Dict[str, str]:
-    """The options of a command line that every rank must share, and the versions."""
+def run_fields(args: argparse.Namespace, per_host: Optional[Dict[str, Any]] = None) -> Dict[str, str]:
+    """The options of a command line that every rank must share, and the versions.
+
+    Args:
+        args: The parsed command line.
+        per_host: A command's own rules, over :data:`PER_HOST` (e.g. the
+            options of ``moe-mpi serve`` that only rank 0's HTTP side reads).
+    """
+    rules = {**PER_HOST, **(per_host or {})}
     fields = versions()
     for name, value in sorted(vars(args).items()):
-        rule = PER_HOST.get(name, str)
+        rule = rules.get(name, str)
         if rule is None:
             continue
         option = "--" + name.replace("_", "-")

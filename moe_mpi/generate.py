@@ -64,8 +64,9 @@ from .prompts import (
     read_prompts_file,
 )
 from .results import Progress, ResultWriter, check_writable, id_key, result_row, scan_results_file
+from .reliability import add_reliability_arguments, check_reliability_arguments, guard_warning, load_checked, watched
 from .runner import PROG, abort_on_error, add_debug_argument, collective_phase, parse_args, show_progress
-from .watchdog import DEFAULT_TIMEOUT, Watchdog
+from .watchdog import Watchdog
 
 DEFAULT_MAX_TOKENS = 100
 DEFAULT_TEMP = 0.0
@@ -192,32 +193,7 @@ def setup_arg_parser() -> argparse.ArgumentParser:
             "if not. For checking a cluster, e.g. of different machines."
         ),
     )
-    parser.add_argument(
-        "--routing-guard",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help=(
-            "Check in every MoE layer's all-reduce that all ranks chose the same experts, and redo a "
-            "layer where they did not with rank 0's routing (docs/reliability.md). Default: on, "
-            "except with --backend mlx, which cannot carry the check."
-        ),
-    )
-    parser.add_argument(
-        "--strict-routing",
-        action="store_true",
-        help="A routing divergence between ranks is an error instead of being repaired.",
-    )
-    parser.add_argument(
-        "--timeout",
-        type=non_negative_float,
-        default=DEFAULT_TIMEOUT,
-        metavar="SECONDS",
-        help=(
-            "End the job, naming the rank at fault, when an MPI operation has waited this long "
-            "for the other ranks: a frozen Mac, a stopped process, a cut link (docs/reliability.md). "
-            f"0 waits for ever (default: {DEFAULT_TIMEOUT:g})."
-        ),
-    )
+    add_reliability_arguments(parser)  # --routing-guard, --strict-routing, --timeout: as moe-mpi serve
     parser.add_argument(
         "--record-routing",
         metavar="FILE",
@@ -247,10 +223,7 @@ def _validate(parser: argparse.ArgumentParser) -> Callable[[argparse.Namespace],
             parser.error("--prompts-file needs --output (the results file) or --record-routing")
         if args.output is not None and args.prompts_file is None:
             parser.error("--output is for batch mode: use it with --prompts-file")
-        if args.routing_guard and args.backend == "mlx":
-            parser.error("--routing-guard needs --backend mpi4py (MLX's all-reduce cannot carry the check)")
-        if args.strict_routing and (args.routing_guard is False or args.backend == "mlx"):
-            parser.error("--strict-routing needs the routing guard (--backend mpi4py, no --no-routing-guard)")
+        check_reliability_arguments(parser, args)
 
     return validate
 
@@ -312,36 +285,19 @@ def _seed(seed: int) -> None:
 
 
 def _load(args: argparse.Namespace, comm, watchdog: Watchdog):
-    """Loads this rank's shard, then checks that every rank loaded the same model (collective)."""
-    from .fingerprint import compare, model_fields
-    from .loading import load, resolve_model_path
+    """Loads this rank's shard and checks it against the others' (collective; see :func:`load_checked`)."""
+    from .loading import load
 
-    with collective_phase(comm, debug=args.debug):
-        # No --model: resolve_model_path gives the bundled demo model.
-        with watchdog.busy():  # others wait for a slow disk while this rank answers
-            model, tokenizer, config = load(
-                args.model, comm=comm, return_config=True, progress=args.progress, **sharding_options(args)
-            )
-        fields = model_fields(resolve_model_path(args.model), config, model)
-    compare(comm, fields, "the model they loaded")
-    if args.routing_guard is not False and args.backend == "mpi4py":
-        from .guard import guard_routing
-
-        model.routing_guard = guard_routing(model, strict=args.strict_routing)
-    return model, tokenizer, config
+    return load_checked(args, comm, watchdog, lambda: load(
+        args.model, comm=comm, return_config=True, progress=args.progress, **sharding_options(args)
+    ))
 
 
 def _report_guard(model, comm) -> None:
     """Rank 0 says how often the routing guard redid a layer (nothing if never)."""
-    guard = getattr(model, "routing_guard", None)
-    if guard is None or not guard.repairs or comm.rank != 0:
-        return
-    layer, ranks, tokens = guard.events[0]
-    _print_stats([
-        f"{PROG}: warning: the ranks' routing diverged in {guard.repairs} MoE layer call(s) (first: layer "
-        f"{layer}, ranks {', '.join(map(str, ranks))} differed from rank 0 on {tokens} token(s)); each was "
-        "redone with rank 0's routing. Ranks on different hardware or software round near-ties differently."
-    ])
+    warning = guard_warning(getattr(model, "routing_guard", None))
+    if warning is not None and comm.rank == 0:
+        _print_stats([f"{PROG}: warning: {warning}"])
 
 
 def _backend_comm(comm: Communicator, backend: str) -> Communicator:
@@ -664,26 +620,11 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser = setup_arg_parser()
     args = parse_args(parser, argv, validate=_validate(parser))
     comm = Communicator()
-    with abort_on_error(comm, debug=args.debug):
-        from .fingerprint import compare, run_fields
-
-        # The first collective: ranks started with different options or
-        # versions would not even run the same collectives after it.
-        compare(comm, run_fields(args), "how to run")
-        watchdog = Watchdog(comm, args.timeout)
-        with collective_phase(comm, debug=args.debug, name_ranks=False):
-            watchdog.exchange()
-        watchdog.start()
-        try:
-            if args.prompts_file is not None:
-                generate_batch(args, comm, watchdog)
-            else:
-                generate_one(args, comm, watchdog)
-            # Watched: a rank that froze near the end would otherwise hang
-            # the others in MPI_Finalize, where nothing watches.
-            comm.barrier()
-        finally:
-            watchdog.stop()
+    with abort_on_error(comm, debug=args.debug), watched(comm, args) as watchdog:
+        if args.prompts_file is not None:
+            generate_batch(args, comm, watchdog)
+        else:
+            generate_one(args, comm, watchdog)
 
 
 if __name__ == "__main__":

@@ -24,8 +24,10 @@ that
   :data:`GRACE_SECONDS` later (a launcher that did not end it) exits too.
 
 A rank that is *busy* with local work of no fixed length (:meth:`Watchdog.busy`:
-loading the model, reading the prompt from stdin) may keep the others
-waiting as long as its heartbeats say it is alive: a slow disk is not a fault. If heartbeats cannot pass
+loading the model, reading the prompt from stdin, rank 0 of ``moe-mpi serve``
+waiting for requests) may keep the others waiting as long as its heartbeats
+say it is alive: a slow disk or an idle server is not a fault. Once it leaves
+that phase it has a whole timeout to reach the operation the others wait in. If heartbeats cannot pass
 between the hosts (a firewall), the timeout still ends the job; the message
 then says that it cannot tell which rank is at fault.
 """
@@ -139,7 +141,8 @@ class Watchdog:
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
         self._waiting_on = 0  # the operation this rank waits in, 0: none
-        self._since = 0.0
+        self._since = 0.0  # when this rank began to wait in it
+        self._excused = 0.0  # when a rank it waits for was last seen busy
 
     # ------------------------------------------------------------- set-up
 
@@ -197,7 +200,7 @@ class Watchdog:
 
     @contextlib.contextmanager
     def busy(self) -> Iterator[None]:
-        """While open (loading, reading input), other ranks wait for this one as long as it answers."""
+        """While open (loading, reading input, waiting for requests), other ranks wait for this one as long as it answers."""
         self.phase = BUSY
         try:
             yield
@@ -264,10 +267,7 @@ class Watchdog:
             self._waiting_on = 0
             return None
         if entered != self._waiting_on:
-            self._waiting_on, self._since = entered, now
-            return None
-        waited = now - self._since
-        if waited < self.timeout:
+            self._waiting_on, self._since, self._excused = entered, now, now
             return None
         silent, behind, unknown = [], [], []
         for r, peer in sorted(self.peers.items()):
@@ -280,7 +280,18 @@ class Watchdog:
         never = [r for r in range(self.size) if r != self.rank and r not in self.peers]
         unknown += never
         if not silent and behind and all(self.peers[r].phase == BUSY for r in behind):
-            return None  # a rank still loading (or reading input), and answering: keep waiting
+            # A rank still loading (or reading input, or waiting for requests),
+            # and answering: keep waiting. Its wait excuses ours: when it
+            # leaves its busy phase it gets a whole timeout to arrive, so a
+            # heartbeat sent between the end of that phase and its next
+            # operation (after a wait longer than the timeout) is no fault.
+            self._excused = now
+            return None
+        waited = now - self._since
+        if waited < self.timeout:
+            return None
+        if not silent and behind and now - self._excused < self.timeout:
+            return None
         where = f"collective #{entered} ({a.kind})"
         if silent:
             ages = ", ".join(f"{now - self.peers[r].seen:.1f} s" for r in silent)

@@ -396,6 +396,17 @@ def test_watchdog_rules():
     dog.peers[2].seen = 90.0
     assert dog.check(100.0).startswith("rank 2 stopped answering")
 
+    # A rank busy for longer than the timeout (loading; rank 0 of a server
+    # waiting for requests) that has just left its busy phase, and whose
+    # heartbeat came before it reached the operation, gets a whole timeout
+    # to arrive before it is named.
+    dog = watchdog_at(4, 3, {1: (99.0, 4, 3, RUNNING), 2: (99.5, 3, 3, BUSY)})
+    dog.check(80.0)
+    assert dog.check(100.0) is None  # 20 s waited, but rank 2 is busy
+    dog.peers[2].phase, dog.peers[2].seen, dog.peers[1].seen = RUNNING, 100.5, 100.5
+    assert dog.check(101.0) is None and dog.check(102.9) is None
+    assert dog.check(103.1).startswith("rank 2 did not reach collective #4"), dog.check(103.1)
+
     # Alive and running, but not at the operation: named as such.
     dog = watchdog_at(4, 3, {1: (99.0, 4, 3, RUNNING), 2: (99.5, 2, 2, RUNNING)})
     dog.check(90.0)

@@ -13,7 +13,8 @@ Run it alone, not under ``mpirun``: it starts each server itself with
 Servers (``--servers``):
 
 * ``moe-mpi``: ``moe-mpi serve`` (``--mode ep``); ``moe-mpi-sliced``:
-  ``moe-mpi serve --mode sliced``;
+  ``moe-mpi serve --mode sliced``; ``moe-mpi-unguarded``: ``--mode ep``
+  with ``--no-routing-guard`` (what the routing guard costs);
 * ``mlx-lm``: ``mlx_lm.server`` as mlx-lm ships it, tensor parallel through
   its ``sharded_load``; started through :func:`run_mlx_lm_server`, which
   only imports ``moe_mpi`` first so that it gets the same BLAS;
@@ -65,7 +66,7 @@ from ..runner import PROG, env_rank, fail, parse_args
 
 __all__ = ["ServerJob", "main", "run_mlx_lm_server", "setup_arg_parser", "stream_chat"]
 
-SERVERS = ("moe-mpi", "moe-mpi-sliced", "mlx-lm", "mlx-lm+kernels")
+SERVERS = ("moe-mpi", "moe-mpi-sliced", "moe-mpi-unguarded", "mlx-lm", "mlx-lm+kernels")
 BASELINES = ("mlx-lm", "mlx-lm+kernels")
 DEFAULT_CLIENTS = [1, 4, 16, 64]
 READY_TIMEOUT = 900.0  # loading a 3 GB model over a slow fake link takes a while
@@ -183,6 +184,8 @@ def server_argv(kind: str, args: argparse.Namespace, model: Path, host: str, por
     if kind.startswith("moe-mpi"):
         mode = "sliced" if kind == "moe-mpi-sliced" else "ep"
         program = python + ["-m", "moe_mpi", "serve", "--mode", mode]
+        if kind == "moe-mpi-unguarded":
+            program.append("--no-routing-guard")
     else:
         program = python + ["-m", "moe_mpi.bench.serve", "--mlx-lm-server"]
         if kind == "mlx-lm+kernels":
@@ -548,6 +551,14 @@ def ratio_lines(rows: List[Dict[str, Any]]) -> List[str]:
                         f"# {clients} clients: {kind} / {base}: aggregate {a['aggregate_tps'] / b['aggregate_tps']:.2f}x, "
                         f"TTFT p50 {a['ttft_p50_ms'] / b['ttft_p50_ms']:.2f}x (lower is better)"
                     )
+    guarded = {r["clients"]: r for r in rows if r["server"] == "moe-mpi"}
+    for b in rows:
+        a = guarded.get(b["clients"]) if b["server"] == "moe-mpi-unguarded" else None
+        if a is not None and a["aggregate_tps"] and b["aggregate_tps"]:
+            lines.append(
+                f"# {b['clients']} clients: routing guard on / off (moe-mpi / moe-mpi-unguarded): "
+                f"aggregate {a['aggregate_tps'] / b['aggregate_tps']:.3f}x"
+            )
     return lines
 
 

@@ -178,6 +178,11 @@ class ClusterModelProvider(ModelProvider):
         self.draft_model = None
         self.is_batchable = True
 
+    def load_shard(self):
+        """Loads the served model (mlx-lm's ``load_default``); returns ``(model, tokenizer, config)``."""
+        self.load_default()
+        return self.model, self.tokenizer, self.config
+
 
 class ClusterResponseGenerator(ResponseGenerator):
     """mlx-lm's ``ResponseGenerator`` without its generation thread.

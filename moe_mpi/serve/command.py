@@ -5,6 +5,13 @@ a port in use or an unreadable model gives one ``moe-mpi: error:`` line and
 every rank exits with code 1. Once serving, any unexpected error on any rank
 aborts the whole job (``MPI_Abort``) after that rank prints its traceback:
 there is never a server that accepts requests it cannot answer.
+
+The checks of ``moe-mpi generate`` run here too, from the same code
+(:mod:`moe_mpi.reliability`): the ranks compare their command lines and
+then the models they loaded before anything listens, the watchdog ends a
+job whose rank froze (``--timeout``; rank 0 waiting for requests counts as
+busy, not as a hang), and the routing guard checks every MoE layer
+(``--routing-guard``, ``--strict-routing``).
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ from typing import Optional, Sequence
 from ..argtypes import add_sharding_arguments, non_negative_float, non_negative_int, positive_int, unit_interval
 from ..comm import BACKENDS, Communicator
 from ..errors import UserError
+from ..reliability import add_reliability_arguments, check_reliability_arguments, guard_warning, load_checked, watched
 from ..routing import RoutingStats, record_routing
 from ..runner import PROG, abort_on_error, add_debug_argument, collective_phase, env_rank, parse_args
 from .api import (
@@ -32,7 +40,7 @@ from .api import (
 )
 from .desk import Desk
 from .engine import BatchOptions, Engine, Follower
-from .status import time_experts
+from .status import count_forward_passes, time_experts
 
 __all__ = ["main", "setup_arg_parser"]
 
@@ -40,6 +48,19 @@ DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8080
 DEFAULT_MAX_TOKENS = 512
 DEMO_MODEL_ID = "moe_mpi-demo"
+
+#: Options that only rank 0's HTTP side reads, left out of the start-up
+#: fingerprint (moe_mpi.fingerprint.run_fields): a request carries its own
+#: max_tokens and sampling parameters to every rank, and the API key is a
+#: secret that must not appear in a message. Everything else (the batch
+#: sizes, the prompt cache, the guard, --timeout, ...) must be equal.
+PER_HOST = {
+    name: None
+    for name in (
+        "host", "port", "api_key", "allowed_origins", "log_level", "max_tokens", "temp", "top_p", "top_k", "min_p",
+        "chat_template", "use_default_chat_template", "chat_template_args", "record_routing",
+    )
+}
 
 
 def _json_object(text: str) -> dict:
@@ -72,6 +93,7 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     add("--port", type=non_negative_int, default=DEFAULT_PORT, help=f"Port (default: {DEFAULT_PORT}; 0 picks a free one).")
     add_sharding_arguments(parser)  # --mode, --placement, --weights, ...: as moe-mpi generate
     add("--backend", choices=BACKENDS, default="mpi4py", help="Data path of the per-layer all-reduce (default: mpi4py).")
+    add_reliability_arguments(parser)  # --routing-guard, --strict-routing, --timeout: as moe-mpi generate
     add("--api-key", default=None, help="Require 'Authorization: Bearer KEY' (default: the MOE_MPI_API_KEY environment variable, else none).")
     add("--allowed-origins", type=_origins, default=[], help="Comma-separated origins that browsers may call from (CORS); default: none.")
     add("--max-tokens", type=positive_int, default=DEFAULT_MAX_TOKENS, help=f"Default max_tokens of a request (default: {DEFAULT_MAX_TOKENS}).")
@@ -128,6 +150,7 @@ def _context(args, provider: ClusterModelProvider, model_arg: Optional[str]) -> 
     info = model.ep_info
     path = provider.model_key[0]
     model_id = model_arg or DEMO_MODEL_ID
+    guard = model.routing_guard
     return ServeContext(
         model_id=model_id,
         aliases=model_aliases(model_id, path),
@@ -138,6 +161,8 @@ def _context(args, provider: ClusterModelProvider, model_arg: Optional[str]) -> 
             "ranks": info.size,
             "moe_layers": info.num_moe_layers,
             "experts_per_rank": info.experts_per_rank(),
+            "routing_guard": "off" if guard is None else "strict" if guard.strict else "repair",
+            "timeout_seconds": args.timeout,
         },
         config=provider.config,
         vocab_size=_vocab_size(provider.config, provider.tokenizer),
@@ -154,8 +179,14 @@ def _http_failed(desk: Desk):
     return failed
 
 
-def serve(args: argparse.Namespace, comm: Communicator) -> None:
-    """Loads the model, starts rank 0's HTTP server and runs the engine (every rank)."""
+def serve(args: argparse.Namespace, comm: Communicator, watchdog) -> None:
+    """Loads the model, starts rank 0's HTTP server and runs the engine (every rank).
+
+    Args:
+        args: The parsed command line.
+        comm: The job's communicator.
+        watchdog: This rank's running :class:`moe_mpi.watchdog.Watchdog`.
+    """
     from ..loading import resolve_model_path
 
     rank0 = comm.rank == 0
@@ -168,11 +199,16 @@ def serve(args: argparse.Namespace, comm: Communicator) -> None:
     with collective_phase(comm, debug=args.debug):
         args.model = str(resolve_model_path(model_arg))
         provider = ClusterModelProvider(args, comm)
-        provider.load_default()
+    # The load of moe-mpi generate: the model's fingerprint, then the guard.
+    load_checked(args, comm, watchdog, provider.load_shard)
+    with collective_phase(comm, debug=args.debug):
         timer = time_experts(provider.model)
+        count_forward_passes(provider.model)
         lock = threading.Lock()
         generator = ClusterResponseGenerator(provider, lock)
-        desk = Desk(generator.requests, provider.tokenizer, lock) if rank0 else Follower()
+        # Rank 0 waiting for requests is busy, not hung: the other ranks wait
+        # in the step's broadcast as long as its heartbeats come.
+        desk = Desk(generator.requests, provider.tokenizer, lock, idle_wait=watchdog.busy) if rank0 else Follower()
         options = BatchOptions(
             decode_concurrency=args.decode_concurrency,
             prompt_concurrency=args.prompt_concurrency,
@@ -191,11 +227,17 @@ def serve(args: argparse.Namespace, comm: Communicator) -> None:
         )
     comm.reset_stats()
     stats = RoutingStats.for_model(provider.model) if args.record_routing and rank0 else None
-    save = _routing_saver(args.record_routing, stats, context.model_info)
+    hooks = [_routing_saver(args.record_routing, stats, context.model_info)]
+    hooks.append(_guard_reporter(provider.model.routing_guard) if rank0 else None)
+    hooks = [hook for hook in hooks if hook is not None]
+
+    def on_idle() -> None:
+        for hook in hooks:
+            hook()
+
     with record_routing(provider.model if stats is not None else None, stats):
-        engine.run(on_idle=save)
-    if save is not None:
-        save()
+        engine.run(on_idle=on_idle)
+    on_idle()
 
 
 def _routing_saver(path: Optional[str], stats: Optional[RoutingStats], info: dict):
@@ -212,10 +254,32 @@ def _routing_saver(path: Optional[str], stats: Optional[RoutingStats], info: dic
     return save
 
 
+def _guard_reporter(guard):
+    """Rank 0: logs the routing guard's repairs when there are new ones (between bursts); None without a guard."""
+    if guard is None:
+        return None
+    reported = [0]
+
+    def report() -> None:
+        if guard.repairs != reported[0]:
+            logging.warning("%s: warning: %s", PROG, guard_warning(guard))
+            reported[0] = guard.repairs
+
+    return report
+
+
+def _validate(parser: argparse.ArgumentParser):
+    def validate(args: argparse.Namespace) -> None:
+        check_reliability_arguments(parser, args)
+
+    return validate
+
+
 def main(argv: Optional[Sequence[str]] = None) -> None:
     """Runs ``moe-mpi serve`` with ``argv`` (default ``sys.argv[1:]``)."""
-    args = parse_args(setup_arg_parser(), argv)
+    parser = setup_arg_parser()
+    args = parse_args(parser, argv, validate=_validate(parser))
     _configure_logging(args.log_level)
     comm = Communicator()
-    with abort_on_error(comm, debug=args.debug):
-        serve(args, comm)
+    with abort_on_error(comm, debug=args.debug), watched(comm, args, PER_HOST) as watchdog:
+        serve(args, comm, watchdog)

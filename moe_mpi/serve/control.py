@@ -34,6 +34,8 @@ from typing import Any, Optional
 import msgpack
 import numpy as np
 
+from ..comm import ACTIVITY
+
 __all__ = ["Control", "ControlChannel", "ControlStats", "GATHER_STATUS", "INLINE_BYTES", "STOP", "split_events"]
 
 #: Header flag: every rank leaves its loop after this step's events.
@@ -193,6 +195,10 @@ class ControlChannel:
             buf[start_overflow:] = self._next_overflow
             self._next_overflow = following
         start = time.perf_counter()
+        # Counted for the watchdog like every collective, also while idle:
+        # rank 0 then waits for requests as busy work (moe_mpi.watchdog), so
+        # an idle server waits for ever, but a rank frozen between steps is named.
+        ACTIVITY.enter("control broadcast")
         request = self.mpi.Ibcast(buf, root=0)
         if idle and self.rank != 0:
             while not request.Test():
@@ -201,6 +207,7 @@ class ControlChannel:
         else:
             request.Wait()
             self.stats.seconds += time.perf_counter() - start
+        ACTIVITY.leave()
         self.stats.broadcasts += 1
         self.stats.bytes += size
         following, flags, step, used = np.frombuffer(bytes(buf[:HEADER_BYTES]), dtype=np.int64).tolist()

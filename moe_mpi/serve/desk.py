@@ -14,12 +14,13 @@ tokens the desk detokenizes them as mlx-lm's server does and puts mlx-lm's
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import secrets
 import threading
 import time
 from queue import Empty, Queue
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, ContextManager, Dict, List, Optional, Tuple
 
 from mlx_lm.server import GenerationContext, Response, _format_top_logprobs
 
@@ -76,12 +77,16 @@ class Desk:
         lock: Held around every use of the tokenizer: the HTTP threads
             tokenize while this thread detokenizes, and Hugging Face
             tokenizers are not safe to use from two threads at once.
+        idle_wait: Held while the desk waits for requests with nothing
+            running (the watchdog's ``busy``: the other ranks wait for
+            this one in the next broadcast, and that is no hang).
     """
 
-    def __init__(self, inbox: Queue, tokenizer, lock: threading.Lock):
+    def __init__(self, inbox: Queue, tokenizer, lock: threading.Lock, idle_wait: Callable[[], ContextManager] = contextlib.nullcontext):
         self.inbox = inbox
         self.tokenizer = tokenizer
         self.lock = lock
+        self.idle_wait = idle_wait
         self.waiting: Dict[int, tuple] = {}  # rid -> HTTP triple, announced, not yet joined
         self.sinks: Dict[int, _Sink] = {}  # rid -> sink of a request in the batch
         self.cancelling: set = set()
@@ -130,25 +135,33 @@ class Desk:
 
     def _take(self, block: bool) -> list:
         items = []
-        while block and not items and not self._stop:
-            self._check_http()
-            try:
-                items.append(self.inbox.get(timeout=WAKE_SECONDS))
-            except Empty:
-                pass
-        if block and items:
-            deadline = time.monotonic() + GATHER_MAX_SECONDS
-            while time.monotonic() < deadline:
-                try:
-                    items.append(self.inbox.get(timeout=GATHER_QUIET_SECONDS))
-                except Empty:
-                    break
+        if block:
+            with self.idle_wait():
+                items = self._wait()
         self._check_http()
         while True:
             try:
                 items.append(self.inbox.get_nowait())
             except Empty:
                 return items
+
+    def _wait(self) -> list:
+        """Waits for the first item, then takes what else arrives soon after."""
+        items = []
+        while not items and not self._stop:
+            self._check_http()
+            try:
+                items.append(self.inbox.get(timeout=WAKE_SECONDS))
+            except Empty:
+                pass
+        if items:
+            deadline = time.monotonic() + GATHER_MAX_SECONDS
+            while time.monotonic() < deadline:
+                try:
+                    items.append(self.inbox.get(timeout=GATHER_QUIET_SECONDS))
+                except Empty:
+                    break
+        return items
 
     def _check_http(self) -> None:
         if self.http_failure is not None:

@@ -54,6 +54,7 @@ from mlx_lm.models.cache import LRUPromptCache, can_trim_prompt_cache, trim_prom
 from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
 from .control import ControlChannel
+from .status import rank_figures
 
 __all__ = ["BatchOptions", "Engine", "Follower", "SeededSampler", "make_join"]
 
@@ -434,4 +435,5 @@ class Engine:
             "peak_memory_bytes": mx.get_peak_memory(),
             "max_rss_bytes": rss if sys.platform == "darwin" else rss * 1024,  # KiB on Linux
             "uptime_seconds": time.time() - self.started,
+            **rank_figures(self.model),  # forward passes, routing guard repairs
         }

@@ -16,7 +16,10 @@ import mlx.core as mx
 
 from ..experts import local_switch_layers, with_mixin
 
-__all__ = ["ExpertTimer", "TimedExperts", "summarize", "time_experts"]
+__all__ = [
+    "CountedCalls", "ExpertTimer", "ForwardCounter", "TimedExperts", "count_forward_passes", "rank_figures",
+    "summarize", "time_experts",
+]
 
 
 class ExpertTimer:
@@ -60,11 +63,47 @@ def time_experts(model) -> ExpertTimer:
     return timer
 
 
+class ForwardCounter:
+    """Forward passes of the whole model (every rank counts its own)."""
+
+    def __init__(self):
+        self.calls = 0
+
+
+class CountedCalls:
+    """Mixin for the model: counts its forward passes, so that ``/status``
+    can set the all-reduces against them, counted independently."""
+
+    def __call__(self, *args, **kwargs):
+        self.forward_counter.calls += 1
+        return super().__call__(*args, **kwargs)
+
+
+def count_forward_passes(model) -> ForwardCounter:
+    """Puts :class:`CountedCalls` in front of the model's class; returns its counter."""
+    model.forward_counter = ForwardCounter()
+    model.__class__ = with_mixin(CountedCalls, type(model))
+    return model.forward_counter
+
+
+def rank_figures(model) -> Dict[str, Any]:
+    """This rank's forward passes, routing guard repairs and MLX memory in use, for :meth:`Engine.figures`."""
+    counter = getattr(model, "forward_counter", None)
+    guard = getattr(model, "routing_guard", None)
+    return {
+        "active_memory_bytes": mx.get_active_memory(),
+        "forward_passes": counter.calls if counter is not None else None,
+        "routing_repairs": guard.repairs if guard is not None else None,
+        # (layer, ranks that differed from rank 0, tokens) of the first repair
+        "first_routing_repair": list(guard.events[0]) if guard is not None and guard.events else None,
+    }
+
+
 def _per_token(count: float, tokens: int) -> Optional[float]:
     return count / tokens if tokens else None
 
 
-def _rank_row(f: Dict[str, Any], moe_layers: int) -> Dict[str, Any]:
+def _rank_row(f: Dict[str, Any]) -> Dict[str, Any]:
     control = f["control"]
     steps = f["steps"]
     return {
@@ -80,16 +119,27 @@ def _rank_row(f: Dict[str, Any], moe_layers: int) -> Dict[str, Any]:
         "all_reduce_seconds": f["all_reduce_seconds"],
         "all_reduces": f["all_reduces"],
         "all_reduces_per_token": _per_token(f["all_reduces"], f["generated_tokens"]),
-        # A forward pass over the batch does one all-reduce per MoE layer.
-        "forward_passes": f["all_reduces"] / moe_layers if moe_layers else None,
+        # Counted on their own: a forward pass over the batch does one
+        # all-reduce per MoE layer, plus one per layer the guard redid.
+        "forward_passes": f["forward_passes"],
+        "all_reduces_per_forward_pass": _per_token(f["all_reduces"], f["forward_passes"] or 0),
+        "routing_repairs": f["routing_repairs"],
         "control_broadcasts": control["broadcasts"],
         "control_bytes": control["bytes"],
         "control_seconds": control["seconds"],
         "control_broadcasts_per_step": _per_token(control["broadcasts"], steps),
         "other_collectives": f["other_collectives"],
         "peak_memory_bytes": f["peak_memory_bytes"],
+        "active_memory_bytes": f["active_memory_bytes"],
         "max_rss_bytes": f["max_rss_bytes"],
     }
+
+
+def _first_repair(event) -> Optional[Dict[str, Any]]:
+    if event is None:
+        return None
+    layer, ranks, tokens = event
+    return {"layer": layer, "ranks": ranks, "tokens": tokens}
 
 
 def summarize(figures: List[Dict[str, Any]], model: Dict[str, Any]) -> Dict[str, Any]:
@@ -102,10 +152,10 @@ def summarize(figures: List[Dict[str, Any]], model: Dict[str, Any]) -> Dict[str,
     Returns:
         A JSON-serialisable dict: ``model``, ``requests`` (rank 0's count
         of requests and tokens), ``control`` (broadcasts per step, the
-        promise of at most one), and ``ranks`` (one row per rank).
+        promise of at most one), ``routing`` (the routing guard's repairs)
+        and ``ranks`` (one row per rank).
     """
     first = figures[0]
-    moe_layers = model.get("moe_layers", 0)
     steps = first["steps"]
     return {
         "object": "moe_mpi.status",
@@ -131,5 +181,11 @@ def summarize(figures: List[Dict[str, Any]], model: Dict[str, Any]) -> Dict[str,
             "bytes_per_broadcast": _per_token(first["control"]["bytes"], first["control"]["broadcasts"]),
             "status_allgathers": first["status_allgathers"],
         },
-        "ranks": [_rank_row(f, moe_layers) for f in figures],
+        # The guard's verdicts are the same on every rank: rank 0's figures.
+        "routing": {
+            "guard": model.get("routing_guard"),
+            "repairs": first["routing_repairs"],
+            "first_repair": _first_repair(first["first_routing_repair"]),
+        },
+        "ranks": [_rank_row(f) for f in figures],
     }
