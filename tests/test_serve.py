@@ -30,6 +30,7 @@ import pytest
 openai = pytest.importorskip("openai")
 
 from moe_mpi import synthetic  # noqa: E402
+from openai_stream import collect  # noqa: E402  (tests/openai_stream.py)
 from moe_mpi.bench.serve import ServerJob, http_get  # noqa: E402
 from moe_mpi.launch import mpirun_command, run_mpirun  # noqa: E402
 
@@ -161,13 +162,7 @@ def chat(client, model_id, prompt, **kwargs):
 def stream_chat(client, model_id, prompt, **kwargs):
     """``(text, usage, finish_reason)`` of a streaming chat completion."""
     stream = chat(client, model_id, prompt, stream=True, stream_options={"include_usage": True}, **kwargs)
-    text, usage, finish = "", None, None
-    for chunk in stream:
-        for choice in chunk.choices:
-            text += choice.delta.content or ""
-            finish = choice.finish_reason or finish
-        usage = chunk.usage or usage
-    return text, usage, finish
+    return collect(stream)
 
 
 def chat_prompt_tokens(tokenizer, prompt: str) -> int:

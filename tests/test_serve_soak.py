@@ -44,6 +44,7 @@ import pytest
 openai = pytest.importorskip("openai")
 
 from moe_mpi import synthetic  # noqa: E402
+from openai_stream import collect  # noqa: E402  (tests/openai_stream.py)
 from moe_mpi.bench.serve import ServerJob, http_get  # noqa: E402
 from moe_mpi.launch import kill_job, mpirun_command  # noqa: E402
 
@@ -87,13 +88,7 @@ def request(client, model: str, prompt: str, stream: bool):
         model=model, messages=messages, max_tokens=MAX_TOKENS, temperature=0.0, stream=True,
         stream_options={"include_usage": True},
     )
-    text, usage, finish = "", None, None
-    for chunk in chunks:
-        for choice in chunk.choices:
-            text += choice.delta.content or ""
-            finish = choice.finish_reason or finish
-        usage = chunk.usage or usage
-    return text, usage, finish
+    return collect(chunks)
 
 
 def run_concurrently(client, model: str, prompts: list) -> tuple:
