@@ -583,6 +583,7 @@ class _ScriptDesk:
         self.joins, self.sent = joins, False
         self.engine = None
         self.joined, self.first, self.tokens, self.done = {}, {}, {}, set()
+        self.token_steps = {}
 
     def compose(self, block):
         from moe_mpi.serve.control import STOP
@@ -601,6 +602,7 @@ class _ScriptDesk:
     def on_token(self, rid, r):
         self.first.setdefault(rid, self.engine.counts["steps"])
         self.tokens.setdefault(rid, []).append(r.token)
+        self.token_steps.setdefault(rid, []).append(self.engine.counts["steps"])
         if r.finish_reason is not None:
             self.done.add(rid)
 
@@ -611,14 +613,15 @@ class _ScriptDesk:
         pass
 
 
-def _run_engine(ckpt, prompts, prompt_concurrency):
+def _run_engine(ckpt, prompts, prompt_concurrency, logits=None, max_tokens=6):
     from mlx_lm.utils import load
 
     from moe_mpi.serve.engine import BatchOptions, Engine
 
     model, tok = load(str(ckpt))
     joins = [
-        {"rid": i, "prompt": tok.encode(p), "max_tokens": 6, "stop": [], "sampling": {}, "logits": {}}
+        {"rid": i, "prompt": tok.encode(p), "max_tokens": max_tokens, "stop": [], "sampling": {},
+         "logits": (logits or {}).get(i, {})}
         for i, p in enumerate(prompts)
     ]
     desk = _ScriptDesk(joins)
@@ -643,3 +646,36 @@ def test_a_burst_joins_in_groups_and_the_first_group_streams_before_the_next_pre
     for i, prompt in enumerate(prompts[:3] + prompts[6:]):
         alone = _run_engine(ckpt, [prompt], prompt_concurrency=3)
         assert alone.tokens[0] == desk.tokens[prompts.index(prompt)]
+
+
+def _textless_token(tokenizer):
+    """A token that shows no text alone: a UTF-8 continuation byte of the byte-level BPE."""
+    for token in range(tokenizer.vocab_size):
+        if token in tokenizer.eos_token_ids:
+            continue
+        detok = tokenizer.detokenizer
+        detok.add_token(token)
+        if detok.last_segment == "":
+            return token
+    raise AssertionError("the test tokenizer has no token without text")
+
+
+def test_joins_wait_for_first_text_not_first_token(ckpt, tokenizer):
+    # Request 0 is forced (logit bias) to write a byte that is never valid
+    # UTF-8 alone: its client sees no text. Request 1 must not start its
+    # prefill while request 0's client still waits for text, but only for
+    # FIRST_TEXT_TOKENS tokens, not until request 0 ends.
+    from moe_mpi.serve.engine import FIRST_TEXT_TOKENS
+
+    byte = _textless_token(tokenizer)
+    bias = {0: {"logit_bias": {str(byte): 1e4}}}
+    desk = _run_engine(ckpt, ["no text here", "plain text here"], prompt_concurrency=1, logits=bias, max_tokens=8)
+    assert desk.tokens[0] == [byte] * 8
+    before_join = [step for step in desk.token_steps[0] if step <= desk.joined[1]]
+    assert len(before_join) == FIRST_TEXT_TOKENS, (desk.token_steps, desk.joined)
+    # With a request that shows text at once, the next one joins after its first token.
+    desk = _run_engine(ckpt, ["plain text here", "more plain text"], prompt_concurrency=1, max_tokens=8)
+    shown = tokenizer.detokenizer
+    shown.add_token(desk.tokens[0][0])
+    assert shown.last_segment, "the test needs a prompt whose first greedy token is text"
+    assert [s for s in desk.token_steps[0] if s <= desk.joined[1]] == desk.token_steps[0][:1]

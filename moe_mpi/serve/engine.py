@@ -13,11 +13,17 @@ step of the running sequences, plus a prefill chunk of the joining ones)::
 
 Joins wait in a queue (on every rank alike) and enter the batch, up to
 ``prompt_concurrency`` at a time, only when every request in the batch has
-had its first token. mlx-lm's ``BatchGenerator.next()`` hands out a step's
+shown its first text. mlx-lm's ``BatchGenerator.next()`` hands out a step's
 tokens after that step's prefill, so a request that had finished its prompt
 would otherwise wait for the next group's whole prefill for its first token:
 a burst of 16 clients got every first token only after both groups of 8
-were prefilled.
+were prefilled. A token is not always text: with a byte-level tokenizer a
+character may take up to four tokens (UTF-8), and a client sees nothing
+until the last. So every rank runs a detokenizer on each request until its
+first text (the same tokenizer and tokens everywhere, so the same answer),
+and a request counts as started at its first text, or after
+:data:`FIRST_TEXT_TOKENS` tokens, so that a model that writes no valid
+text cannot hold the queue.
 
 Only rank 0 talks to clients. Its :class:`~moe_mpi.serve.desk.Desk`
 composes the messages (validated, tokenized requests; cancellations of
@@ -56,7 +62,12 @@ from mlx_lm.sample_utils import make_logits_processors, make_sampler
 from .control import ControlChannel
 from .status import rank_figures
 
-__all__ = ["BatchOptions", "Engine", "Follower", "SeededSampler", "make_join"]
+__all__ = ["BatchOptions", "Engine", "FIRST_TEXT_TOKENS", "Follower", "SeededSampler", "make_join"]
+
+#: Tokens after which a request counts as started even if it has shown no
+#: text yet: a UTF-8 character is at most 4 bytes, so a byte-level tokenizer
+#: shows valid text within 4 tokens.
+FIRST_TEXT_TOKENS = 4
 
 
 @dataclasses.dataclass
@@ -195,8 +206,21 @@ class _Sequence:
     prompt_tokens: int
     # Cache types of the segments still to prefill, last first (mlx-lm's order).
     segment_types: List[str]
-    # Whether its first token has come out (until then, joins wait).
+    # Whether its first text has come out (until then, joins wait).
     started: bool = False
+    # Until started: a detokenizer of its tokens, and how many there were.
+    detokenizer: Any = None
+    tokens: int = 0
+
+    def shows_text(self, response) -> bool:
+        """Whether the request has started once ``response``'s token is out (see the module docstring)."""
+        self.tokens += 1
+        if response.finish_reason is None and self.tokens < FIRST_TEXT_TOKENS:
+            self.detokenizer.add_token(response.token)
+            if not self.detokenizer.last_segment:
+                return False
+        self.detokenizer = None
+        return True
 
 
 class Engine:
@@ -204,7 +228,7 @@ class Engine:
 
     Args:
         model: This rank's shard (from :func:`moe_mpi.load`).
-        tokenizer: The model's tokenizer (for the sampler's XTC tokens).
+        tokenizer: The model's tokenizer (the sampler's XTC tokens; first text).
         comm: The :class:`moe_mpi.Communicator` of the job.
         options: Batch settings, the same on every rank.
         desk: Rank 0: a :class:`~moe_mpi.serve.desk.Desk`; elsewhere a
@@ -233,6 +257,7 @@ class Engine:
             self.prompt_cache = LRUPromptCache(options.prompt_cache_size, limit)
         # As mlx-lm's server: XTC never removes newlines or end-of-sequence tokens.
         self.xtc_special = list(tokenizer.encode("\n")) + list(tokenizer.eos_token_ids)
+        self.tokenizer = tokenizer
         self.sequences: Dict[int, _Sequence] = {}  # uid -> sequence
         self.uid_of: Dict[int, int] = {}  # rid -> uid
         self.waiting: collections.deque = collections.deque()  # join records not yet in the batch
@@ -284,7 +309,7 @@ class Engine:
         self.waiting.extend(events.get("join", ()))
 
     def _admit(self) -> None:
-        """Waiting joins enter the batch when no request awaits its first token."""
+        """Waiting joins enter the batch when no request awaits its first text."""
         if any(not seq.started for seq in self.sequences.values()):
             return
         for _ in range(min(self.prompt_concurrency, len(self.waiting))):
@@ -353,7 +378,8 @@ class Engine:
             stop_sequences=[_stop_sequences(tuple(tuple(s) for s in join["stop"]))],
         )
         rid = join["rid"]
-        self.sequences[uid] = _Sequence(rid, uid, len(prompt), types[::-1])
+        # A fresh detokenizer per request (mlx-lm's property makes one each time).
+        self.sequences[uid] = _Sequence(rid, uid, len(prompt), types[::-1], detokenizer=self.tokenizer.detokenizer)
         self.uid_of[rid] = uid
         self.counts["requests"] += 1
         self.counts["prompt_tokens"] += len(prompt)
@@ -383,7 +409,7 @@ class Engine:
         self._save_segments(prompt_responses)
         for r in responses:
             seq = self.sequences[r.uid]
-            seq.started = True
+            seq.started = seq.started or seq.shows_text(r)
             self.counts["generated_tokens"] += 1
             self.desk.on_token(seq.rid, r)
             if r.finish_reason is not None:
