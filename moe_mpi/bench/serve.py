@@ -624,7 +624,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         f"# code: {info['code']}",
         f"# per level: clients x {args.requests} (at least {args.min_requests}, at most {args.max_requests}) streaming chat requests, greedy, max_tokens {args.max_tokens}, prompts of {args.prompt_words} random words",
         TABLE_HEAD,
-        "|---|---|---|---|---|---|---|---|---|",
+        "|---" * TABLE_HEAD.count(" | ") + "|---|",
     ]
     print("\n".join(header), flush=True)
     rows = []
