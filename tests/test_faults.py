@@ -44,13 +44,32 @@ def ckpt(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def endless_ckpt(ckpt, tmp_path_factory) -> Path:
-    """``ckpt`` whose end-of-sequence token is outside the vocabulary: generation runs to --max-tokens."""
+    """``ckpt`` that never ends a greedy generation: it runs to --max-tokens.
+
+    The tokenizer's own end-of-text token (id 0) stays an end-of-sequence
+    id for mlx-lm whatever config.json says, so its row of the LM head is
+    zeroed: its logit is 0 while the largest of the other 511 random logits
+    is positive (all 511 negative: odds 2**-511). Otherwise greedy decoding
+    met it after about 150 tokens, and on a loaded machine, where mpirun
+    forwards stdout late, a test could stop a rank after the job had
+    finished generating (then the others hang in MPI_Finalize).
+    """
     import json
+
+    from mlx_lm.utils import load_tokenizer
+    from safetensors.numpy import load_file, save_file
 
     dst = shutil.copytree(ckpt, tmp_path_factory.mktemp("endless") / "model")
     config = json.loads((dst / "config.json").read_text())
     config["eos_token_id"] = [config["vocab_size"] + 7]
     (dst / "config.json").write_text(json.dumps(config))
+    eos = sorted(t for t in load_tokenizer(dst).eos_token_ids if t < config["vocab_size"])
+    assert not config.get("tie_word_embeddings"), "the LM head must be its own tensor here"
+    for path in dst.glob("*.safetensors"):
+        tensors = load_file(path)
+        if "lm_head.weight" in tensors:
+            tensors["lm_head.weight"][eos] = 0.0
+            save_file(tensors, path, metadata={"format": "mlx"})
     return dst
 
 
