@@ -138,11 +138,20 @@ def float_list(text: str) -> List[float]:
 SPMD_MODES = ("ep", "sliced", "auto")
 
 
-def add_balance_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--balance`` and ``--replicas``: how mode auto treats hot experts.
+#: What ``--profile`` does for mode auto (``moe-mpi plan`` says more: it also predicts with it).
+PROFILE_HELP = (
+    "mode auto: a `moe-mpi calibrate` profile of this machine; its measured expert kernel (float32 or "
+    "q4, as the model's weights) prices rows for choosing layouts and for sharing a copied expert's rows "
+    "between its holders (default: 1 + rows/16 reads); docs/balance.md"
+)
+
+
+def add_balance_arguments(parser: argparse.ArgumentParser, profile_help: str = PROFILE_HELP) -> None:
+    """``--balance``, ``--replicas`` and ``--profile``: how mode auto treats hot experts.
 
     One definition for every command that offers mode auto (generate, serve,
-    info, bench, plan).
+    info, bench, plan); ``moe-mpi plan`` reads the same ``--profile`` for its
+    machines too, so it passes its own ``profile_help``.
     """
     parser.add_argument(
         "--balance", choices=BALANCE_CHOICES, default="both",
@@ -155,10 +164,11 @@ def add_balance_arguments(parser: argparse.ArgumentParser) -> None:
         help="mode auto with --balance replicate or both: extra whole experts each rank may hold per "
         "layer (memory budget; default 0)",
     )
+    parser.add_argument("--profile", metavar="FILE", default=None, help=profile_help)
 
 
 def add_sharding_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--mode``, ``--placement``, ``--weights``, ``--stats``, ``--layouts``, ``--balance``, ``--replicas``."""
+    """``--mode``, ``--placement``, ``--weights``, ``--stats``, ``--layouts``, ``--balance``, ``--replicas``, ``--profile``."""
     parser.add_argument(
         "--mode", choices=SPMD_MODES, default="ep",
         help="how experts are shared out: 'ep' (default: whole experts per rank), 'sliced' (a slice of "
@@ -194,5 +204,5 @@ def sharding_options(args: argparse.Namespace) -> dict:
     return dict(
         mode=args.mode, placement=args.placement, weights=args.weights,
         stats=args.stats, layouts=args.layouts, replicas=args.replicas, balance=args.balance,
-        warm_experts=args.warm_experts,
+        profile=args.profile, warm_experts=args.warm_experts,
     )

@@ -8,14 +8,16 @@ so the cost of a layer is its busiest rank's work. Given each expert's share
 
 **The cost model** (docs/balance.md). A step of ``B`` tokens routes
 ``B·k`` slots; expert ``e`` gets ``B·k·p_e`` rows in expectation. A rank
-that computes expert ``e`` whole for ``m`` rows does ``1 + m / r0`` units of
-work: reading the expert's weights once, plus its rows' arithmetic, ``r0``
-rows (:data:`ROWS_PER_READ`) costing as much as one read. A split expert
-costs each rank its share of that (``w_r / Σw`` of the intermediate
-dimension) times a penalty for thin slices, ``1 + c / (I·share)``
-(:data:`SLICE_OVERHEAD`: a fixed cost per slice, in intermediate units). A
-replicated expert's rows go to one of its holders each step
-(:func:`moe_mpi.layout.assign_slots`). The busiest rank's expected work,
+that computes expert ``e`` whole for ``m`` rows does ``W(m)`` units of work,
+the row price (:class:`moe_mpi.rowcost.RowCost`): by default ``1 + m / 16``
+(reading the expert's weights once, plus its rows' arithmetic, 16 rows
+costing as much as one read), or what ``moe-mpi calibrate`` measured on
+the machine (``--profile``). A split expert costs each rank its share of
+that (``w_r / Σw`` of the intermediate dimension) times a penalty for thin
+slices, ``1 + c / (I·share)`` (:data:`SLICE_OVERHEAD`: a fixed cost per
+slice, in intermediate units). A replicated expert's rows go to one of its
+holders each step, or are shared among them where that lowers the busiest
+holder's work (:func:`moe_mpi.layout.assign_rows`), priced the same way. The busiest rank's expected work,
 ``E[max_r work_r / capacity_r]``, is estimated by drawing routings
 (:data:`SAMPLES` steps, tokens choosing ``k`` distinct experts by ``p``) at
 each batch of :data:`BATCHES`, relative to perfect balance, and averaged.
@@ -37,10 +39,11 @@ from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .layout import Layout, assign_slots
+from .layout import Layout, assign_rows
+from .rowcost import DEFAULT_ROWS_PER_READ, RowCost
 
-#: Rows of an expert whose arithmetic costs as much as reading its weights once.
-ROWS_PER_READ = 16.0
+#: The default row price's rows per read (:meth:`moe_mpi.rowcost.RowCost.default`).
+ROWS_PER_READ = DEFAULT_ROWS_PER_READ
 #: Fixed cost of computing a slice, in intermediate units. Measured on a CPU VM where it can be
 #: (examples/slice_cost.py, docs/balance.md "Split against replicated"): 16-37 at 128 rows per
 #: expert, about 0 at 16, not measurable at 1-2; not measured on Metal.
@@ -102,26 +105,25 @@ def layout_cost(
     first = np.array([h[0] if h else 0 for h in layout.holders])
     onehot = np.zeros((layout.num_experts, n))
     onehot[np.flatnonzero(~split), first[~split]] = 1.0  # each whole expert's first holder
+    price = layout.price
     ratios = []
     for rows in draws:  # [S, E]
-        cost = (rows > 0) + rows / ROWS_PER_READ  # [S, E] each expert's work, done whole
+        cost = price.work_of(rows)  # [S, E] each expert's work, done whole
         work = cost @ onehot  # [S, N]
-        if layout.replicated:  # each step's replicated experts go where assign_slots sends them
-            work = np.stack([_replica_work(layout, r, c, split) for r, c in zip(rows, cost)])
+        if layout.replicated:  # each step's replicated experts go where assign_rows sends them
+            work = np.stack([_replica_work(layout, r, price) for r in rows])
         work += (cost[:, split].sum(axis=1, keepdims=True) * share * penalty)  # [S, N]
         ideal = np.maximum(cost.sum(axis=1), 1e-12)  # [S]: the step's work, perfectly shared
         ratios.append(float(np.mean((work / share).max(axis=1) / ideal)))
     return float(np.mean(ratios))
 
 
-def _replica_work(layout: Layout, rows: np.ndarray, cost: np.ndarray, split: np.ndarray) -> np.ndarray:
-    """``[N]`` work of one step with replicas, slots assigned as the model assigns them."""
-    flat = np.repeat(np.arange(rows.size), rows)
-    owner = assign_slots(layout, flat, ROWS_PER_READ)
-    work = np.zeros(layout.num_ranks)
-    for e in np.flatnonzero(~split & (rows > 0)):
-        work[owner[np.searchsorted(flat, e)]] += cost[e]
-    return work
+def _replica_work(layout: Layout, rows: np.ndarray, price: RowCost) -> np.ndarray:
+    """``[N]`` whole experts' work of one step with replicas, rows assigned as the model assigns them.
+
+    ``rows``: ``[E]`` rows per expert. Split experts are not counted here.
+    """
+    return price.work_of(assign_rows(layout, rows)).sum(axis=0)  # [E, N] -> [N]
 
 
 def _shares(weights: Optional[Sequence[float]], n: int) -> np.ndarray:
@@ -173,6 +175,7 @@ def auto_layout(
     intermediate: int = 1024,
     batches: Sequence[int] = BATCHES,
     balance: str = "both",
+    row_cost: Optional[RowCost] = None,
 ) -> Layout:
     """The layout of least :func:`layout_cost` found by the search of the module docstring.
 
@@ -188,6 +191,9 @@ def auto_layout(
         balance: ``"split"``: hot experts may be split, never copied
             (``replicas`` is ignored); ``"replicate"``: copied within
             ``replicas``, never split (every expert whole); ``"both"``.
+        row_cost: The price of rows (None: :meth:`RowCost.default`); the
+            layout returned carries it, so the model shares replicated
+            experts' rows by the same price the search assumed.
 
     Raises:
         ValueError: An unknown ``balance``, or ``"replicate"`` with fewer
@@ -197,7 +203,7 @@ def auto_layout(
         raise ValueError(f"balance={balance!r}: expected one of {', '.join(BALANCE_CHOICES)}")
     p = _normalised(p)
     if n == 1:
-        return Layout.from_owners([0] * p.size, 1)
+        return Layout(1, ((0,),) * p.size, row_cost)
     if balance == "replicate" and p.size < n:
         raise ValueError(
             f"balance='replicate' keeps every expert whole: {p.size} experts cannot cover {n} ranks; "
@@ -217,7 +223,7 @@ def auto_layout(
         if whole and len(whole) < n and not split:
             continue
         owners = place_whole(p, whole, n, weights, capacity)
-        layout = Layout(n, tuple(() if e in split else (owners[e],) for e in range(p.size)))
+        layout = Layout(n, tuple(() if e in split else (owners[e],) for e in range(p.size)), row_cost)
         c = cost(layout)
         if m == 0:
             whole_only = (layout, c)
@@ -260,7 +266,7 @@ def _add_replicas(layout: Layout, current: float, p: np.ndarray, n: int, budget:
         e, target = candidates[0]
         holders = list(layout.holders)
         holders[e] = tuple(sorted(holders[e] + (target,)))
-        trial = Layout(n, tuple(holders))
+        trial = layout.with_holders(holders)
         c = cost(trial)
         if c >= current - 1e-9:
             return layout, current

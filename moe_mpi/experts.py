@@ -78,8 +78,8 @@ class ExpertShard:
             with the switch layer's own weights and their index there, and the
             slots of split experts with their index in ``switch.split``.
         """
-        if self.has_replicas:  # a replicated expert's slots go to one holder
-            chosen = assign_slots(self.layout, flat)  # [T*k]
+        if self.has_replicas:  # a replicated expert's slots go to one holder, or in blocks to several
+            chosen = assign_slots(self.layout, flat)  # [T*k], the same on every rank
             own_slots = np.flatnonzero(chosen == self.rank)
             own_ids = self.local_of[flat[own_slots]]
         else:

@@ -20,7 +20,9 @@ Two comparisons:
   mlx-lm, numpy, mpi4py, Python and the MPI library;
 * :func:`model_fields` after loading: config.json, the tokenizer files, the
   checkpoint's tensor names, shapes and dtypes, a hash of the replicated
-  (dense) weights as loaded, and every MoE layer's placement.
+  (dense) weights as loaded, and every MoE layer's placement (its layout,
+  with the row price that shares a replicated expert's rows: what a
+  ``--profile`` file said).
 """
 
 from __future__ import annotations
@@ -57,6 +59,8 @@ PER_HOST = {
     "layouts": None,
     "weights": None,
     "replicas": None,
+    # Whether a calibrate profile prices rows; what it says is in the layouts, compared after loading.
+    "profile": bool,
     "progress": None,
     "debug": None,
 }

@@ -57,6 +57,8 @@ def format_plan(plan: MemoryPlan) -> str:
     if not plan.placements:
         kinds = sorted({layout.describe() for layout in plan.layouts})
         lines.extend(f"  {len([l for l in plan.layouts if l.describe() == k])} MoE layers: {k}" for k in kinds)
+        prices = {layout.price.describe() for layout in plan.layouts if layout.replicated or layout.row_cost}
+        lines.extend(f"  {p}" for p in sorted(prices))
     lines.append("")
 
     lines.append(
@@ -203,6 +205,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             layouts=args.layouts,
             replicas=args.replicas,
             balance=args.balance,
+            profile=args.profile,
         )
         if args.write_layouts:
             layouts_to_json(list(plan.layouts), args.write_layouts, note=f"moe-mpi info {plan.placement_strategy}")

@@ -8,7 +8,9 @@ A :class:`Layout` generalises it, per layer:
 * held **whole by several ranks** (replicas): each slot is computed by one
   of them, chosen by :func:`assign_slots` from the routing alone, which
   every rank has (the router is replicated), so every rank agrees without a
-  message;
+  message; an expert's rows may be shared among its holders when that
+  evens out the ranks' work, priced by the layout's
+  :class:`moe_mpi.rowcost.RowCost`;
 * **split**: every rank holds a slice of the expert's intermediate
   dimension and computes its slice for every slot routed to it.
 
@@ -25,8 +27,11 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
+from .rowcost import RowCost
+
 #: A slot whose expert is split: every rank computes its slice.
 SPLIT = -1
+_DEFAULT_PRICE = RowCost.default()
 
 
 @dataclass(frozen=True)
@@ -37,6 +42,9 @@ class Layout:
         num_ranks: Ranks of the run.
         holders: Per expert, the ranks holding it whole (ascending); an empty
             tuple means the expert is split across every rank.
+        row_cost: The price of rows that :func:`assign_slots` shares a
+            replicated expert's rows by (None: :meth:`RowCost.default`). It is
+            part of the layout so that every rank uses the same one.
 
     Raises:
         ValueError: A rank out of range, a rank named twice for one expert,
@@ -45,6 +53,7 @@ class Layout:
 
     num_ranks: int
     holders: Tuple[Tuple[int, ...], ...]
+    row_cost: Optional[RowCost] = None
     _whole: Tuple[Tuple[int, ...], ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self):
@@ -68,6 +77,8 @@ class Layout:
                     f"rank {idle[0]} holds no expert (num_experts={len(holders)}, num_ranks={self.num_ranks})"
                 )
         object.__setattr__(self, "holders", holders)
+        if self.row_cost is not None and self.row_cost.is_default:
+            object.__setattr__(self, "row_cost", None)  # one spelling of the default, for equality
         object.__setattr__(self, "_whole", tuple(tuple(w) for w in whole))
 
     # -------------------------------------------------------- constructors
@@ -76,6 +87,15 @@ class Layout:
     def from_owners(cls, owners: Sequence[int], num_ranks: int) -> "Layout":
         """One holder per expert (``mode="ep"``): ``owners[e]`` holds expert ``e``."""
         return cls(num_ranks, tuple((int(r),) for r in owners))
+
+    def with_holders(self, holders) -> "Layout":
+        """The same ranks and row price, other holders."""
+        return Layout(self.num_ranks, tuple(holders), self.row_cost)
+
+    @property
+    def price(self) -> RowCost:
+        """The row price in force: :attr:`row_cost`, or the default."""
+        return self.row_cost if self.row_cost is not None else _DEFAULT_PRICE
 
     @classmethod
     def all_split(cls, num_experts: int, num_ranks: int) -> "Layout":
@@ -116,7 +136,11 @@ class Layout:
     # ------------------------------------------------------- persistence
 
     def to_dict(self) -> Dict[str, Any]:
-        return {"holders": [list(h) for h in self.holders]}
+        """``{"holders": [...]}``, and ``"row_cost"`` when it is not the default."""
+        data: Dict[str, Any] = {"holders": [list(h) for h in self.holders]}
+        if self.row_cost is not None:
+            data["row_cost"] = self.row_cost.to_dict()
+        return data
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], num_ranks: int) -> "Layout":
@@ -124,29 +148,96 @@ class Layout:
             holders = tuple(tuple(int(r) for r in h) for h in data["holders"])
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"a layout needs 'holders', a list of rank lists per expert: {e}") from None
-        return cls(num_ranks, holders)
+        row_cost = RowCost.from_dict(data["row_cost"]) if data.get("row_cost") is not None else None
+        return cls(num_ranks, holders, row_cost)
 
 
-def assign_slots(layout: Layout, flat: np.ndarray, rows_per_read: float = 16.0) -> np.ndarray:
+def assign_rows(layout: Layout, rows: np.ndarray) -> np.ndarray:
+    """``[E, N]``: how many of each expert's rows each rank computes whole, from the routing alone.
+
+    Every rank calls this with the same routing and gets the same answer.
+    Split experts get no rows here (every rank computes its slice of all of
+    them); a one-holder expert's rows all go to its holder. A replicated
+    expert's rows go where they lower the work of its busiest holder:
+
+    * replicated experts are taken in order of falling rows (then expert
+      id), after every one-holder expert's work is counted;
+    * for each, two ways are priced with the layout's row price ``W`` (a
+      rank's work is the sum of ``W(rows)`` over the experts it computes):
+      all rows to the holder whose work so far is least (ties to the lower
+      rank), or the rows shared among the holders so that the largest
+      resulting work among them is least (water-filling: each holder takes
+      rows while its work stays under a common level); the sharing is kept
+      only if its largest work is lower. Each holder that takes rows reads
+      the expert's weights, which ``W`` prices (``W(a) + W(b) >= W(a + b)``
+      on a machine where reading dominates), so rows stay together unless
+      sharing them pays.
+
+    Args:
+        layout: The layer's layout.
+        rows: ``[E]`` rows (``(token, slot)`` pairs) routed to each expert.
+
+    Returns:
+        ``[E, N]`` int64 rows per expert and rank; each whole expert's row sums to its rows.
+    """
+    rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+    n = layout.num_ranks
+    out = np.zeros((layout.num_experts, n), dtype=np.int64)  # [E, N]
+    single = np.array([len(h) == 1 for h in layout.holders])
+    first = np.array([h[0] if h else 0 for h in layout.holders], dtype=np.int64)
+    out[np.flatnonzero(single), first[single]] = rows[single]
+    replicated = [e for e in layout.replicated if rows[e]]
+    if not replicated:
+        return out
+    price = layout.price
+    work = price.work_of(out).sum(axis=0)  # [N] work of the one-holder experts
+    for e in sorted(replicated, key=lambda e: (-rows[e], e)):
+        holders = np.asarray(layout.holders[e], dtype=np.int64)
+        counts = _share(price, int(rows[e]), work[holders])  # [H]
+        out[e, holders] = counts
+        work[holders] += price.work_of(counts)
+    return out
+
+
+def _share(price: RowCost, m: int, work: np.ndarray) -> np.ndarray:
+    """``[H]`` rows for each of ``H`` holders with work so far ``work``: all to the
+    least loaded, or water-filled if that lowers the largest work among them."""
+    whole = np.zeros(work.size, dtype=np.int64)
+    whole[int(np.argmin(work))] = m  # argmin: the first of equals, the lower rank
+    whole_max = float(np.max(work + price.work_of(whole)))
+    levels = price.work_of(np.arange(m + 1))  # [m+1] non-decreasing, 0 at 0 rows
+    # Candidate levels: a holder's work after some number of rows. For each, the rows every
+    # holder can take without passing it; the least level at which they cover m is the best max.
+    candidates = np.unique((work[:, None] + levels[None, :]).reshape(-1))  # [C]
+    fits = np.searchsorted(levels, candidates[:, None] - work[None, :], side="right") - 1  # [C, H]
+    fits = np.clip(fits, 0, m)
+    best = int(np.argmax(fits.sum(axis=1) >= m))  # the sum is m * H >= m at the top level
+    shared = fits[best].copy()
+    for h in range(work.size - 1, -1, -1):  # give back the excess, last holders first
+        back = min(int(shared.sum()) - m, int(shared[h]))
+        shared[h] -= back
+    shared_max = float(np.max(work + price.work_of(shared)))
+    return shared if shared_max < whole_max * (1.0 - 1e-12) else whole
+
+
+def assign_slots(layout: Layout, flat: np.ndarray) -> np.ndarray:
     """The rank that computes each ``(token, slot)``, from the routing alone.
 
     Every rank calls this with the same routing and gets the same answer.
 
     * A split expert's slots are :data:`SPLIT`: every rank computes its slice.
     * A one-holder expert's slots go to its holder.
-    * A replicated expert's slots go, all of them, to one of its holders:
-      replicated experts are taken in order of falling slot count (then
-      expert id), each to the holder whose work so far is least (ties to the
-      lower rank). A rank's work is the experts it reads plus its rows over
-      ``rows_per_read`` (the rows whose compute costs as much as reading the
-      expert's weights once): a few rows cost about one read, many rows
-      their compute. Keeping an expert's rows on one holder reads its
-      weights once.
+    * A replicated expert's rows are counted out to its holders by
+      :func:`assign_rows` (all to one, or shared to even out the work),
+      and its slots, in routing order, go in contiguous blocks: the first
+      holder's count to the lowest holding rank, and so on.
+
+    Each slot gets exactly one rank (or :data:`SPLIT`), so the layer's
+    all-reduce still sums every slot once.
 
     Args:
         layout: The layer's layout.
         flat: ``[T*k]`` global expert ids.
-        rows_per_read: See above.
 
     Returns:
         ``[T*k]`` int64: computing rank per slot, or :data:`SPLIT`.
@@ -154,19 +245,13 @@ def assign_slots(layout: Layout, flat: np.ndarray, rows_per_read: float = 16.0) 
     flat = np.asarray(flat, dtype=np.int64).reshape(-1)
     first = np.array([h[0] if h else SPLIT for h in layout.holders], dtype=np.int64)
     ranks = first[flat]  # [T*k]
-    replicated = layout.replicated
-    if not replicated or not flat.size:
+    if not layout.replicated or not flat.size:
         return ranks
-    rows = np.bincount(flat, minlength=layout.num_experts)  # slots per expert
-    work = np.zeros(layout.num_ranks)
-    single = [e for e in np.flatnonzero(rows) if len(layout.holders[e]) == 1]
-    for e in single:
-        work[first[e]] += 1.0 + rows[e] / rows_per_read
-    for e in sorted((e for e in replicated if rows[e]), key=lambda e: (-rows[e], e)):
-        holders = layout.holders[e]
-        chosen = min(holders, key=lambda r: (work[r], r))
-        work[chosen] += 1.0 + rows[e] / rows_per_read
-        ranks[flat == e] = chosen
+    counts = assign_rows(layout, np.bincount(flat, minlength=layout.num_experts))  # [E, N]
+    for e in layout.replicated:
+        slots = np.flatnonzero(flat == e)
+        if slots.size:
+            ranks[slots] = np.repeat(np.arange(layout.num_ranks), counts[e])
     return ranks
 
 

@@ -228,7 +228,7 @@ def plan_load(
 
     ``comm`` needs only ``rank`` and ``size`` here (``moe-mpi info`` plans
     every rank of a run in one process). ``layout_options`` (``layouts``,
-    ``stats``, ``replicas``, ``balance``) go to :func:`moe_mpi.shard.shard_structure`.
+    ``stats``, ``replicas``, ``balance``, ``profile``) go to :func:`moe_mpi.shard.shard_structure`.
     """
     config = read_config(model_path)
     config.update(model_config or {})
@@ -370,6 +370,7 @@ def load(
     replicas: float = 0.0,
     warm_experts: bool = False,
     balance: str = "both",
+    profile=None,
 ):
     """Loads this rank's shard of an MoE model and the tokenizer.
 
@@ -403,6 +404,10 @@ def load(
         balance: ``auto``: ``"split"`` hot experts only, ``"replicate"``
             them only (within ``replicas``), or ``"both"`` (the default);
             docs/balance.md.
+        profile: ``auto``: a ``moe-mpi calibrate`` profile (file or JSON
+            object) whose measured expert kernel prices rows for the
+            layout search and for sharing a replicated expert's rows
+            (:mod:`moe_mpi.rowcost`); None: the default price.
         warm_experts: On Metal, idle ranks compute their least recently used
             experts as throw-away work so their memory stays wired, and the
             wired limit is set to the model's size (:mod:`moe_mpi.warmup`).
@@ -420,7 +425,7 @@ def load(
         stats = RoutingStats.load(stats)
     model, config = load_model(
         model_path, comm, placement, weights, model_config, mode, progress,
-        layouts=layouts, stats=stats, replicas=replicas, balance=balance,
+        layouts=layouts, stats=stats, replicas=replicas, balance=balance, profile=profile,
     )
     if warm_experts:
         use_warm_experts(model)

@@ -400,6 +400,7 @@ def plan_memory(
     layouts=None,
     replicas: float = 0.0,
     balance: str = "both",
+    profile=None,
 ) -> MemoryPlan:
     """Computes, without reading tensor data, what each of ``num_ranks`` ranks holds.
 
@@ -412,7 +413,7 @@ def plan_memory(
         weights: Optional relative share of experts per rank.
         context: Tokens of context the KV-cache estimate is for.
         prefill_step: Prompt tokens per forward pass while prefilling.
-        mode, stats, layouts, replicas, balance: As for :func:`moe_mpi.load`.
+        mode, stats, layouts, replicas, balance, profile: As for :func:`moe_mpi.load`.
 
     Returns:
         The plan, one :class:`RankMemory` per rank.
@@ -434,7 +435,7 @@ def plan_memory(
     facts = None
     for rank in range(num_ranks):
         lp = _plan_rank(model_path, rank, num_ranks, placement, weights, mode,
-                        dict(stats=stats, layouts=layouts, replicas=replicas, balance=balance))
+                        dict(stats=stats, layouts=layouts, replicas=replicas, balance=balance, profile=profile))
         model = lp.model
         blocks = find_moe_blocks(model)
         flat = dict(tree_flatten(model.parameters()))

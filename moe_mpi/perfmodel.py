@@ -44,7 +44,7 @@ import numpy as np
 
 from .balance import auto_layout, draw_routing
 from .modelshape import ModelShape, PerfModelError
-from .layout import Layout, assign_slots
+from .layout import Layout, assign_rows
 from .profiles import Link, Machine
 
 __all__ = [
@@ -211,13 +211,14 @@ def get_mode(name: str) -> Mode:
 
 
 def default_layouts(shape: ModelShape, mode: str, n: int, routing: Optional["Routing"] = None,
-                    replicas: float = 0.0, balance: str = "both") -> List[Layout]:
+                    replicas: float = 0.0, balance: str = "both", row_cost=None) -> List[Layout]:
     """Per MoE layer, where a mode puts the experts on ``n`` ranks, as moe_mpi would.
 
     Whole experts: moe_mpi's default contiguous placement; sliced (and
     tensor parallel): every expert split; ``auto``:
     :func:`moe_mpi.balance.auto_layout` on the layer's routing frequencies
-    (uniform without statistics), as ``load(mode="auto")`` chooses it.
+    (uniform without statistics), as ``load(mode="auto")`` chooses it,
+    rows priced by ``row_cost`` (:class:`moe_mpi.rowcost.RowCost`, None: the default).
     """
     m = get_mode(mode)
     e = shape.experts
@@ -234,7 +235,7 @@ def default_layouts(shape: ModelShape, mode: str, n: int, routing: Optional["Rou
                 # The arguments moe_mpi.shard passes, so the layout is the one a run uses.
                 chosen[probs] = auto_layout(
                     p, shape.top_k, n, replicas=replicas, can_split=shape.expert_inter >= n,
-                    intermediate=shape.expert_inter, balance=balance,
+                    intermediate=shape.expert_inter, balance=balance, row_cost=row_cost,
                 )
             out.append(chosen[probs])
         return out
@@ -322,22 +323,19 @@ def _dense_seconds(shape: ModelShape, mode: Mode, m: Machine, n: int, tokens: in
 REPLICA_SAMPLES = 1000
 
 
-def computing_rank(layout: Layout, counts: np.ndarray) -> np.ndarray:
-    """``[S, E]``: the rank that computes each expert's rows in each draw, -1 for split experts.
+def rank_rows(layout: Layout, counts: np.ndarray) -> np.ndarray:
+    """``[S, E, N]``: the rows of each whole expert each rank computes in each draw (0 for split experts).
 
-    Replicated experts go where :func:`moe_mpi.layout.assign_slots` sends
-    them (all of an expert's rows to one holder), draw by draw.
+    Replicated experts' rows go where :func:`moe_mpi.layout.assign_rows`
+    sends them (all to one holder, or shared), draw by draw.
     """
-    first = np.array([h[0] if h else -1 for h in layout.holders])
-    out = np.broadcast_to(first, counts.shape).copy()
-    replicated = np.asarray(layout.replicated, dtype=np.int64)
-    if replicated.size:
-        experts = np.arange(layout.num_experts)
-        for s, row in enumerate(counts):
-            flat = np.repeat(experts, row)
-            busy = replicated[row[replicated] > 0]
-            if busy.size:
-                out[s, busy] = assign_slots(layout, flat)[np.searchsorted(flat, busy)]
+    counts = np.asarray(counts, dtype=np.int64)
+    if layout.replicated:
+        return np.stack([assign_rows(layout, row) for row in counts])
+    out = np.zeros(counts.shape + (layout.num_ranks,), dtype=np.int64)  # [S, E, N]
+    for e, holders in enumerate(layout.holders):
+        if holders:
+            out[:, e, holders[0]] = counts[:, e]
     return out
 
 
@@ -351,12 +349,12 @@ def _expert_seconds(shape: ModelShape, ranks: Sequence[Machine], counts: np.ndar
     out = np.zeros((counts.shape[0], n))
     active = counts > 0
     split = np.array([not h for h in layout.holders])
-    comp = computing_rank(layout, counts)  # [S, E]
+    rows = rank_rows(layout, counts)  # [S, E, N]
     for r, m in enumerate(ranks):
         t = np.zeros(counts.shape)
-        mine = (comp == r) & active
+        mine = rows[:, :, r]  # [S, E]
         if mine.any():
-            t += m.kernel_seconds(shape.fmt, shape.expert_bytes, counts, shape.weight_bits, "expert") * mine
+            t += np.where(mine > 0, m.kernel_seconds(shape.fmt, shape.expert_bytes, mine, shape.weight_bits, "expert"), 0.0)
         if split.any():
             t += m.kernel_seconds(shape.fmt, shape.expert_bytes / n, counts, shape.weight_bits, "expert") * (active & split)
         out[:, r] = t.sum(axis=1)

@@ -113,7 +113,6 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     parser.add_argument("--machines", help="NAME:COUNT[,NAME:COUNT] (e.g. m2-ultra-192:4; 'profile' = --profile's)")
     parser.add_argument("--link", help="link name(s), comma-separated: 10gbe, tb4-tcp, tb5-tcp, tb5-rdma, "
                         "or 'profile' (default with --profile: the profile's)")
-    parser.add_argument("--profile", metavar="FILE", help="a `moe-mpi calibrate` profile")
     parser.add_argument("--batch", type=positive_int, default=1, help="sequences decoded together (default 1)")
     parser.add_argument("--prompt-tokens", type=positive_int, default=512, help="prefill length (default 512)")
     parser.add_argument("--context", type=positive_int, default=4096,
@@ -125,7 +124,9 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     parser.add_argument("--years", type=float, default=3.0, help="years to spread a machine's price over (default 3)")
     parser.add_argument("--stats", metavar="FILE", help="routing statistics (`moe-mpi profile`): experts drawn by "
                         "their measured frequencies, and mode auto's layouts chosen from them (default: uniform)")
-    add_balance_arguments(parser)  # mode auto's --balance and --replicas, as for a run
+    # mode auto's --balance, --replicas and --profile, as for a run; the profile is also the machines'
+    add_balance_arguments(parser, profile_help="a `moe-mpi calibrate` profile: its machine and link (see "
+                          "--machines, --link), and mode auto's measured price of rows")
     parser.add_argument("--json", nargs="?", const="-", metavar="FILE", help="write rows as JSON (to stdout with no FILE)")
     parser.add_argument("--plot", metavar="FILE.png", help="tokens/s against N per mode and link")
     add_debug_argument(parser)
@@ -148,6 +149,21 @@ def _prices(text: Optional[str]) -> Dict[str, float]:
     return out
 
 
+def _row_cost(path: Optional[str], shape):
+    """Mode auto's row price from ``--profile`` and a header line; the default price if the
+    profile predates the expert tables (it still gives the machines)."""
+    from .rowcost import RowCost, WEIGHT_FORMATS, read_row_cost
+
+    if not path:
+        return None, None
+    fmt = shape.fmt if shape.fmt in WEIGHT_FORMATS else ("float32" if shape.fmt.startswith(("float", "bfloat")) else "q4")
+    try:
+        cost = read_row_cost(path, fmt)
+    except ValueError as e:
+        return None, f"# mode auto: default row price ({e})"
+    return cost, f"# mode auto: {cost.describe()}"
+
+
 def _routing(path: Optional[str], shape):
     """The routing of ``--stats``: a ``moe-mpi profile`` statistics file, checked against the model."""
     from .perfmodel import Routing
@@ -161,8 +177,10 @@ def _routing(path: Optional[str], shape):
 
 
 def plan_rows(shape, machines, links, modes, batch, prompt, context, routing=None, prices=None, years=3.0,
-              exact=None, replicas=0.0, balance="both") -> List[dict]:
+              exact=None, replicas=0.0, balance="both", row_cost=None) -> List[dict]:
     """One row per (link, mode, N): memory, fit, decode/prefill predictions, cost.
+
+    ``row_cost``: mode auto's price of rows (:class:`moe_mpi.rowcost.RowCost`; None: the default).
 
     ``exact``: ``N -> ep weight bytes per rank`` from the checkpoint
     (:func:`exact_weights`), used for the whole-expert modes in place of the
@@ -177,7 +195,7 @@ def plan_rows(shape, machines, links, modes, batch, prompt, context, routing=Non
                 ranks = machines[:n]
                 name = "single" if (n == 1 and mode == "single") else mode
                 try:
-                    layouts = default_layouts(shape, name, n, routing, replicas, balance)
+                    layouts = default_layouts(shape, name, n, routing, replicas, balance, row_cost)
                     memory = memory_per_rank(shape, name, n, batch * context, layouts)
                     if exact and exact.get(n) and name in ("ep", "allgather"):
                         kv = batch * context * shape.kv_bytes_per_token
@@ -320,8 +338,9 @@ def _run(args) -> int:
     prices = _prices(args.price)
     routing = _routing(args.stats, shape)
     exact = {n: exact_weights(path, n) for n in range(1, len(machines) + 1)} if path is not None else None
+    row_cost, row_note = _row_cost(args.profile, shape)
     rows = plan_rows(shape, machines, links, modes, args.batch, args.prompt_tokens, args.context, routing, prices,
-                     args.years, exact, args.replicas, args.balance)
+                     args.years, exact, args.replicas, args.balance, row_cost)
     header = [
         f"# moe-mpi plan: {shape.name}: {shape.layers} layers ({shape.moe_layers} MoE), {shape.experts} experts top-{shape.top_k}, "
         f"{shape.fmt} ({shape.weight_bits:g} bits/weight), {shape.weight_bytes / 2**30:.1f} GiB of weights",
@@ -333,6 +352,8 @@ def _run(args) -> int:
     if profile_machine is not None and profile_machine.ranks_per_host > 1:
         header.append(f"# the profile was measured with {profile_machine.ranks_per_host} ranks sharing one host's "
                       "cores and memory: every row uses those per-rank rates (pessimistic for fewer ranks)")
+    if row_note and "auto" in modes:
+        header.append(row_note)
     if args.json:
         payload = {"model": shape.name, "shape": shape.__dict__, "batch": args.batch, "prompt_tokens": args.prompt_tokens,
                    "context": args.context, "rows": rows}

@@ -22,7 +22,7 @@ reads exactly those slices from disk.
 """
 
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import List, Mapping, Optional, Sequence, Tuple, Union
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -36,7 +36,10 @@ from .adapters import convert_blocks
 from .experts import ExpertShard, LocalExperts, make_local, with_mixin
 from .layout import Layout, layouts_from_json
 from .placement import ExpertPlacement
-from .slicing import Plan, keep_experts, keep_slice, per_expert_source, slice_bounds, slice_unit, split_child
+from .rowcost import RowCost, read_row_cost
+from .slicing import (
+    Plan, is_quantized, keep_experts, keep_slice, per_expert_source, slice_bounds, slice_unit, split_child,
+)
 
 SWITCH_TYPES = (SwitchGLU, SwitchMLP)
 MODES = ("ep", "sliced", "central", "auto")
@@ -244,6 +247,7 @@ def shard_structure(
     stats=None,
     replicas: float = 0.0,
     balance: str = "both",
+    profile=None,
 ) -> Plan:
     """Rewrites a model in place into this rank's shard.
 
@@ -278,6 +282,11 @@ def shard_structure(
         balance: ``auto``: what may happen to hot experts: ``"split"``,
             ``"replicate"`` (copies within ``replicas``) or ``"both"``
             (:data:`moe_mpi.balance.BALANCE_CHOICES`).
+        profile: ``auto``: the price of rows, from a ``moe-mpi calibrate``
+            profile (its file, its JSON object, or a
+            :class:`moe_mpi.rowcost.RowCost`); the table of the model's
+            weight format (``q4`` if quantized, else ``float32``) is used.
+            None: the default price. The layouts carry it.
 
     Returns:
         The plan: for each sharded parameter path, where its values come from.
@@ -305,7 +314,8 @@ def shard_structure(
             n = moe.num_experts
             if n not in placements:
                 placements[n] = resolve_placement(placement, n, size, weights)
-    layouts = _layouts(blocks, mode, size, placements, weights, layouts, stats, replicas, balance)
+    row_cost = row_cost_for(profile, blocks) if mode == "auto" and layouts is None else None
+    layouts = _layouts(blocks, mode, size, placements, weights, layouts, stats, replicas, balance, row_cost)
     plan: Plan = {}
     for layer, (moe, layout) in enumerate(zip(blocks, layouts)):
         n = moe.num_experts
@@ -332,7 +342,22 @@ def shard_structure(
     return plan
 
 
-def _layouts(blocks, mode, size, placements, weights, layouts, stats, replicas, balance) -> List[Layout]:
+def weight_format(blocks) -> str:
+    """``"q4"`` if the experts are quantized (the calibrate table for any bits), else ``"float32"``."""
+    quantized = any(is_quantized(m) for moe in blocks for _, m in moe.switch.named_modules())
+    return "q4" if quantized else "float32"
+
+
+def row_cost_for(profile, blocks) -> Optional[RowCost]:
+    """The :class:`RowCost` of ``profile`` (file, JSON object, RowCost or None) for these experts."""
+    if profile is None or isinstance(profile, RowCost):
+        return profile
+    if isinstance(profile, Mapping):
+        return RowCost.from_profile(profile, weight_format(blocks))
+    return read_row_cost(profile, weight_format(blocks))
+
+
+def _layouts(blocks, mode, size, placements, weights, layouts, stats, replicas, balance, row_cost=None) -> List[Layout]:
     """Each MoE layer's layout, from the arguments of :func:`shard_structure`."""
     counts = [moe.num_experts for moe in blocks]
     if layouts is not None:
@@ -367,7 +392,8 @@ def _layouts(blocks, mode, size, placements, weights, layouts, stats, replicas, 
         widths = [(slice_unit(moe.switch) or (1, 1))[0] for moe in blocks]
         return [
             auto_layout(
-                f, k, size, weights=weights, replicas=replicas, can_split=can, intermediate=width, balance=balance
+                f, k, size, weights=weights, replicas=replicas, can_split=can, intermediate=width, balance=balance,
+                row_cost=row_cost,
             )
             for f, k, can, width in zip(freqs, top_k, splittable, widths)
         ]
@@ -414,6 +440,7 @@ def shard_experts(
     stats=None,
     replicas: float = 0.0,
     balance: str = "both",
+    profile=None,
 ) -> nn.Module:
     """Shards an already built (and loaded) mlx-lm MoE model across ranks.
 
@@ -427,8 +454,8 @@ def shard_experts(
         placement: See :func:`resolve_placement`.
         weights: Optional relative share of experts per rank.
         mode: ``"ep"`` (default), ``"sliced"``, ``"auto"`` or ``"central"``;
-            see :func:`shard_structure`, as for ``layouts``, ``stats``, ``replicas``
-            and ``balance``.
+            see :func:`shard_structure`, as for ``layouts``, ``stats``, ``replicas``,
+            ``balance`` and ``profile``.
 
     Returns:
         The same model, sharded.
@@ -437,7 +464,7 @@ def shard_experts(
         from .comm import Communicator
 
         comm = Communicator()
-    shard_structure(model, comm, placement, weights, mode, layouts, stats, replicas, balance)
+    shard_structure(model, comm, placement, weights, mode, layouts, stats, replicas, balance, profile)
     if mode == "central" and comm.rank != 0:
         drop_dense(model)  # workers hold only their experts
     mx.eval(model.parameters())

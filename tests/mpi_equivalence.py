@@ -7,7 +7,9 @@ the model and checks, against the reference single-process mlx-lm results:
 * exactly one all-reduce per MoE layer per forward call, no other collective;
 * 16 greedy tokens from mlx-lm's own ``generate_step`` with a prompt cache;
 * with ``"expect"`` (mode auto's ``balance`` cases), that the layouts chosen
-  split, or copy, experts as expected.
+  split, or copy, experts as expected;
+* with ``"expect_shared"``, that some call shared a replicated expert's rows
+  among several of its holders (so the case exercises that path).
 
 Cases with ``"parallel": "central"`` run the central-router mode instead:
 rank 0 does the checks while the other ranks serve their experts; there is
@@ -20,6 +22,7 @@ import json
 import sys
 
 import mlx.core as mx
+import moe_mpi.experts
 import numpy as np
 from mlx_lm.generate import generate_step
 from mlx_lm.models.cache import make_prompt_cache
@@ -37,9 +40,10 @@ def check_case(comm: Communicator, case: dict) -> str:
     ref = np.load(case["reference"])
     parallel = case.get("parallel", "ep")
     kwargs = dict(placement=case.get("placement"), weights=case.get("weights"), mode=parallel, layouts=case.get("layouts"))
-    for option in ("stats", "replicas", "balance"):  # mode auto's optimizer
+    for option in ("stats", "replicas", "balance", "profile"):  # mode auto's optimizer
         if option in case:
             kwargs[option] = case[option]
+    shared = watch_sharing()
     if case["mode"] == "load":
         model, _ = load(case["model"], comm=comm, **kwargs)
     else:  # a model already loaded by plain mlx-lm, then sharded
@@ -55,7 +59,27 @@ def check_case(comm: Communicator, case: dict) -> str:
         assert chosen["split"] or chosen["replicated"], [l.describe() for l in layouts]
     if parallel == "central":
         return drive(model, lambda m: check_central(m, comm, ref, case["name"]))
-    return check_ep(model, comm, ref, case["name"])
+    result = check_ep(model, comm, ref, case["name"])
+    if case.get("expect_shared"):
+        assert any(shared), (case["name"], "no replicated expert's rows were shared among holders")
+        # (the runner counts lines that end in "match")
+        result = result.replace(" match", f" match, with rows shared in {sum(shared)} of {len(shared)} copies' calls; match")
+    return result
+
+
+def watch_sharing() -> list:
+    """Records, per replicated expert and call, whether its slots went to more than one rank."""
+    seen = []
+    assign = moe_mpi.experts.__dict__.get("_unwatched_assign_slots", moe_mpi.experts.assign_slots)
+    moe_mpi.experts._unwatched_assign_slots = assign
+
+    def watched(layout, flat):
+        ranks = assign(layout, flat)
+        seen.extend(len(set(ranks[flat == e].tolist())) > 1 for e in layout.replicated if (flat == e).any())
+        return ranks
+
+    moe_mpi.experts.assign_slots = watched
+    return seen
 
 
 def check_ep(model, comm: Communicator, ref, name: str) -> str:

@@ -87,10 +87,25 @@ def write_reference(model_dir: Path, out: Path, seed: int = 0) -> Path:
     return out
 
 
-def write_mixed_layouts(model_dir: Path, ref: Path, n: int, out: Path, split: bool = True) -> Path:
+#: A row price under which sharing a copy's rows pays whenever it evens out work: every row a full read.
+LINEAR_TABLE = {"rows": [1, 2], "seconds_per_byte": [1e-9, 2e-9]}
+
+
+def write_linear_profile(out: Path) -> Path:
+    """A calibrate profile (only what mode auto reads) pricing rows as :data:`LINEAR_TABLE`."""
+    out.write_text(json.dumps({"machine": {"kernels": {"float32/expert": LINEAR_TABLE, "q4/expert": LINEAR_TABLE}}}))
+    return out
+
+
+def write_mixed_layouts(model_dir: Path, ref: Path, n: int, out: Path, split: bool = True, linear: bool = False) -> Path:
     """A layouts file: per MoE layer, experts 0 and 1 split (if ``split``), expert 2
-    on every rank, the rest one owner each, round robin shifted by the layer."""
+    on every rank, the rest one owner each, round robin shifted by the layer; with
+    ``linear``, every expert not split is on every rank and rows are priced by
+    :data:`LINEAR_TABLE`, so that the rows of copies get shared."""
     from moe_mpi.layout import Layout, layouts_to_json
+    from moe_mpi.rowcost import RowCost
+
+    price = RowCost.from_profile({"machine": {"kernels": {"float32/expert": LINEAR_TABLE}}}, "float32") if linear else None
 
     config = json.loads((model_dir / "config.json").read_text())
     flat = dict(config, **(config.get("ffn_config") or {}))
@@ -98,8 +113,8 @@ def write_mixed_layouts(model_dir: Path, ref: Path, n: int, out: Path, split: bo
     layouts = []
     for layer in range(int(np.load(ref)["moe_layers"])):
         holders = [() if split else (layer % n,), () if split else ((layer + 1) % n,), tuple(range(n))]
-        holders += [((e + layer) % n,) for e in range(3, experts)]
-        layouts.append(Layout(n, tuple(holders)))
+        holders += [tuple(range(n)) if linear else ((e + layer) % n,) for e in range(3, experts)]
+        layouts.append(Layout(n, tuple(holders), price))
     layouts_to_json(layouts, str(out))
     return out
 
@@ -175,6 +190,11 @@ def test_sharded_matches_mlx_lm(arch, n, arch_checkpoints, tmp_path):
                               mode="load", placement=None, parallel="auto", layouts=str(layouts)))
             cases.append(dict(name=f"{arch}/{name}-auto", model=str(path), reference=str(ref),
                               mode="load", placement=None, parallel="auto"))
+            # The same, expert 2's rows shared among its holders (a row price in the layouts file).
+            shared = write_mixed_layouts(path, ref, n, tmp_path / f"{name}-layouts-shared.json",
+                                         split=name != "q4" or n == 2, linear=True)
+            cases.append(dict(name=f"{arch}/{name}-auto-layouts-shared", model=str(path), reference=str(ref),
+                              mode="load", placement=None, parallel="auto", layouts=str(shared), expect_shared=True))
         # The optimizer with each --balance choice, from skewed statistics, with room for copies.
         path, ref = files["fp32-wide"]
         stats = write_skewed_stats(path, ref, tmp_path / "stats-skewed.json")
@@ -182,6 +202,12 @@ def test_sharded_matches_mlx_lm(arch, n, arch_checkpoints, tmp_path):
             cases.append(dict(name=f"{arch}/fp32-wide-auto-{choice}", model=str(path), reference=str(ref),
                               mode="load", placement=None, parallel="auto", stats=str(stats), replicas=2,
                               balance=choice, expect=expect))
+        # Copies chosen with a profile's row price (whether a call shares their rows depends on the
+        # routing of each architecture: the "-layouts-shared" cases above make sure some do).
+        cases.append(dict(name=f"{arch}/fp32-wide-auto-replicate-profile", model=str(path), reference=str(ref),
+                          mode="load", placement=None, parallel="auto", stats=str(stats), replicas=2,
+                          balance="replicate", profile=str(write_linear_profile(tmp_path / "calib.json")),
+                          expect=BALANCE_EXPECT["replicate"]))
     if n in WEIGHTS:
         path, ref = files["fp32"]
         cases.append(

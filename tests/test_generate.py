@@ -413,6 +413,13 @@ BAD_INPUT = {
     "weights-wrong-length": (
         2, lambda bad, tmp: ["--weights", "2,1,1"], "got 3 weights for num_ranks=2"
     ),
+    "profile-missing": (
+        2, lambda bad, tmp: ["--mode", "auto", "--profile", tmp / "no-such-calib.json"], "cannot read it"
+    ),
+    "profile-without-expert-table": (
+        3, lambda bad, tmp: ["--mode", "auto", "--profile", _write(tmp / "calib.json", '{"machine": {"kernels": {}}}')],
+        "no machine.kernels['float32/expert'] table",
+    ),
     "prompt-longer-than-context": (
         2,
         lambda bad, tmp: ["--model", bad("short-context"), "--prompt", "hello world " * 20],
@@ -429,6 +436,11 @@ BAD_INPUT = {
         "malformed.jsonl, line 2: invalid JSON",
     ),
 }
+
+
+def _write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
 
 
 @pytest.mark.parametrize("case", list(BAD_INPUT))

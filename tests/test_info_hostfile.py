@@ -269,6 +269,7 @@ def dense_checkpoint(tmp_path_factory):
         (["--model", "{moe}", "--np", "0"], "--np must be at least 1"),
         (["--model", "{empty}", "--np", "2"], "has no config.json"),
         (["--model", "{moe}", "--hostfile", "{badhosts}"], ":1: slots must be a positive integer"),
+        (["--model", "{moe}", "--mode", "auto", "--profile", "{badhosts}"], "bad.hosts: not JSON"),
     ],
 )
 def test_info_bad_input_is_one_clean_line(args, message, checkpoints, dense_checkpoint, tmp_path, capsys):
@@ -459,7 +460,22 @@ def test_info_shows_the_expected_load_before_and_after(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr
     assert "mode auto, balance replicate, replicas 1, by router statistics" in proc.stdout, proc.stdout
-    assert "whole per rank 5/5, replicated 2, split 0" in proc.stdout, proc.stdout
+    # (one copy: its rows are shared between the two holders, so a second does not pay)
+    assert "whole per rank 4/5, replicated 1, split 0" in proc.stdout, proc.stdout
+    # Copies' rows are shared by the price of rows: the default one here.
+    assert "row price default: 2 / 16 / 128 rows cost 1.06 / 1.88 / 8.5x one row" in proc.stdout, proc.stdout
+    # --profile: the price of rows measured by calibrate, shown, and kept in the layouts written.
+    table = {"rows": [1, 2, 16], "seconds_per_byte": [1.0, 1.25, 6.0]}
+    (tmp_path / "calib.json").write_text(json.dumps({"machine": {"kernels": {"float32/expert": table}}}))
+    proc = subprocess.run(
+        [sys.executable, "-m", "moe_mpi", "info", "--model", str(path), "--np", "2", "--mode", "auto",
+         "--stats", str(tmp_path / "stats.json"), "--balance", "replicate", "--replicas", "1",
+         "--profile", str(tmp_path / "calib.json"), "--write-layouts", str(out)],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "row price calibrate float32/expert: 2 / 16 / 128 rows cost 1.25 / 6.00 / 44.0x one row" in proc.stdout, proc.stdout
+    assert all(layer["row_cost"]["work"] == [1.0, 1.25, 6.0] for layer in json.loads(out.read_text())["layers"])
     bad = subprocess.run(
         [sys.executable, "-m", "moe_mpi", "info", "--model", str(path), "--mode", "auto", "--balance", "copy"],
         capture_output=True, text=True, timeout=120,

@@ -255,8 +255,10 @@ def test_layout_validation_and_assignment():
     flat = np.array([1, 3, 1, 0, 3, 2])
     assert assign_slots(layout, flat).tolist() == [0, 1, 0, SPLIT, 1, 1]
     assert rank_loads(layout, flat).tolist() == [2.5, 3.5]
-    # Ties go to the lower rank; all of an expert's slots to one holder.
-    assert assign_slots(layout, np.array([3, 3])).tolist() == [0, 0]
+    # One row: to the lower of two idle holders. Two rows: one each, since under the default
+    # price (1 + m/16 reads) that makes the busier holder's work 17/16 instead of 18/16.
+    assert assign_slots(layout, np.array([3])).tolist() == [0]
+    assert assign_slots(layout, np.array([3, 3])).tolist() == [0, 1]
     with pytest.raises(ValueError, match="'sliced' splits every expert"):
         _rank_models(CONFIGS["mixtral"], 2, mode="sliced", layouts=_mixed_layouts(8, 2, 2))
     with pytest.raises(ValueError, match="3 layouts for 2 MoE layers"):
@@ -345,3 +347,45 @@ def test_auto_balance_split_copy_or_the_cheaper():
         balance.auto_layout(p, 2, 2, balance="copy")
     with pytest.raises(ValueError, match="8 experts cannot cover 9 ranks"):
         balance.auto_layout(p, 2, 9, replicas=2, balance="replicate")
+
+
+@pytest.mark.parametrize("quantize, fmt", [(None, "float32"), (4, "q4")])
+@pytest.mark.parametrize("size", [2, 3])
+def test_auto_mode_priced_by_a_profile(quantize, fmt, size, monkeypatch):
+    """load(mode="auto", profile=...): every layout carries the price of the model's weight format,
+    a copied expert's rows are shared among its holders, and the partial sums still add up."""
+    import moe_mpi.experts
+    from moe_mpi.layout import assign_slots
+    from moe_mpi.routing import RoutingStats
+
+    # Every row a full read in 4-bit, rows cheap in float32: the tables say which was used.
+    tables = {
+        "float32/expert": {"rows": [1, 2, 16], "seconds_per_byte": [1.0, 1.2, 5.0]},
+        "q4/expert": {"rows": [1, 2, 16], "seconds_per_byte": [1.0, 2.0, 16.0]},
+    }
+    profile = {"machine": {"kernels": tables}}
+    config = CONFIGS["qwen3_moe"]
+    ref = _model(config, quantize)
+    blocks = find_moe_blocks(ref)
+    stats = RoutingStats([b.num_experts for b in blocks])
+    for layer in range(len(blocks)):
+        stats(layer, np.array([[0, 1]] * 30 + [[2, 3]] * 4 + [[4, 5]] * 2 + [[6, 7]] * 2))
+    x = _block_inputs(ref, tokens=24)
+    expected = [b.block(x) for b in blocks]
+    shared = []
+
+    def watch(layout, flat):
+        ranks = assign_slots(layout, flat)
+        shared.extend(len(set(ranks[flat == e].tolist())) > 1 for e in layout.replicated)
+        return ranks
+
+    monkeypatch.setattr(moe_mpi.experts, "assign_slots", watch)
+    ranks = _rank_models(config, size, quantize, mode="auto", stats=stats, replicas=2, balance="replicate",
+                         profile=profile)
+    for i, want in enumerate(expected):
+        got = sum(find_moe_blocks(m)[i].block(x) for m, _ in ranks)
+        np.testing.assert_allclose(np.array(got), np.array(want), rtol=1e-5, atol=1e-5)
+    layouts = ranks[0][0].ep_info.layouts
+    assert all(l.replicated and l.row_cost.source == f"calibrate {fmt}/expert" for l in layouts), layouts
+    assert any(shared), "no replicated expert's rows were shared: the case checks nothing"
+    assert all(m.ep_info.layouts == layouts for m, _ in ranks)

@@ -141,6 +141,7 @@ class MoeMpiMode:
             options = dict(
                 stats=getattr(ctx.args, "stats", None), replicas=getattr(ctx.args, "replicas", 0.0),
                 balance=self.balance or getattr(ctx.args, "balance", "both"),
+                profile=getattr(ctx.args, "profile", None),
             )
         model, _ = load(ctx.path, comm=ctx.comm, mode=self.mode, progress=False, **options)
         if self.guard:
