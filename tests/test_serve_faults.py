@@ -46,12 +46,17 @@ TIMEOUT = 2.0  # --timeout of these servers
 # A rank is silent once its last heartbeat is --timeout old, and that one may
 # have been sent up to one heartbeat interval (timeout / 4) before it stopped.
 EARLIEST = TIMEOUT - TIMEOUT / 4
-LONG = 3000  # max_tokens of a request that outlasts the test (context 4096)
+#: max_tokens of a request that outlasts the test. Not a few thousand: the
+#: tiny model decodes about 1000 tokens/s, and on a loaded machine a client
+#: can read its fifth chunk after the server has sent the last one.
+LONG = 100_000
+CONTEXT = 1 << 17
 
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory) -> Path:
-    return synthetic.write_checkpoint(tmp_path_factory.mktemp("serve-faults") / "qwen3_moe", "qwen3_moe", seed=1)
+    config = synthetic.tiny_config("qwen3_moe", max_position_embeddings=CONTEXT)
+    return synthetic.write_checkpoint(tmp_path_factory.mktemp("serve-faults") / "qwen3_moe", config, seed=1)
 
 
 def no_end(ckpt) -> dict:
