@@ -67,9 +67,12 @@ class KernelTable:
 
     ``rows[i]`` rows (tokens) through a weight matrix took
     ``seconds_per_byte[i] * weight bytes``. Between measured row counts the
-    time is interpolated linearly in ``log(rows)``; beyond the last, it grows
-    in proportion to the rows (arithmetic-bound), and below the first it is
-    the first's (a read costs at least one pass).
+    time is interpolated linearly in the rows: exact where the kernel is
+    arithmetic-bound (time in proportion to the rows) or memory-bound (flat);
+    interpolating in ``log(rows)`` instead put 32 rows 25% too dear between
+    measurements at 16 and 64 (docs/perfmodel.md). Beyond the last, the time
+    grows in proportion to the rows (arithmetic-bound), and below the first
+    it is the first's (a read costs at least one pass).
     """
 
     rows: Tuple[int, ...]
@@ -90,9 +93,9 @@ class KernelTable:
         import numpy as np
 
         m = np.maximum(np.asarray(rows, dtype=np.float64), 1.0)
-        xs = np.log(np.asarray(self.rows, dtype=np.float64))
+        xs = np.asarray(self.rows, dtype=np.float64)
         ys = np.asarray(self.seconds_per_byte, dtype=np.float64)
-        inside = np.interp(np.log(m), xs, ys)
+        inside = np.interp(m, xs, ys)
         beyond = ys[-1] * m / self.rows[-1]
         return np.where(m > self.rows[-1], beyond, inside)
 

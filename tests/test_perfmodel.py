@@ -110,9 +110,11 @@ def test_roofline_kernel_is_the_slower_of_reading_and_arithmetic():
     assert m.kernel_seconds("bfloat16", 1e9, 512, 16) == pytest.approx(2 * 512 * 5e8 / m.flops)
 
 
-def test_kernel_table_interpolates_in_log_rows_and_grows_beyond():
+def test_kernel_table_interpolates_in_rows_and_grows_beyond():
     t = KernelTable((1, 4), (1e-9, 4e-9))
-    assert t.per_byte(2) == pytest.approx(2.5e-9)  # half way in log(rows)
+    assert t.per_byte(2) == pytest.approx(2e-9)  # a third of the way in rows: exact for time in proportion to rows
+    assert KernelTable((16, 64), (1.6e-8, 6.4e-8)).per_byte(32) == pytest.approx(3.2e-8)  # not 4e-8 (log rows)
+    assert KernelTable((1, 8), (1e-9, 1e-9)).per_byte(4) == pytest.approx(1e-9)  # memory-bound: flat
     assert t.per_byte(8) == pytest.approx(8e-9)  # arithmetic-bound beyond: in proportion
     assert t.per_byte(1) == pytest.approx(1e-9)
     with pytest.raises(ProfileError, match="rise"):
