@@ -35,7 +35,11 @@ from moe_mpi.bench.serve import ServerJob, http_get  # noqa: E402
 from moe_mpi.launch import mpirun_command, run_mpirun  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
-CONTEXT = 256
+#: The test model's context. Large, so that the disconnect test's request
+#: (max_tokens CONTEXT - 40, no end-of-sequence token) cannot finish before
+#: the server notices its client left: the tiny model decodes about 1000
+#: tokens/s.
+CONTEXT = 1 << 16
 MAX_TOKENS = 12
 TIMEOUT = 120
 STOP_WITHIN = 10.0  # seconds for every rank to be gone after a signal to mpirun
@@ -294,7 +298,7 @@ BAD = {
     "no content type": ({"messages": [{"role": "user", "content": "hi"}]}, None, 415, "unsupported_media_type"),
     "unknown model": ({"model": "no-such-model", "messages": [{"role": "user", "content": "hi"}]}, "application/json", 404, "model_not_found"),
     "negative max_tokens": ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": -5}, "application/json", 400, "max_tokens"),
-    "prompt longer than the context": ({"messages": [{"role": "user", "content": "word " * 400}]}, "application/json", 400, "context_length_exceeded"),
+    "prompt longer than the context": ({"messages": [{"role": "user", "content": "word " * (CONTEXT + 16)}]}, "application/json", 400, "context_length_exceeded"),
     "prompt and max_tokens over the context": ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": CONTEXT}, "application/json", 400, "context_length_exceeded"),
     "no messages": ({"max_tokens": 4}, "application/json", 400, "messages"),
     "image content": ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://example.com/a.png"}}]}]}, "application/json", 400, "messages"),
@@ -329,11 +333,15 @@ def test_openai_client_raises_on_bad_requests(server, client, model_id):
     assert post_raw(server.url, "/v1/nothing", b"{}")[0] == 404
 
 
-def test_disconnect_mid_stream_frees_the_slot(server, client, model_id):
+def test_disconnect_mid_stream_frees_the_slot(server, client, model_id, tokenizer):
     before = http_get(server.url, "/status")[1]["requests"]
     host, port = server.url.split("://")[1].rsplit(":", 1)
+    # No end-of-sequence token, so that only the disconnect can end it early
+    # (the tiny model otherwise stops by itself, sometimes before a loaded
+    # machine has noticed the client left).
+    no_end = {str(t): -100 for t in tokenizer.eos_token_ids}
     body = json.dumps({"model": model_id, "messages": [{"role": "user", "content": "go on"}],
-                       "max_tokens": CONTEXT - 40, "stream": True}).encode()
+                       "max_tokens": CONTEXT - 40, "stream": True, "logit_bias": no_end}).encode()
     sock = socket.create_connection((host, int(port)))
     sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                  + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
