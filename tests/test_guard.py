@@ -18,9 +18,9 @@ import pytest
 from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.utils import load as mlx_lm_load
 
-from moe_mpi import synthetic
 from moe_mpi.guard import routing_hash
 from moe_mpi.launch import run_mpirun
+from routed_ckpts import negated_router_pair  # tests/routed_ckpts.py
 
 HERE = Path(__file__).parent
 PROMPT = [1, 5, 9, 42, 7, 100, 3, 12]
@@ -31,13 +31,7 @@ DECODE_STEPS = 4
 def ckpts(tmp_path_factory):
     """(checkpoint, its copy with MoE layer 0's router negated, reference .npz)."""
     root = tmp_path_factory.mktemp("guard")
-    ckpt = synthetic.write_checkpoint(root / "model", "qwen3_moe", seed=3)
-    other = synthetic.write_checkpoint(root / "negated", "qwen3_moe", seed=3)
-    weights = mx.load(str(other / "model.safetensors"))
-    key = "model.layers.0.mlp.gate.weight"
-    assert key in weights, sorted(weights)[:10]
-    weights[key] = -weights[key]
-    mx.save_safetensors(str(other / "model.safetensors"), weights, metadata={"format": "mlx"})
+    ckpt, other = negated_router_pair(root)
 
     model, _ = mlx_lm_load(str(ckpt))
     cache = make_prompt_cache(model)

@@ -35,6 +35,7 @@ openai = pytest.importorskip("openai")
 from moe_mpi import synthetic  # noqa: E402
 from moe_mpi.bench.serve import ServerJob, http_get  # noqa: E402
 from moe_mpi.launch import kill_job, mpirun_command, run_mpirun  # noqa: E402
+from routed_ckpts import negated_router_pair  # noqa: E402  (tests/routed_ckpts.py)
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 
@@ -308,12 +309,7 @@ def guard_ckpts(tmp_path_factory):
     from mlx_lm.utils import load as mlx_lm_load
 
     root = tmp_path_factory.mktemp("serve-guard")
-    real = synthetic.write_checkpoint(root / "model", "qwen3_moe", seed=3)
-    negated = synthetic.write_checkpoint(root / "negated", "qwen3_moe", seed=3)
-    weights = mx.load(str(negated / "model.safetensors"))
-    key = "model.layers.0.mlp.gate.weight"
-    weights[key] = -weights[key]
-    mx.save_safetensors(str(negated / "model.safetensors"), weights, metadata={"format": "mlx"})
+    real, negated = negated_router_pair(root)
     model, _ = mlx_lm_load(str(real))
     greedy = lambda logprobs: mx.argmax(logprobs, axis=-1)  # noqa: E731
     reference = [
