@@ -17,7 +17,14 @@ import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-__all__ = ["find_mpirun", "kill_job", "mpirun_command", "run_mpirun"]
+__all__ = ["LAUNCH_FAILURES", "find_mpirun", "kill_job", "mpirun_command", "run_mpirun"]
+
+#: Messages of Open MPI's launcher failing before any rank's program ran.
+#: Rare and transient (seen once in our full-suite runs, which launch mpirun
+#: hundreds of times, and in other projects' CI, with no known cause), so such
+#: a launch is retried: no rank ran, so nothing is done twice.
+LAUNCH_FAILURES = ("The PMIx server's listener thread failed to start",)
+LAUNCH_ATTEMPTS = 3
 
 
 def find_mpirun() -> str:
@@ -97,12 +104,17 @@ def run_mpirun(
     extra: Sequence[str] = (),
     env: Mapping[str, str] | None = None,
     cwd: str | os.PathLike | None = None,
+    attempts: int = LAUNCH_ATTEMPTS,
 ) -> subprocess.CompletedProcess:
     """Run ``argv`` on ``n`` ranks and capture its output.
 
     On timeout every process of the job is killed (mpirun puts ranks in their
     own process groups, so killing mpirun alone can orphan them) and
     ``subprocess.TimeoutExpired`` is raised with the output so far.
+
+    A launch that fails with one of :data:`LAUNCH_FAILURES` (before any rank
+    ran) is started again, up to ``attempts`` launches in all; the result
+    returned is the last one's.
 
     Args:
         n: Number of ranks.
@@ -112,11 +124,29 @@ def run_mpirun(
         extra: See :func:`mpirun_command`.
         env: Environment for the job. Default: this process's environment.
         cwd: Working directory.
+        attempts: Launches tried when mpirun itself fails to start.
 
     Returns:
         The completed process (text stdout/stderr); check ``returncode``.
     """
     cmd = mpirun_command(n, argv, oversubscribe=oversubscribe, extra=extra)
+    if attempts < 1:
+        raise ValueError(f"attempts must be >= 1, got {attempts}")
+    proc = _run_once(cmd, timeout, env, cwd)
+    attempt = 1
+    while proc.returncode != 0 and attempt < attempts and launch_failed(proc.stderr + proc.stdout):
+        print(f"moe_mpi: mpirun failed to start (launch {attempt} of {attempts}); launching again", file=sys.stderr)
+        attempt += 1
+        proc = _run_once(cmd, timeout, env, cwd)
+    return proc
+
+
+def launch_failed(output: str) -> bool:
+    """Whether ``output`` shows mpirun failing before any rank's program ran."""
+    return any(message in output for message in LAUNCH_FAILURES)
+
+
+def _run_once(cmd: list[str], timeout: float, env, cwd) -> subprocess.CompletedProcess:
     proc = subprocess.Popen(
         cmd,
         stdout=subprocess.PIPE,

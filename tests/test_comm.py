@@ -184,3 +184,41 @@ def _alive(pid: int) -> bool:
             return f.read().split(") ", 1)[1][0] != "Z"
     except OSError:
         return False
+
+
+def _flaky_mpirun(directory: Path, failures: int, message: str) -> Path:
+    """An mpirun that fails its first ``failures`` launches with ``message``, then runs its argv."""
+    count = directory / "launches"
+    path = directory / "mpirun"
+    path.write_text(
+        "#!/bin/sh\n"
+        "case \"$1\" in --version) echo 'mpirun (Open MPI) 5.0.0'; exit 0;; esac\n"
+        f"n=$(cat '{count}' 2>/dev/null || echo 0); n=$((n + 1)); echo $n > '{count}'\n"
+        f"if [ $n -le {failures} ]; then echo \"{message}\" >&2; exit 1; fi\n"
+        "shift 2; while [ \"${1#-}\" != \"$1\" ]; do shift; done; exec \"$@\"\n"
+    )
+    path.chmod(path.stat().st_mode | stat.S_IXUSR)
+    return count
+
+
+@pytest.mark.parametrize("failures, launches, returncode", [(1, 2, 0), (2, 3, 0), (3, 3, 1)])
+def test_run_mpirun_launches_again_when_mpirun_fails_to_start(tmp_path, monkeypatch, failures, launches, returncode):
+    # Only a launcher failure before any rank ran is retried, at most LAUNCH_ATTEMPTS launches.
+    assert launch.LAUNCH_ATTEMPTS == 3
+    count = _flaky_mpirun(tmp_path, failures, launch.LAUNCH_FAILURES[0])
+    monkeypatch.setattr(sys, "executable", str(tmp_path / "python"))
+    proc = launch.run_mpirun(1, ["echo", "ran"], timeout=30)
+    assert int(count.read_text()) == launches
+    assert proc.returncode == returncode
+    assert ("ran" in proc.stdout) == (returncode == 0)
+
+
+def test_run_mpirun_does_not_repeat_a_program_that_failed(tmp_path, monkeypatch):
+    # A failure of the program itself (or any other message) is returned at once.
+    count = _flaky_mpirun(tmp_path, 1, "rank 1 exited with status 1")
+    monkeypatch.setattr(sys, "executable", str(tmp_path / "python"))
+    proc = launch.run_mpirun(1, ["echo", "ran"], timeout=30)
+    assert int(count.read_text()) == 1
+    assert proc.returncode == 1
+    with pytest.raises(ValueError):
+        launch.run_mpirun(1, ["echo"], attempts=0)
