@@ -11,9 +11,10 @@ attention, norms, routers, LM head). For each MoE block this pass
    ``__call__`` followed by exactly one all-reduce (:class:`ExpertParallelBlock`).
 
 The block's output must be linear in the switch layer's output and in the
-shared experts' outputs (true of every mlx-lm MoE block: a router-weighted sum
+shared experts' outputs (true of most mlx-lm MoE blocks: a router-weighted sum
 plus, optionally, a gated shared term). That is the partial-sum contract: the
 sum over ranks of each rank's block output is the unsharded block output.
+:mod:`moe_mpi.contract` refuses a block that breaks it, before splitting.
 
 Parameter paths do not change, so mlx-lm's quantization and weight names keep
 working. The pass returns a plan, ``{param path: source}``, saying which slice
@@ -33,6 +34,7 @@ from mlx_lm.models.switch_layers import SwitchGLU, SwitchMLP
 from . import central, cpu
 from .balance import auto_layout, ep_layout
 from .adapters import convert_blocks
+from .contract import check_partial_sums
 from .experts import ExpertShard, LocalExperts, make_local, with_mixin
 from .layout import Layout, layouts_from_json
 from .placement import ExpertPlacement
@@ -229,11 +231,19 @@ class NoOutput(nn.Module):
 
 
 def shared_children(block: nn.Module) -> List[str]:
-    """Names of a block's shared-expert MLPs (``shared_expert(s)``, ``shared_mlp``)."""
+    """Names of a block's shared-expert MLPs: its children, besides the switch layer, that are
+    named ``share*`` (``shared_expert(s)``, ``shared_mlp``, step3p5's ``share_expert``) or
+    shaped like an MLP (in-projections, one out-projection), except a ``*gate``
+    (qwen2_moe's ``shared_expert_gate`` scales the shared output; it is not an expert).
+
+    :func:`moe_mpi.contract.check_partial_sums` checks that each is called on
+    the block's input and only added to its output.
+    """
     return [
         n
         for n, c in block.children().items()
-        if n.startswith("shared") and not n.endswith("gate") and isinstance(c, nn.Module)
+        if isinstance(c, nn.Module) and not isinstance(c, SWITCH_TYPES) and not n.endswith("gate")
+        and (n.startswith("share") or slice_unit(c) is not None)
     ]
 
 
@@ -292,22 +302,25 @@ def shard_structure(
         The plan: for each sharded parameter path, where its values come from.
 
     Raises:
-        ValueError: The model has no MoE block, or the placement cannot work.
+        ValueError: The model has no MoE block, a block breaks the partial-sum
+            contract (:func:`moe_mpi.contract.check_partial_sums`), or the
+            placement cannot work.
     """
     if mode not in MODES:
         raise ValueError(f"mode={mode!r}: expected one of {MODES}")
     convert_blocks(model)
     blocks = find_moe_blocks(model)
     if not blocks:
-        model_type = getattr(getattr(model, "args", None), "model_type", type(model).__name__)
         raise ValueError(
-            f"model_type={model_type!r} has no MoE block (no SwitchGLU/SwitchMLP "
+            f"model_type={_model_type(model)!r} has no MoE block (no SwitchGLU/SwitchMLP "
             "layer): moe_mpi shards Mixture-of-Experts models only"
         )
     for moe in blocks:
         if isinstance(moe.switch, LocalExperts):
             raise ValueError(f"{moe.path} is already sharded")
     rank, size = comm.rank, comm.size
+    if size > 1 and mode != "central":  # central: rank 0 runs every block whole
+        check_partial_sums(_model_type(model), blocks, shared_children, size)
     placements = {}
     if layouts is None and stats is None and mode in ("ep", "central"):
         for moe in blocks:
@@ -340,6 +353,10 @@ def shard_structure(
     # A dataclass, not a tuple: nn.Module would take a tuple for parameters.
     model.ep_info = ShardInfo(rank, size, len(blocks), tuple(placements.values()), mode, switches, tuple(layouts))
     return plan
+
+
+def _model_type(model: nn.Module) -> str:
+    return getattr(getattr(model, "args", None), "model_type", type(model).__name__)
 
 
 def weight_format(blocks) -> str:
