@@ -258,6 +258,7 @@ def shard_structure(
     replicas: float = 0.0,
     balance: str = "both",
     profile=None,
+    check_contract: bool = True,
 ) -> Plan:
     """Rewrites a model in place into this rank's shard.
 
@@ -297,6 +298,9 @@ def shard_structure(
             :class:`moe_mpi.rowcost.RowCost`); the table of the model's
             weight format (``q4`` if quantized, else ``float32``) is used.
             None: the default price. The layouts carry it.
+        check_contract: Check each kind of MoE block against the partial-sum
+            contract (:mod:`moe_mpi.contract`) when it is to be split; False
+            for a memory plan, which never runs the model.
 
     Returns:
         The plan: for each sharded parameter path, where its values come from.
@@ -319,7 +323,7 @@ def shard_structure(
         if isinstance(moe.switch, LocalExperts):
             raise ValueError(f"{moe.path} is already sharded")
     rank, size = comm.rank, comm.size
-    if size > 1 and mode != "central":  # central: rank 0 runs every block whole
+    if check_contract and size > 1 and mode != "central":  # central: rank 0 runs every block whole
         check_partial_sums(_model_type(model), blocks, shared_children, size)
     placements = {}
     if layouts is None and stats is None and mode in ("ep", "central"):
