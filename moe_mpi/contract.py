@@ -4,25 +4,31 @@ Each rank's MoE block runs the block's own ``__call__`` on its part of the
 experts, and the layer's one all-reduce adds the ranks' outputs. That sum is
 the unsharded block's output only if the block is linear in its switch
 layer's output and its shared experts' outputs (docs/design.md, the
-partial-sum contract). Most mlx-lm MoE blocks are; some options of some
-architectures are not: a norm after the expert sum (kimi_k3's latent MoE
-with ``latent_moe_use_norm``), a term that needs no expert (longcat_flash's
-identity "zero experts"), a bias after the experts (nemotron_h's latent
-projection with ``mlp_bias``). Such a block would give wrong output on
-several ranks, with no error.
+partial-sum contract). Most mlx-lm MoE blocks are. Two kinds are not:
+
+* a term that needs no expert: longcat_flash's identity "zero experts", a
+  bias after the experts (nemotron_h's latent projection with ``mlp_bias``).
+  Every rank would add it. Such a block is affine, ``f(s) = g(s) + f(0)``
+  with ``g`` linear, so it is split all the same: one rank keeps ``f(0)``
+  and the others subtract it (:class:`moe_mpi.shard.ExpertParallelBlock`,
+  with :func:`silenced` experts);
+* anything else not linear, e.g. a norm of the expert sum (kimi_k3's latent
+  MoE with ``latent_moe_use_norm``): refused, as no sum of partial outputs
+  gives it.
 
 :func:`check_partial_sums` finds out by running the block itself, with
 stand-ins for its experts: the switch layer and the shared experts return
 chosen values ``a``, ``b`` (the router and everything else are the block's
-own), and the block must give ``f(0) = 0`` and ``f(a) + f(b) = f(a + b)``.
-That needs no expert weight and no data: four calls of the block on
-:data:`PROBE_TOKENS` random tokens, once per kind of block, before any weight
-is read.
+own), and ``g(a) + g(b) = g(a + b)`` must hold. That needs no expert weight
+and no data: four calls of the block on :data:`PROBE_TOKENS` random tokens,
+once per kind of block, before any weight is read.
 """
 
+import contextlib
 import inspect
 from collections import Counter
-from typing import Iterable, List, Optional, Sequence
+from dataclasses import dataclass
+from typing import Iterator, List, Optional, Sequence
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -35,7 +41,7 @@ from .slicing import OUT_PROJ, linear_dims
 #: Tokens of the probe input: enough that the router picks every expert, so that a
 #: term of some experts only (longcat_flash's zero experts) shows, whatever the
 #: router's weights (before loading they are mlx-lm's random initial ones).
-PROBE_TOKENS = 32
+PROBE_TOKENS = 64
 #: Largest difference of the two sides, relative to the output's largest value. The
 #: probe computes in float32 whatever the weights' dtype (MLX promotes bfloat16
 #: weights times float32 inputs to float32), so rounding stays far below it.
@@ -56,7 +62,7 @@ class StandIn:
         for i, scale in enumerate(probe.scales):
             if scale:
                 out = out + scale * probe.values(lead, width, i)
-        return out
+        return out.astype(x.dtype)  # the probe's inputs are float32; silenced experts keep the model's dtype
 
 
 class Probe:
@@ -101,25 +107,58 @@ def _needs_more_inputs(block: nn.Module) -> bool:
     return any(p.default is p.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in params)
 
 
-def probe_block(block: nn.Module, switch_name: str, shared: Sequence[str]) -> Optional[str]:
-    """Why ``block`` breaks the partial-sum contract, or None (also when it cannot be probed alone).
+@dataclass(frozen=True)
+class BlockCheck:
+    """What :func:`probe_block` found.
 
-    The switch layer ``block[switch_name]`` and the shared MLPs ``block[n]``
-    (``n`` in ``shared``) are stand-ins during the probe; their classes are
-    restored after it.
+    Attributes:
+        why: Why the block cannot be split across ranks, or None.
+        expert_free: It adds a term that needs no expert (``f(0) != 0``), which one rank keeps.
     """
-    switch = block[switch_name]
-    dims = out_dims(switch)
-    if dims is None or _needs_more_inputs(block):
-        return None
-    units = {switch_name: Probe(0, dims)}
-    for i, name in enumerate(shared):
-        units[name] = Probe(i + 1, out_dims(block[name]))
+
+    why: Optional[str] = None
+    expert_free: bool = False
+
+
+@contextlib.contextmanager
+def stand_ins(block: nn.Module, units: dict) -> Iterator[None]:
+    """Within it, the children ``units`` names (switch layer, shared MLPs) return their probe's values."""
     classes = {name: type(block[name]) for name in units}
     try:
         for name, cls in classes.items():
             block[name].probe = units[name]
             block[name].__class__ = with_mixin(StandIn, cls)
+        yield
+    finally:
+        for name, cls in classes.items():
+            block[name].__class__ = cls
+            del block[name].probe
+
+
+def _units(block: nn.Module, switch_name: str, shared: Sequence[str]) -> dict:
+    units = {switch_name: Probe(0, out_dims(block[switch_name]))}
+    for i, name in enumerate(shared):
+        units[name] = Probe(i + 1, out_dims(block[name]))
+    return units
+
+
+def silenced(block: nn.Module, names: Sequence[str]):
+    """Within it, the block's switch layer (``names[0]``) and shared MLPs (the rest) return zeros:
+    the block computes its term without experts, ``f(0)``."""
+    return stand_ins(block, _units(block, names[0], names[1:]))
+
+
+def probe_block(block: nn.Module, switch_name: str, shared: Sequence[str]) -> BlockCheck:
+    """Whether ``block`` can be split across ranks (also when it cannot be probed alone).
+
+    The switch layer ``block[switch_name]`` and the shared MLPs ``block[n]``
+    (``n`` in ``shared``) are stand-ins during the probe; their classes are
+    restored after it.
+    """
+    if out_dims(block[switch_name]) is None or _needs_more_inputs(block):
+        return BlockCheck()
+    units = _units(block, switch_name, shared)
+    with stand_ins(block, units):
         for width in _input_widths(block):
             x = mx.random.normal((1, PROBE_TOKENS, width), key=mx.random.key(7))  # [1, T, D]
             try:
@@ -127,11 +166,7 @@ def probe_block(block: nn.Module, switch_name: str, shared: Sequence[str]) -> Op
             except (ValueError, TypeError):  # not the block's input width
                 continue
             return _verdict(outputs, x, [units[n] for n in shared], shared)
-        return None
-    finally:
-        for name, cls in classes.items():
-            block[name].__class__ = cls
-            del block[name].probe
+    return BlockCheck()
 
 
 def _call(block: nn.Module, x: mx.array, units: dict, scales) -> np.ndarray:
@@ -143,21 +178,21 @@ def _call(block: nn.Module, x: mx.array, units: dict, scales) -> np.ndarray:
     return np.array(y.astype(mx.float32))
 
 
-def _verdict(outputs, x, shared_probes, shared_names) -> Optional[str]:
+def _verdict(outputs, x, shared_probes, shared_names) -> BlockCheck:
     zero, a, b, both = outputs
     tolerance = TOLERANCE * max(float(np.abs(both).max()), 1e-30)
     for probe, name in zip(shared_probes, shared_names):
         if probe.inputs and not np.allclose(np.array(probe.inputs[0].astype(mx.float32)).reshape(-1),
                                             np.array(x).reshape(-1)):
-            return f"calls its child {name!r}, which moe_mpi takes for a shared expert, on something other than its input"
-    if float(np.abs(zero).max()) > tolerance:
-        return "gives a nonzero output when every expert's output is zero (a term without experts, e.g. identity experts or a bias after the experts), which every rank would add"
-    if float(np.abs(a + b - both).max()) > tolerance:
-        return "is not linear in its experts' outputs (e.g. a norm after the expert sum)"
-    return None
+            return BlockCheck(f"calls its child {name!r}, which moe_mpi takes for a shared expert, on something "
+                              "other than its input")
+    # g(s) = f(s) - f(0) must be linear: g(a) + g(b) = g(a + b).
+    if float(np.abs((a - zero) + (b - zero) - (both - zero)).max()) > tolerance:
+        return BlockCheck("is not linear in its experts' outputs (e.g. a norm of the expert sum)")
+    return BlockCheck(expert_free=float(np.abs(zero).max()) > tolerance)
 
 
-def check_partial_sums(model_type: str, blocks: Iterable, shared_of, size: int) -> None:
+def check_partial_sums(model_type: str, blocks: Sequence, shared_of, size: int) -> List[bool]:
     """Refuses a model whose MoE blocks cannot be split across ``size`` ranks exactly.
 
     Args:
@@ -166,18 +201,21 @@ def check_partial_sums(model_type: str, blocks: Iterable, shared_of, size: int) 
         shared_of: ``block -> names of its shared MLPs``.
         size: Ranks the blocks are to be split across.
 
+    Returns:
+        Per block, whether it adds a term without experts (one rank must keep it).
+
     Raises:
         ValueError: Naming the architecture, the block and the reason.
     """
-    probed = set()
+    checks = {}
+    found = []
     for moe in blocks:
         # Layers built alike compute alike: one probe per kind of block (a model's
         # dozens of MoE layers are usually one kind), as moe-mpi info plans every rank.
         kind = (type(moe.block), tuple((k, a.shape) for k, a in tree_flatten(moe.block.parameters())))
-        if kind in probed:
-            continue
-        probed.add(kind)
-        why = probe_block(moe.block, moe.switch_name, shared_of(moe.block))
+        if kind not in checks:
+            checks[kind] = probe_block(moe.block, moe.switch_name, shared_of(moe.block))
+        why = checks[kind].why
         if why is not None:
             raise ValueError(
                 f"model_type={model_type!r}: its MoE block {moe.path} ({type(moe.block).__name__}) {why}; "
@@ -185,3 +223,5 @@ def check_partial_sums(model_type: str, blocks: Iterable, shared_of, size: int) 
                 f"split its experts across num_ranks={size} (docs/architectures.md). It runs on one rank, "
                 "or with mode='central'"
             )
+        found.append(checks[kind].expert_free)
+    return found

@@ -14,7 +14,9 @@ The block's output must be linear in the switch layer's output and in the
 shared experts' outputs (true of most mlx-lm MoE blocks: a router-weighted sum
 plus, optionally, a gated shared term). That is the partial-sum contract: the
 sum over ranks of each rank's block output is the unsharded block output.
-:mod:`moe_mpi.contract` refuses a block that breaks it, before splitting.
+:mod:`moe_mpi.contract` checks it before splitting: it refuses a block that
+breaks it, and finds blocks that add a term needing no expert, which one rank
+then keeps (:meth:`ExpertParallelBlock.partial_sum`).
 
 Parameter paths do not change, so mlx-lm's quantization and weight names keep
 working. The pass returns a plan, ``{param path: source}``, saying which slice
@@ -34,7 +36,7 @@ from mlx_lm.models.switch_layers import SwitchGLU, SwitchMLP
 from . import central, cpu
 from .balance import auto_layout, ep_layout
 from .adapters import convert_blocks
-from .contract import check_partial_sums
+from .contract import check_partial_sums, silenced
 from .experts import ExpertShard, LocalExperts, make_local, with_mixin
 from .layout import Layout, layouts_from_json
 from .placement import ExpertPlacement
@@ -56,11 +58,22 @@ class ExpertParallelBlock:
     """
 
     def __call__(self, x, *args, **kwargs):
-        partial = super().__call__(x, *args, **kwargs)  # [..., D], this rank's share
+        partial = self.partial_sum(x, *args, **kwargs)  # [..., D], this rank's share
         guard = self.__dict__.get("routing_guard")  # moe_mpi.guard: the same all-reduce, checked
         if guard is not None:
             return guard.block_all_sum(self, x, partial, args, kwargs)
         return self.expert_shard.comm.all_sum(partial)  # the one collective of this layer
+
+    def partial_sum(self, x, *args, **kwargs):
+        """This rank's share of the block's output: the mlx-lm block on local experts."""
+        partial = super().__call__(x, *args, **kwargs)
+        experts = self.__dict__.get("expert_free_elsewhere")
+        if experts:
+            # The block adds a term that needs no expert (longcat_flash's identity
+            # experts): another rank keeps it, this one takes it off again.
+            with silenced(self, experts):
+                partial = partial - super().__call__(x, *args, **kwargs)
+        return partial
 
 
 def _make_expert_parallel(block: nn.Module, shard: ExpertShard) -> None:
@@ -323,8 +336,9 @@ def shard_structure(
         if isinstance(moe.switch, LocalExperts):
             raise ValueError(f"{moe.path} is already sharded")
     rank, size = comm.rank, comm.size
+    expert_free = [False] * len(blocks)  # per block: adds a term that needs no expert
     if check_contract and size > 1 and mode != "central":  # central: rank 0 runs every block whole
-        check_partial_sums(_model_type(model), blocks, shared_children, size)
+        expert_free = check_partial_sums(_model_type(model), blocks, shared_children, size)
     placements = {}
     if layouts is None and stats is None and mode in ("ep", "central"):
         for moe in blocks:
@@ -344,7 +358,8 @@ def shard_structure(
             # The dense part, shared experts included, runs on rank 0 alone.
             central.make_central(moe.switch)
             continue
-        for name in shared_children(moe.block):
+        shared_names = shared_children(moe.block)
+        for name in shared_names:
             shared = moe.block[name]
             bounds = slice_bounds(shared, rank, size, weights)
             if bounds is not None:
@@ -353,6 +368,11 @@ def shard_structure(
                 # Not splittable: the rank with the fewest whole experts computes it.
                 setattr(moe.block, name, NoOutput())
         _make_expert_parallel(moe.block, shard)
+        # The term without experts is added once, by the rank with the most whole
+        # experts, which so has no extra call of the block to make.
+        if expert_free[layer] and rank != max(range(size), key=lambda r: (len(layout.whole_on(r)), -r)):
+            # A plain attribute: nn.Module would take a tuple for parameters.
+            object.__setattr__(moe.block, "expert_free_elsewhere", (moe.switch_name, *shared_names))
     switches = tuple(moe.switch for moe in blocks)
     # A dataclass, not a tuple: nn.Module would take a tuple for parameters.
     model.ep_info = ShardInfo(rank, size, len(blocks), tuple(placements.values()), mode, switches, tuple(layouts))
