@@ -2,8 +2,9 @@
 
 They go through the generic sharding path only; the tests prove that it works
 for them (docs/architectures.md): ``EXTRA_CONFIGS`` are split exactly on 1, 2
-and 3 ranks; ``REFUSED_CONFIGS`` have MoE blocks that are not linear in their
-experts' outputs and are refused on more than one rank (moe_mpi/contract.py).
+and 3 ranks; ``REFUSED_CONFIGS`` have MoE blocks whose output is not linear
+(nor affine) in their experts' outputs, refused on more than one rank
+(moe_mpi/contract.py).
 
 Every mlx-lm 0.32.2 model file with a SwitchGLU/SwitchMLP has a config here,
 except muse_spark, whose model calls Metal kernels (no Linux CPU run), and
@@ -195,6 +196,14 @@ EXTRA_CONFIGS = {
             use_qk_norm=True,
         ),
     ),
+    # Identity "zero experts": a term without experts, kept by one rank.
+    "longcat_flash": dict(
+        model_type="longcat_flash", attention_method="MLA", zero_expert_type="identity", hidden_size=64,
+        ffn_hidden_size=128, moe_topk=2, expert_ffn_hidden_size=64, n_routed_experts=8, zero_expert_num=2,
+        num_layers=2, vocab_size=256, max_position_embeddings=512, num_attention_heads=4,
+        **_MLA, routed_scaling_factor=1.5, rms_norm_eps=1e-5, rope_theta=10000.0,
+        mla_scale_q_lora=True, mla_scale_kv_lora=True, attention_bias=False,
+    ),
     "mellum": dict(
         _BASE, **_ATTENTION, model_type="mellum", num_hidden_layers=2, intermediate_size=128, num_experts=8,
         num_experts_per_tok=2, moe_intermediate_size=64, norm_topk_prob=True, sliding_window=8,
@@ -232,12 +241,13 @@ EXTRA_CONFIGS = {
         rope_parameters={"rope_theta": 10000.0, "rope_type": "default", "llama_4_scaling_beta": 0.1,
                          "original_max_position_embeddings": 512},
     ),
-    # SwitchMLP with ReLU² experts, Mamba layers; latent MoE (no bias): experts at width 32.
+    # SwitchMLP with ReLU² experts, Mamba layers; latent MoE: experts at width 32, then a
+    # projection with a bias (mlp_bias), a term without experts kept by one rank.
     "nemotron_h": dict(
         model_type="nemotron_h", vocab_size=256, hidden_size=64, intermediate_size=128,
         max_position_embeddings=512, num_attention_heads=4, num_key_value_heads=2, attention_bias=False,
         mamba_num_heads=4, mamba_head_dim=16, mamba_proj_bias=False, ssm_state_size=16, conv_kernel=4,
-        n_groups=1, mlp_bias=False, layer_norm_epsilon=1e-5, use_bias=False, use_conv_bias=True,
+        n_groups=1, mlp_bias=True, layer_norm_epsilon=1e-5, use_bias=False, use_conv_bias=True,
         hybrid_override_pattern=["M", "E", "*", "E"], head_dim=16, moe_intermediate_size=64,
         moe_shared_expert_intermediate_size=64, n_group=1, n_routed_experts=8, n_shared_experts=1,
         topk_group=1, num_experts_per_tok=2, norm_topk_prob=True, routed_scaling_factor=1.5,
@@ -273,25 +283,9 @@ EXTRA_CONFIGS = {
 # model_type (or model_type-option) -> (config, what the refusal says). On one
 # rank, or with mode="central", they run exactly.
 REFUSED_CONFIGS = {
-    # Identity "zero experts": a term without experts, which every rank would add.
-    "longcat_flash": (
-        dict(
-            model_type="longcat_flash", attention_method="MLA", zero_expert_type="identity", hidden_size=64,
-            ffn_hidden_size=128, moe_topk=2, expert_ffn_hidden_size=64, n_routed_experts=8, zero_expert_num=2,
-            num_layers=2, vocab_size=256, max_position_embeddings=512, num_attention_heads=4,
-            **_MLA, routed_scaling_factor=1.5, rms_norm_eps=1e-5, rope_theta=10000.0,
-            mla_scale_q_lora=True, mla_scale_kv_lora=True, attention_bias=False,
-        ),
-        "nonzero output when every expert's output is zero",
-    ),
     # An RMS norm of the routed sum (latent_moe_use_norm).
     "kimi_k3-latent-norm": (
         dict(EXTRA_CONFIGS["kimi_k3"], latent_moe_use_norm=True),
         "not linear in its experts' outputs",
-    ),
-    # A bias on the latent projection after the experts (mlp_bias).
-    "nemotron_h-latent-bias": (
-        dict(EXTRA_CONFIGS["nemotron_h"], mlp_bias=True),
-        "nonzero output when every expert's output is zero",
     ),
 }

@@ -161,8 +161,8 @@ def bad(ckpt, tmp_path_factory):
             return dst
         if name == "dense":
             return write_dense(root / name)
-        if name == "not-linear":  # identity experts: every rank would add their term
-            return synthetic.write_checkpoint(root / name, REFUSED_CONFIGS["longcat_flash"][0])
+        if name == "not-linear":  # a norm of the routed sum
+            return synthetic.write_checkpoint(root / name, REFUSED_CONFIGS["kimi_k3-latent-norm"][0])
         if name == "one-expert":
             # 2 ranks > 1 expert (2 ranks start faster than 3 on 2 cores).
             config = synthetic.tiny_config("mixtral", num_experts=1, num_experts_per_tok=1)
@@ -410,7 +410,7 @@ BAD_INPUT = {
     ),
     "block-not-linear-in-experts": (
         2, lambda bad, tmp: ["--model", bad("not-linear")],
-        "model_type='longcat_flash': its MoE block model.layers.0.mlp (LongcatFlashMoE) gives a nonzero output",
+        "model_type='kimi_k3': its MoE block language_model.model.layers.1.mlp (KimiK3SparseMoE) is not linear",
     ),
     "more-ranks-than-experts": (
         2, lambda bad, tmp: ["--model", bad("one-expert")], "num_experts=1 is less than num_ranks=2"

@@ -196,6 +196,20 @@ def test_block_not_linear_in_its_experts_is_refused(arch):
     shard_structure(_model(config), LocalComm(1, 2), mode="central")
 
 
+@pytest.mark.parametrize("arch", ["longcat_flash", "nemotron_h"])
+def test_term_without_experts_is_kept_by_one_rank(arch):
+    """Identity experts (longcat_flash) or a bias after the experts (nemotron_h):
+    the rank with the most whole experts keeps that term, the others take it off
+    (the partial sums adding up is test_partial_sums_add_up_to_the_block)."""
+    for size in (2, 3):
+        ranks = _rank_models(CONFIGS[arch], size)
+        for i in range(len(find_moe_blocks(ranks[0][0]))):
+            keep = ["expert_free_elsewhere" not in find_moe_blocks(m)[i].block.__dict__ for m, _ in ranks]
+            assert keep == [True] + [False] * (size - 1), keep  # contiguous: rank 0 has most experts
+    one = _rank_models(CONFIGS["qwen2_moe"], 2)
+    assert not any("expert_free_elsewhere" in b.block.__dict__ for m, _ in one for b in find_moe_blocks(m))
+
+
 def test_more_ranks_than_experts_names_the_numbers():
     with pytest.raises(ValueError, match="num_experts=8 is less than num_ranks=9"):
         shard_structure(_model(CONFIGS["mixtral"]), LocalComm(0, 9))
