@@ -45,7 +45,7 @@ import numpy as np
 
 from .errors import CollectiveError
 from .experts import with_mixin
-from .shard import ExpertParallelBlock, find_moe_blocks
+from .shard import find_moe_blocks
 
 __all__ = ["RoutingGuard", "guard_routing", "routing_hash"]
 
@@ -143,7 +143,7 @@ class RoutingGuard:
             )
         logits = self._rank0_logits(router(x) if self.comm.rank == 0 else None)
         with _fixed(router, logits):
-            partial = super(ExpertParallelBlock, block).__call__(x, *args, **kwargs)  # the mlx-lm block
+            partial = block.partial_sum(x, *args, **kwargs)  # the mlx-lm block, this rank's share
         inds = np.asarray(switch.__dict__["last_indices"])
         out, hashes = self.comm.all_sum_extra(partial, self._extra(inds.reshape(-1, k)))
         if not (hashes == hashes[:, :1]).all():

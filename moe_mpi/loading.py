@@ -228,7 +228,8 @@ def plan_load(
 
     ``comm`` needs only ``rank`` and ``size`` here (``moe-mpi info`` plans
     every rank of a run in one process). ``layout_options`` (``layouts``,
-    ``stats``, ``replicas``, ``balance``, ``profile``) go to :func:`moe_mpi.shard.shard_structure`.
+    ``stats``, ``replicas``, ``balance``, ``profile``, ``check_contract``) go to
+    :func:`moe_mpi.shard.shard_structure`.
     """
     config = read_config(model_path)
     config.update(model_config or {})

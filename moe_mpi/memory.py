@@ -316,8 +316,10 @@ def _quantization(config: dict) -> Optional[dict]:
 
 def _plan_rank(model_path: Path, rank: int, num_ranks: int, placement, weights, mode: str, options: dict) -> LoadPlan:
     """One rank's load plan, its model filled with shape-only placeholders."""
-    # The real loader's plan, with reads that return shapes, not data.
-    lp = plan_load(model_path, PlanningComm(rank, num_ranks), placement, weights, None, mode, **options)
+    # The real loader's plan, with reads that return shapes, not data. No block runs, so the
+    # partial-sum check (which computes, allocating the routers) is left to the load itself.
+    lp = plan_load(model_path, PlanningComm(rank, num_ranks), placement, weights, None, mode, **options,
+                   check_contract=False)
     params = read_parameters(lp, ShapeOnlyIndex(lp.index), evaluate=False)
     # strict: the shapes are checked exactly as they are by a real load.
     lp.model.load_weights(params, strict=True)

@@ -11,9 +11,12 @@ attention, norms, routers, LM head). For each MoE block this pass
    ``__call__`` followed by exactly one all-reduce (:class:`ExpertParallelBlock`).
 
 The block's output must be linear in the switch layer's output and in the
-shared experts' outputs (true of every mlx-lm MoE block: a router-weighted sum
+shared experts' outputs (true of most mlx-lm MoE blocks: a router-weighted sum
 plus, optionally, a gated shared term). That is the partial-sum contract: the
 sum over ranks of each rank's block output is the unsharded block output.
+:mod:`moe_mpi.contract` checks it before splitting: it refuses a block that
+breaks it, and finds blocks that add a term needing no expert, which one rank
+then keeps (:meth:`ExpertParallelBlock.partial_sum`).
 
 Parameter paths do not change, so mlx-lm's quantization and weight names keep
 working. The pass returns a plan, ``{param path: source}``, saying which slice
@@ -33,6 +36,7 @@ from mlx_lm.models.switch_layers import SwitchGLU, SwitchMLP
 from . import central, cpu
 from .balance import auto_layout, ep_layout
 from .adapters import convert_blocks
+from .contract import check_partial_sums, silenced
 from .experts import ExpertShard, LocalExperts, make_local, with_mixin
 from .layout import Layout, layouts_from_json
 from .placement import ExpertPlacement
@@ -54,11 +58,22 @@ class ExpertParallelBlock:
     """
 
     def __call__(self, x, *args, **kwargs):
-        partial = super().__call__(x, *args, **kwargs)  # [..., D], this rank's share
+        partial = self.partial_sum(x, *args, **kwargs)  # [..., D], this rank's share
         guard = self.__dict__.get("routing_guard")  # moe_mpi.guard: the same all-reduce, checked
         if guard is not None:
             return guard.block_all_sum(self, x, partial, args, kwargs)
         return self.expert_shard.comm.all_sum(partial)  # the one collective of this layer
+
+    def partial_sum(self, x, *args, **kwargs):
+        """This rank's share of the block's output: the mlx-lm block on local experts."""
+        partial = super().__call__(x, *args, **kwargs)
+        experts = self.__dict__.get("expert_free_elsewhere")
+        if experts:
+            # The block adds a term that needs no expert (longcat_flash's identity
+            # experts): another rank keeps it, this one takes it off again.
+            with silenced(self, experts):
+                partial = partial - super().__call__(x, *args, **kwargs)
+        return partial
 
 
 def _make_expert_parallel(block: nn.Module, shard: ExpertShard) -> None:
@@ -229,11 +244,19 @@ class NoOutput(nn.Module):
 
 
 def shared_children(block: nn.Module) -> List[str]:
-    """Names of a block's shared-expert MLPs (``shared_expert(s)``, ``shared_mlp``)."""
+    """Names of a block's shared-expert MLPs: its children, besides the switch layer, that are
+    named ``share*`` (``shared_expert(s)``, ``shared_mlp``, step3p5's ``share_expert``) or
+    shaped like an MLP (in-projections, one out-projection), except a ``*gate``
+    (qwen2_moe's ``shared_expert_gate`` scales the shared output; it is not an expert).
+
+    :func:`moe_mpi.contract.check_partial_sums` checks that each is called on
+    the block's input and only added to its output.
+    """
     return [
         n
         for n, c in block.children().items()
-        if n.startswith("shared") and not n.endswith("gate") and isinstance(c, nn.Module)
+        if isinstance(c, nn.Module) and not isinstance(c, SWITCH_TYPES) and not n.endswith("gate")
+        and (n.startswith("share") or slice_unit(c) is not None)
     ]
 
 
@@ -248,6 +271,7 @@ def shard_structure(
     replicas: float = 0.0,
     balance: str = "both",
     profile=None,
+    check_contract: bool = True,
 ) -> Plan:
     """Rewrites a model in place into this rank's shard.
 
@@ -287,27 +311,34 @@ def shard_structure(
             :class:`moe_mpi.rowcost.RowCost`); the table of the model's
             weight format (``q4`` if quantized, else ``float32``) is used.
             None: the default price. The layouts carry it.
+        check_contract: Check each kind of MoE block against the partial-sum
+            contract (:mod:`moe_mpi.contract`) when it is to be split; False
+            for a memory plan, which never runs the model.
 
     Returns:
         The plan: for each sharded parameter path, where its values come from.
 
     Raises:
-        ValueError: The model has no MoE block, or the placement cannot work.
+        ValueError: The model has no MoE block, a block breaks the partial-sum
+            contract (:func:`moe_mpi.contract.check_partial_sums`), or the
+            placement cannot work.
     """
     if mode not in MODES:
         raise ValueError(f"mode={mode!r}: expected one of {MODES}")
     convert_blocks(model)
     blocks = find_moe_blocks(model)
     if not blocks:
-        model_type = getattr(getattr(model, "args", None), "model_type", type(model).__name__)
         raise ValueError(
-            f"model_type={model_type!r} has no MoE block (no SwitchGLU/SwitchMLP "
+            f"model_type={_model_type(model)!r} has no MoE block (no SwitchGLU/SwitchMLP "
             "layer): moe_mpi shards Mixture-of-Experts models only"
         )
     for moe in blocks:
         if isinstance(moe.switch, LocalExperts):
             raise ValueError(f"{moe.path} is already sharded")
     rank, size = comm.rank, comm.size
+    expert_free = [False] * len(blocks)  # per block: adds a term that needs no expert
+    if check_contract and size > 1 and mode != "central":  # central: rank 0 runs every block whole
+        expert_free = check_partial_sums(_model_type(model), blocks, shared_children, size)
     placements = {}
     if layouts is None and stats is None and mode in ("ep", "central"):
         for moe in blocks:
@@ -327,7 +358,8 @@ def shard_structure(
             # The dense part, shared experts included, runs on rank 0 alone.
             central.make_central(moe.switch)
             continue
-        for name in shared_children(moe.block):
+        shared_names = shared_children(moe.block)
+        for name in shared_names:
             shared = moe.block[name]
             bounds = slice_bounds(shared, rank, size, weights)
             if bounds is not None:
@@ -336,10 +368,19 @@ def shard_structure(
                 # Not splittable: the rank with the fewest whole experts computes it.
                 setattr(moe.block, name, NoOutput())
         _make_expert_parallel(moe.block, shard)
+        # The term without experts is added once, by the rank with the most whole
+        # experts, which so has no extra call of the block to make.
+        if expert_free[layer] and rank != max(range(size), key=lambda r: (len(layout.whole_on(r)), -r)):
+            # A plain attribute: nn.Module would take a tuple for parameters.
+            object.__setattr__(moe.block, "expert_free_elsewhere", (moe.switch_name, *shared_names))
     switches = tuple(moe.switch for moe in blocks)
     # A dataclass, not a tuple: nn.Module would take a tuple for parameters.
     model.ep_info = ShardInfo(rank, size, len(blocks), tuple(placements.values()), mode, switches, tuple(layouts))
     return plan
+
+
+def _model_type(model: nn.Module) -> str:
+    return getattr(getattr(model, "args", None), "model_type", type(model).__name__)
 
 
 def weight_format(blocks) -> str:

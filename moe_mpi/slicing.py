@@ -102,7 +102,7 @@ def is_quantized(m: nn.Module) -> bool:
     return isinstance(m, (nn.QuantizedLinear, QuantizedSwitchLinear))
 
 
-def _linear_dims(m: nn.Module) -> Optional[Tuple[int, int]]:
+def linear_dims(m: nn.Module) -> Optional[Tuple[int, int]]:
     """(in_dims, out_dims) of a float or quantized (switch) linear, else None."""
     if not isinstance(m, LINEAR_TYPES):
         return None
@@ -123,7 +123,7 @@ def slice_unit(mlp: nn.Module) -> Optional[Tuple[int, int]]:
     ins = [n for n in children if n in IN_PROJ]
     if len(outs) != 1 or not ins or len(ins) + 1 != len(children):
         return None
-    dims = {n: _linear_dims(children[n]) for n in children}
+    dims = {n: linear_dims(children[n]) for n in children}
     if any(d is None for d in dims.values()):
         return None
     out = children[outs[0]]

@@ -443,6 +443,16 @@ def _block_input(model: nn.Module, block: nn.Module, tokens: mx.array) -> np.nda
     return captured[0]
 
 
+def vocab_size(model: nn.Module) -> int:
+    """The ids a model emits: the last axis of its logits for one token.
+
+    Read from the model, not from its config, where the key differs by
+    architecture (``vocab_size``, ``text_config.vocab_size``, phixtral's
+    ``num_vocab``). MLX knows the shape without evaluating anything.
+    """
+    return model(mx.array([[0]])).shape[-1]
+
+
 def _cast(model: nn.Module, dtype: str) -> None:
     """Casts floating parameters to ``dtype`` as ``mlx_lm.convert`` does."""
     target = getattr(mx, dtype)
@@ -782,9 +792,10 @@ def write_checkpoint(
         max_shard_bytes=max_shard_bytes,
         total_parameters=get_total_parameters(model),
     )
+    vocab = vocab_size(model)
     del model, weights
     if tokenizer:
-        config["eos_token_id"] = write_tokenizer(path, config["vocab_size"])
+        config["eos_token_id"] = write_tokenizer(path, vocab)
     save_config(config, config_path=path / "config.json")
     return path
 

@@ -22,7 +22,7 @@ from mlx_lm.utils import load as mlx_lm_load
 from moe_mpi import synthetic
 from moe_mpi.launch import run_mpirun
 
-from configs import EXTRA_CONFIGS
+from configs import EXTRA_CONFIGS, REFUSED_CONFIGS
 
 HERE = Path(__file__).parent
 GREEDY_TOKENS = 16
@@ -73,7 +73,7 @@ def run_cases(n: int, cases: list, tmp_path: Path) -> None:
 def write_reference(model_dir: Path, out: Path, seed: int = 0) -> Path:
     """Logits and greedy tokens of single-process mlx-lm, saved as .npz."""
     model, _ = mlx_lm_load(str(model_dir))
-    vocab = model.args.vocab_size
+    vocab = synthetic.vocab_size(model)
     prompt = np.random.default_rng(seed).integers(0, vocab, size=12)
     logits = model(mx.array(prompt)[None])
     greedy = [int(t) for t, _ in generate_step(mx.array(prompt), model, max_tokens=GREEDY_TOKENS)]
@@ -219,13 +219,18 @@ def test_sharded_matches_mlx_lm(arch, n, arch_checkpoints, tmp_path):
 
 @pytest.mark.parametrize("n", [2, 3])
 def test_generic_path_other_architectures(n, tmp_path_factory, tmp_path):
-    """Architectures with no code in moe_mpi work through the generic path."""
+    """Architectures with no code in moe_mpi work through the generic path; those
+    whose blocks cannot be split (refused in ep mode, tests/test_shard.py) run in
+    central mode."""
     root = tmp_path_factory.getbasetemp() / "generic"
+    configs = {**EXTRA_CONFIGS, **{arch: config for arch, (config, _) in REFUSED_CONFIGS.items()}}
     cases = []
-    for arch, config in sorted(EXTRA_CONFIGS.items()):
+    for arch, config in sorted(configs.items()):
         path = root / arch
         if not (root / f"{arch}.npz").exists():
             synthetic.write_checkpoint(path, config, seed=1)
             write_reference(path, root / f"{arch}.npz")
-        cases.append(dict(name=f"{arch}/fp32", model=str(path), reference=str(root / f"{arch}.npz"), mode="load"))
+        parallel = "central" if arch in REFUSED_CONFIGS else "ep"
+        cases.append(dict(name=f"{arch}/fp32-{parallel}", model=str(path), reference=str(root / f"{arch}.npz"),
+                          mode="load", parallel=parallel))
     run_cases(n, cases, tmp_path)

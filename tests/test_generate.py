@@ -24,6 +24,8 @@ import pytest
 from moe_mpi import synthetic
 from moe_mpi.launch import mpirun_command, run_mpirun
 
+from configs import REFUSED_CONFIGS
+
 HERE = Path(__file__).parent
 MAX_TOKENS = 12
 TIMEOUT = 60  # a hung job fails the test instead of blocking the run
@@ -159,6 +161,8 @@ def bad(ckpt, tmp_path_factory):
             return dst
         if name == "dense":
             return write_dense(root / name)
+        if name == "not-linear":  # a norm of the routed sum
+            return synthetic.write_checkpoint(root / name, REFUSED_CONFIGS["kimi_k3-latent-norm"][0])
         if name == "one-expert":
             # 2 ranks > 1 expert (2 ranks start faster than 3 on 2 cores).
             config = synthetic.tiny_config("mixtral", num_experts=1, num_experts_per_tok=1)
@@ -403,6 +407,10 @@ BAD_INPUT = {
     ),
     "config-missing-keys": (
         2, lambda bad, tmp: ["--model", bad("missing-keys")], "is missing or has invalid keys"
+    ),
+    "block-not-linear-in-experts": (
+        2, lambda bad, tmp: ["--model", bad("not-linear")],
+        "model_type='kimi_k3': its MoE block language_model.model.layers.1.mlp (KimiK3SparseMoE) is not linear",
     ),
     "more-ranks-than-experts": (
         2, lambda bad, tmp: ["--model", bad("one-expert")], "num_experts=1 is less than num_ranks=2"

@@ -6,6 +6,8 @@ its rank's partial sum. Summed over ranks, the partials must equal the
 unsharded block. (The real multi-rank runs are in test_equivalence.py.)
 """
 
+import re
+
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
@@ -14,9 +16,9 @@ import pytest
 from moe_mpi.loading import model_classes
 from moe_mpi import ExpertPlacement, cpu, shard_experts
 from moe_mpi.shard import NoOutput, find_moe_blocks, shard_structure
-from moe_mpi.synthetic import ARCHITECTURES, build_model, tiny_config
+from moe_mpi.synthetic import ARCHITECTURES, build_model, tiny_config, vocab_size
 
-from configs import EXTRA_CONFIGS
+from configs import EXTRA_CONFIGS, REFUSED_CONFIGS
 
 
 class LocalComm:
@@ -52,6 +54,34 @@ def _rank_models(config, size, quantize=None, **kw):
     return models
 
 
+def _block_calls(model, seed=0, tokens=9):
+    """Each MoE block's arguments, ``(args, kwargs)`` in layer order, in a forward pass of
+    ``tokens`` random tokens: the blocks' real inputs, whatever they take (gemma4_text's
+    and deepseek_v41's blocks also take the routing, from their caller). 9 tokens:
+    experts with one row and with several, on any rank count; 1 token: decode."""
+    blocks = find_moe_blocks(model)
+    calls = {}
+
+    def capturing(cls, i):
+        class Capture(cls):
+            def __call__(self, *args, **kwargs):
+                calls.setdefault(i, (args, kwargs))  # [1, tokens, D] hidden states first
+                return super().__call__(*args, **kwargs)
+
+        return Capture
+
+    classes = [type(b.block) for b in blocks]
+    for i, b in enumerate(blocks):
+        b.block.__class__ = capturing(classes[i], i)
+    try:
+        ids = np.random.default_rng(seed).integers(0, vocab_size(model), (1, tokens))
+        mx.eval(model(mx.array(ids)))
+    finally:
+        for b, cls in zip(blocks, classes):
+            b.block.__class__ = cls
+    return [calls[i] for i in range(len(blocks))]
+
+
 def _block_inputs(model, seed=0, tokens=9):
     # The blocks' own inputs: [1, tokens, D] activations. 9 tokens: experts
     # with one row and with several, on any rank count; 1 token: decode.
@@ -72,12 +102,18 @@ KERNELS = {
 }
 
 
+# The kernels differ by architecture only in the experts' activation: the
+# architectures of EXTRA_CONFIGS run the default ("hybrid": numpy, matmuls and
+# gather_mm in one call) and the switch layer's own call, to keep the suite short.
+EXTRA_KERNELS = ("gather", "hybrid")
+ARCH_KERNELS = [(a, k) for a in sorted(CONFIGS) for k in sorted(KERNELS) if a in ARCHITECTURES or k in EXTRA_KERNELS]
+
+
 @pytest.mark.parametrize("tokens", [9, 1])
-@pytest.mark.parametrize("kernel", sorted(KERNELS))
 @pytest.mark.parametrize("quantize", [None, 4])
 @pytest.mark.parametrize("size", [1, 2, 3])
-@pytest.mark.parametrize("arch", sorted(CONFIGS))
-def test_partial_sums_add_up_to_the_block(arch, size, quantize, kernel, tokens, monkeypatch):
+@pytest.mark.parametrize("arch, kernel", ARCH_KERNELS)
+def test_partial_sums_add_up_to_the_block(arch, kernel, size, quantize, tokens, monkeypatch):
     """Every kernel, for prefill-like (9 tokens) and decode (1 token) input;
     one float token with the numpy kernels on takes the all-numpy path."""
     monkeypatch.setenv("MOE_MPI_EXPERT_KERNEL", KERNELS[kernel][0])
@@ -89,10 +125,10 @@ def test_partial_sums_add_up_to_the_block(arch, size, quantize, kernel, tokens, 
     from moe_mpi.adapters import convert_blocks
 
     convert_blocks(ref)  # dbrx: the stacked equivalent of its block
-    x = _block_inputs(ref, tokens=tokens)
-    expected = [b.block(x) for b in find_moe_blocks(ref)]
+    calls = _block_calls(ref, tokens=tokens)
+    expected = [b.block(*args, **kwargs) for b, (args, kwargs) in zip(find_moe_blocks(ref), calls)]
     ranks = _rank_models(config, size, quantize)
-    partials = [[b.block(x) for b in find_moe_blocks(m)] for m, _ in ranks]
+    partials = [[b.block(*a, **kw) for b, (a, kw) in zip(find_moe_blocks(m), calls)] for m, _ in ranks]
     for i, want in enumerate(expected):
         got = sum(p[i] for p in partials)
         np.testing.assert_allclose(np.array(got), np.array(want), rtol=1e-5, atol=1e-5)
@@ -142,6 +178,36 @@ def test_dense_model_is_rejected():
     model_class, args_class = model_classes(config)
     with pytest.raises(ValueError, match="model_type='llama' has no MoE block"):
         shard_structure(model_class(args_class.from_dict(config)), LocalComm(0, 2))
+
+
+@pytest.mark.parametrize("arch", sorted(REFUSED_CONFIGS))
+def test_block_not_linear_in_its_experts_is_refused(arch):
+    """A block whose ranks' partial outputs would not add up to it is refused on
+    2 ranks, naming the architecture, the block and the reason; the probe leaves
+    the block as it was. One rank, and mode='central', run such blocks whole."""
+    config, reason = REFUSED_CONFIGS[arch]
+    model = _model(config)
+    classes = [(type(b.block), type(b.switch)) for b in find_moe_blocks(model)]
+    with pytest.raises(ValueError, match=f"model_type='{config['model_type']}': its MoE block .*{re.escape(reason)}.*num_ranks=2"):
+        shard_structure(model, LocalComm(0, 2))
+    assert [(type(b.block), type(b.switch)) for b in find_moe_blocks(model)] == classes
+    assert not any("probe" in b.switch.__dict__ for b in find_moe_blocks(model))
+    shard_structure(_model(config), LocalComm(0, 1))
+    shard_structure(_model(config), LocalComm(1, 2), mode="central")
+
+
+@pytest.mark.parametrize("arch", ["longcat_flash", "nemotron_h"])
+def test_term_without_experts_is_kept_by_one_rank(arch):
+    """Identity experts (longcat_flash) or a bias after the experts (nemotron_h):
+    the rank with the most whole experts keeps that term, the others take it off
+    (the partial sums adding up is test_partial_sums_add_up_to_the_block)."""
+    for size in (2, 3):
+        ranks = _rank_models(CONFIGS[arch], size)
+        for i in range(len(find_moe_blocks(ranks[0][0]))):
+            keep = ["expert_free_elsewhere" not in find_moe_blocks(m)[i].block.__dict__ for m, _ in ranks]
+            assert keep == [True] + [False] * (size - 1), keep  # contiguous: rank 0 has most experts
+    one = _rank_models(CONFIGS["qwen2_moe"], 2)
+    assert not any("expert_free_elsewhere" in b.block.__dict__ for m, _ in one for b in find_moe_blocks(m))
 
 
 def test_more_ranks_than_experts_names_the_numbers():
