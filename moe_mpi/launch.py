@@ -20,9 +20,10 @@ from pathlib import Path
 __all__ = ["LAUNCH_FAILURES", "find_mpirun", "kill_job", "mpirun_command", "run_mpirun"]
 
 #: Messages of Open MPI's launcher failing before any rank's program ran.
-#: Rare and transient (seen once in our full-suite runs, which launch mpirun
-#: hundreds of times, and in other projects' CI, with no known cause), so such
-#: a launch is retried: no rank ran, so nothing is done twice.
+#: Rare and transient (one or two of the hundreds of launches of some of our
+#: full-suite runs on a loaded machine, and in other projects' CI, with no
+#: known cause), so such a launch is retried: no rank ran, so nothing is done
+#: twice.
 LAUNCH_FAILURES = ("The PMIx server's listener thread failed to start",)
 LAUNCH_ATTEMPTS = 3
 
