@@ -19,6 +19,7 @@ import sys
 import time
 from pathlib import Path
 
+import mlx.core as mx
 import pytest
 
 from moe_mpi import synthetic
@@ -157,6 +158,25 @@ def bad(ckpt, tmp_path_factory):
             config["max_position_embeddings"] = 16
             (dst / "config.json").write_text(json.dumps(config))
             return dst
+        if name == "config-list":
+            dst = copy_ckpt(name)
+            (dst / "config.json").write_text("[1, 2]")
+            return dst
+        if name == "no-model-type":
+            return edit_config(copy_ckpt(name), lambda c: c.pop("model_type"))
+        if name == "top-k-16":
+            return edit_config(copy_ckpt(name), lambda c: c.update(num_experts_per_tok=16))
+        if name == "one-layer-config":  # the checkpoint has 2 layers
+            return edit_config(copy_ckpt(name), lambda c: c.update(num_hidden_layers=1))
+        if name == "no-tokenizer":
+            dst = copy_ckpt(name)
+            (dst / "tokenizer.json").unlink()
+            (dst / "tokenizer_config.json").unlink()
+            return dst
+        if name == "four-expert-tensor":  # one layer's gate_proj holds 4 of the config's 8 experts
+            return edit_tensors(copy_ckpt(name), lambda w: w.update({GATE_1: w[GATE_1][:4]}))
+        if name == "int-weights":
+            return edit_tensors(copy_ckpt(name), lambda w: w.update({Q_PROJ_0: w[Q_PROJ_0].astype(mx.int32)}))
         if name == "dense":
             return write_dense(root / name)
         if name == "one-expert":
@@ -190,6 +210,28 @@ def bad(ckpt, tmp_path_factory):
         return made[name]
 
     return get
+
+
+#: Tensors of the qwen3_moe checkpoint that the broken copies change.
+GATE_1 = "model.layers.1.mlp.switch_mlp.gate_proj.weight"
+Q_PROJ_0 = "model.layers.0.self_attn.q_proj.weight"
+
+
+def edit_config(path: Path, change) -> Path:
+    """``change(config)`` applied to ``path``'s config.json in place."""
+    config = json.loads((path / "config.json").read_text())
+    change(config)
+    (path / "config.json").write_text(json.dumps(config))
+    return path
+
+
+def edit_tensors(path: Path, change) -> Path:
+    """``change(weights)`` applied to ``path``'s one model.safetensors in place."""
+    file = path / "model.safetensors"
+    weights = mx.load(str(file))
+    change(weights)
+    mx.save_safetensors(str(file), weights, metadata={"format": "mlx"})
+    return path
 
 
 def write_dense(path: Path) -> Path:
@@ -435,6 +477,22 @@ BAD_INPUT = {
         lambda bad, tmp: ["--prompts-file", bad("malformed.jsonl"), "--output", tmp / "out.jsonl"],
         "malformed.jsonl, line 2: invalid JSON",
     ),
+    "config-not-an-object": (2, lambda bad, tmp: ["--model", bad("config-list")], "must hold a JSON object, not a list"),
+    "config-without-model-type": (2, lambda bad, tmp: ["--model", bad("no-model-type")], 'has no "model_type"'),
+    "no-tokenizer": (2, lambda bad, tmp: ["--model", bad("no-tokenizer")], "has no tokenizer"),
+    # Failed in the router on the first token, on every rank: a message per rank.
+    "top-k-above-num-experts": (
+        2, lambda bad, tmp: ["--model", bad("top-k-16")], "num_experts_per_tok=16 experts per token"
+    ),
+    # Rank 1 read experts 4..7 past the tensor's end, from the next tensor's bytes: wrong text, exit 0.
+    "tensor-with-fewer-experts-than-config": (
+        2, lambda bad, tmp: ["--model", bad("four-expert-tensor")], "has shape [4, 64, 64], so no position 7"
+    ),
+    # Ran a one-layer model from a two-layer checkpoint, silently.
+    "config-with-fewer-layers-than-checkpoint": (
+        2, lambda bad, tmp: ["--model", bad("one-layer-config")], "have no parameter in the model config.json"
+    ),
+    "integer-weights": (2, lambda bad, tmp: ["--model", bad("int-weights")], "is int32, the model needs float32"),
 }
 
 
