@@ -331,8 +331,10 @@ def plan_load(
             codes[k] = [names[int(c)] for c in np.asarray(v).reshape(-1)]
 
     # The quantization predicate reads shapes: give it the real (lazy, unread)
-    # arrays where sanitize passed a per-expert tensor through unchanged.
-    _quantize(model, config, {**tensors, **{k: raw[k] for k in names if k in tensors}})
+    # arrays where sanitize passed a per-expert tensor through unchanged, and
+    # lazy stand-ins of the stacked shape where it stacked placeholders.
+    stacked = {k: mx.broadcast_to(raw[c[0]][None], (len(c), *raw[c[0]].shape)) for k, c in codes.items()}
+    _quantize(model, config, {**tensors, **{k: raw[k] for k in names if k in tensors}, **stacked})
     model.eval()
     check_top_k(model, config)
     _check_unused(model_path, model, tensors)
