@@ -25,7 +25,7 @@ import sys
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
-from .argtypes import add_balance_arguments, positive_int
+from .argtypes import add_balance_arguments, positive_float, positive_int
 from .runner import add_debug_argument, fail, parse_args
 
 __all__ = ["KNOWN_MODELS", "main", "model_config", "plan_rows", "setup_arg_parser"]
@@ -121,7 +121,7 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     parser.add_argument("--efficiency", type=float, default=None,
                         help="share of spec bandwidth built-in machines reach, in (0, 1] (default 1: the roofline)")
     parser.add_argument("--price", default=None, help="machine prices, NAME=USD[,NAME=USD] (for cost per Mtok)")
-    parser.add_argument("--years", type=float, default=3.0, help="years to spread a machine's price over (default 3)")
+    parser.add_argument("--years", type=positive_float, default=3.0, help="years to spread a machine's price over (default 3)")
     parser.add_argument("--stats", metavar="FILE", help="routing statistics (`moe-mpi profile`): experts drawn by "
                         "their measured frequencies, and mode auto's layouts chosen from them (default: uniform)")
     # mode auto's --balance, --replicas and --profile, as for a run; the profile is also the machines'

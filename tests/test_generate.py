@@ -493,6 +493,8 @@ BAD_INPUT = {
         2, lambda bad, tmp: ["--model", bad("one-layer-config")], "have no parameter in the model config.json"
     ),
     "integer-weights": (2, lambda bad, tmp: ["--model", bad("int-weights")], "is int32, the model needs float32"),
+    # A traceback from every rank (mx.random.seed takes 0..2**64-1).
+    "negative-seed": (2, lambda bad, tmp: ["--seed", "-1"], "expected an integer in 0..18446744073709551615"),
 }
 
 

@@ -21,7 +21,7 @@ import mlx.nn as nn
 
 from ..comm import quiet_barrier
 from ..cpu import switches
-from ..argtypes import add_balance_arguments, positive_int
+from ..argtypes import add_balance_arguments, positive_int, seed
 from ..runner import collective_phase
 from . import report, verify
 from .modes import Built, Context, SingleProcess, default_modes, get_mode, mode_description, mode_names, modes_arg
@@ -61,7 +61,7 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
         default="mpi4py",
         help="data path of moe_mpi's all-reduce (Communicator backend; default mpi4py)",
     )
-    parser.add_argument("--seed", type=int, default=0, help="seed of the token ids")
+    parser.add_argument("--seed", type=seed, default=0, help="seed of the token ids")
     parser.add_argument(
         "--stats", metavar="FILE", default=None,
         help="router statistics (moe-mpi profile) for mode auto (uniform routing without)",
