@@ -313,6 +313,10 @@ def _run(args) -> int:
     from .perfmodel import ModelShape
     from .profiles import describe_machines, find_link, parse_machines, read_profile
 
+    from .results import check_writable
+
+    check_writable(None if args.json == "-" else args.json, "--json")
+    check_writable(args.plot, "--plot")
     profile_machine = profile_link = None
     if args.profile:
         profile_machine, profile_link, meta = read_profile(args.profile)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
 
@@ -97,11 +96,14 @@ class RoutingStats:
 
         Atomically (a temporary file, then a rename): a server that saves
         between requests and is then killed leaves the last whole file.
+
+        Raises:
+            UserError: The file could not be written; the statistics were
+                saved to another file, which the message names.
         """
-        path = Path(path)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(json.dumps(self.to_dict(model)) + "\n")
-        os.replace(tmp, path)
+        from .results import save_text
+
+        save_text(path, json.dumps(self.to_dict(model)) + "\n", "the router statistics file")
 
     @classmethod
     def load(cls, path) -> "RoutingStats":

@@ -495,6 +495,8 @@ BAD_INPUT = {
     "integer-weights": (2, lambda bad, tmp: ["--model", bad("int-weights")], "is int32, the model needs float32"),
     # A traceback from every rank (mx.random.seed takes 0..2**64-1).
     "negative-seed": (2, lambda bad, tmp: ["--seed", "-1"], "expected an integer in 0..18446744073709551615"),
+    # Was written after generating: the run's statistics were lost.
+    "record-routing-into-a-directory": (2, lambda bad, tmp: ["--record-routing", tmp], "is a directory"),
 }
 
 
@@ -636,6 +638,31 @@ def test_scan_results_file(tmp_path):
         scan_results_file(str(out), str(prompts))
     with pytest.raises(UserError, match="is the prompts file itself"):
         scan_results_file(str(prompts), str(prompts))
+
+
+def test_results_that_cannot_be_written_are_rescued(tmp_path, monkeypatch):
+    from moe_mpi.errors import UserError
+    from moe_mpi.results import ResultWriter, check_writable, save_text
+
+    monkeypatch.chdir(tmp_path)
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    check_writable(str(tmp_path / "ok.json"), "--out")
+    for path, message in [(tmp_path, "is a directory"), (blocker / "x.json", "does not exist")]:
+        with pytest.raises(UserError, match=message):
+            check_writable(str(path), "--out")
+    # The directory went away (or the disk filled) by the end of the run.
+    with pytest.raises(UserError, match="its contents were saved to") as e:
+        save_text(blocker / "stats.json", '{"x": 1}\n', "--record-routing")
+    assert Path(e.value.rescued).read_text() == '{"x": 1}\n' and Path(e.value.rescued).parent == tmp_path
+    save_text(os.devnull, "1\n", "--out")  # written in place, not replaced by a file
+    assert not Path(os.devnull).is_file()
+    # /dev/full: a full disk in the middle of a batch run.
+    writer = ResultWriter("/dev/full", None)
+    with pytest.raises(UserError, match=r"cannot write to /dev/full .*1 row\(s\) were saved to") as e:
+        writer.write([{"id": 1, "text": "kept"}])
+    rescued = [p for p in tmp_path.iterdir() if p.name.startswith("moe-mpi-rescued-") and p.name.endswith("-full")]
+    assert [json.loads(p.read_text()) for p in rescued] == [{"id": 1, "text": "kept"}]
 
 
 def test_progress_bar_only_on_a_tty():

@@ -275,6 +275,7 @@ def dense_checkpoint(tmp_path_factory):
         # Shapes that disagree with config.json or the header's own byte counts were read as given.
         (["--model", "{fewexperts}"], "has shape [4, 64, 64], so no position 7 on axis 0"),
         (["--model", "{badheader}"], "shape [8, 64, 63] of F32 needs 129024 bytes, its data_offsets give 131072"),
+        (["--model", "{moe}", "--write-layouts", "{empty}"], "--write-layouts {empty} is a directory"),
         # Failed in every rank's router on the first token.
         (["--model", "{topk}"], "config.json: num_experts_per_tok=16 experts per token, but model.layers.0.mlp has num_experts=8"),
         (["--model", "{groups}"], "config.json: topk_group=8 must be 1..n_group=4"),
@@ -296,6 +297,7 @@ def test_info_bad_input_is_one_clean_line(args, message, checkpoints, dense_chec
         topk=_changed_config(checkpoints("qwen3_moe"), tmp_path / "topk", num_experts_per_tok=16),
         groups=_changed_config(checkpoints("deepseek_v3"), tmp_path / "groups", topk_group=8),
     )
+    message = message.format(**fill)
     with pytest.raises(SystemExit) as e:
         info.main([a.format(**fill) for a in args])
     assert e.value.code == 1

@@ -27,6 +27,7 @@ from ..argtypes import add_sharding_arguments, non_negative_float, non_negative_
 from ..comm import BACKENDS, Communicator
 from ..errors import UserError
 from ..reliability import add_reliability_arguments, check_reliability_arguments, guard_warning, load_checked, watched
+from ..results import check_writable
 from ..routing import RoutingStats, record_routing
 from ..runner import PROG, abort_on_error, add_debug_argument, collective_phase, env_rank, parse_args
 from .api import (
@@ -194,7 +195,8 @@ def serve(args: argparse.Namespace, comm: Communicator, watchdog) -> None:
     model_arg = args.model
     with collective_phase(comm, debug=args.debug, name_ranks=False):
         comm = _backend_comm(comm, args.backend)
-        if rank0:  # fail on a port in use before the long load
+        if rank0:  # fail on a port in use, or an output that cannot be written, before the long load
+            check_writable(args.record_routing, "--record-routing")
             httpd = make_http_server(args.host, args.port)
     with collective_phase(comm, debug=args.debug):
         args.model = str(resolve_model_path(model_arg))
@@ -245,10 +247,19 @@ def _routing_saver(path: Optional[str], stats: Optional[RoutingStats], info: dic
     if stats is None:
         return None
     saved = [0]
+    target = [path]
 
     def save() -> None:
         if stats.tokens[0] != saved[0]:
-            stats.save(path, model={"path": info["path"], "ranks": info["ranks"], "mode": info["mode"]})
+            try:
+                stats.save(target[0], model={"path": info["path"], "ranks": info["ranks"], "mode": info["mode"]})
+            except UserError as e:
+                # A full disk must not end the server: say where the statistics
+                # went, and keep saving there.
+                logging.error("%s: error: %s", PROG, e)
+                if getattr(e, "rescued", None) is None:
+                    return
+                target[0] = e.rescued
             saved[0] = stats.tokens[0]
 
     return save
