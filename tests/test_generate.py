@@ -537,6 +537,18 @@ def test_argparse_error_printed_once():
     assert proc.stderr.count("usage: moe-mpi generate") == 1
 
 
+def test_argparse_error_on_one_rank_only_is_printed_by_that_rank():
+    # mpirun's ':' gives rank 1 its own command line; rank 0's is fine, so
+    # rank 0 says nothing and rank 1 must (it said nothing either, once).
+    good = generate_cmd("--model", "unused", "--max-tokens", 4)
+    bad_cmd = generate_cmd("--model", "unused", "--max-tokens", 0)
+    proc, seconds = run(1, argv=[*good, ":", "-n", "1", *bad_cmd])
+    assert proc.returncode != 0
+    assert proc.stderr.count("error:") == 1, proc.stderr
+    assert "[rank 1] moe-mpi generate: error: argument --max-tokens/-m: expected a positive integer" in proc.stderr
+    assert seconds < FAIL_WITHIN
+
+
 def test_debug_shows_traceback_once(tmp_path):
     proc, seconds = run(2, "--model", tmp_path / "no-such-model", "--debug")
     assert proc.returncode != 0
