@@ -123,16 +123,25 @@ class RoutingStats:
         layers = data.get("layers")
         if not isinstance(layers, list) or not layers:
             raise ValueError(f"{path}: no layers")
-        stats = cls([int(layer["num_experts"]) for layer in layers])
+        try:
+            stats = cls([int(layer["num_experts"]) for layer in layers])
+        except (KeyError, TypeError, ValueError):
+            raise ValueError(f"{path}: every layer needs a positive integer \"num_experts\"") from None
         for i, layer in enumerate(layers):
-            counts = np.asarray(layer["counts"], dtype=np.int64)
-            if counts.shape != stats.counts[i].shape or (counts < 0).any():
-                raise ValueError(f"{path}: layer {i}: counts must be {stats.counts[i].size} non-negative integers")
-            stats.counts[i] = counts
-            co = layer.get("coactivation")
-            if co is not None:
-                stats.coactivation[i] = np.asarray(co, dtype=np.int64).reshape(counts.size, counts.size)
-            stats.tokens[i] = int(layer.get("tokens", 0))
+            try:
+                counts = np.asarray(layer["counts"], dtype=np.int64)
+                if counts.shape != stats.counts[i].shape or (counts < 0).any():
+                    raise ValueError
+                stats.counts[i] = counts
+                co = layer.get("coactivation")
+                if co is not None:
+                    stats.coactivation[i] = np.asarray(co, dtype=np.int64).reshape(counts.size, counts.size)
+                stats.tokens[i] = int(layer.get("tokens", 0))
+            except (KeyError, TypeError, ValueError, OverflowError):
+                raise ValueError(
+                    f"{path}: layer {i}: expected \"counts\" ({stats.counts[i].size} non-negative integers), "
+                    f"an optional {stats.counts[i].size}x{stats.counts[i].size} \"coactivation\" and an integer \"tokens\""
+                ) from None
             stats.top_k[i] = layer.get("top_k")
         return stats
 

@@ -272,6 +272,7 @@ def dense_checkpoint(tmp_path_factory):
         (["--model", "{moe}", "--mode", "auto", "--profile", "{badhosts}"], "bad.hosts: not JSON"),
         # Each was a traceback (AttributeError, KeyError).
         (["--model", "{listconfig}"], "config.json must hold a JSON object, not a list"),
+        (["--model", "{moe}", "--mode", "auto", "--stats", "{badstats}"], 'layer 0: expected "counts" (8 non-negative'),
         # Shapes that disagree with config.json or the header's own byte counts were read as given.
         (["--model", "{fewexperts}"], "has shape [4, 64, 64], so no position 7 on axis 0"),
         (["--model", "{badheader}"], "shape [8, 64, 63] of F32 needs 129024 bytes, its data_offsets give 131072"),
@@ -286,6 +287,9 @@ def test_info_bad_input_is_one_clean_line(args, message, checkpoints, dense_chec
     (tmp_path / "bad.hosts").write_text("a slots=0\n")
     (tmp_path / "listconfig").mkdir()
     (tmp_path / "listconfig" / "config.json").write_text("[1]")
+    (tmp_path / "stats.json").write_text(json.dumps(
+        {"format": "moe_mpi.routing", "version": 1, "layers": [{"num_experts": 8}, {"num_experts": 8}]}
+    ))
     gate = "model.layers.1.mlp.switch_mlp.gate_proj.weight"
     fill = dict(
         moe=checkpoints("qwen3_moe"), dense=dense_checkpoint, empty=tmp_path / "empty", badhosts=tmp_path / "bad.hosts",
