@@ -332,9 +332,13 @@ def _run(args) -> int:
     if not link_text:
         raise ValueError("give --link NAME (10gbe, tb4-tcp, tb5-tcp, tb5-rdma) or --profile FILE")
     links = [find_link(name.strip(), profile_link) for name in link_text.split(",") if name.strip()]
+    if not links:
+        raise ValueError(f"--link {link_text!r} names no link (10gbe, tb4-tcp, tb5-tcp, tb5-rdma)")
     config, path = model_config(args.model)
     shape = ModelShape.from_config(config, name=args.model)
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    if not modes:
+        raise ValueError(f"--modes {args.modes!r} names no mode (ep, sliced, auto, central, mlx-lm-tp)")
     from .perfmodel import get_mode
 
     for m in modes:
