@@ -24,8 +24,13 @@ __all__ = [
     "int_list",
     "non_negative_float",
     "non_negative_int",
+    "port",
+    "positive_float",
     "positive_int",
+    "probability",
+    "seed",
     "sharding_options",
+    "timeout_seconds",
     "unit_interval",
 ]
 
@@ -79,6 +84,78 @@ def non_negative_float(text: str) -> float:
     value = _float(text, "a number")
     if not value >= 0:  # also rejects nan
         raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """A finite number > 0, e.g. a number of years.
+
+    Raises:
+        argparse.ArgumentTypeError: ``text`` is not a number, or is <= 0, inf or nan.
+    """
+    value = _float(text, "a number")
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
+    return value
+
+
+#: Seeds MLX's generator takes (``mx.random.seed``: an unsigned 64-bit integer).
+SEED_MAX = 2**64 - 1
+
+
+def seed(text: str) -> int:
+    """A random seed: an integer in 0..2**64-1, what ``mx.random.seed`` takes.
+
+    Raises:
+        argparse.ArgumentTypeError: ``text`` is not an integer, or is outside that range.
+    """
+    expected = f"an integer in 0..{SEED_MAX}"
+    value = _int(text, expected)
+    if not 0 <= value <= SEED_MAX:
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+    return value
+
+
+def port(text: str) -> int:
+    """A TCP port: 0..65535 (0: the system picks a free one).
+
+    Raises:
+        argparse.ArgumentTypeError: ``text`` is not an integer, or is outside that range.
+    """
+    expected = "a port number in 0..65535"
+    value = _int(text, expected)
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+    return value
+
+
+def probability(text: str) -> float:
+    """A number in [0, 1], e.g. a min-p where 0 means off.
+
+    Raises:
+        argparse.ArgumentTypeError: ``text`` is not a number, or is outside [0, 1] (or nan).
+    """
+    value = _float(text, "a number")
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}")
+    return value
+
+
+#: The shortest ``--timeout``: below it the watchdog cannot tell a frozen rank
+#: from a busy machine's scheduling delays (every rank then names another).
+MIN_TIMEOUT = 0.5
+
+
+def timeout_seconds(text: str) -> float:
+    """A watchdog timeout: 0 (off) or at least :data:`MIN_TIMEOUT` seconds.
+
+    Raises:
+        argparse.ArgumentTypeError: ``text`` is not a number, or is negative,
+            nan or between 0 and the minimum.
+    """
+    value = _float(text, "a number")
+    if not (value == 0 or value >= MIN_TIMEOUT):
+        raise argparse.ArgumentTypeError(f"expected 0 (no watchdog) or at least {MIN_TIMEOUT:g} seconds, got {text!r}")
     return value
 
 

@@ -49,6 +49,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from .argtypes import positive_int
+from .results import check_writable
 from .runner import abort_on_error, add_debug_argument, collective_phase, parse_args
 
 __all__ = ["fit_latency_bandwidth", "main", "setup_arg_parser"]
@@ -444,20 +445,23 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     comm = Communicator()
     with abort_on_error(comm, debug=args.debug):
-        with collective_phase(comm, debug=args.debug):
-            directory = Path(args.out).expanduser().resolve().parent
-            if comm.rank == 0 and not directory.is_dir():
-                raise FileNotFoundError(2, "No such directory", str(directory))
+        with collective_phase(comm, debug=args.debug, name_ranks=False):
+            if comm.rank == 0:  # before minutes of measuring
+                check_writable(str(Path(args.out).expanduser()), "--out")
         start = time.perf_counter()
         profile = measure(comm, args)
         seconds = time.perf_counter() - start
-        if comm.rank == 0:
-            from .profiles import write_profile
+        # Only rank 0 writes; the others wait for it, so that a write that
+        # fails (its text then saved elsewhere, see save_text) ends the job
+        # with one message.
+        with collective_phase(comm, debug=args.debug, name_ranks=False):
+            if comm.rank == 0:
+                from .profiles import write_profile
 
-            machine, link, meta = profile
-            meta["seconds"] = seconds
-            write_profile(args.out, machine, link, meta)
-            _print_summary(machine, link, meta, args.out)
+                machine, link, meta = profile
+                meta["seconds"] = seconds
+                write_profile(str(Path(args.out).expanduser()), machine, link, meta)
+                _print_summary(machine, link, meta, args.out)
     return 0
 
 

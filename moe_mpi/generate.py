@@ -51,7 +51,7 @@ import sys
 import time
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
-from .argtypes import add_sharding_arguments, non_negative_float, positive_int, sharding_options, unit_interval
+from .argtypes import add_sharding_arguments, non_negative_float, positive_int, seed, sharding_options, unit_interval
 from .comm import BACKENDS, Communicator
 from .errors import CollectiveError, UserError
 from .prompts import (
@@ -152,7 +152,7 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--seed",
-        type=int,
+        type=seed,
         default=DEFAULT_SEED,
         help=(
             "PRNG seed, the same on every rank so that all ranks draw the "

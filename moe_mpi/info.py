@@ -19,10 +19,12 @@ import numpy as np
 
 from .argtypes import SPMD_MODES, add_balance_arguments, float_list, positive_int
 from .balance import expected_loads
+from .errors import UserError
 from .layout import Layout, layouts_to_json
 from .placement import ExpertPlacement
 from .routing import RoutingStats
 from .memory import DEFAULT_CONTEXT, DEFAULT_PREFILL_STEP, MemoryPlan, human_bytes, plan_memory
+from .results import check_writable
 from .runner import fail, parse_args
 
 # ---------------------------------------------------------------------------
@@ -192,6 +194,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     if num_ranks is None:
         num_ranks = 2
     try:
+        check_writable(args.write_layouts, "--write-layouts")
         stats = RoutingStats.load(args.stats) if args.stats else None
         plan = plan_memory(
             args.model,
@@ -209,7 +212,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         )
         if args.write_layouts:
             layouts_to_json(list(plan.layouts), args.write_layouts, note=f"moe-mpi info {plan.placement_strategy}")
-    except (ValueError, OSError) as e:
+    except (ValueError, OSError, UserError) as e:
         # ValueError covers PlanningError, CheckpointError and placement errors;
         # OSError covers ModelNotFoundError and unreadable files.
         fail(e)

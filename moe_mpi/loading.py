@@ -36,8 +36,8 @@ from .placement import ExpertPlacement
 from .routing import RoutingStats
 from .runner import under_launcher
 from .warmup import use_warm_experts
-from .safetensors_io import CheckpointIndex, ShapeOnlyIndex
-from .shard import drop_dense, shard_structure
+from .safetensors_io import CheckpointIndex, ShapeOnlyIndex, dtype_name
+from .shard import drop_dense, find_moe_blocks, shard_structure
 from .slicing import Plan, Take, TakeSplit, per_expert_source, take
 
 PER_EXPERT_KEY = re.compile(r"\.experts\.\d+\.")
@@ -107,6 +107,36 @@ def resolve_model_path(
         ) from None
 
 
+def _check_groups(router: nn.Module, experts: int) -> None:
+    """DeepSeek-style group routing: ``n_group`` groups of the experts, the best ``topk_group`` of them searched."""
+    n_group, topk_group, k = (getattr(router, n, None) for n in ("n_group", "topk_group", "top_k"))
+    if not isinstance(n_group, int) or not isinstance(topk_group, int) or n_group <= 1:
+        return
+    if experts % n_group:
+        raise CheckpointError(f"config.json: n_group={n_group} does not divide num_experts={experts} into equal groups")
+    if not 1 <= topk_group <= n_group:
+        raise CheckpointError(f"config.json: topk_group={topk_group} must be 1..n_group={n_group}")
+    if isinstance(k, int) and k > topk_group * (experts // n_group):
+        raise CheckpointError(
+            f"config.json: num_experts_per_tok={k} is more than the {topk_group * (experts // n_group)} experts of "
+            f"topk_group={topk_group} groups of {experts // n_group}"
+        )
+
+
+#: Files one of which a tokenizer needs (transformers' fast and slow tokenizers, tiktoken).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "*.tiktoken")
+
+
+def check_tokenizer_files(model_path: Path) -> None:
+    """Raises a :class:`CheckpointError` if the model directory has no tokenizer.
+
+    Without one, transformers builds an empty tokenizer from config.json's
+    model type, and every prompt then encodes to nothing.
+    """
+    if not any(glob.glob(str(model_path / pattern)) for pattern in TOKENIZER_FILES):
+        raise CheckpointError(f"{model_path} has no tokenizer (none of {', '.join(TOKENIZER_FILES)})")
+
+
 def model_classes(config: dict):
     """mlx-lm's ``(Model, ModelArgs)`` classes for ``config["model_type"]``.
 
@@ -127,7 +157,7 @@ def _build_model(config: dict) -> nn.Module:
     try:
         args = args_class.from_dict(config)
         return model_class(args)
-    except (TypeError, KeyError) as e:
+    except (TypeError, KeyError, AssertionError) as e:  # mlx-lm's models assert what they support
         raise ValueError(
             f"config.json for model_type={config.get('model_type')!r} is missing "
             f"or has invalid keys: {e}"
@@ -206,13 +236,60 @@ class LoadPlan:
 
 
 def read_config(model_path: Path) -> dict:
-    """config.json of a model directory, with errors that say what is wrong."""
+    """config.json of a model directory, with errors that say what is wrong.
+
+    Raises:
+        CheckpointError: No config.json, not JSON, not a JSON object, or no
+            ``model_type`` (which names the architecture).
+    """
+    file = model_path / "config.json"
     try:
-        return load_config(model_path)
+        config = load_config(model_path)
     except FileNotFoundError:
         raise CheckpointError(f"{model_path} has no config.json: not an mlx-lm model directory") from None
     except json.JSONDecodeError as e:
-        raise CheckpointError(f"{model_path / 'config.json'} is not valid JSON: {e}") from None
+        raise CheckpointError(f"{file} is not valid JSON: {e}") from None
+    except UnicodeDecodeError as e:
+        raise CheckpointError(f"{file} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except (TypeError, AttributeError):  # mlx-lm merging generation_config.json into a non-object
+        raise CheckpointError(f"{file} and generation_config.json must each hold a JSON object") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{file} must hold a JSON object, not a {type(config).__name__}")
+    if not isinstance(config.get("model_type"), str) or not config["model_type"]:
+        raise CheckpointError(
+            f"{file} has no \"model_type\" (the architecture, e.g. \"qwen3_moe\"): "
+            "not an mlx-lm / Hugging Face model config"
+        )
+    return config
+
+
+#: Experts-per-token attributes of MoE blocks and their routers, as mlx-lm's models name them.
+TOP_K_NAMES = ("top_k", "num_experts_per_tok", "n_activated_experts", "moe_top_k")
+
+
+def check_top_k(model: nn.Module, config: dict) -> None:
+    """Every MoE block routes each token to between 1 and all of its experts.
+
+    A top-k above the number of experts (or group routing whose groups do
+    not fit the experts) passes every load-time check and then fails inside
+    the router on the first token, on every rank at once.
+
+    Raises:
+        CheckpointError: A block's top-k is outside ``1..num_experts``, or
+            its ``n_group`` / ``topk_group`` do not fit, naming the numbers.
+    """
+    for moe in find_moe_blocks(model):
+        routers = [getattr(moe.block, n, None) for n in ("gate", "router")]
+        for owner in [moe.block] + [r for r in routers if isinstance(r, nn.Module)]:
+            _check_groups(owner, moe.num_experts)
+            for name in TOP_K_NAMES:
+                k = getattr(owner, name, None)
+                if isinstance(k, int) and not isinstance(k, bool) and not 1 <= k <= moe.num_experts:
+                    key = next((n for n in TOP_K_NAMES if config.get(n) == k), name)  # as config.json spells it
+                    raise CheckpointError(
+                        f"config.json: {key}={k} experts per token, but {moe.path} has num_experts="
+                        f"{moe.num_experts}: it must be 1..{moe.num_experts}"
+                    )
 
 
 def plan_load(
@@ -255,14 +332,44 @@ def plan_load(
             codes[k] = [names[int(c)] for c in np.asarray(v).reshape(-1)]
 
     # The quantization predicate reads shapes: give it the real (lazy, unread)
-    # arrays where sanitize passed a per-expert tensor through unchanged.
-    _quantize(model, config, {**tensors, **{k: raw[k] for k in names if k in tensors}})
+    # arrays where sanitize passed a per-expert tensor through unchanged, and
+    # lazy stand-ins of the stacked shape where it stacked placeholders.
+    stacked = {k: mx.broadcast_to(raw[c[0]][None], (len(c), *raw[c[0]].shape)) for k, c in codes.items()}
+    _quantize(model, config, {**tensors, **{k: raw[k] for k in names if k in tensors}, **stacked})
     model.eval()
+    check_top_k(model, config)
+    _check_unused(model_path, model, tensors)
     plan: Plan = shard_structure(model, comm, placement, weights, mode, **layout_options)
     worker = mode == "central" and comm.rank != 0
     if worker:
         drop_dense(model)  # central-mode workers hold only their experts
     return LoadPlan(model, config, index, raw, tensors, codes, plan, worker)
+
+
+def _check_unused(model_path: Path, model: nn.Module, tensors: Dict[str, Any]) -> None:
+    """Refuses checkpoint tensors the model built from config.json has no place for.
+
+    mlx-lm's own loader refuses them too (``strict``): they mean config.json
+    and the weights do not match (e.g. fewer layers in the config than in the
+    checkpoint), and loading the rest would run a different model silently.
+    Per-expert tensors are accounted for by their stacked parameter.
+    """
+    params = {k for k, _ in tree_flatten(model.parameters())}
+    unused = sorted(k for k in tensors if k not in params and not PER_EXPERT_KEY.search(k))
+    if unused:
+        raise CheckpointError(
+            f"{model_path}: {len(unused)} checkpoint tensor(s) have no parameter in the model config.json "
+            f"describes (first: {unused[0]!r}): config.json does not match the weights"
+        )
+
+
+def _check_kind(path: str, want: mx.array, got: mx.array, where: Path) -> None:
+    """A floating-point parameter gets a floating-point tensor, an integer one (packed 4-bit weights) an integer tensor."""
+    if mx.issubdtype(want.dtype, mx.floating) != mx.issubdtype(got.dtype, mx.floating):
+        raise CheckpointError(
+            f"{where}: tensor {path!r} is {dtype_name(got.dtype)}, the model needs {dtype_name(want.dtype)} there "
+            "(a quantized checkpoint without its \"quantization\" entry in config.json, or a corrupt file)"
+        )
 
 
 def read_parameters(
@@ -280,8 +387,9 @@ def read_parameters(
         on_read: Called with the bytes of each evaluated parameter (progress).
     """
     index = lp.index if index is None else index
+    where = lp.index.files[0].parent
     params = []
-    for path, _ in tree_flatten(lp.model.parameters()):
+    for path, want in tree_flatten(lp.model.parameters()):
         if lp.worker and path not in lp.plan:
             continue
         if path in lp.plan:
@@ -289,7 +397,8 @@ def read_parameters(
         elif path in lp.tensors and path not in lp.codes:
             arr = lp.tensors[path]
         else:
-            raise CheckpointError(f"{lp.index.files[0].parent}: checkpoint has no tensor {path!r}")
+            raise CheckpointError(f"{where}: checkpoint has no tensor {path!r}")
+        _check_kind(path, want, arr, where)
         if evaluate:
             mx.eval(arr)
             if on_read is not None:
@@ -430,6 +539,7 @@ def load(
     )
     if warm_experts:
         use_warm_experts(model)
+    check_tokenizer_files(model_path)
     tokenizer = load_tokenizer(
         model_path, tokenizer_config, eos_token_ids=config.get("eos_token_id", None)
     )

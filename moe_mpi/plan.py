@@ -25,7 +25,7 @@ import sys
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
-from .argtypes import add_balance_arguments, positive_int
+from .argtypes import add_balance_arguments, positive_float, positive_int
 from .runner import add_debug_argument, fail, parse_args
 
 __all__ = ["KNOWN_MODELS", "main", "model_config", "plan_rows", "setup_arg_parser"]
@@ -121,7 +121,7 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     parser.add_argument("--efficiency", type=float, default=None,
                         help="share of spec bandwidth built-in machines reach, in (0, 1] (default 1: the roofline)")
     parser.add_argument("--price", default=None, help="machine prices, NAME=USD[,NAME=USD] (for cost per Mtok)")
-    parser.add_argument("--years", type=float, default=3.0, help="years to spread a machine's price over (default 3)")
+    parser.add_argument("--years", type=positive_float, default=3.0, help="years to spread a machine's price over (default 3)")
     parser.add_argument("--stats", metavar="FILE", help="routing statistics (`moe-mpi profile`): experts drawn by "
                         "their measured frequencies, and mode auto's layouts chosen from them (default: uniform)")
     # mode auto's --balance, --replicas and --profile, as for a run; the profile is also the machines'
@@ -313,6 +313,10 @@ def _run(args) -> int:
     from .perfmodel import ModelShape
     from .profiles import describe_machines, find_link, parse_machines, read_profile
 
+    from .results import check_writable
+
+    check_writable(None if args.json == "-" else args.json, "--json")
+    check_writable(args.plot, "--plot")
     profile_machine = profile_link = None
     if args.profile:
         profile_machine, profile_link, meta = read_profile(args.profile)
@@ -328,9 +332,13 @@ def _run(args) -> int:
     if not link_text:
         raise ValueError("give --link NAME (10gbe, tb4-tcp, tb5-tcp, tb5-rdma) or --profile FILE")
     links = [find_link(name.strip(), profile_link) for name in link_text.split(",") if name.strip()]
+    if not links:
+        raise ValueError(f"--link {link_text!r} names no link (10gbe, tb4-tcp, tb5-tcp, tb5-rdma)")
     config, path = model_config(args.model)
     shape = ModelShape.from_config(config, name=args.model)
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    if not modes:
+        raise ValueError(f"--modes {args.modes!r} names no mode (ep, sliced, auto, central, mlx-lm-tp)")
     from .perfmodel import get_mode
 
     for m in modes:

@@ -446,7 +446,9 @@ def write_profile(path, machine: Machine, link: Link, meta: dict) -> None:
         "link": _link_dict(link),
         "meta": meta,
     }
-    Path(path).write_text(json.dumps(data, indent=1) + "\n")
+    from .results import save_text
+
+    save_text(path, json.dumps(data, indent=1) + "\n", "the profile")
 
 
 def _machine_dict(m: Machine) -> dict:

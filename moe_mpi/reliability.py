@@ -22,7 +22,7 @@ import argparse
 import contextlib
 from typing import Any, Callable, Dict, Iterator, Optional, Tuple
 
-from .argtypes import non_negative_float
+from .argtypes import timeout_seconds
 from .runner import collective_phase
 from .watchdog import DEFAULT_TIMEOUT, Watchdog
 
@@ -55,7 +55,7 @@ def add_reliability_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--timeout",
-        type=non_negative_float,
+        type=timeout_seconds,
         default=DEFAULT_TIMEOUT,
         metavar="SECONDS",
         help=(

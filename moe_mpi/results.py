@@ -19,16 +19,21 @@ the id ``"1"`` are different prompts. Rank 0 shows the run's progress
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Dict, Optional, Sequence, TextIO, Tuple
 
 from .errors import UserError
 
-__all__ = ["Progress", "ResultWriter", "id_key", "result_row", "scan_results_file"]
+__all__ = [
+    "Progress", "ResultWriter", "check_writable", "id_key", "rescue_text", "result_row", "save_text", "scan_results_file",
+]
 
 
 def id_key(row_id: Any) -> str:
@@ -88,6 +93,8 @@ def scan_results_file(path: str, prompts_path: str) -> Tuple[set, Optional[Tuple
         raise UserError(f"--output {path} is the prompts file itself")
     if not os.access(out, os.W_OK):
         raise UserError(f"--output {path} is not writable")
+    if not out.is_file():
+        return set(), None  # /dev/null: nothing to resume (reading /dev/zero would never end)
     data = out.read_bytes()
     lines = data.split(b"\n")
     done = set()
@@ -129,14 +136,32 @@ class ResultWriter:
 
     def _sync(self) -> None:
         self._file.flush()
-        os.fsync(self._file.fileno())
+        try:
+            os.fsync(self._file.fileno())
+        except OSError as e:
+            if e.errno != errno.EINVAL:  # EINVAL: /dev/null or a pipe, nothing to sync
+                raise
 
     def write(self, rows: Sequence[Dict[str, Any]]) -> None:
-        """Writes ``rows`` (one JSON line each), flushed and fsync'd."""
-        self._file.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-        # fsync: an interrupted run (or a crashed machine) keeps every
-        # finished batch, so a rerun only redoes the batch in progress.
-        self._sync()
+        """Writes ``rows`` (one JSON line each), flushed and fsync'd.
+
+        Raises:
+            UserError: The file could not be written (a full disk); the rows
+                were saved to another file, which the message names.
+        """
+        text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+        try:
+            self._file.write(text)
+            # fsync: an interrupted run (or a crashed machine) keeps every
+            # finished batch, so a rerun only redoes the batch in progress.
+            self._sync()
+        except OSError as e:
+            rescued = rescue_text(text, Path(self._file.name).name)
+            where = f"saved to {rescued}" if rescued else "not saved anywhere (no writable directory)"
+            raise UserError(
+                f"cannot write to {self._file.name} ({e.strerror or e}); the batch's {len(rows)} row(s) were {where}; "
+                "the rows before them are in the file, and a rerun generates the rest"
+            ) from None
 
     def close(self) -> None:
         """Closes the file."""
@@ -144,12 +169,77 @@ class ResultWriter:
 
 
 def check_writable(path: Optional[str], option: str) -> None:
-    """Raises a :class:`UserError` if ``path``'s directory does not exist (None: nothing to check)."""
+    """Raises a :class:`UserError` unless ``path`` can be written (None: nothing to check).
+
+    For output files written at the end of a long run: checked before the
+    run, so that its results are not lost to a typo. ``path`` must not be a
+    directory, its directory must exist, and the file (if it exists) or the
+    directory (if not) must be writable.
+    """
     if path is None:
         return
+    target = Path(path)
+    if target.is_dir():
+        raise UserError(f"{option} {path} is a directory")
     directory = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(directory):
         raise UserError(f"{option} {path}: directory {directory} does not exist")
+    if target.exists() and not os.access(target, os.W_OK):
+        raise UserError(f"{option} {path} is not writable")
+    if not target.exists() and not os.access(directory, os.W_OK | os.X_OK):
+        raise UserError(f"{option} {path}: directory {directory} is not writable")
+
+
+def rescue_text(text: str, name: str) -> Optional[str]:
+    """Saves ``text`` to a new file in the working directory (else the temporary directory); its path, or None."""
+    for directory in (os.getcwd(), tempfile.gettempdir()):
+        try:
+            fd, rescued = tempfile.mkstemp(prefix="moe-mpi-rescued-", suffix=f"-{name}", dir=directory)
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(text)
+            return rescued
+        except OSError:
+            continue
+    return None
+
+
+def save_text(path, text: str, what: str) -> None:
+    """Writes ``text`` to ``path`` atomically (a temporary file, then a rename).
+
+    The results of a long run must not be lost to a full disk or a directory
+    that went away: if the write fails, ``text`` is saved to a new file in
+    the working directory (or the temporary directory) and the error names
+    it.
+
+    Args:
+        path: The file to write.
+        text: Its contents.
+        what: What it is, for the message (e.g. ``"--out"``).
+
+    Raises:
+        UserError: The file could not be written; the message says where the
+            text went, and its ``rescued`` attribute is that path (or None).
+    """
+    target = Path(path)
+    tmp = target.with_name(f".{target.name}.tmp")
+    try:
+        if target.exists() and not target.is_file():
+            # /dev/null or a pipe: written in place (a rename would replace
+            # the device node with a file).
+            with open(target, "w", encoding="utf-8") as f:
+                f.write(text)
+            return
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, target)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        reason = e.strerror or str(e)
+        rescued = rescue_text(text, target.name)
+        where = f"saved to {rescued} instead" if rescued else "not saved anywhere (no writable directory)"
+        error = UserError(f"cannot write {what} {path} ({reason}); its contents were {where}")
+        error.rescued = rescued
+        raise error from None
 
 
 class Progress:

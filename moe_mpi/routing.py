@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
 
@@ -97,11 +96,14 @@ class RoutingStats:
 
         Atomically (a temporary file, then a rename): a server that saves
         between requests and is then killed leaves the last whole file.
+
+        Raises:
+            UserError: The file could not be written; the statistics were
+                saved to another file, which the message names.
         """
-        path = Path(path)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(json.dumps(self.to_dict(model)) + "\n")
-        os.replace(tmp, path)
+        from .results import save_text
+
+        save_text(path, json.dumps(self.to_dict(model)) + "\n", "the router statistics file")
 
     @classmethod
     def load(cls, path) -> "RoutingStats":
@@ -121,16 +123,25 @@ class RoutingStats:
         layers = data.get("layers")
         if not isinstance(layers, list) or not layers:
             raise ValueError(f"{path}: no layers")
-        stats = cls([int(layer["num_experts"]) for layer in layers])
+        try:
+            stats = cls([int(layer["num_experts"]) for layer in layers])
+        except (KeyError, TypeError, ValueError):
+            raise ValueError(f"{path}: every layer needs a positive integer \"num_experts\"") from None
         for i, layer in enumerate(layers):
-            counts = np.asarray(layer["counts"], dtype=np.int64)
-            if counts.shape != stats.counts[i].shape or (counts < 0).any():
-                raise ValueError(f"{path}: layer {i}: counts must be {stats.counts[i].size} non-negative integers")
-            stats.counts[i] = counts
-            co = layer.get("coactivation")
-            if co is not None:
-                stats.coactivation[i] = np.asarray(co, dtype=np.int64).reshape(counts.size, counts.size)
-            stats.tokens[i] = int(layer.get("tokens", 0))
+            try:
+                counts = np.asarray(layer["counts"], dtype=np.int64)
+                if counts.shape != stats.counts[i].shape or (counts < 0).any():
+                    raise ValueError
+                stats.counts[i] = counts
+                co = layer.get("coactivation")
+                if co is not None:
+                    stats.coactivation[i] = np.asarray(co, dtype=np.int64).reshape(counts.size, counts.size)
+                stats.tokens[i] = int(layer.get("tokens", 0))
+            except (KeyError, TypeError, ValueError, OverflowError):
+                raise ValueError(
+                    f"{path}: layer {i}: expected \"counts\" ({stats.counts[i].size} non-negative integers), "
+                    f"an optional {stats.counts[i].size}x{stats.counts[i].size} \"coactivation\" and an integer \"tokens\""
+                ) from None
             stats.top_k[i] = layer.get("top_k")
         return stats
 

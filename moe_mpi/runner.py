@@ -11,7 +11,8 @@ exits while the others wait forever in their next collective. This module
 gives commands three tools:
 
 * :func:`parse_args`: argparse as usual, but only rank 0 prints (usage,
-  errors, ``--help``); other ranks exit with the same code, quietly. It reads
+  errors, ``--help``); other ranks exit with the same code, quietly (unless
+  rank 0's own command line was fine: then the rank says why). It reads
   the rank from the launcher's environment, so it works before MPI is
   initialised and a typo in an option never needs MPI at all.
 * :func:`collective_phase`: wraps a phase that every rank runs (argument
@@ -58,6 +59,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import io
 import os
 import sys
 import time
@@ -184,6 +186,9 @@ def parse_args(
     Every rank parses the same command line, so every rank reaches the same
     result; ranks other than 0 parse with stdout and stderr silenced and exit
     (``SystemExit``, code 2 for errors, 0 for ``--help``) without a word.
+    Only when a rank's command line fails where rank 0's did not (mpirun's
+    ``:`` gives ranks their own) does that rank print its error line, prefixed
+    ``[rank r]``, after :data:`ARGPARSE_GRACE_SECONDS`.
 
     Args:
         parser: The command's parser.
@@ -201,19 +206,26 @@ def parse_args(
 
     if env_rank() == 0:
         return parse()
+    captured = io.StringIO()
     with open(os.devnull, "w") as devnull:
-        with contextlib.redirect_stdout(devnull), contextlib.redirect_stderr(devnull):
+        with contextlib.redirect_stdout(devnull), contextlib.redirect_stderr(captured):
             try:
                 return parse()
             except SystemExit as e:
-                if e.code:
-                    # mpirun ends the job at the first non-zero exit: if this
-                    # rank went first, rank 0 could be killed before its usage
-                    # message is written. Rank 0 fails the same way and exits
-                    # at once, which ends this rank too; the sleep only bounds
-                    # the wait should it not.
-                    time.sleep(ARGPARSE_GRACE_SECONDS)
-                raise
+                if not e.code:
+                    raise
+                exit_code = e.code
+    # mpirun ends the job at the first non-zero exit: if this rank went
+    # first, rank 0 could be killed before its usage message is written.
+    # Rank 0 fails the same way and exits at once, which ends this rank too.
+    time.sleep(ARGPARSE_GRACE_SECONDS)
+    # Still here: rank 0 took its command line (mpirun's ':' gives ranks
+    # their own), so nobody has reported this one's error. Say it, once.
+    lines = [line for line in captured.getvalue().splitlines() if line.strip()]
+    if lines:
+        sys.stderr.write(f"[rank {env_rank()}] {lines[-1]}\n")
+        sys.stderr.flush()
+    raise SystemExit(exit_code)
 
 
 def _rank(comm) -> int:

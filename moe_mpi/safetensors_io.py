@@ -102,9 +102,10 @@ def read_header(path: Path) -> Dict[str, TensorInfo]:
             continue
         try:
             begin, end = meta["data_offsets"]
-            info = TensorInfo(path, meta["dtype"], tuple(meta["shape"]), 8 + n + begin, end - begin)
+            info = TensorInfo(path, meta["dtype"], tuple(int(d) for d in meta["shape"]), 8 + n + begin, end - begin)
         except (KeyError, TypeError, ValueError):
             raise CheckpointError(f"{path}: corrupt header entry for {key!r}") from None
+        _check_entry(path, key, info, begin)
         if info.offset + info.nbytes > size:
             raise CheckpointError(
                 f"{path}: truncated: tensor {key!r} ends at byte "
@@ -112,6 +113,43 @@ def read_header(path: Path) -> Dict[str, TensorInfo]:
             )
         infos[key] = info
     return infos
+
+
+def _check_entry(path: Path, key: str, info: TensorInfo, begin: int) -> None:
+    """A header entry's byte range must hold exactly its shape's elements.
+
+    Raises:
+        CheckpointError: Negative offsets or dimensions, or a byte count
+            that does not match the shape (rows would then be read from the
+            wrong bytes: silently wrong weights).
+    """
+    if begin < 0 or info.nbytes < 0 or any(d < 0 for d in info.shape):
+        raise CheckpointError(f"{path}: corrupt header entry for {key!r} (negative offset or dimension)")
+    if info.dtype not in _DTYPES:
+        return  # reported if and when the tensor is read
+    expected = int(np.prod(info.shape, dtype=np.int64)) * np.dtype(_DTYPES[info.dtype][0]).itemsize
+    if expected != info.nbytes:
+        raise CheckpointError(
+            f"{path}: corrupt header entry for {key!r}: shape {list(info.shape)} of {info.dtype} "
+            f"needs {expected} bytes, its data_offsets give {info.nbytes}"
+        )
+
+
+def check_index(info: TensorInfo, key: str, axis: int, index) -> None:
+    """Raises a :class:`CheckpointError` unless every position of ``index`` exists on ``axis`` of the tensor.
+
+    A checkpoint whose tensor is smaller than the model's config says (e.g.
+    fewer experts) would otherwise be read past its end, from the bytes of
+    the next tensor.
+    """
+    index = np.asarray(index, dtype=np.int64)
+    size = info.shape[axis] if axis < len(info.shape) else 0
+    if index.size and (index.min() < 0 or index.max() >= size):
+        raise CheckpointError(
+            f"{info.file}: tensor {key!r} has shape {list(info.shape)}, so no position {int(index.max())} "
+            f"on axis {axis}: the checkpoint does not match config.json (e.g. fewer experts or a smaller "
+            "intermediate size than the config says)"
+        )
 
 
 class CheckpointIndex:
@@ -152,6 +190,7 @@ class CheckpointIndex:
             self._read_into(info.file, info.offset, out)
         else:
             rows = np.asarray(rows, dtype=np.int64)
+            check_index(info, key, 0, rows)
             row_shape = info.shape[1:]
             row_bytes = info.nbytes // info.shape[0] if info.shape[0] else 0
             out = np.empty((rows.size, *row_shape), dtype=np_dtype)
@@ -176,7 +215,8 @@ class CheckpointIndex:
     def _read_into(file: Path, offset: int, out: np.ndarray) -> None:
         with open(file, "rb") as f:
             f.seek(offset)
-            f.readinto(memoryview(out.reshape(1)).cast("B"))
+            if f.readinto(memoryview(out.reshape(1)).cast("B")) != out.nbytes:
+                raise CheckpointError(f"{file}: short read at byte {offset}")
 
     def read_take(self, key: str, axis: int, index: np.ndarray) -> mx.array:
         """Reads positions ``index`` along ``axis`` of a tensor.
@@ -191,6 +231,7 @@ class CheckpointIndex:
         if axis == 0:
             return self.read_rows(key, index)
         info = self.tensors[key]
+        check_index(info, key, axis, index)
         if index.size == 0 or np.any(np.diff(index) != 1):
             return mx.take(self.read(key), mx.array(index), axis=axis)
         outer = int(np.prod(info.shape[:1]))  # blocks along axis 0
@@ -229,6 +270,7 @@ class ShapeOnlyIndex:
         return mx.zeros(tuple(shape), dtype=MX_DTYPES[info.dtype])
 
     def read_take(self, key: str, axis: int, index: np.ndarray) -> mx.array:
+        check_index(self.index.tensors[key], key, axis, index)
         shape = list(self.index.tensors[key].shape)
         shape[axis] = len(index)
         return self._zeros(key, shape)

@@ -80,7 +80,17 @@ def per_expert_source(keys: Sequence[str], source: Source) -> StackOf:
 
 
 def take(a: mx.array, axis: int, index: np.ndarray) -> mx.array:
-    """``a`` at positions ``index`` along ``axis``: a slice when they are consecutive."""
+    """``a`` at positions ``index`` along ``axis``: a slice when they are consecutive.
+
+    Raises:
+        ValueError: A position is not on ``axis`` (``mx.take`` would not say:
+            it reads whatever is there).
+    """
+    if index.size and (index.min() < 0 or index.max() >= a.shape[axis]):
+        raise ValueError(
+            f"positions {int(index.min())}..{int(index.max())} on axis {axis} of a tensor of shape "
+            f"{list(a.shape)}: the checkpoint does not match config.json"
+        )
     if index.size and np.all(np.diff(index) == 1):
         sl = (slice(None),) * axis + (slice(int(index[0]), int(index[-1]) + 1),)
         return a[sl]

@@ -270,6 +270,23 @@ def test_modes_option_rejects_unknown_names():
     assert modes.modes_arg("single,ep,ep") == ["single", "ep"]
 
 
+@pytest.mark.parametrize("bench, config, extra, message", [
+    # Prefilled 100000 tokens on a 4096-token model: a segmentation fault after 30 s.
+    ("decode", "tiny", ["--prompt-tokens", "100000"],
+     "--prompt-tokens + --warmup + --steps has 100040 tokens, more than the model's context of 4096"),
+    ("prefill", "tiny", ["--lengths", "8,5000"], "the longest of --lengths has 5000 tokens"),
+    # A traceback from every rank.
+    ("decode", [1, 2], [], "config.json must hold a JSON object, not a list"),
+])
+def test_bad_model_input_is_one_error_before_loading(bench, config, extra, message, tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(shapes.synthetic_config(config) if config == "tiny" else config))
+    argv = [sys.executable, "-m", "moe_mpi", "bench", bench, "--model", str(tmp_path), "--modes", "ep", *extra]
+    proc = launch.run_mpirun(2, argv, timeout=TIMEOUT, cwd=REPO)
+    assert proc.returncode == 1
+    assert proc.stderr.count("moe-mpi: error:") == 1 and message in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
 def test_synthetic_shapes():
     dbrx = shapes.synthetic_config("dbrx-like")
     assert (dbrx["hidden_size"], dbrx["num_experts"], dbrx["num_experts_per_tok"]) == (768, 16, 4)

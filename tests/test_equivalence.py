@@ -234,3 +234,16 @@ def test_generic_path_other_architectures(n, tmp_path_factory, tmp_path):
         cases.append(dict(name=f"{arch}/fp32-{parallel}", model=str(path), reference=str(root / f"{arch}.npz"),
                           mode="load", parallel=parallel))
     run_cases(n, cases, tmp_path)
+
+
+def test_per_expert_quantized_checkpoints(tmp_path):
+    """4-bit experts saved one tensor per expert (as Hugging Face lays them out): the quantization
+    of each stacked parameter is inferred from the real shapes, not the loader's one-number
+    placeholders (which gave bits=0: an MLX error where mlx-lm loads the model)."""
+    cases = []
+    for arch in ("mixtral", "deepseek_v3"):
+        path = synthetic.write_checkpoint(tmp_path / arch, arch, seed=1, quantize=4, expert_format="per_expert")
+        ref = write_reference(path, tmp_path / f"{arch}.npz")
+        cases.append(dict(name=f"{arch}/q4-per-expert", model=str(path), reference=str(ref), mode="load",
+                          placement="round-robin"))
+    run_cases(2, cases, tmp_path)

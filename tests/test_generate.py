@@ -19,6 +19,7 @@ import sys
 import time
 from pathlib import Path
 
+import mlx.core as mx
 import pytest
 
 from moe_mpi import synthetic
@@ -159,6 +160,25 @@ def bad(ckpt, tmp_path_factory):
             config["max_position_embeddings"] = 16
             (dst / "config.json").write_text(json.dumps(config))
             return dst
+        if name == "config-list":
+            dst = copy_ckpt(name)
+            (dst / "config.json").write_text("[1, 2]")
+            return dst
+        if name == "no-model-type":
+            return edit_config(copy_ckpt(name), lambda c: c.pop("model_type"))
+        if name == "top-k-16":
+            return edit_config(copy_ckpt(name), lambda c: c.update(num_experts_per_tok=16))
+        if name == "one-layer-config":  # the checkpoint has 2 layers
+            return edit_config(copy_ckpt(name), lambda c: c.update(num_hidden_layers=1))
+        if name == "no-tokenizer":
+            dst = copy_ckpt(name)
+            (dst / "tokenizer.json").unlink()
+            (dst / "tokenizer_config.json").unlink()
+            return dst
+        if name == "four-expert-tensor":  # one layer's gate_proj holds 4 of the config's 8 experts
+            return edit_tensors(copy_ckpt(name), lambda w: w.update({GATE_1: w[GATE_1][:4]}))
+        if name == "int-weights":
+            return edit_tensors(copy_ckpt(name), lambda w: w.update({Q_PROJ_0: w[Q_PROJ_0].astype(mx.int32)}))
         if name == "dense":
             return write_dense(root / name)
         if name == "not-linear":  # a norm of the routed sum
@@ -194,6 +214,28 @@ def bad(ckpt, tmp_path_factory):
         return made[name]
 
     return get
+
+
+#: Tensors of the qwen3_moe checkpoint that the broken copies change.
+GATE_1 = "model.layers.1.mlp.switch_mlp.gate_proj.weight"
+Q_PROJ_0 = "model.layers.0.self_attn.q_proj.weight"
+
+
+def edit_config(path: Path, change) -> Path:
+    """``change(config)`` applied to ``path``'s config.json in place."""
+    config = json.loads((path / "config.json").read_text())
+    change(config)
+    (path / "config.json").write_text(json.dumps(config))
+    return path
+
+
+def edit_tensors(path: Path, change) -> Path:
+    """``change(weights)`` applied to ``path``'s one model.safetensors in place."""
+    file = path / "model.safetensors"
+    weights = mx.load(str(file))
+    change(weights)
+    mx.save_safetensors(str(file), weights, metadata={"format": "mlx"})
+    return path
 
 
 def write_dense(path: Path) -> Path:
@@ -443,6 +485,26 @@ BAD_INPUT = {
         lambda bad, tmp: ["--prompts-file", bad("malformed.jsonl"), "--output", tmp / "out.jsonl"],
         "malformed.jsonl, line 2: invalid JSON",
     ),
+    "config-not-an-object": (2, lambda bad, tmp: ["--model", bad("config-list")], "must hold a JSON object, not a list"),
+    "config-without-model-type": (2, lambda bad, tmp: ["--model", bad("no-model-type")], 'has no "model_type"'),
+    "no-tokenizer": (2, lambda bad, tmp: ["--model", bad("no-tokenizer")], "has no tokenizer"),
+    # Failed in the router on the first token, on every rank: a message per rank.
+    "top-k-above-num-experts": (
+        2, lambda bad, tmp: ["--model", bad("top-k-16")], "num_experts_per_tok=16 experts per token"
+    ),
+    # Rank 1 read experts 4..7 past the tensor's end, from the next tensor's bytes: wrong text, exit 0.
+    "tensor-with-fewer-experts-than-config": (
+        2, lambda bad, tmp: ["--model", bad("four-expert-tensor")], "has shape [4, 64, 64], so no position 7"
+    ),
+    # Ran a one-layer model from a two-layer checkpoint, silently.
+    "config-with-fewer-layers-than-checkpoint": (
+        2, lambda bad, tmp: ["--model", bad("one-layer-config")], "have no parameter in the model config.json"
+    ),
+    "integer-weights": (2, lambda bad, tmp: ["--model", bad("int-weights")], "is int32, the model needs float32"),
+    # A traceback from every rank (mx.random.seed takes 0..2**64-1).
+    "negative-seed": (2, lambda bad, tmp: ["--seed", "-1"], "expected an integer in 0..18446744073709551615"),
+    # Was written after generating: the run's statistics were lost.
+    "record-routing-into-a-directory": (2, lambda bad, tmp: ["--record-routing", tmp], "is a directory"),
 }
 
 
@@ -481,6 +543,18 @@ def test_argparse_error_printed_once():
     proc, seconds = run(2, "--max-tokens", "0")
     assert_clean_failure(proc, seconds, "expected a positive integer", code=None)
     assert proc.stderr.count("usage: moe-mpi generate") == 1
+
+
+def test_argparse_error_on_one_rank_only_is_printed_by_that_rank():
+    # mpirun's ':' gives rank 1 its own command line; rank 0's is fine, so
+    # rank 0 says nothing and rank 1 must (it said nothing either, once).
+    good = generate_cmd("--model", "unused", "--max-tokens", 4)
+    bad_cmd = generate_cmd("--model", "unused", "--max-tokens", 0)
+    proc, seconds = run(1, argv=[*good, ":", "-n", "1", *bad_cmd])
+    assert proc.returncode != 0
+    assert proc.stderr.count("error:") == 1, proc.stderr
+    assert "[rank 1] moe-mpi generate: error: argument --max-tokens/-m: expected a positive integer" in proc.stderr
+    assert seconds < FAIL_WITHIN
 
 
 def test_debug_shows_traceback_once(tmp_path):
@@ -584,6 +658,31 @@ def test_scan_results_file(tmp_path):
         scan_results_file(str(out), str(prompts))
     with pytest.raises(UserError, match="is the prompts file itself"):
         scan_results_file(str(prompts), str(prompts))
+
+
+def test_results_that_cannot_be_written_are_rescued(tmp_path, monkeypatch):
+    from moe_mpi.errors import UserError
+    from moe_mpi.results import ResultWriter, check_writable, save_text
+
+    monkeypatch.chdir(tmp_path)
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    check_writable(str(tmp_path / "ok.json"), "--out")
+    for path, message in [(tmp_path, "is a directory"), (blocker / "x.json", "does not exist")]:
+        with pytest.raises(UserError, match=message):
+            check_writable(str(path), "--out")
+    # The directory went away (or the disk filled) by the end of the run.
+    with pytest.raises(UserError, match="its contents were saved to") as e:
+        save_text(blocker / "stats.json", '{"x": 1}\n', "--record-routing")
+    assert Path(e.value.rescued).read_text() == '{"x": 1}\n' and Path(e.value.rescued).parent == tmp_path
+    save_text(os.devnull, "1\n", "--out")  # written in place, not replaced by a file
+    assert not Path(os.devnull).is_file()
+    # /dev/full: a full disk in the middle of a batch run.
+    writer = ResultWriter("/dev/full", None)
+    with pytest.raises(UserError, match=r"cannot write to /dev/full .*1 row\(s\) were saved to") as e:
+        writer.write([{"id": 1, "text": "kept"}])
+    rescued = [p for p in tmp_path.iterdir() if p.name.startswith("moe-mpi-rescued-") and p.name.endswith("-full")]
+    assert [json.loads(p.read_text()) for p in rescued] == [{"id": 1, "text": "kept"}]
 
 
 def test_progress_bar_only_on_a_tty():

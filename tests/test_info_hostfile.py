@@ -270,20 +270,69 @@ def dense_checkpoint(tmp_path_factory):
         (["--model", "{empty}", "--np", "2"], "has no config.json"),
         (["--model", "{moe}", "--hostfile", "{badhosts}"], ":1: slots must be a positive integer"),
         (["--model", "{moe}", "--mode", "auto", "--profile", "{badhosts}"], "bad.hosts: not JSON"),
+        # Each was a traceback (AttributeError, KeyError).
+        (["--model", "{listconfig}"], "config.json must hold a JSON object, not a list"),
+        (["--model", "{moe}", "--mode", "auto", "--stats", "{badstats}"], 'layer 0: expected "counts" (8 non-negative'),
+        # Shapes that disagree with config.json or the header's own byte counts were read as given.
+        (["--model", "{fewexperts}"], "has shape [4, 64, 64], so no position 7 on axis 0"),
+        (["--model", "{badheader}"], "shape [8, 64, 63] of F32 needs 129024 bytes, its data_offsets give 131072"),
+        (["--model", "{moe}", "--write-layouts", "{empty}"], "--write-layouts {empty} is a directory"),
+        # Failed in every rank's router on the first token.
+        (["--model", "{topk}"], "config.json: num_experts_per_tok=16 experts per token, but model.layers.0.mlp has num_experts=8"),
+        (["--model", "{groups}"], "config.json: topk_group=8 must be 1..n_group=4"),
     ],
 )
 def test_info_bad_input_is_one_clean_line(args, message, checkpoints, dense_checkpoint, tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     (tmp_path / "bad.hosts").write_text("a slots=0\n")
+    (tmp_path / "listconfig").mkdir()
+    (tmp_path / "listconfig" / "config.json").write_text("[1]")
+    (tmp_path / "stats.json").write_text(json.dumps(
+        {"format": "moe_mpi.routing", "version": 1, "layers": [{"num_experts": 8}, {"num_experts": 8}]}
+    ))
+    gate = "model.layers.1.mlp.switch_mlp.gate_proj.weight"
     fill = dict(
-        moe=checkpoints("qwen3_moe"), dense=dense_checkpoint, empty=tmp_path / "empty", badhosts=tmp_path / "bad.hosts"
+        moe=checkpoints("qwen3_moe"), dense=dense_checkpoint, empty=tmp_path / "empty", badhosts=tmp_path / "bad.hosts",
+        listconfig=tmp_path / "listconfig", badstats=tmp_path / "stats.json",
+        fewexperts=_broken_copy(checkpoints("qwen3_moe"), tmp_path / "few", lambda h: h[gate].update(
+            shape=[4, 64, 64], data_offsets=[h[gate]["data_offsets"][0], h[gate]["data_offsets"][0] + 4 * 64 * 64 * 4]
+        )),
+        badheader=_broken_copy(checkpoints("qwen3_moe"), tmp_path / "header", lambda h: h[gate].update(shape=[8, 64, 63])),
+        topk=_changed_config(checkpoints("qwen3_moe"), tmp_path / "topk", num_experts_per_tok=16),
+        groups=_changed_config(checkpoints("deepseek_v3"), tmp_path / "groups", topk_group=8),
     )
+    message = message.format(**fill)
     with pytest.raises(SystemExit) as e:
         info.main([a.format(**fill) for a in args])
     assert e.value.code == 1
     out = capsys.readouterr()
     assert out.err.count("\n") == 1 and out.err.startswith("moe-mpi: error: "), out.err
     assert message in out.err and out.out == ""
+
+
+def _broken_copy(src: Path, dst: Path, change) -> Path:
+    """A copy of checkpoint ``src`` whose model.safetensors header is ``change``d (the data stays)."""
+    import shutil
+
+    shutil.copytree(src, dst)
+    file = dst / "model.safetensors"
+    data = file.read_bytes()
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + n])
+    change(header)
+    text = json.dumps(header).encode()
+    file.write_bytes(struct.pack("<Q", len(text)) + text + data[8 + n :])
+    return dst
+
+
+def _changed_config(src: Path, dst: Path, **changes) -> Path:
+    """A copy of checkpoint ``src`` with ``changes`` in its config.json."""
+    import shutil
+
+    shutil.copytree(src, dst)
+    config = json.loads((dst / "config.json").read_text())
+    (dst / "config.json").write_text(json.dumps(dict(config, **changes)))
+    return dst
 
 
 def test_info_error_exit_status_as_a_process():

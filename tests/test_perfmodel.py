@@ -364,6 +364,10 @@ def test_plan_text_for_a_model_that_does_not_fit(tmp_path):
     (["--model", "dbrx", "--machines", "m2-ultra-192:2"], "give --link"),
     (["--model", "no/such-model-here", "--machines", "m2-ultra-192:2", "--link", "10gbe"], "not a local directory"),
     (["--model", "dbrx", "--machines", "m2-ultra-192:2", "--link", "10gbe", "--price", "m2-ultra-192=free"], "NAME=USD"),
+    # These printed a header and no rows, with exit status 0.
+    (["--model", "dbrx", "--machines", "m2-ultra-192:2", "--link", ","], "--link ',' names no link"),
+    (["--model", "dbrx", "--machines", "m2-ultra-192:2", "--link", "10gbe", "--modes", ","], "--modes ',' names no mode"),
+    (["--model", "dbrx", "--machines", "m2-ultra-192:2", "--link", "10gbe", "--json", "/"], "--json / is a directory"),
 ])
 def test_plan_bad_input_is_one_clear_error(argv, message):
     proc = _plan(*argv)

@@ -64,7 +64,13 @@ def test_bytes_per_step_and_limit_by_mode():
     assert roofline.decode_limit(step, 8, 10.0) == pytest.approx(10e9 / step * 8)
 
 
-def test_a_config_it_does_not_model_is_one_error_on_every_rank(tmp_path):
+@pytest.mark.parametrize("case, message", [
+    ("quantized", "bench roofline covers float"),
+    # These were an error from every rank, and MPI_Abort's banner.
+    ("missing", "does not exist"),
+    ("decode-json", "not a `moe-mpi bench decode --json` file"),
+])
+def test_bad_input_is_one_error_on_every_rank(case, message, tmp_path):
     import json
     import sys
     from pathlib import Path
@@ -73,11 +79,17 @@ def test_a_config_it_does_not_model_is_one_error_on_every_rank(tmp_path):
 
     config = dict(synthetic_config("dbrx-like"), quantization={"group_size": 64, "bits": 4})
     (tmp_path / "config.json").write_text(json.dumps(config))
-    argv = [sys.executable, "-m", "moe_mpi", "bench", "roofline", "--model", str(tmp_path)]
+    (tmp_path / "decode.json").write_text("[]")
+    args = {
+        "quantized": ["--model", str(tmp_path)],
+        "missing": ["--model", str(tmp_path / "missing")],
+        "decode-json": ["--synthetic", "tiny", "--decode-json", str(tmp_path / "decode.json")],
+    }[case]
+    argv = [sys.executable, "-m", "moe_mpi", "bench", "roofline", *args]
     proc = launch.run_mpirun(2, argv, timeout=120, cwd=Path(__file__).resolve().parent.parent)
     assert proc.returncode != 0
     output = proc.stdout + proc.stderr
-    assert output.count("bench roofline covers float") == 1, output
+    assert output.count(message) == 1 and output.count("error:") == 1, output
     assert "Traceback" not in output, output
 
 

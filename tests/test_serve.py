@@ -482,6 +482,11 @@ def test_startup_errors_end_every_rank_with_one_message(ckpt, tmp_path):
     assert proc.returncode == 1
     assert proc.stderr.count("moe-mpi: error:") == 1 and "does not exist" in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr
+    # Once served (and would have failed at the first save, ending the server), before anything listens now.
+    argv = [sys.executable, "-m", "moe_mpi", "serve", "--model", str(ckpt), "--port", "0", "--record-routing", str(tmp_path)]
+    proc = run_mpirun(2, argv, timeout=TIMEOUT, env=ENV)
+    assert proc.returncode == 1
+    assert proc.stderr.count("moe-mpi: error:") == 1 and f"--record-routing {tmp_path} is a directory" in proc.stderr, proc.stderr
 
 
 def test_bench_serve_drives_both_servers(ckpt, tmp_path):

@@ -300,4 +300,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             "warmup": args.warmup,
             "prompt_tokens": args.prompt_tokens,
         },
+        context_tokens=(
+            args.prompt_tokens + args.warmup + args.steps, "a sequence of --prompt-tokens + --warmup + --steps"
+        ),
     )

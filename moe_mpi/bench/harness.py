@@ -14,14 +14,14 @@ import contextlib
 import gc
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Sequence
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import mlx.core as mx
 import mlx.nn as nn
 
 from ..comm import quiet_barrier
 from ..cpu import switches
-from ..argtypes import add_balance_arguments, positive_int
+from ..argtypes import add_balance_arguments, positive_int, seed
 from ..runner import collective_phase
 from . import report, verify
 from .modes import Built, Context, SingleProcess, default_modes, get_mode, mode_description, mode_names, modes_arg
@@ -61,7 +61,7 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
         default="mpi4py",
         help="data path of moe_mpi's all-reduce (Communicator backend; default mpi4py)",
     )
-    parser.add_argument("--seed", type=int, default=0, help="seed of the token ids")
+    parser.add_argument("--seed", type=seed, default=0, help="seed of the token ids")
     parser.add_argument(
         "--stats", metavar="FILE", default=None,
         help="router statistics (moe-mpi profile) for mode auto (uniform routing without)",
@@ -317,6 +317,7 @@ def run_benchmark(
     render: Callable[[List[Dict[str, Any]]], List[str]],
     plot: Callable[[List[Dict[str, Any]], str, str], None],
     config_record: Dict[str, Any],
+    context_tokens: Optional[Tuple[int, str]] = None,
 ) -> int:
     """The main of a model benchmark: set up, run every mode, report on rank 0.
 
@@ -329,13 +330,16 @@ def run_benchmark(
         render: Rows -> table lines (rank 0).
         plot: ``plot(rows, filename, title)`` for ``--plot``.
         config_record: The bench's parameters, for the JSON.
+        context_tokens: ``(tokens, what)``: the longest sequence the bench
+            runs and the options that make it, checked against the model's
+            context before anything runs (far longer ones exhaust memory).
 
     Returns:
         The exit status.
     """
-    from mlx_lm.utils import load_config
-
     from ..comm import Communicator, mlx_group
+    from ..loading import read_config
+    from ..prompts import check_prompt_length
     from ..runner import abort_on_error
     from .machine import header_lines, machine_info
 
@@ -355,7 +359,9 @@ def run_benchmark(
         path, synthetic = _resolve_path(args, ctl)
         config = None
         with collective_phase(ctl, debug=args.debug):
-            config = load_config(Path(path))
+            config = read_config(Path(path))
+            if context_tokens is not None:
+                check_prompt_length(context_tokens[0], config, context_tokens[1])
         info = machine_info(ctl)
         blas = ctl.allgather(report.blas_info())
         # Every MOE_MPI_* switch each rank runs with (mpirun -x can differ per rank).

@@ -460,10 +460,15 @@ def header_lines(
 
 
 def write_json(path: str | os.PathLike, payload: Mapping[str, Any]) -> None:
-    """Write ``payload`` as indented JSON (UTF-8), ending with a newline."""
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(payload, f, indent=2)
-        f.write("\n")
+    """Write ``payload`` as indented JSON (UTF-8), ending with a newline.
+
+    Raises:
+        UserError: The file could not be written; the JSON was saved to
+            another file, which the message names.
+    """
+    from ..results import save_text
+
+    save_text(path, json.dumps(payload, indent=2) + "\n", "the results file")
 
 
 def write_csv(

@@ -170,4 +170,5 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         render=_render,
         plot=_plot,
         config_record={"lengths": args.lengths, "repeats": args.repeats},
+        context_tokens=(max(args.lengths), "the longest of --lengths"),
     )

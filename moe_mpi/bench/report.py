@@ -533,12 +533,11 @@ def check_plot_available(path: Optional[str]) -> None:
 
 
 def check_output_dirs(*paths: Optional[str]) -> None:
-    """Raises UserError if an output file's directory does not exist."""
+    """Raises UserError if an output file cannot be written (a directory, or its directory missing or read-only)."""
+    from ..results import check_writable
+
     for path in paths:
-        if path:
-            directory = os.path.dirname(os.path.abspath(path))
-            if not os.path.isdir(directory):
-                raise UserError(f"{path}: directory {directory} does not exist")
+        check_writable(path, "output file")
 
 
 def write_results(path: str, payload: Mapping[str, Any]) -> None:

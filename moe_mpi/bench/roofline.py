@@ -34,9 +34,12 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
-from ..errors import CollectiveError
+from ..argtypes import int_list, positive_int
+from ..errors import UserError
 from ..perfmodel import ModelShape, PerfModelError, bytes_per_step, expected_experts
-from ..runner import abort_on_error, add_debug_argument, parse_args
+from ..results import check_writable, save_text
+from ..runner import abort_on_error, add_debug_argument, collective_phase, parse_args
+from .modes import modes_arg
 
 STREAM_MB = 256  # triad arrays per rank, far beyond any cache
 
@@ -141,11 +144,12 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--model", metavar="PATH", help="local model directory (its config.json)")
     source.add_argument("--synthetic", default="dbrx-like", help="synthetic shape name (default: dbrx-like)")
-    parser.add_argument("--batch", default="1,8", help="comma-separated batch sizes (default: 1,8)")
-    parser.add_argument("--modes", default="ep,sliced,central,mlx-lm-tp,single")
+    parser.add_argument("--batch", type=int_list, default=[1, 8], help="comma-separated batch sizes (default: 1,8)")
+    parser.add_argument("--modes", type=modes_arg, default=["ep", "sliced", "central", "mlx-lm-tp", "single"],
+                        help="comma-separated modes of moe-mpi bench decode (default: ep,sliced,central,mlx-lm-tp,single)")
     parser.add_argument("--decode-json", metavar="FILE", help="`moe-mpi bench decode --json` output to compare with")
     parser.add_argument("--json", metavar="FILE", help="write the limits as JSON")
-    parser.add_argument("--stream-mb", type=int, default=STREAM_MB, help=f"probe arrays per rank, MB (default: {STREAM_MB})")
+    parser.add_argument("--stream-mb", type=positive_int, default=STREAM_MB, help=f"probe arrays per rank, MB (default: {STREAM_MB})")
     add_debug_argument(parser)
     return parser
 
@@ -153,27 +157,59 @@ def setup_arg_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[List[str]] = None) -> None:
     from ..comm import Communicator
 
-    comm = Communicator()
     args = parse_args(setup_arg_parser(), argv)
+    comm = Communicator()
     with abort_on_error(comm, debug=args.debug):
-        _run(comm, args)
+        parts = measured = None
+        # Bad input (a model directory, a decode JSON, an output file) on any
+        # rank: one message, every rank exits.
+        with collective_phase(comm, debug=args.debug):
+            if comm.rank == 0:
+                check_writable(args.json, "--json")
+            parts = _parts(args)
+            measured = _measured(args.decode_json)
+        _run(comm, args, parts, measured)
 
 
-def _run(comm, args: argparse.Namespace) -> None:
+def _measured(path: Optional[str]) -> Dict[tuple, float]:
+    """``(mode, batch) -> tokens/s`` of a ``moe-mpi bench decode --json`` file (empty without one)."""
+    if path is None:
+        return {}
+    try:
+        data = json.loads(Path(path).read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"--decode-json {path}: not JSON ({e})") from None
+    try:
+        rows = data["rows"]
+        return {(row["mode"], row["batch"]): row["tokens_per_s"] for row in rows}
+    except (KeyError, TypeError):
+        raise UserError(
+            f"--decode-json {path}: not a `moe-mpi bench decode --json` file "
+            '(expected {"rows": [{"mode", "batch", "tokens_per_s"}, ...]})'
+        ) from None
+
+
+def _parts(args: argparse.Namespace) -> Dict[str, float]:
+    """The byte model of ``--model``'s or ``--synthetic``'s config."""
     if args.model:
-        config = json.loads((Path(args.model) / "config.json").read_text())
+        from ..loading import read_config, resolve_model_path
+
+        config = read_config(resolve_model_path(args.model, download=False))
     else:
         from .shapes import synthetic_config
 
         config = synthetic_config(args.synthetic)
     parts = limit_parts(config)
     if parts is None:
-        # Every rank reads the same config: the same error everywhere.
-        raise CollectiveError(
+        raise UserError(
             "bench roofline covers float (float32/bfloat16/float16) qwen3_moe/mixtral-style "
             f"configs; this one is {config.get('model_type')} {config.get('torch_dtype')}"
             + (" quantized" if "quantization" in config else "")
         )
+    return parts
+
+
+def _run(comm, args: argparse.Namespace, parts: Dict[str, float], measured: Dict[tuple, float]) -> None:
     # Bandwidth with every rank reading (what ep/sliced/tp/central get), and
     # with rank 0 alone (what a single process gets).
     together = comm.allgather(stream_triad(comm, args.stream_mb))
@@ -181,14 +217,10 @@ def _run(comm, args: argparse.Namespace) -> None:
     alone = stream_triad_alone(comm, args.stream_mb)
     # Context, not the limit: decode's own access pattern, read-only.
     read = comm.allgather(stream_read(comm, args.stream_mb))
-    measured = {}
-    if args.decode_json:
-        for row in json.loads(Path(args.decode_json).read_text())["rows"]:
-            measured[row["mode"], row["batch"]] = row["tokens_per_s"]
     rows = []
-    for mode in args.modes.split(","):
+    for mode in args.modes:
         bandwidth = alone if mode == "single" else min(together)
-        for batch in (int(b) for b in args.batch.split(",")):
+        for batch in args.batch:
             step = bytes_per_step(parts, mode, comm.size, batch)
             limit = decode_limit(step, batch, bandwidth)
             read_limit = decode_limit(step, batch, min(read)) if mode != "single" else None
@@ -217,8 +249,9 @@ def _run(comm, args: argparse.Namespace) -> None:
             print(f"{r['mode']:>10} {r['batch']:>3} {r['bytes_per_step'] / 1e6:>9.0f} {r['bandwidth_gbs']:>6.1f} "
                   f"{r['limit_tokens_per_s']:>12.1f} {got:>9} {frac:>9} {read_frac:>8}")
         if args.json:
-            Path(args.json).write_text(json.dumps({"stream_together_gbs": together, "stream_alone_gbs": alone,
-                                                   "read_together_gbs": read, "parts": parts, "rows": rows}, indent=1))
+            save_text(args.json, json.dumps({"stream_together_gbs": together, "stream_alone_gbs": alone,
+                                             "read_together_gbs": read, "parts": parts, "rows": rows}, indent=1),
+                      "--json")
 
 
 def stream_triad_alone(comm, mbytes: int = STREAM_MB) -> float:

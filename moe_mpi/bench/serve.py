@@ -61,7 +61,7 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
-from ..argtypes import int_list, positive_int
+from ..argtypes import int_list, port, positive_int
 from ..runner import PROG, env_rank, fail, parse_args
 
 __all__ = ["ServerJob", "main", "run_mlx_lm_server", "setup_arg_parser", "stream_chat"]
@@ -588,7 +588,7 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-tokens", type=positive_int, default=64, help="max_tokens of every request (default: 64).")
     parser.add_argument("--prompt-words", type=positive_int, default=4, help="Random words per prompt (default: 4, about 35 tokens with the chat template on the synthetic tokenizer).")
     parser.add_argument("--seed", type=int, default=0, help="Seed of the prompts.")
-    parser.add_argument("--port", type=positive_int, default=18080, help="Port with --cluster (default: 18080); otherwise a free one.")
+    parser.add_argument("--port", type=port, default=18080, help="Port with --cluster (default: 18080); otherwise a free one.")
     parser.add_argument("--cluster", default=None, help="A cluster file from examples/netns_bench.py --driver (fake hosts).")
     parser.add_argument("--json", default=None, help="Write the results here.")
     parser.add_argument("--logs", default=None, help="Directory for the servers' logs (default: a new temporary one).")

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import math
-import os
 import re
 import sys
 from collections.abc import Callable, Mapping, Sequence
@@ -20,6 +19,7 @@ from typing import Any
 
 from ..argtypes import non_negative_int, positive_int
 from ..errors import UserError
+from ..results import check_writable
 from .machine import format_load, format_size, load_average, write_csv, write_json
 
 DEFAULT_LARGE_THRESHOLD = 8192
@@ -189,8 +189,8 @@ def check_outputs(args: argparse.Namespace) -> None:
     """Fail early (before a long sweep) if the output files cannot be written.
 
     Raises:
-        UserError: matplotlib missing for ``--plot``, or an output
-            directory does not exist.
+        UserError: matplotlib missing for ``--plot``, or an output file
+            cannot be written (see :func:`moe_mpi.results.check_writable`).
     """
     if args.plot and importlib.util.find_spec("matplotlib") is None:
         raise UserError(
@@ -198,13 +198,7 @@ def check_outputs(args: argparse.Namespace) -> None:
             f"`{sys.executable} -m pip install matplotlib`"
         )
     for option in ("csv", "json", "plot"):
-        path = getattr(args, option)
-        if path:
-            directory = os.path.dirname(os.path.abspath(path))
-            if not os.path.isdir(directory):
-                raise UserError(
-                    f"--{option} {path}: directory {directory} does not exist"
-                )
+        check_writable(getattr(args, option), f"--{option}")
 
 
 def emit_footer(emit: Callable[[str], None], wrong: int, check: bool) -> list[float] | None:

@@ -23,10 +23,11 @@ import sys
 import threading
 from typing import Optional, Sequence
 
-from ..argtypes import add_sharding_arguments, non_negative_float, non_negative_int, positive_int, unit_interval
+from ..argtypes import add_sharding_arguments, non_negative_float, non_negative_int, port, positive_int, probability, unit_interval
 from ..comm import BACKENDS, Communicator
 from ..errors import UserError
 from ..reliability import add_reliability_arguments, check_reliability_arguments, guard_warning, load_checked, watched
+from ..results import check_writable
 from ..routing import RoutingStats, record_routing
 from ..runner import PROG, abort_on_error, add_debug_argument, collective_phase, env_rank, parse_args
 from .api import (
@@ -90,7 +91,7 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     add = parser.add_argument
     add("--model", default=None, help="Local model directory or Hugging Face repo (default: the bundled demo model).")
     add("--host", default=DEFAULT_HOST, help=f"Address rank 0 listens on (default: {DEFAULT_HOST}, this machine only; 0.0.0.0 opens it to the network, see docs/serving.md).")
-    add("--port", type=non_negative_int, default=DEFAULT_PORT, help=f"Port (default: {DEFAULT_PORT}; 0 picks a free one).")
+    add("--port", type=port, default=DEFAULT_PORT, help=f"Port (default: {DEFAULT_PORT}; 0 picks a free one).")
     add_sharding_arguments(parser)  # --mode, --placement, --weights, ...: as moe-mpi generate
     add("--backend", choices=BACKENDS, default="mpi4py", help="Data path of the per-layer all-reduce (default: mpi4py).")
     add_reliability_arguments(parser)  # --routing-guard, --strict-routing, --timeout: as moe-mpi generate
@@ -100,7 +101,7 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     add("--temp", type=non_negative_float, default=0.0, help="Default temperature (default: 0, greedy).")
     add("--top-p", type=unit_interval, default=1.0, help="Default top_p (default: 1).")
     add("--top-k", type=non_negative_int, default=0, help="Default top_k (default: 0, off).")
-    add("--min-p", type=unit_interval, default=0.0, help="Default min_p (default: 0, off).")
+    add("--min-p", type=probability, default=0.0, help="Default min_p (default: 0, off).")
     add("--decode-concurrency", type=positive_int, default=32, help="Most requests decoded together (default: 32, as mlx_lm.server).")
     add("--prompt-concurrency", type=positive_int, default=8, help="Most prompts prefilled together (default: 8, as mlx_lm.server).")
     add("--prefill-step-size", type=positive_int, default=2048, help="Prompt tokens per prefill chunk (default: 2048).")
@@ -194,7 +195,8 @@ def serve(args: argparse.Namespace, comm: Communicator, watchdog) -> None:
     model_arg = args.model
     with collective_phase(comm, debug=args.debug, name_ranks=False):
         comm = _backend_comm(comm, args.backend)
-        if rank0:  # fail on a port in use before the long load
+        if rank0:  # fail on a port in use, or an output that cannot be written, before the long load
+            check_writable(args.record_routing, "--record-routing")
             httpd = make_http_server(args.host, args.port)
     with collective_phase(comm, debug=args.debug):
         args.model = str(resolve_model_path(model_arg))
@@ -245,10 +247,19 @@ def _routing_saver(path: Optional[str], stats: Optional[RoutingStats], info: dic
     if stats is None:
         return None
     saved = [0]
+    target = [path]
 
     def save() -> None:
         if stats.tokens[0] != saved[0]:
-            stats.save(path, model={"path": info["path"], "ranks": info["ranks"], "mode": info["mode"]})
+            try:
+                stats.save(target[0], model={"path": info["path"], "ranks": info["ranks"], "mode": info["mode"]})
+            except UserError as e:
+                # A full disk must not end the server: say where the statistics
+                # went, and keep saving there.
+                logging.error("%s: error: %s", PROG, e)
+                if getattr(e, "rescued", None) is None:
+                    return
+                target[0] = e.rescued
             saved[0] = stats.tokens[0]
 
     return save
