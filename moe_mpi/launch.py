@@ -17,7 +17,7 @@ import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-__all__ = ["LAUNCH_FAILURES", "find_mpirun", "kill_job", "mpirun_command", "run_mpirun"]
+__all__ = ["LAUNCH_ATTEMPTS", "LAUNCH_FAILURES", "find_mpirun", "kill_job", "launch_failed", "mpirun_command", "run_mpirun"]
 
 #: Messages of Open MPI's launcher failing before any rank's program ran.
 #: Rare and transient (one or two of the hundreds of launches of some of our

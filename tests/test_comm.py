@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import re
+import socket
 import stat
 import subprocess
 import sys
@@ -222,3 +223,39 @@ def test_run_mpirun_does_not_repeat_a_program_that_failed(tmp_path, monkeypatch)
     assert proc.returncode == 1
     with pytest.raises(ValueError):
         launch.run_mpirun(1, ["echo"], attempts=0)
+
+
+@pytest.mark.parametrize("failures, ready", [(2, True), (3, False)])
+def test_server_job_launches_again_when_mpirun_fails_to_start(tmp_path, failures, ready):
+    # bench serve's and the serve tests' job: the same rule as run_mpirun's.
+    from moe_mpi.bench.serve import ServerJob
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        free = s.getsockname()[1]
+    server = (
+        "import http.server as h\n"
+        "class H(h.BaseHTTPRequestHandler):\n"
+        "    def do_GET(self):\n"
+        "        self.send_response(200); self.end_headers(); self.wfile.write(b'ok')\n"
+        f"h.HTTPServer(('127.0.0.1', {free}), H).serve_forever()\n"
+    )
+    count = tmp_path / "launches"
+    script = tmp_path / "job"
+    script.write_text(
+        "#!/bin/sh\n"
+        f"n=$(cat '{count}' 2>/dev/null || echo 0); n=$((n + 1)); echo $n > '{count}'\n"
+        f"if [ $n -le {failures} ]; then echo \"{launch.LAUNCH_FAILURES[0]}\"; exit 213; fi\n"
+        f"exec '{sys.executable}' -c \"$1\"\n"
+    )
+    script.chmod(script.stat().st_mode | stat.S_IXUSR)
+    job = ServerJob([script, server], tmp_path / "job.log", url=f"http://127.0.0.1:{free}").start()
+    try:
+        if ready:
+            assert job.wait_ready(timeout=60) == f"http://127.0.0.1:{free}"
+        else:
+            with pytest.raises(RuntimeError, match="exited with code 213"):
+                job.wait_ready(timeout=60)
+        assert int(count.read_text()) == min(failures + 1, launch.LAUNCH_ATTEMPTS)
+    finally:
+        job.stop()

@@ -62,6 +62,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 from ..argtypes import int_list, port, positive_int
+from ..launch import LAUNCH_ATTEMPTS, launch_failed
 from ..runner import PROG, env_rank, fail, parse_args
 
 __all__ = ["ServerJob", "main", "run_mlx_lm_server", "setup_arg_parser", "stream_chat"]
@@ -112,12 +113,23 @@ class ServerJob:
     def wait_ready(self, timeout: float = READY_TIMEOUT) -> str:
         """Waits until ``GET /health`` answers 200; returns the base URL.
 
+        A job whose ``mpirun`` failed before any rank ran (a message of
+        :data:`moe_mpi.launch.LAUNCH_FAILURES`) is started again, up to
+        ``LAUNCH_ATTEMPTS`` launches in all, as :func:`moe_mpi.launch.run_mpirun` does.
+
         Raises:
             RuntimeError: The job ended, or did not get ready in time.
         """
         deadline = time.monotonic() + timeout
+        launches = 1
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
+                if launches < LAUNCH_ATTEMPTS and launch_failed(self.output()):
+                    print(f"moe_mpi: mpirun failed to start (launch {launches} of {LAUNCH_ATTEMPTS}); "
+                          "launching again", file=sys.stderr)
+                    launches += 1
+                    self.start()
+                    continue
                 raise RuntimeError(f"the server exited with code {self.proc.returncode}:\n{self.output()[-4000:]}")
             if self.url is None:
                 found = _URL.search(self.output())
