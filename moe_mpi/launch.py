@@ -17,7 +17,7 @@ import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-__all__ = ["LAUNCH_ATTEMPTS", "LAUNCH_FAILURES", "find_mpirun", "kill_job", "launch_failed", "mpirun_command", "run_mpirun"]
+__all__ = ["LAUNCH_ATTEMPTS", "LAUNCH_FAILURES", "find_mpirun", "kill_job", "launch_again", "mpirun_command", "run_mpirun"]
 
 #: Messages of Open MPI's launcher failing before any rank's program ran.
 #: Rare and transient (one or two of the hundreds of launches of some of our
@@ -134,17 +134,23 @@ def run_mpirun(
     if attempts < 1:
         raise ValueError(f"attempts must be >= 1, got {attempts}")
     proc = _run_once(cmd, timeout, env, cwd)
-    attempt = 1
-    while proc.returncode != 0 and attempt < attempts and launch_failed(proc.stderr + proc.stdout):
-        print(f"moe_mpi: mpirun failed to start (launch {attempt} of {attempts}); launching again", file=sys.stderr)
-        attempt += 1
+    launches = 1
+    while proc.returncode != 0 and launch_again(proc.stderr + proc.stdout, launches, attempts):
+        launches += 1
         proc = _run_once(cmd, timeout, env, cwd)
     return proc
 
 
-def launch_failed(output: str) -> bool:
-    """Whether ``output`` shows mpirun failing before any rank's program ran."""
-    return any(message in output for message in LAUNCH_FAILURES)
+def launch_again(output: str, launches: int, attempts: int = LAUNCH_ATTEMPTS) -> bool:
+    """Whether a failed job should be launched again, and if so says so on stderr.
+
+    Yes when ``output`` shows mpirun failing before any rank's program ran
+    (:data:`LAUNCH_FAILURES`) and fewer than ``attempts`` launches were made.
+    """
+    if launches >= attempts or not any(message in output for message in LAUNCH_FAILURES):
+        return False
+    print(f"moe_mpi: mpirun failed to start (launch {launches} of {attempts}); launching again", file=sys.stderr)
+    return True
 
 
 def _run_once(cmd: list[str], timeout: float, env, cwd) -> subprocess.CompletedProcess:

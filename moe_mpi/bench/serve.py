@@ -62,7 +62,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 from ..argtypes import int_list, port, positive_int
-from ..launch import LAUNCH_ATTEMPTS, launch_failed
+from ..launch import launch_again
 from ..runner import PROG, env_rank, fail, parse_args
 
 __all__ = ["ServerJob", "main", "run_mlx_lm_server", "setup_arg_parser", "stream_chat"]
@@ -115,7 +115,8 @@ class ServerJob:
 
         A job whose ``mpirun`` failed before any rank ran (a message of
         :data:`moe_mpi.launch.LAUNCH_FAILURES`) is started again, up to
-        ``LAUNCH_ATTEMPTS`` launches in all, as :func:`moe_mpi.launch.run_mpirun` does.
+        :data:`moe_mpi.launch.LAUNCH_ATTEMPTS` launches in all, as
+        :func:`moe_mpi.launch.run_mpirun` does (:func:`moe_mpi.launch.launch_again`).
 
         Raises:
             RuntimeError: The job ended, or did not get ready in time.
@@ -124,9 +125,7 @@ class ServerJob:
         launches = 1
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                if launches < LAUNCH_ATTEMPTS and launch_failed(self.output()):
-                    print(f"moe_mpi: mpirun failed to start (launch {launches} of {LAUNCH_ATTEMPTS}); "
-                          "launching again", file=sys.stderr)
+                if launch_again(self.output(), launches):
                     launches += 1
                     self.start()
                     continue
