@@ -27,6 +27,9 @@ prefill: ``T = L`` prompt tokens of one sequence) costs, on N ranks::
   paper's scheme): each rank sends its experts' outputs to the N - 1 others.
 * ``T_head``: the LM head, ``kernel_seconds(format, V * D bytes, T)`` in
   decode and prefill alike (mlx-lm computes every position's logits).
+* On a host with more ranks than cores the ``max over ranks`` is the time
+  the last rank finishes when the cores are shared among the ranks still
+  computing (``shared_makespan``): waiting ranks yield their core.
 * ``layer_fixed``, ``step_fixed``: measured costs of the code path per layer
   and per call (Python, MLX's scheduler), zero where not measured.
 
@@ -57,10 +60,12 @@ __all__ = [
     "bytes_per_step",
     "default_layouts",
     "expected_experts",
+    "host_speeds",
     "memory_per_rank",
     "predict",
     "register_mode",
     "route_counts",
+    "shared_makespan",
 ]
 
 
@@ -361,6 +366,50 @@ def _expert_seconds(shape: ModelShape, ranks: Sequence[Machine], counts: np.ndar
     return out
 
 
+def host_speeds(ranks: Sequence[Machine]) -> List[np.ndarray]:
+    """Per host: the speed of each of its ranks while ``j`` of them compute, ``[k]`` for ``j = 1..k``.
+
+    Rates are measured with ``ranks_per_host`` ranks computing at once.
+    Where more ranks than cores share a host, a rank that waits in a
+    collective gives up its core (Open MPI yields when oversubscribed), so
+    those still computing share the cores among fewer (processor sharing):
+    a rank's speed is ``min(1, cores / j) / min(1, cores / ranks_per_host)``
+    of the measured rate. Hosts are consecutive ranks, ``ranks_per_host``
+    each (mpirun fills a host's slots first). 1 throughout on a host with a
+    core per rank, or whose cores are unknown (built-in machines).
+    """
+    out = []
+    r = 0
+    while r < len(ranks):
+        m = ranks[r]
+        k = min(max(1, m.ranks_per_host), len(ranks) - r)
+        j = np.arange(1, k + 1)
+        if m.cores and m.ranks_per_host > m.cores:
+            out.append(np.minimum(1.0, m.cores / j) / min(1.0, m.cores / m.ranks_per_host))
+        else:
+            out.append(np.ones(k))
+        r += k
+    return out
+
+
+def shared_makespan(seconds: np.ndarray, speeds: Sequence[np.ndarray]) -> np.ndarray:
+    """``[S]``: when the last rank finishes, from ``seconds[S, N]`` of work each at the measured rate.
+
+    Within a host the ranks progress together at ``speeds[j - 1]`` while
+    ``j`` of them still compute (:func:`host_speeds`); hosts run apart.
+    """
+    seconds = np.atleast_2d(np.asarray(seconds, dtype=np.float64))
+    out = np.zeros(seconds.shape[0])
+    start = 0
+    for speed in speeds:
+        k = len(speed)
+        work = np.sort(seconds[:, start:start + k], axis=1)  # [S, k], least first
+        steps = np.diff(work, axis=1, prepend=0.0)  # work done while k, k-1, ... ranks compute
+        out = np.maximum(out, (steps / speed[::-1]).sum(axis=1))
+        start += k
+    return out
+
+
 def _central_exchange(shape: ModelShape, link: Link, counts: np.ndarray, owners: np.ndarray, tokens: int) -> float:
     """Expected seconds of rank 0's exchanges with the workers in one MoE layer.
 
@@ -437,6 +486,8 @@ def predict(
     if m.comm in ("exchange", "allgather") and any(x.owners() is None for x in layouts):
         raise PerfModelError(f"mode {m.name!r} needs one owner per expert (no split or replicated experts)")
 
+    speeds = host_speeds(ranks)
+    alone = speeds[0][0]  # rank 0's speed while the others wait (central's dense part)
     parts = {"dense": 0.0, "experts": 0.0, "comm": 0.0, "head": 0.0, "fixed": 0.0}
     drawn: Dict[Tuple, np.ndarray] = {}
     for layer in range(shape.layers):
@@ -444,12 +495,14 @@ def predict(
         moe = moe_index is not None
         dense = [_dense_seconds(shape, m, r, n, tokens, phase, context, moe) for r in ranks]
         if m.dense == "rank0":
+            # The workers wait (and yield their cores) while rank 0 runs the dense part.
             dense = [dense[0]] + [0.0] * (n - 1)
-        comm = 0.0
-        if not moe:
-            experts_t = 0.0
-            layer_t = max(dense)
+            dense_t = dense[0] / alone
         else:
+            dense_t = max(dense)
+        comm = 0.0
+        experts_t = 0.0
+        if moe:
             layout = layouts[moe_index]
             probs = routing.layer_probs(moe_index)
             key = (probs, layout)
@@ -465,22 +518,23 @@ def predict(
                 busiest = per_rank.mean(axis=1) * imbalance[moe_index]
                 with_dense = busiest + max(dense)
             else:
-                with_dense = (per_rank + np.asarray(dense)).max(axis=1)
+                with_dense = shared_makespan(per_rank + np.asarray(dense), speeds)
             if m.dense == "rank0":
-                layer_t = dense[0] + float(per_rank.max(axis=1).mean())
+                experts_t = float(shared_makespan(per_rank, speeds).mean())
             else:
-                layer_t = float(with_dense.mean())
-            experts_t = layer_t - max(dense)
+                experts_t = float(with_dense.mean()) - dense_t
             comm = _moe_comm(shape, m, link, n, tokens, counts, lay_owners, ar_path)
         if m.comm == "allreduce2" and n > 1:
             comm += link.allreduce_seconds(tokens * shape.hidden * shape.act_bytes, n, ar_path)
             if not moe:
                 comm += link.allreduce_seconds(tokens * shape.hidden * shape.act_bytes, n, ar_path)
-        parts["dense"] += max(dense)
+        parts["dense"] += dense_t
         parts["experts"] += experts_t
         parts["comm"] += comm
         parts["fixed"] += layer_fixed
     parts["head"] = float(max(r.kernel_seconds(shape.fmt, shape.lm_head_bytes, tokens, shape.weight_bits) for r in ranks))
+    if m.dense == "rank0":
+        parts["head"] /= alone
     parts["fixed"] += step_fixed
     seconds = sum(parts.values())
     return Prediction(m.name, n, phase, tokens, seconds, parts["comm"], parts)

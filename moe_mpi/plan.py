@@ -359,7 +359,8 @@ def _run(args) -> int:
     ]
     if profile_machine is not None and profile_machine.ranks_per_host > 1:
         header.append(f"# the profile was measured with {profile_machine.ranks_per_host} ranks sharing one host's "
-                      "cores and memory: every row uses those per-rank rates (pessimistic for fewer ranks)")
+                      "cores and memory: every row uses those per-rank rates (pessimistic for fewer ranks; "
+                      "where the ranks outnumbered the cores, fewer ranks get more of a core)")
     if row_note and "auto" in modes:
         header.append(row_note)
     if args.json:

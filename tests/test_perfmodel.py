@@ -224,6 +224,36 @@ def test_whole_experts_pay_the_busiest_rank():
     assert ep == pytest.approx(8 * 2.646 * s.expert_bytes / 1e9, rel=0.02)
 
 
+def test_ranks_sharing_too_few_cores_share_them_as_they_finish():
+    # 3 ranks on 2 cores, rates measured with all 3 computing (2/3 of a core each).
+    m = Machine("vm", 2**40, 1e9, 1e30, cores=2, ranks_per_host=3)
+    speeds = pm.host_speeds([m] * 3)
+    assert len(speeds) == 1 and speeds[0] == pytest.approx([1.5, 1.5, 1.0])  # j = 1, 2, 3 computing
+    # Work 3, 1, 1 s at the measured rate = 2, 2/3, 2/3 core-seconds. All three
+    # run at 2/3 of a core until the small ones finish (1 s), then the big one
+    # has a core to itself for its last 4/3 core-seconds.
+    assert pm.shared_makespan(np.array([[3.0, 1.0, 1.0]]), speeds) == pytest.approx([1 + 4 / 3])
+    # Even work is what was measured: no change.
+    assert pm.shared_makespan(np.array([[2.0, 2.0, 2.0]]), speeds) == pytest.approx([2.0])
+    # A core per rank, or unknown cores (built-ins): the busiest rank, as measured.
+    for machine in (Machine("mac", 2**40, 1e9, 1e30, cores=4, ranks_per_host=3), READER):
+        assert pm.shared_makespan(np.array([[3.0, 1.0, 1.0]]), pm.host_speeds([machine] * 3)) == pytest.approx([3.0])
+    # Two hosts of 2 ranks on 1 core each: each host finishes apart, the later one counts.
+    two = pm.host_speeds([Machine("h", 2**40, 1e9, 1e30, cores=1, ranks_per_host=2)] * 4)
+    assert [list(x) for x in two] == [[2.0, 1.0], [2.0, 1.0]]
+    assert pm.shared_makespan(np.array([[1.0, 3.0, 2.0, 2.0]]), two) == pytest.approx([max(1 + 2 / 2, 2.0)])
+
+
+def test_oversubscribed_uneven_modes_gain_and_even_ones_do_not():
+    s = pm.ModelShape.from_config(synthetic_config("dbrx-like"))
+    alone = Machine("vm", 2**40, 1e9, 1e30)
+    shared = Machine("vm", 2**40, 1e9, 1e30, cores=2, ranks_per_host=3)
+    for mode, gains in (("ep", True), ("central", True), ("sliced", False), ("mlx-lm-tp", False)):
+        a = pm.predict(s, mode, [alone] * 3, LINK, 1).seconds
+        b = pm.predict(s, mode, [shared] * 3, LINK, 1).seconds
+        assert (b < a * 0.99) if gains else b == pytest.approx(a), mode
+
+
 def test_prefill_is_arithmetic_bound_on_a_roofline_machine():
     s = tiny_shape(hidden=1024, expert_inter=4096, vocab=1024, heads=8, kv_heads=8, head_dim=128)
     m = Machine("x", 2**40, bandwidth=1e12, flops=1e12)
