@@ -10,7 +10,7 @@ and worst absolute error, against the bench's figure (its median round)
 and against the row's fastest round (a stall of the shared VM only ever
 slows a round, so the fastest is the one least disturbed)::
 
-    python examples/perfmodel_validate.py --run DIR [--run DIR ...] [--json out.json] [--markdown]
+    python examples/perfmodel_validate.py --run DIR [--run DIR ...] [--json out.json] [--markdown] [--plot out.png]
 
 A run directory holds ``calib-before.json``, ``calib-after.json`` and any
 number of ``decode*.json`` / ``prefill*.json`` bench results.
@@ -84,11 +84,43 @@ def summary(rows, key="error"):
     return statistics.median(errors), max(errors)
 
 
+def plot(rows, path) -> None:
+    """Predicted against measured tokens/s, one point per row (its fastest
+    round, a bar down to the bench's figure), with the +-25% band of the goal."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 5.6))
+    colors = {1: "tab:gray", 2: "tab:blue", 3: "tab:orange"}
+    markers = {("decode", True): "o", ("decode", False): "s", ("prefill", True): "^", ("prefill", False): "D"}
+    seen = set()
+    for r in rows:
+        shared = r["link"] == "shared memory"
+        label = f"{r['phase']} {'shared memory' if shared else 'TCP'}, N={r['ranks']}"
+        ax.plot([r["best"], r["measured"]], [r["predicted"]] * 2, color=colors.get(r["ranks"], "k"), lw=0.8, alpha=0.6)
+        ax.scatter(r["best"], r["predicted"], s=22, color=colors.get(r["ranks"], "k"),
+                   marker=markers[(r["phase"], shared)], label=None if label in seen else label)
+        seen.add(label)
+    lo = min(min(r["predicted"], r["measured"]) for r in rows) / 1.5
+    hi = max(max(r["predicted"], r["best"]) for r in rows) * 1.5
+    xs = [lo, hi]
+    ax.plot(xs, xs, color="k", lw=0.8)
+    ax.fill_between(xs, [x * 0.75 for x in xs], [x * 1.25 for x in xs], color="k", alpha=0.08, label="within 25%")
+    ax.set(xscale="log", yscale="log", xlim=xs, ylim=xs, xlabel="measured tokens/s (fastest round; bar: the bench's figure)",
+           ylabel="predicted tokens/s", title=f"moe_mpi performance model: {len(rows)} rows")
+    ax.legend(fontsize=7, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--run", action="append", required=True, type=Path, help="a run directory (repeatable)")
     parser.add_argument("--json", metavar="FILE", help="write the rows as JSON")
     parser.add_argument("--markdown", action="store_true", help="print a markdown table")
+    parser.add_argument("--plot", metavar="FILE", help="draw predicted against measured (needs matplotlib)")
     args = parser.parse_args(argv)
     rows = [r for run in args.run for r in rows_of(run)]
     if not rows:
@@ -112,6 +144,8 @@ def main(argv=None) -> int:
     print(f"# against each row's fastest round: median |error| {100 * median:.0f}%, worst {100 * worst:.0f}%")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1) + "\n")
+    if args.plot:
+        plot(rows, args.plot)
     return 0
 
 

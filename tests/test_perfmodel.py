@@ -447,13 +447,15 @@ def test_tensor_parallel_needs_divisible_heads():
         pm.predict(s, "mlx-lm-tp", [READER] * 4, LINK, 1)
 
 
-def test_the_validation_and_paper_scripts_the_docs_cite_still_run():
-    """docs/perfmodel.md's tables come from these; they read committed JSON (no MPI)."""
+def test_the_validation_and_paper_scripts_the_docs_cite_still_run(tmp_path):
+    """docs/perfmodel.md's tables and plot come from these; they read committed JSON (no MPI)."""
     run = REPO / "docs" / "results" / "perfmodel" / "n2-decode-q4"
-    proc = subprocess.run([sys.executable, "examples/perfmodel_validate.py", "--run", str(run)], capture_output=True,
-                          text=True, cwd=REPO, timeout=300)
+    png = tmp_path / "validation.png"
+    proc = subprocess.run([sys.executable, "examples/perfmodel_validate.py", "--run", str(run), "--plot", str(png)],
+                          capture_output=True, text=True, cwd=REPO, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "# 10 rows: median |error|" in proc.stdout
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     proc = subprocess.run([sys.executable, "examples/perfmodel_paper.py"], capture_output=True, text=True, cwd=REPO,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr
