@@ -34,12 +34,11 @@ import mlx.core as mx
 import msgpack
 import numpy as np
 
+from .mpi_activity import ACTIVITY
 from .mpi_init import init_mpi, mlx_group
 
 __all__ = [
     "BACKENDS",
-    "ACTIVITY",
-    "Activity",
     "CollectiveStats",
     "Communicator",
     "init_mpi",
@@ -109,40 +108,6 @@ class CollectiveStats:
         self.calls += 1
         self.bytes += nbytes
         self.seconds += seconds
-
-
-class Activity:
-    """Where this process is in its collectives, for a watchdog thread to read.
-
-    Every MPI operation of a :class:`Communicator` (and :func:`quiet_barrier`)
-    adds one to ``entered`` when it starts waiting on other ranks and one to
-    ``left`` when it returns, so ``entered > left`` means "inside operation
-    number ``entered``". The ranks run their collectives in the same order,
-    so the numbers are comparable across ranks. Two integer increments per
-    call: the cost on the hot path is tens of nanoseconds against an
-    all-reduce's tens of microseconds. ``kind`` names the operation, except
-    on the all-reduce's hot path, which leaves it ``"all_sum"``.
-    """
-
-    __slots__ = ("entered", "left", "kind")
-
-    def __init__(self):
-        self.entered = 0
-        self.left = 0
-        self.kind = "all_sum"
-
-    def enter(self, kind: str) -> None:
-        self.kind = kind
-        self.entered += 1
-
-    def leave(self) -> None:
-        self.left += 1
-        self.kind = "all_sum"
-
-
-#: The process's one :class:`Activity`, shared by all its communicators
-#: (``generate --backend mlx`` makes a second one).
-ACTIVITY = Activity()
 
 
 class Communicator:
@@ -308,7 +273,7 @@ class Communicator:
         send = memoryview(x)
         start = time.perf_counter()
         activity = ACTIVITY
-        activity.entered += 1  # for the watchdog (see Activity)
+        activity.entered += 1  # for the watchdog (see mpi_activity)
         try:  # free unless it raises (Python >= 3.11)
             if (send.shape, send.format) == self._out_key and send.c_contiguous:
                 # The hot path, inline: same shape and dtype as the last call.
