@@ -34,12 +34,12 @@ import mlx.core as mx
 import msgpack
 import numpy as np
 
+from .mpi_activity import ACTIVITY
+from .mpi_dtypes import buffer_format, summable_dtypes
 from .mpi_init import init_mpi, mlx_group
 
 __all__ = [
     "BACKENDS",
-    "ACTIVITY",
-    "Activity",
     "CollectiveStats",
     "Communicator",
     "init_mpi",
@@ -52,38 +52,6 @@ BACKENDS = ("mpi4py", "mlx")
 
 #: Collective kinds that have counters in :attr:`Communicator.stats`.
 KINDS = ("all_sum", "bcast", "barrier", "allreduce_max", "allgather", "send", "recv")
-
-# MLX dtypes that numpy and MPI can reduce as they are (float16 is added at run
-# time when the MPI library has a float16 type with MPI_SUM, see
-# native_float16).
-_NATIVE_DTYPES = {
-    mx_dtype: np.dtype(np_dtype)
-    for mx_dtype, np_dtype in (
-        (mx.float32, np.float32),
-        (mx.int8, np.int8),
-        (mx.uint8, np.uint8),
-        (mx.int16, np.int16),
-        (mx.uint16, np.uint16),
-        (mx.int32, np.int32),
-        (mx.uint32, np.uint32),
-        (mx.int64, np.int64),
-        (mx.uint64, np.uint64),
-        (mx.complex64, np.complex64),
-        (getattr(mx, "float64", None), np.float64),  # CPU-only in MLX
-    )
-    if mx_dtype is not None
-}
-
-
-_FORMATS: dict = {}
-
-
-def _buffer_format(dtype) -> str:
-    """The buffer-protocol format MLX exports ``dtype`` with (cached)."""
-    if dtype not in _FORMATS:
-        _FORMATS[dtype] = memoryview(mx.zeros((1,), dtype=dtype)).format
-    return _FORMATS[dtype]
-
 
 @dataclasses.dataclass
 class CollectiveStats:
@@ -109,40 +77,6 @@ class CollectiveStats:
         self.calls += 1
         self.bytes += nbytes
         self.seconds += seconds
-
-
-class Activity:
-    """Where this process is in its collectives, for a watchdog thread to read.
-
-    Every MPI operation of a :class:`Communicator` (and :func:`quiet_barrier`)
-    adds one to ``entered`` when it starts waiting on other ranks and one to
-    ``left`` when it returns, so ``entered > left`` means "inside operation
-    number ``entered``". The ranks run their collectives in the same order,
-    so the numbers are comparable across ranks. Two integer increments per
-    call: the cost on the hot path is tens of nanoseconds against an
-    all-reduce's tens of microseconds. ``kind`` names the operation, except
-    on the all-reduce's hot path, which leaves it ``"all_sum"``.
-    """
-
-    __slots__ = ("entered", "left", "kind")
-
-    def __init__(self):
-        self.entered = 0
-        self.left = 0
-        self.kind = "all_sum"
-
-    def enter(self, kind: str) -> None:
-        self.kind = kind
-        self.entered += 1
-
-    def leave(self) -> None:
-        self.left += 1
-        self.kind = "all_sum"
-
-
-#: The process's one :class:`Activity`, shared by all its communicators
-#: (``generate --backend mlx`` makes a second one).
-ACTIVITY = Activity()
 
 
 class Communicator:
@@ -182,9 +116,7 @@ class Communicator:
         if backend == "mlx":
             self._group = self._resolve_mlx_group(group)
         # MLX dtype -> numpy dtype that MPI can sum as is.
-        self._np_dtypes = dict(_NATIVE_DTYPES)
-        if native_float16(MPI):
-            self._np_dtypes[mx.float16] = np.dtype(np.float16)
+        self._np_dtypes = summable_dtypes(MPI)
         self._out = None  # see _out_buffer
         self._extra = None  # see all_sum_extra
         self._out_key = None
@@ -308,7 +240,7 @@ class Communicator:
         send = memoryview(x)
         start = time.perf_counter()
         activity = ACTIVITY
-        activity.entered += 1  # for the watchdog (see Activity)
+        activity.entered += 1  # for the watchdog (see mpi_activity)
         try:  # free unless it raises (Python >= 3.11)
             if (send.shape, send.format) == self._out_key and send.c_contiguous:
                 # The hot path, inline: same shape and dtype as the last call.
@@ -499,7 +431,7 @@ class Communicator:
         # than numpy. Keyed by the memoryview format of the MLX dtype.
         out = np.empty(shape, dtype=self._np_dtypes[dtype])
         self._out = (out, memoryview(out))
-        self._out_key = (tuple(shape), _buffer_format(dtype))
+        self._out_key = (tuple(shape), buffer_format(dtype))
         return self._out
 
     def bcast(self, obj: Any = None, root: int = 0) -> Any:
@@ -690,22 +622,3 @@ def quiet_barrier(comm, idle: bool = True) -> None:
     else:
         request.Wait()
     ACTIVITY.leave()
-
-
-def native_float16(MPI) -> bool:
-    """Whether MPI_SUM works on numpy float16 buffers with this MPI library.
-
-    Open MPI 5 maps numpy float16 to MPI_SHORT_FLOAT and sums it natively;
-    libraries without a half-precision type make the mpi4py path upcast.
-    """
-    from mpi4py.util import dtlib
-
-    try:
-        datatype = dtlib.from_numpy_dtype(np.float16)  # a Dup: free it
-    except (KeyError, ValueError, TypeError, MPI.Exception):
-        return False
-    try:
-        return datatype != MPI.DATATYPE_NULL
-    finally:
-        if datatype != MPI.DATATYPE_NULL:
-            datatype.Free()

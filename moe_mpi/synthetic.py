@@ -13,22 +13,8 @@ The scales are chosen so that router logits and output logits are well
 spread: greedy decoding should then have no near-ties that a 1e-4 numerical
 difference (e.g. a different summation order across ranks) could flip.
 
-Expert layouts (``expert_format``):
-
-* ``"stacked"``: the mlx-community layout, one ``switch_mlp.{gate,up,down}_proj``
-  tensor of shape ``[E, out, in]`` per layer. For dbrx, whose mlx-lm model
-  keeps a list of per-expert MLPs, "stacked" means the Hugging Face fused
-  layout ``ffn.experts.mlp.{w1,v1,w2}`` of shape ``[E * ffn, d_model]`` (w2
-  stored transposed), which dbrx's ``sanitize()`` splits (unquantized only).
-* ``"per_expert"``: the Hugging Face layout, one tensor per expert, e.g.
-  ``mlp.experts.{e}.gate_proj.weight`` or, for mixtral,
-  ``block_sparse_moe.experts.{e}.w1.weight``. Each model's ``sanitize()``
-  restacks them. For dbrx this is the layout mlx-lm itself saves
-  (``ffn.experts.{e}.w1.weight``). For deepseek_v3 (unquantized) the MLA
-  ``embed_q``/``unembed_out`` pair is also written back as the Hugging Face
-  ``kv_b_proj`` that its ``sanitize()`` splits.
-* ``"native"``: whatever mlx-lm's own ``save_model`` would write
-  (``"per_expert"`` for dbrx, ``"stacked"`` otherwise).
+The experts are written in one of several layouts that mlx-lm loads
+(``expert_format``, see :mod:`moe_mpi.expert_formats`).
 
 Note: on the mlx CPU backend (0.32) ``gather_mm`` supports float32 only, so
 an unquantized bfloat16/float16 checkpoint of a ``SwitchGLU`` model writes and
@@ -48,16 +34,15 @@ import zlib
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple, Union
 
-import numpy as np
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
+from .expert_formats import resolve_expert_format, to_expert_format
+from .router_skew import skew_routers
 from .tokenizer_writer import write_tokenizer
 
 ARCHITECTURES = ("mixtral", "qwen3_moe", "qwen2_moe", "deepseek_v3", "dbrx", "olmoe")
-
-EXPERT_FORMATS = ("stacked", "per_expert", "native")
 
 # Std of a router logit is ROUTER_GAIN (inputs are RMS-normalised to ~1), so
 # softmax routing is decisive and top-k has no near-ties.
@@ -341,86 +326,6 @@ def randomize_parameters(model: nn.Module, config: Dict[str, Any], seed: int) ->
     model.update(tree_unflatten(new_params))
 
 
-def _capped_zipf(n: int, exponent: float, cap: float) -> np.ndarray:
-    """Shares ``∝ 1 / rank**exponent``, none above ``cap`` (an expert is in a
-    token's top k at most once, so its share of the slots is at most 1/k)."""
-    share = 1.0 / np.arange(1, n + 1) ** exponent
-    share /= share.sum()
-    for _ in range(n):
-        over = share > cap
-        if not over.any():
-            break
-        share[over] = cap
-        free = ~over
-        share[free] *= (1.0 - cap * over.sum()) / share[free].sum()
-    return share
-
-
-def skew_routers(model: nn.Module, config: Dict[str, Any], exponent: float, seed: int, iterations: int = 40) -> None:
-    """Makes every router prefer some experts: shares about ``1 / rank**exponent``.
-
-    A random model's hidden states point nowhere in particular, so a
-    router cannot prefer anything. This adds a fixed direction ``u`` to every
-    token embedding, which the hidden states then carry, and adds to each
-    router row ``b_e`` times that direction as the layer sees it: a bias of
-    about ``b_e`` on expert ``e``'s logit. The biases are fitted, layer by
-    layer on random tokens through the model itself, until each expert's
-    share of the top-k slots is near Zipf's (capped at ``1/k``: an expert is
-    chosen at most once per token); each layer ranks its experts in its own
-    random order. Only routers that are a ``gate`` linear layer are skewed.
-    """
-    from .shard import find_moe_blocks
-
-    k = config.get("num_experts_per_tok") or (config.get("ffn_config") or {}).get("moe_top_k") or 2
-    rng = np.random.default_rng(seed + 4049)
-    inner = model.model if "model" in model else model
-    embed = inner.embed_tokens
-    u = rng.standard_normal(embed.weight.shape[1]).astype(np.float32)
-    u *= SKEW_DIRECTION_NORM / np.linalg.norm(u)
-    embed.weight = embed.weight + mx.array(u)[None]  # [V, D]: every token carries u
-    tokens = mx.array(rng.integers(0, embed.weight.shape[0], (8, 64)).astype(np.int32))
-    for moe in find_moe_blocks(model):
-        block = moe.block
-        if "gate" not in block or not isinstance(block.gate, nn.Linear):
-            raise ValueError(f"router_skew needs a 'gate' linear router; {moe.path} has none")
-        h = _block_input(model, block, tokens)  # [S, D]
-        d = h.mean(axis=0)
-        w = np.array(block.gate.weight)  # [E, D]
-        e = w.shape[0]
-        target = _capped_zipf(e, exponent, 1.0 / k)[rng.permutation(e)]  # this layer's order
-        base = h @ w.T  # [S, E]
-        bias = np.zeros(e)
-        for _ in range(iterations):
-            top = np.argpartition(-(base + bias), k - 1, axis=-1)[:, :k]  # [S, k]
-            share = np.bincount(top.reshape(-1), minlength=e) / top.size
-            bias += 0.5 * np.log(target / np.maximum(share, 1e-4))
-        # h·d/|d|² is about 1 for every token: the bias moves each logit by about b_e.
-        block.gate.weight = mx.array((w + np.outer(bias, d / (d @ d))).astype(np.float32))
-    mx.eval(model.parameters())
-
-
-#: Length of the direction skew_routers adds to every token embedding (embeddings have ~sqrt(D)).
-SKEW_DIRECTION_NORM = 16.0
-
-
-def _block_input(model: nn.Module, block: nn.Module, tokens: mx.array) -> np.ndarray:
-    """``[S, D]`` what ``block`` receives when ``model`` runs ``tokens``."""
-    captured = []
-    cls = type(block)
-
-    class Capture(cls):
-        def __call__(self, x, *args, **kwargs):
-            captured.append(np.array(x.reshape(-1, x.shape[-1])))
-            return super().__call__(x, *args, **kwargs)
-
-    block.__class__ = Capture
-    try:
-        mx.eval(model(tokens))
-    finally:
-        block.__class__ = cls
-    return captured[0]
-
-
 def vocab_size(model: nn.Module) -> int:
     """The ids a model emits: the last axis of its logits for one token.
 
@@ -461,7 +366,8 @@ def build_model(
         group_size: Quantization group size (32 or 64).
         router_skew: 0 for evenly used experts; ``a > 0`` makes the routers
             prefer some experts, their shares about Zipf's ``1 / rank**a``,
-            a different order in each layer (:func:`skew_routers`).
+            a different order in each layer
+            (:func:`moe_mpi.router_skew.skew_routers`).
 
     Returns:
         ``(model, config)``; the config has ``quantization`` when quantized.
@@ -490,158 +396,6 @@ def build_model(
             )
     mx.eval(model.parameters())
     return model, config
-
-
-# --------------------------------------------------------------------------
-# Expert layouts
-# --------------------------------------------------------------------------
-
-# (layer-container prefix, MoE block name, {switch_mlp proj: per-expert name})
-_PER_EXPERT_NAMES: Dict[str, Tuple[str, Dict[str, str]]] = {
-    "mixtral": (
-        "block_sparse_moe",
-        {"gate_proj": "w1", "down_proj": "w2", "up_proj": "w3"},
-    ),
-    "qwen3_moe": ("mlp", {p: p for p in ("gate_proj", "down_proj", "up_proj")}),
-    "qwen2_moe": ("mlp", {p: p for p in ("gate_proj", "down_proj", "up_proj")}),
-    "deepseek_v3": ("mlp", {p: p for p in ("gate_proj", "down_proj", "up_proj")}),
-    "olmoe": ("mlp", {p: p for p in ("gate_proj", "down_proj", "up_proj")}),
-}
-
-_SWITCH_RE = re.compile(
-    r"^(?P<prefix>.*)\.switch_mlp\.(?P<proj>gate_proj|up_proj|down_proj)"
-    r"\.(?P<kind>weight|scales|biases|bias)$"
-)
-
-
-def _unstack_experts(arch: str, weights: Dict[str, mx.array]) -> Dict[str, mx.array]:
-    """Splits ``switch_mlp`` tensors into Hugging Face per-expert tensors.
-
-    A Linear ``bias`` of the experts (olmoe ``mlp_bias``) stays stacked:
-    no ``sanitize()`` restacks per-expert biases.
-    """
-    block, names = _PER_EXPERT_NAMES[arch]
-    out: Dict[str, mx.array] = {}
-    for key, value in weights.items():
-        match = _SWITCH_RE.match(key)
-        if match is None or match["kind"] == "bias":
-            out[key] = value
-            continue
-        prefix = match["prefix"]
-        assert prefix.endswith(block), key
-        for e in range(value.shape[0]):
-            name = f"{prefix}.experts.{e}.{names[match['proj']]}.{match['kind']}"
-            out[name] = value[e]
-    return out
-
-
-def _to_kv_b_proj(
-    config: Dict[str, Any], weights: Dict[str, mx.array]
-) -> Dict[str, mx.array]:
-    """Rebuilds deepseek's HF ``kv_b_proj`` from mlx's ``embed_q``/``unembed_out``.
-
-    The inverse of the split in ``deepseek_v3.Model.sanitize``: per head, the
-    rows are ``qk_nope_head_dim`` key rows then ``v_head_dim`` value rows.
-    """
-    out: Dict[str, mx.array] = {}
-    for key, value in weights.items():
-        if key.endswith(".unembed_out.weight"):
-            continue
-        if not key.endswith(".embed_q.weight"):
-            out[key] = value
-            continue
-        prefix = key[: -len(".embed_q.weight")]
-        wk = value.swapaxes(-1, -2)  # [H, nope, kv_lora]
-        wv = weights[f"{prefix}.unembed_out.weight"]  # [H, v_head, kv_lora]
-        fused = mx.concatenate([wk, wv], axis=1)
-        out[f"{prefix}.kv_b_proj.weight"] = fused.reshape(-1, config["kv_lora_rank"])
-    return out
-
-
-_DBRX_EXPERT_RE = re.compile(
-    r"^(?P<prefix>.*\.ffn\.experts)\.(?P<e>\d+)\.(?P<w>w1|v1|w2)\.weight$"
-)
-
-
-def _fuse_dbrx_experts(weights: Dict[str, mx.array]) -> Dict[str, mx.array]:
-    """Fuses dbrx per-expert MLPs into the HF ``ffn.experts.mlp.{w1,v1,w2}``.
-
-    Each fused tensor is ``[E * ffn, d_model]``; HF stores ``w2`` transposed.
-    """
-    out: Dict[str, mx.array] = {}
-    groups: Dict[str, List[Tuple[int, mx.array]]] = {}
-    for key, value in weights.items():
-        match = _DBRX_EXPERT_RE.match(key)
-        if match is None:
-            out[key] = value
-            continue
-        fused_key = f"{match['prefix']}.mlp.{match['w']}"
-        if fused_key not in groups:
-            groups[fused_key] = []
-            out[fused_key] = None  # keep the key's place in the order
-        part = value.T if match["w"] == "w2" else value
-        groups[fused_key].append((int(match["e"]), part))
-    for fused_key, parts in groups.items():
-        out[fused_key] = mx.concatenate([p for _, p in sorted(parts, key=lambda t: t[0])])
-    return out
-
-
-def _resolve_format(arch: str, expert_format: str) -> str:
-    """Maps ``"native"`` to the layout mlx-lm itself saves for ``arch``."""
-    if expert_format not in EXPERT_FORMATS:
-        raise ValueError(
-            f"expert_format must be one of {EXPERT_FORMATS}, not {expert_format!r}"
-        )
-    if expert_format == "native":
-        return "per_expert" if arch == "dbrx" else "stacked"
-    return expert_format
-
-
-def to_expert_format(
-    arch: str,
-    config: Dict[str, Any],
-    weights: Dict[str, mx.array],
-    expert_format: str,
-) -> Dict[str, mx.array]:
-    """Rewrites mlx-lm model weights into the requested expert layout.
-
-    Args:
-        arch: The mlx-lm model_type.
-        config: The config to be saved (``quantization`` tells if quantized).
-        weights: ``tree_flatten(model.parameters())`` as a dict.
-        expert_format: ``"stacked"``, ``"per_expert"`` or ``"native"``.
-
-    Returns:
-        The weights to write, in a layout the model's ``sanitize()`` reads.
-
-    Raises:
-        ValueError: For a layout mlx-lm cannot load back (dbrx fused or
-            qwen3_moe per-expert, quantized).
-    """
-    expert_format = _resolve_format(arch, expert_format)
-    quantized = "quantization" in config
-    if arch == "dbrx":
-        if expert_format == "per_expert":
-            return weights
-        if quantized:
-            raise ValueError(
-                "dbrx 'stacked' is the HF fused layout, which dbrx sanitize() "
-                "only reads unquantized; use expert_format='per_expert'"
-            )
-        return _fuse_dbrx_experts(weights)
-    if expert_format == "stacked":
-        return weights
-    if quantized and arch == "qwen3_moe":
-        raise ValueError(
-            "qwen3_moe sanitize() restacks only '.weight' per-expert tensors; "
-            "a quantized qwen3_moe needs expert_format='stacked'"
-        )
-    weights = _unstack_experts(arch, weights)
-    if arch == "deepseek_v3" and not quantized:
-        # Quantized kv_b_proj would be dequantized and requantized by
-        # sanitize(), changing the values, so keep mlx's split form then.
-        weights = _to_kv_b_proj(config, weights)
-    return weights
 
 
 # --------------------------------------------------------------------------
@@ -741,7 +495,7 @@ def write_checkpoint(
             ``quantization`` key exactly as mlx-lm writes it).
         group_size: Quantization group size (32 or 64).
         expert_format: ``"stacked"``, ``"per_expert"`` or ``"native"`` (see
-            the module docstring).
+            :mod:`moe_mpi.expert_formats`).
         max_shard_bytes: Split the weights into several files of at most
             this many bytes each. None: one file.
         tokenizer: Also write an offline tokenizer.
@@ -758,7 +512,7 @@ def write_checkpoint(
     else:
         config = copy.deepcopy(arch_or_config)
     arch = config["model_type"]
-    expert_format = _resolve_format(arch, expert_format)
+    expert_format = resolve_expert_format(arch, expert_format)
     model, config = build_model(
         config, seed=seed, dtype=dtype, quantize=quantize, group_size=group_size, router_skew=router_skew
     )

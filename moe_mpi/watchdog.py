@@ -8,9 +8,9 @@ stops carrying packets) is noticed by nobody: every other rank waits in its
 next collective for ever. This module is the cure: a thread on every rank
 that
 
-* watches this rank's MPI operations (:data:`moe_mpi.comm.ACTIVITY`, two
-  integer increments per operation, nothing else on the hot path): when one
-  has not returned within ``timeout`` seconds, the job is over;
+* watches this rank's MPI operations (:data:`moe_mpi.mpi_activity.ACTIVITY`,
+  two integer increments per operation, nothing else on the hot path): when
+  one has not returned within ``timeout`` seconds, the job is over;
 * exchanges heartbeats with the other ranks over UDP, one 29-byte datagram
   per peer every ``interval`` seconds, carrying the sender's operation
   counters; so it can name the rank that stopped answering (no heartbeat for
@@ -46,7 +46,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Dict, Iterator, List, Optional
 
-from .comm import ACTIVITY, Activity
+from .mpi_activity import ACTIVITY, Activity
 from .errors import UserError
 from .runner import PROG
 

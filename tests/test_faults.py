@@ -382,7 +382,7 @@ def watchdog_at(entered: int, left: int, peers: dict, timeout: float = 3.0):
     """Rank 0 of 3 inside operation ``entered``; ``peers``: rank -> (seen, entered, left, phase)."""
     from types import SimpleNamespace
 
-    from moe_mpi.comm import Activity
+    from moe_mpi.mpi_activity import Activity
     from moe_mpi.watchdog import Peer, Watchdog
 
     activity = Activity()

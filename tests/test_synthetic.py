@@ -261,7 +261,7 @@ def test_skewed_routers_prefer_some_experts(tmp_path):
     import numpy as np
     from mlx_lm.utils import load as mlx_lm_load
 
-    from moe_mpi import routing, synthetic
+    from moe_mpi import router_skew, routing, synthetic
 
     config = synthetic.tiny_config("qwen3_moe", num_experts=16, num_experts_per_tok=4, num_hidden_layers=3)
     path = synthetic.write_checkpoint(tmp_path / "skewed", config, seed=2, router_skew=1.2)
@@ -270,7 +270,7 @@ def test_skewed_routers_prefer_some_experts(tmp_path):
     tokens = mx.array(np.random.default_rng(99).integers(0, config["vocab_size"], (8, 64)).astype(np.int32))
     with routing.record_routing(model, stats):
         mx.eval(model(tokens))
-    want = synthetic._capped_zipf(16, 1.2, 0.25)
+    want = router_skew.capped_zipf(16, 1.2, 0.25)
     hottest = []
     for layer in range(stats.num_layers):
         got = np.sort(stats.frequencies(layer))[::-1]

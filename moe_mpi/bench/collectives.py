@@ -284,7 +284,8 @@ def _open_paths(
     """
     from mpi4py import MPI
 
-    from ..comm import Communicator, native_float16
+    from ..comm import Communicator
+    from ..mpi_dtypes import native_float16
 
     comms: dict[str, Any] = {"mpi4py": comm}
     local_reason = None

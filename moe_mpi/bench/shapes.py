@@ -92,7 +92,7 @@ SYNTHETIC: Dict[str, Dict[str, Any]] = {
 
 
 # A skewed twin of dbrx-like: the same weights' shapes, routers that prefer
-# some experts (moe_mpi.synthetic.skew_routers: Zipf's 1/rank**1.2, capped
+# some experts (moe_mpi.router_skew.skew_routers: Zipf's 1/rank**1.2, capped
 # at 1/k, a different order per layer).
 SYNTHETIC["dbrx-like-skewed"] = SYNTHETIC["dbrx-like"]
 

@@ -34,7 +34,7 @@ from typing import Any, Optional
 import msgpack
 import numpy as np
 
-from ..comm import ACTIVITY
+from ..mpi_activity import ACTIVITY
 
 __all__ = ["Control", "ControlChannel", "ControlStats", "GATHER_STATUS", "INLINE_BYTES", "STOP", "split_events"]
 
