@@ -29,7 +29,9 @@ cores). In about half a minute it measures:
   (``Communicator.all_sum`` on numpy arrays and on MLX arrays, and
   ``mx.distributed.all_sum``), each fitted to ``latency + bytes /
   bandwidth``, and rank 0's exchange with each worker as the central router
-  makes it (request, rows, reply).
+  makes it (request, rows, reply). Over a network each timed call starts
+  2 ms after the barrier that lines the ranks up (:data:`NETWORK_GAP`), as
+  a step's collectives start after a layer's compute.
 
 The profile (JSON) holds a :class:`moe_mpi.profiles.Machine` and a
 :class:`moe_mpi.profiles.Link`; ``moe-mpi plan --profile`` reads it.
@@ -57,6 +59,11 @@ __all__ = ["fit_latency_bandwidth", "main", "setup_arg_parser"]
 FLOAT_ROWS = (1, 2, 4, 8, 16, 64, 256, 512)
 QUANT_ROWS = (1, 2, 4, 8, 16, 64)  # arithmetic-bound from a few rows: beyond, time grows with rows
 ALLREDUCE_SIZES = (1 << 10, 4 << 10, 16 << 10, 64 << 10, 256 << 10, 1 << 20, 2 << 20)
+#: Seconds between the barrier and a timed all-reduce or exchange over a
+#: network. A step's collectives follow a layer's compute, not another
+#: message; a link that holds a burst for an idle sender (``tc tbf``'s token
+#: bucket, which the barrier's own messages drain) is slower back to back.
+NETWORK_GAP = 0.002
 EXCHANGE_SIZES = (1 << 10, 16 << 10, 256 << 10, 1 << 20)
 PINGPONG_SIZES = (8, 1 << 10, 16 << 10, 64 << 10, 256 << 10)
 PROBE_EXPERTS = 4
@@ -344,11 +351,12 @@ def _allreduce_case(path: str, comm_np, comm_mlx, nbytes: int):
     return lambda: mx.eval(target.all_sum(a))
 
 
-def allreduce_fits(comm, repeats: int) -> Dict[str, dict]:
+def allreduce_fits(comm, repeats: int, gap: float = 0.0) -> Dict[str, dict]:
     """Per data path: mean and median seconds per size (the slowest rank's), and
     the line through the medians. The model uses the medians: on a shared
     machine a few calls stalled by the scheduler for milliseconds dominate a
-    mean of microsecond calls, and the decode benchmark's own spread holds them."""
+    mean of microsecond calls, and the decode benchmark's own spread holds them.
+    Each call starts ``gap`` seconds after a barrier (:data:`NETWORK_GAP`)."""
     from .comm import Communicator
 
     comm_np = Communicator()
@@ -366,6 +374,8 @@ def allreduce_fits(comm, repeats: int) -> Dict[str, dict]:
             times = []
             for i in range(iterations + 5):
                 comm.barrier()
+                if gap:
+                    time.sleep(gap)
                 t = time.perf_counter()
                 fn()
                 if i >= 5:
@@ -399,11 +409,12 @@ def pingpong_fit(comm) -> dict:
             "latency": latency, "bandwidth": bandwidth}
 
 
-def exchange_fit(comm, repeats: int) -> dict:
+def exchange_fit(comm, repeats: int, gap: float = 0.0) -> dict:
     """Rank 0's exchange with one worker, as :mod:`moe_mpi.central` makes it.
 
     Request (msgpack), rows out, reply of the same size back; the bytes of
     the fit are both ways together. Each worker in turn; the others wait.
+    Each exchange starts ``gap`` seconds after a barrier, as in :func:`allreduce_fits`.
     """
     from .comm import Communicator
 
@@ -415,6 +426,8 @@ def exchange_fit(comm, repeats: int) -> dict:
         for worker in range(1, ctl.size):
             for i in range(25 * repeats):
                 ctl.barrier()
+                if gap:
+                    time.sleep(gap)
                 if ctl.rank == 0:
                     t = time.perf_counter()
                     ctl.send_obj({"layer": 0, "rows": [0], "experts": [0]}, worker, 11)
@@ -504,11 +517,13 @@ def measure(comm, args) -> tuple:
     if comm.size < 2:
         link = Link(args.link_name or "none", 0.0, 1e15, source="one rank: no link measured")
         return machine, link, meta
+    network = ranks_per_host < comm.size
+    gap = NETWORK_GAP if network else 0.0
     pp = pingpong_fit(comm)
-    ar = allreduce_fits(comm, args.repeats)
-    ex = exchange_fit(comm, args.repeats)
-    meta.update(pingpong=pp, allreduce=ar, exchange=ex)
-    name = args.link_name or ("shared-memory" if ranks_per_host == comm.size else "network")
+    ar = allreduce_fits(comm, args.repeats, gap)
+    ex = exchange_fit(comm, args.repeats, gap)
+    meta.update(pingpong=pp, allreduce=ar, exchange=ex, gap_s=gap)
+    name = args.link_name or ("network" if network else "shared-memory")
     link = Link(
         name, pp["latency"], pp["bandwidth"],
         allreduce={p: AllReduceFit(f["latency"], f["bandwidth"], comm.size, tuple(f["sizes"]), tuple(f["p50_s"]))

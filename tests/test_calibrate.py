@@ -89,6 +89,7 @@ def test_calibrate_on_two_ranks_writes_a_profile_plan_reads(tmp_path, capsys):
     assert proc.returncode == 0, _output(proc)
     machine, link, meta = read_profile(out)
     assert meta["ranks"] == 2 and meta["seconds"] < 120
+    assert meta["gap_s"] == 0 and link.name == "shared-memory"  # one host: calls back to back
     assert machine.bandwidth > 1e8 and machine.flops > 1e8
     assert set(machine.kernels) == {"float32", "q4", "float32/expert", "q4/expert"}
     assert {"numpy/decode", "mlx/decode", "mlx-quantized/decode", "mlx/prefill"} <= set(machine.layer_seconds)

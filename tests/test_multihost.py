@@ -130,6 +130,32 @@ def test_ranks_on_different_hosts_match_mlx_lm(n, cluster, checkpoint, tmp_path)
         assert f"[{h.hostname}:" in proc.stderr and f"Found match: {h.ip} ({netns_hosts.IFACE})" in proc.stderr
 
 
+def test_calibrate_across_hosts_measures_a_network_link(cluster, tmp_path):
+    """calibrate on 2 fake hosts: a "network" link, calls spaced as a step spaces
+    them, and a profile that plan reads."""
+    from moe_mpi.plan import main as plan_main
+    from moe_mpi.profiles import read_profile
+
+    hosts = cluster.hosts[:2]
+    hostfile_path = tmp_path / "hosts.openmpi"
+    hostfile.write(hostfile.Hostfile([hostfile.HostEntry(h.ip, slots=1) for h in hosts], "openmpi"),
+                   hostfile_path, "openmpi")
+    out = tmp_path / "calib.json"
+    argv = [sys.executable, "-m", "moe_mpi", "calibrate", "--out", str(out), "--stream-mb", "32", "--repeats", "1",
+            "--no-fixed"]
+    # Unbound: each host's daemon would bind its rank to core 0, and two ranks
+    # polling on one core turn every message into a wait for the scheduler.
+    extra = ["--hostfile", str(hostfile_path), *cluster.mpirun_flags(), "--bind-to", "none"]
+    proc = run_mpirun(2, argv, extra=extra, timeout=120, oversubscribe=False)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    machine, link, meta = read_profile(out)
+    assert link.name == "network" and meta["gap_s"] == 0.002 and machine.ranks_per_host == 1
+    assert sorted(meta["hosts"]) == sorted(h.hostname for h in hosts)
+    # Over TCP the all-reduce costs far more than over shared memory (tens of us at least).
+    assert link.allreduce["mpi4py-numpy"].seconds(1024) > 2e-5
+    assert plan_main(["--model", "dbrx-like", "--profile", str(out)]) == 0
+
+
 RANK_SCRIPT = """
 import json, socket
 import mlx.core as mx
