@@ -1,0 +1,135 @@
+"""``moe-mpi serve`` against what clients of OpenAI's API and of ``mlx_lm.server`` send.
+
+One 2-rank server under real ``mpirun`` (the tiny random qwen3_moe of
+tests/test_serve.py, with ``--allowed-origins``), driven by the ``openai``
+client, and by raw HTTP for what that client does not send (HEAD, wrong
+methods, CORS preflights). The checks are grouped so that one server
+launch serves them all.
+"""
+
+import http.client
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+openai = pytest.importorskip("openai")
+
+from moe_mpi import synthetic  # noqa: E402
+from moe_mpi.bench.serve import ServerJob  # noqa: E402
+from moe_mpi.launch import mpirun_command  # noqa: E402
+
+TIMEOUT = 120
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+ORIGIN = "http://app.example"
+MAX_TOKENS = 8
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory) -> Path:
+    config = synthetic.tiny_config("qwen3_moe", max_position_embeddings=1 << 12)
+    return synthetic.write_checkpoint(tmp_path_factory.mktemp("serve-openai") / "qwen3_moe", config, seed=1)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(ckpt):
+    from mlx_lm.utils import load_tokenizer
+
+    return load_tokenizer(ckpt)
+
+
+@pytest.fixture(scope="module")
+def server(ckpt, tmp_path_factory):
+    argv = mpirun_command(2, [sys.executable, "-m", "moe_mpi", "serve", "--model", str(ckpt), "--port", "0",
+                              "--allowed-origins", ORIGIN])
+    job = ServerJob(argv, tmp_path_factory.mktemp("logs") / f"serve-{time.monotonic_ns()}.log", env=ENV).start()
+    try:
+        job.wait_ready(timeout=TIMEOUT)
+        yield job
+    finally:
+        job.stop(signal.SIGKILL, timeout=5)
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=TIMEOUT)
+
+
+@pytest.fixture(scope="module")
+def model_id(ckpt) -> str:
+    return str(ckpt)
+
+
+def request(url: str, method: str, path: str, body=None, headers=None):
+    """``(status, headers, body bytes)`` of one raw HTTP request."""
+    host, port = url.split("://")[1].rsplit(":", 1)
+    conn = http.client.HTTPConnection(host, int(port), timeout=TIMEOUT)
+    if isinstance(body, dict):
+        body = json.dumps(body).encode()
+        headers = {"Content-Type": "application/json", **(headers or {})}
+    conn.request(method, path, body, headers or {})
+    response = conn.getresponse()
+    data = response.read()
+    conn.close()
+    return response.status, {k.lower(): v for k, v in response.getheaders()}, data
+
+
+def openai_error(data: bytes) -> dict:
+    error = json.loads(data)["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"], error
+    return error
+
+
+def chat(client, model_id, prompt="hello world", **kwargs):
+    kwargs.setdefault("max_tokens", MAX_TOKENS)
+    kwargs.setdefault("temperature", 0.0)
+    return client.chat.completions.create(model=model_id, messages=[{"role": "user", "content": prompt}], **kwargs)
+
+
+def complete(client, model_id, prompt="hello world", **kwargs):
+    kwargs.setdefault("max_tokens", MAX_TOKENS)
+    kwargs.setdefault("temperature", 0.0)
+    return client.completions.create(model=model_id, prompt=prompt, **kwargs)
+
+
+def forced(tokenizer, text=" fox"):
+    """A logit_bias that makes every token ``text``'s last token; that token's text."""
+    tid = tokenizer.encode(text, add_special_tokens=False)[-1]
+    return {str(tid): 100.0}, tokenizer.decode([tid])
+
+
+# --------------------------------------------------------------------------
+# Requests as ordinary client code writes them
+# --------------------------------------------------------------------------
+
+
+def test_messages_and_stops_as_clients_send_them(server, client, model_id, tokenizer):
+    def text(messages, **kwargs):
+        kwargs.setdefault("max_tokens", MAX_TOKENS)
+        r = client.chat.completions.create(model=model_id, messages=messages, temperature=0, **kwargs)
+        return r.choices[0].message.content
+
+    user = {"role": "user", "content": "hello world"}
+    parts = {"role": "user", "content": [{"type": "text", "text": "hello "}, {"type": "text", "text": "world"}]}
+    assert text([parts]) == text([user])
+    system = {"role": "system", "content": "be brief"}
+    turns = [system, user, {"role": "assistant", "content": "hi"}, {"role": "user", "content": "again"}]
+    assert text(turns) is not None and text([system, user]) is not None
+    with pytest.raises(openai.BadRequestError) as info:
+        text([])
+    assert info.value.body["param"] == "messages"
+    # model left out: the served one.
+    status, _, data = request(server.url, "POST", "/v1/chat/completions", {"messages": [user], "max_tokens": 2})
+    assert status == 200 and json.loads(data)["model"] == model_id
+    # stop as a string and as a list, streamed or not.
+    bias, piece = forced(tokenizer)
+    for stop in (piece * 2, [piece * 2, "never"]):
+        r = chat(client, model_id, logit_bias=bias, stop=stop)
+        assert r.choices[0].finish_reason == "stop" and r.usage.completion_tokens == 2
+        assert (r.choices[0].message.content or "") == ""
+        chunks = list(chat(client, model_id, logit_bias=bias, stop=stop, stream=True))
+        assert [c.choices[0].finish_reason for c in chunks if c.choices[0].finish_reason] == ["stop"]
