@@ -133,3 +133,15 @@ def test_messages_and_stops_as_clients_send_them(server, client, model_id, token
         assert (r.choices[0].message.content or "") == ""
         chunks = list(chat(client, model_id, logit_bias=bias, stop=stop, stream=True))
         assert [c.choices[0].finish_reason for c in chunks if c.choices[0].finish_reason] == ["stop"]
+
+
+def test_fields_sent_as_null_count_as_left_out(server, client, model_id):
+    # The openai client sends a parameter given as None as null; mlx-lm's
+    # reading took null for a value (400 "temperature must be of type"), and
+    # a null max_completion_tokens hid max_tokens (the default 512 instead).
+    r = chat(client, model_id, temperature=None, top_p=None, seed=None, stop=None, presence_penalty=None,
+             logit_bias=None, logprobs=None, top_logprobs=None, n=None, max_completion_tokens=None, max_tokens=3)
+    assert r.usage.completion_tokens <= 3 and r.choices[0].finish_reason in ("stop", "length")
+    status, _, data = request(server.url, "POST", "/v1/completions",
+                              {"prompt": "hi", "max_tokens": 2, "stream": None, "echo": None, "logprobs": None, "model": None})
+    assert status == 200 and json.loads(data)["model"] == model_id

@@ -123,7 +123,9 @@ class RequestReader:
             raise ApiError(400, f"the body is not valid JSON: {e}", code="invalid_json") from None
         if not isinstance(body, dict):
             raise ApiError(400, "the body must be a JSON object")
-        return body
+        # A field given as null is a field left out: the openai client sends
+        # a parameter given as None as null (temperature=None, ...).
+        return {k: v for k, v in body.items() if v is not None}
 
     def _read_parameters(self) -> None:
         """Sets what mlx-lm's ``handle_completion`` reads, as its ``do_POST`` does, and checks it."""
