@@ -145,3 +145,13 @@ def test_fields_sent_as_null_count_as_left_out(server, client, model_id):
     status, _, data = request(server.url, "POST", "/v1/completions",
                               {"prompt": "hi", "max_tokens": 2, "stream": None, "echo": None, "logprobs": None, "model": None})
     assert status == 200 and json.loads(data)["model"] == model_id
+
+
+def test_models_retrieve_by_the_id_that_list_gives(client, model_id, ckpt):
+    # The openai client escapes the id in the path (/ as %2F).
+    [listed] = client.models.list().data
+    assert client.models.retrieve(listed.id).id == model_id
+    assert client.models.retrieve(ckpt.name).id == model_id  # a name requests may use
+    with pytest.raises(openai.NotFoundError) as info:
+        client.models.retrieve("no-such-model")
+    assert info.value.body["code"] == "model_not_found"

@@ -39,6 +39,7 @@ from pathlib import Path
 from queue import Queue
 from types import SimpleNamespace
 from typing import Any, Dict, List, Optional
+from urllib.parse import unquote
 
 from mlx_lm.server import APIHandler, CompletionRequest, ModelProvider, ResponseGenerator
 
@@ -212,6 +213,11 @@ class ServeHandler(RequestReader, APIHandler):
         """The served model's context (kept on the HTTP server object)."""
         return self.server.serve_context
 
+    @property
+    def route(self) -> str:
+        """The request's path without query, percent-escapes or trailing slash."""
+        return unquote(self.path.split("?", 1)[0]).rstrip("/")
+
     # --------------------------------------------------------------- errors
 
     def send_api_error(self, error: ApiError) -> None:
@@ -246,9 +252,9 @@ class ServeHandler(RequestReader, APIHandler):
     # ----------------------------------------------------------------- GET
 
     def do_GET(self):
-        """``/health``, ``/v1/models``, ``/status``."""
+        """``/health``, ``/v1/models``, ``/v1/models/<id>``, ``/status``."""
         try:
-            path = self.path.split("?", 1)[0].rstrip("/")
+            path = self.route
             if path == "/health":
                 ok = self.response_generator.generation_available()
                 self.send_json(200 if ok else 503, {"status": "ok" if ok else "unavailable"})
@@ -256,7 +262,11 @@ class ServeHandler(RequestReader, APIHandler):
             self._check_auth()
             if path == "/v1/models":
                 self.send_json(200, {"object": "list", "data": [self._model_card()]})
-            elif path == f"/v1/models/{self.served.model_id}":
+            elif path.startswith("/v1/models/"):
+                # The openai client escapes the id ("/" as %2F); route has unescaped it.
+                name = path[len("/v1/models/"):]
+                if name not in {a.rstrip("/") for a in self.served.aliases}:
+                    raise ApiError(404, f"the model {name!r} does not exist; this server serves {self.served.model_id!r}", param="model", code="model_not_found")
                 self.send_json(200, self._model_card())
             elif path == "/status":
                 figures = self.response_generator.status()
