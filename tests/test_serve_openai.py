@@ -155,3 +155,32 @@ def test_models_retrieve_by_the_id_that_list_gives(client, model_id, ckpt):
     with pytest.raises(openai.NotFoundError) as info:
         client.models.retrieve("no-such-model")
     assert info.value.body["code"] == "model_not_found"
+
+
+def test_methods_and_paths(server):
+    url = server.url
+    # HEAD: GET's headers, no body.
+    for path in ("/health", "/v1/models"):
+        status, headers, data = request(url, "HEAD", path)
+        assert status == 200 and int(headers["content-length"]) > 0 and data == b"", (path, status)
+    # A method the path does not take: 405 with Allow, in OpenAI's error shape.
+    for method, path, allow in [("GET", "/v1/chat/completions", "POST"), ("GET", "/v1/completions", "POST"),
+                                ("POST", "/v1/models", "GET"), ("PUT", "/v1/chat/completions", "POST"),
+                                ("DELETE", "/v1/models", "GET"), ("PATCH", "/health", "GET")]:
+        status, headers, data = request(url, method, path, {} if method != "GET" else None)
+        assert status == 405 and allow in headers["allow"], (method, path, status)
+        assert openai_error(data)["code"] == "method_not_allowed"
+    # No such path, whatever the method.
+    for method in ("GET", "POST", "DELETE"):
+        status, _, data = request(url, method, "/v1/embeddings", {} if method == "POST" else None)
+        assert status == 404 and openai_error(data)["code"] == "not_found"
+    # A trailing slash or a query string names the same endpoint.
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    assert request(url, "POST", "/v1/chat/completions/", body)[0] == 200
+    assert request(url, "POST", "/v1/chat/completions?x=1", body)[0] == 200
+    # A refused request whose big body the server did not need still gets
+    # its answer: the body is read, not left for a connection reset.
+    big = json.dumps({"messages": [{"role": "user", "content": "x" * (4 << 20)}]}).encode()
+    for _ in range(3):
+        status, _, data = request(url, "POST", "/v1/nothing", big, {"Content-Type": "application/json"})
+        assert status == 404 and openai_error(data)

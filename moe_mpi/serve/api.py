@@ -47,7 +47,7 @@ from ..argtypes import sharding_options
 from ..errors import UserError
 from ..prompts import context_length
 from .desk import StatusQuery
-from .request import ApiError, PreparedRequest, RequestReader
+from .request import MAX_BODY_BYTES, ApiError, PreparedRequest, RequestReader
 from .status import summarize
 
 __all__ = [
@@ -64,6 +64,8 @@ __all__ = [
 #: Seconds an HTTP thread waits for the ranks' status figures.
 STATUS_TIMEOUT = 30.0
 ENDPOINTS = {"/v1/completions": "text", "/v1/chat/completions": "chat", "/chat/completions": "chat"}
+#: Paths answered to GET (and HEAD); ``/v1/models/<id>`` too.
+GET_PATHS = {"/health", "/v1/models", "/status"}
 
 
 @dataclasses.dataclass
@@ -207,6 +209,8 @@ class ServeHandler(RequestReader, APIHandler):
     # Socket timeout: a client that stops reading (or sending) for this long
     # is treated as gone, and its slot in the batch is freed.
     timeout = 120
+    # Answering HEAD: GET's headers without its body.
+    head_only = False
 
     @property
     def served(self) -> ServeContext:
@@ -222,19 +226,22 @@ class ServeHandler(RequestReader, APIHandler):
 
     def send_api_error(self, error: ApiError) -> None:
         """Writes ``error`` as a complete JSON response."""
-        self._send_json_body(error.status, error.body())
+        self._send_json_body(error.status, error.body(), error.headers)
 
     def send_json(self, status: int, obj: Any) -> None:
         """Writes ``obj`` as a complete JSON response."""
         self._send_json_body(status, json.dumps(obj).encode())
 
-    def _send_json_body(self, status: int, body: bytes) -> None:
+    def _send_json_body(self, status: int, body: bytes, headers: Optional[Dict[str, str]] = None) -> None:
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(body)))
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
         self._set_cors_headers()
         self.end_headers()
-        self.wfile.write(body)
+        if not self.head_only:
+            self.wfile.write(body)
         self.wfile.flush()
 
     def log_message(self, format: str, *args) -> None:  # noqa: A002 - the base class's name
@@ -249,7 +256,41 @@ class ServeHandler(RequestReader, APIHandler):
         if not hmac.compare_digest(given.encode(), f"Bearer {key}".encode()):
             raise ApiError(401, "missing or wrong API key (Authorization: Bearer ...)", code="invalid_api_key")
 
+    def _wrong_method(self, path: str) -> ApiError:
+        """404 for a path that nothing answers; 405 for one that takes other methods."""
+        if path in ENDPOINTS:
+            allow = "POST, OPTIONS"
+        elif path in GET_PATHS or path.startswith("/v1/models/"):
+            allow = "GET, HEAD, OPTIONS"
+        else:
+            return ApiError(404, f"no such endpoint: {self.command} {path or '/'}", code="not_found")
+        return ApiError(405, f"{self.command} is not allowed on {path}; use {allow.split(',')[0]}", code="method_not_allowed", headers={"Allow": allow})
+
+    def _discard_body(self) -> None:
+        """Reads a body that was not needed, so that its client, maybe still sending it, reads the answer instead of a reset."""
+        if self.body_read:
+            return
+        self.body_read = True
+        try:
+            length = int(self.headers.get("Content-Length", 0))
+        except ValueError:
+            return
+        if 0 < length <= MAX_BODY_BYTES:
+            self.rfile.read(length)
+
+    def _refuse(self) -> None:
+        """Methods that no endpoint takes: 405, or 404 for a path nothing answers."""
+        self._discard_body()
+        self.send_api_error(self._wrong_method(self.route))
+
+    do_PUT = do_DELETE = do_PATCH = _refuse
+
     # ----------------------------------------------------------------- GET
+
+    def do_HEAD(self):
+        """GET's answer without its body."""
+        self.head_only = True
+        self.do_GET()
 
     def do_GET(self):
         """``/health``, ``/v1/models``, ``/v1/models/<id>``, ``/status``."""
@@ -259,6 +300,8 @@ class ServeHandler(RequestReader, APIHandler):
                 ok = self.response_generator.generation_available()
                 self.send_json(200 if ok else 503, {"status": "ok" if ok else "unavailable"})
                 return
+            if path not in GET_PATHS and not path.startswith("/v1/models/"):
+                raise self._wrong_method(path)
             self._check_auth()
             if path == "/v1/models":
                 self.send_json(200, {"object": "list", "data": [self._model_card()]})
@@ -268,13 +311,11 @@ class ServeHandler(RequestReader, APIHandler):
                 if name not in {a.rstrip("/") for a in self.served.aliases}:
                     raise ApiError(404, f"the model {name!r} does not exist; this server serves {self.served.model_id!r}", param="model", code="model_not_found")
                 self.send_json(200, self._model_card())
-            elif path == "/status":
+            else:  # /status
                 figures = self.response_generator.status()
                 if figures is None:
                     raise ApiError(503, "the ranks did not answer in time", kind="server_error")
                 self.send_json(200, summarize(figures, self.served.model_info))
-            else:
-                raise ApiError(404, f"no such endpoint: GET {path}", code="not_found")
         except ApiError as e:
             self.send_api_error(e)
 
@@ -286,14 +327,15 @@ class ServeHandler(RequestReader, APIHandler):
     def do_POST(self):
         """Checks the request completely, then answers it with mlx-lm's ``handle_completion``."""
         try:
-            endpoint = ENDPOINTS.get(self.path.split("?", 1)[0])
+            endpoint = ENDPOINTS.get(self.route)
             if endpoint is None:
-                raise ApiError(404, f"no such endpoint: POST {self.path}", code="not_found")
+                raise self._wrong_method(self.route)
             self._check_auth()
             request = self.read_request(endpoint)
             prepared = self.response_generator.prepare(request, self)
             self.check_prepared(prepared)
         except ApiError as e:
+            self._discard_body()
             self.send_api_error(e)
             return
         try:

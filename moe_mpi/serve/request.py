@@ -18,7 +18,7 @@ import json
 import math
 import uuid
 from types import SimpleNamespace
-from typing import Any, List, Optional
+from typing import Any, Dict, List, Optional
 
 import msgpack
 from mlx_lm.server import CompletionRequest
@@ -37,13 +37,14 @@ RESERVED_TEMPLATE_ARGS = {"tokenize", "add_generation_prompt", "return_dict", "t
 class ApiError(Exception):
     """A request the server refuses, with its HTTP status and OpenAI error fields."""
 
-    def __init__(self, status: int, message: str, *, param: Optional[str] = None, code: Optional[str] = None, kind: str = "invalid_request_error"):
+    def __init__(self, status: int, message: str, *, param: Optional[str] = None, code: Optional[str] = None, kind: str = "invalid_request_error", headers: Optional[Dict[str, str]] = None):
         super().__init__(message)
         self.status = status
         self.message = message
         self.param = param
         self.code = code
         self.kind = kind
+        self.headers = headers or {}  # further response headers (e.g. Allow)
 
     def body(self) -> bytes:
         """The JSON body, in the shape OpenAI's API and its clients use."""
@@ -93,6 +94,9 @@ class RequestReader:
     ``self.response_generator`` of the handler it is mixed into.
     """
 
+    #: Whether the body has been read from the connection.
+    body_read = False
+
     def read_request(self, endpoint: str) -> CompletionRequest:
         """Reads and checks the body of a POST to ``endpoint`` (``"chat"`` or ``"text"``).
 
@@ -116,6 +120,7 @@ class RequestReader:
             raise ApiError(400, f"invalid Content-Length {length!r}") from None
         if not 0 <= length <= MAX_BODY_BYTES:
             raise ApiError(413, f"the body may have at most {MAX_BODY_BYTES} bytes", code="request_too_large")
+        self.body_read = True
         raw = self.rfile.read(length)
         try:
             body = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
