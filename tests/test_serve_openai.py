@@ -184,3 +184,20 @@ def test_methods_and_paths(server):
     for _ in range(3):
         status, _, data = request(url, "POST", "/v1/nothing", big, {"Content-Type": "application/json"})
         assert status == 404 and openai_error(data)
+
+
+def test_cors_preflight_allows_the_authorization_header(server):
+    # The openai client in a browser always sends Authorization, which a
+    # "*" in Access-Control-Allow-Headers does not cover.
+    url = server.url
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    preflight = {"Origin": ORIGIN, "Access-Control-Request-Method": "POST",
+                 "Access-Control-Request-Headers": "authorization,content-type,x-stainless-os"}
+    status, headers, _ = request(url, "OPTIONS", "/v1/chat/completions", headers=preflight)
+    assert status == 204 and headers["access-control-allow-origin"] == ORIGIN
+    allowed = [h.strip().lower() for h in headers["access-control-allow-headers"].split(",")]
+    assert "authorization" in allowed and "*" in allowed
+    status, headers, _ = request(url, "OPTIONS", "/v1/chat/completions", headers={**preflight, "Origin": "http://evil.example"})
+    assert status == 204 and "access-control-allow-origin" not in headers
+    status, headers, _ = request(url, "POST", "/v1/chat/completions", body, {"Origin": ORIGIN})
+    assert status == 200 and headers["access-control-allow-origin"] == ORIGIN

@@ -244,6 +244,20 @@ class ServeHandler(RequestReader, APIHandler):
             self.wfile.write(body)
         self.wfile.flush()
 
+    def _set_cors_headers(self) -> None:
+        # mlx-lm's, but naming Authorization: a browser does not count it in
+        # the "*" of Access-Control-Allow-Headers, and the openai client
+        # always sends it, so its preflight failed.
+        origins = self.response_generator.cli_args.allowed_origins
+        origin = self.headers.get("Origin")
+        if "*" in origins:
+            self.send_header("Access-Control-Allow-Origin", "*")
+        elif origin in origins:
+            self.send_header("Access-Control-Allow-Origin", origin)
+            self.send_header("Vary", "Origin")
+        self.send_header("Access-Control-Allow-Methods", "*")
+        self.send_header("Access-Control-Allow-Headers", "Authorization, Content-Type, *")
+
     def log_message(self, format: str, *args) -> None:  # noqa: A002 - the base class's name
         """Access log lines through ``logging`` (not raw stderr)."""
         logging.info("%s %s", self.address_string(), format % args)
