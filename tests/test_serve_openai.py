@@ -102,6 +102,16 @@ def forced(tokenizer, text=" fox"):
     return {str(tid): 100.0}, tokenizer.decode([tid])
 
 
+def counts(usage) -> tuple:
+    return usage.prompt_tokens, usage.completion_tokens, usage.total_tokens
+
+
+def check_chunks(chunks, object_type, model_id):
+    ids = {c.id for c in chunks}
+    assert len(ids) == 1 and all(c.created and c.model == model_id and c.object == object_type for c in chunks), \
+        [(c.object, c.model) for c in chunks]
+
+
 # --------------------------------------------------------------------------
 # Requests as ordinary client code writes them
 # --------------------------------------------------------------------------
@@ -201,3 +211,34 @@ def test_cors_preflight_allows_the_authorization_header(server):
     assert status == 204 and "access-control-allow-origin" not in headers
     status, headers, _ = request(url, "POST", "/v1/chat/completions", body, {"Origin": ORIGIN})
     assert status == 200 and headers["access-control-allow-origin"] == ORIGIN
+
+
+# --------------------------------------------------------------------------
+# Responses
+# --------------------------------------------------------------------------
+
+
+def test_stream_chunks_and_usage_agree_with_the_whole_response(client, model_id):
+    for prompt, kwargs in [("hello world", {}), ("the quick brown fox", {"max_tokens": 40})]:
+        whole = chat(client, model_id, prompt, **kwargs)
+        chunks = list(chat(client, model_id, prompt, stream=True, stream_options={"include_usage": True}, **kwargs))
+        # Every chunk, the usage chunk too (mlx-lm says "chat.completion" there), is a chunk.
+        check_chunks(chunks, "chat.completion.chunk", model_id)
+        assert chunks[-1].choices == [] and counts(chunks[-1].usage) == counts(whole.usage)
+        assert all(c.usage is None for c in chunks[:-1])
+        text = "".join(c.choices[0].delta.content or "" for c in chunks[:-1])
+        finish = [c.choices[0].finish_reason for c in chunks[:-1] if c.choices[0].finish_reason]
+        assert (text, finish) == (whole.choices[0].message.content or "", [whole.choices[0].finish_reason])
+        u = whole.usage
+        assert u.total_tokens == u.prompt_tokens + u.completion_tokens
+        assert (whole.choices[0].finish_reason == "length") == (u.completion_tokens == kwargs.get("max_tokens", MAX_TOKENS))
+        # Without include_usage, no usage chunk.
+        assert all(c.usage is None and c.choices for c in chat(client, model_id, prompt, stream=True, **kwargs))
+    whole = complete(client, model_id)
+    chunks = list(complete(client, model_id, stream=True, stream_options={"include_usage": True}))
+    check_chunks(chunks, "text_completion", model_id)
+    assert counts(chunks[-1].usage) == counts(whole.usage)
+    assert "".join(c.choices[0].text for c in chunks[:-1]) == whole.choices[0].text
+    # max_completion_tokens, the newer name.
+    r = client.chat.completions.create(model=model_id, messages=[{"role": "user", "content": "hi"}], max_completion_tokens=3)
+    assert r.usage.completion_tokens <= 3

@@ -359,6 +359,12 @@ class ServeHandler(RequestReader, APIHandler):
             # leaves the batch at the next step.
             logging.info("%s went away (%s); its request is cancelled", self.address_string(), type(e).__name__)
 
+    def completion_usage_response(self, *args, **kwargs) -> dict:
+        """mlx-lm's last chunk of a stream, with the usage, of the stream's own object type."""
+        response = super().completion_usage_response(*args, **kwargs)
+        response["object"] = self.object_type  # mlx-lm: "chat.completion", in any stream
+        return response
+
 
 class ServeHTTPServer(ThreadingHTTPServer):
     """mlx-lm's threading HTTP server, with a deeper accept queue.
