@@ -242,3 +242,44 @@ def test_stream_chunks_and_usage_agree_with_the_whole_response(client, model_id)
     # max_completion_tokens, the newer name.
     r = client.chat.completions.create(model=model_id, messages=[{"role": "user", "content": "hi"}], max_completion_tokens=3)
     assert r.usage.completion_tokens <= 3
+
+
+def test_chat_logprobs_in_openai_shape_whole_and_streamed(client, model_id, tokenizer):
+    bias, piece = forced(tokenizer)
+    r = chat(client, model_id, logprobs=True, top_logprobs=3, logit_bias=bias, max_tokens=4)
+    content = r.choices[0].logprobs.content
+    assert len(content) == r.usage.completion_tokens == 4
+    for e in content:
+        # The token drawn, as text, with its bytes; the top tokens most likely first.
+        assert e.token == piece and e.bytes == list(piece.encode()) and e.logprob <= 0
+        assert len(e.top_logprobs) == 3 and e.top_logprobs[0].token == piece
+        assert [t.logprob for t in e.top_logprobs] == sorted((t.logprob for t in e.top_logprobs), reverse=True)
+        assert e.top_logprobs[0].logprob == pytest.approx(e.logprob)
+    assert "".join(e.token for e in content) == r.choices[0].message.content
+    # logprobs alone: no top tokens; a greedy token is the likeliest.
+    plain = chat(client, model_id, logprobs=True)
+    assert all(e.token is not None and e.top_logprobs == [] for e in plain.choices[0].logprobs.content)
+    assert chat(client, model_id).choices[0].logprobs is None
+    # Streamed: each chunk carries the log probabilities of its tokens.
+    chunks = list(chat(client, model_id, logprobs=True, top_logprobs=2, stream=True))
+    streamed = [e for c in chunks if c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+    whole = chat(client, model_id, logprobs=True, top_logprobs=2).choices[0].logprobs.content
+    assert [(e.token, e.top_logprobs[0].token) for e in streamed] == [(e.token, e.top_logprobs[0].token) for e in whole]
+    assert [e.logprob for e in streamed] == pytest.approx([e.logprob for e in whole], abs=1e-3)
+
+
+def test_completion_logprobs_take_an_integer(client, model_id, tokenizer):
+    # OpenAI's completions take logprobs=N (mlx-lm refused any integer: "must be of type bool").
+    bias, piece = forced(tokenizer)
+    r = complete(client, model_id, logprobs=2, logit_bias=bias, max_tokens=3)
+    lp = r.choices[0].logprobs
+    assert lp.tokens == [piece] * 3 and len(lp.token_logprobs) == 3
+    assert lp.text_offset == [0, len(piece), 2 * len(piece)]
+    assert all(len(top) <= 2 and max(top, key=top.get) == piece for top in lp.top_logprobs)
+    assert complete(client, model_id, logprobs=0).choices[0].logprobs.top_logprobs is None
+    assert len(complete(client, model_id, logprobs=True).choices[0].logprobs.tokens) > 0  # mlx-lm's way
+    chunks = list(complete(client, model_id, logprobs=1, stream=True, logit_bias=bias, max_tokens=3))
+    assert [t for c in chunks if c.choices[0].logprobs for t in c.choices[0].logprobs.tokens] == [piece] * 3
+    with pytest.raises(openai.BadRequestError) as info:
+        complete(client, model_id, logprobs=50)
+    assert info.value.body["param"] == "logprobs"

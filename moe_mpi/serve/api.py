@@ -47,6 +47,7 @@ from ..argtypes import sharding_options
 from ..errors import UserError
 from ..prompts import context_length
 from .desk import StatusQuery
+from .logprobs import LogprobsWriter
 from .request import MAX_BODY_BYTES, ApiError, PreparedRequest, RequestReader
 from .status import summarize
 
@@ -193,6 +194,13 @@ class ClusterResponseGenerator(ResponseGenerator):
             stop_tokens=stops,
         )
 
+    def generate(self, request, args, progress_callback=None):
+        """mlx-lm's ``generate``; a request that asked for log probabilities keeps its responses (:meth:`PreparedRequest.record`)."""
+        ctx, responses = super().generate(request, args, progress_callback)
+        if args.logprobs and isinstance(request, PreparedRequest):
+            responses = request.record(responses)
+        return ctx, responses
+
     def status(self, timeout: float = STATUS_TIMEOUT) -> Optional[List[dict]]:
         """Every rank's figures (one allgather at the next step), or None on timeout."""
         query = StatusQuery()
@@ -211,6 +219,9 @@ class ServeHandler(RequestReader, APIHandler):
     timeout = 120
     # Answering HEAD: GET's headers without its body.
     head_only = False
+    # The request being answered, and the writer of its log probabilities.
+    prepared: Optional[PreparedRequest] = None
+    logprobs_writer: Optional[LogprobsWriter] = None
 
     @property
     def served(self) -> ServeContext:
@@ -352,12 +363,26 @@ class ServeHandler(RequestReader, APIHandler):
             self._discard_body()
             self.send_api_error(e)
             return
+        self.prepared = prepared
+        if self.logprobs:
+            generator = self.response_generator
+            self.logprobs_writer = LogprobsWriter(
+                generator.model_provider.tokenizer, generator.lock, chat=endpoint == "chat", top=self.top_logprobs
+            )
         try:
             self.handle_completion(prepared, self.stop_words)
         except (BrokenPipeError, ConnectionResetError, TimeoutError) as e:
             # handle_completion has told the engine (ctx.stop()); the request
             # leaves the batch at the next step.
             logging.info("%s went away (%s); its request is cancelled", self.address_string(), type(e).__name__)
+
+    def generate_response(self, text, finish_reason, *args, **kwargs) -> dict:
+        """mlx-lm's response or chunk, with OpenAI's ``logprobs`` of its tokens (:mod:`.logprobs`)."""
+        kwargs.update(token_logprobs=None, top_tokens=None, tokens=None)  # mlx-lm's own shape: none
+        response = super().generate_response(text, finish_reason, *args, **kwargs)
+        if self.logprobs_writer is not None:
+            response["choices"][0]["logprobs"] = self.logprobs_writer(self.prepared.take_emitted())
+        return response
 
     def completion_usage_response(self, *args, **kwargs) -> dict:
         """mlx-lm's last chunk of a stream, with the usage, of the stream's own object type."""

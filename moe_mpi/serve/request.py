@@ -18,7 +18,7 @@ import json
 import math
 import uuid
 from types import SimpleNamespace
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Iterator, List, Optional
 
 import msgpack
 from mlx_lm.server import CompletionRequest
@@ -32,6 +32,8 @@ MAX_BODY_BYTES = 16 << 20
 # Chat template arguments a request may not set: they would change what
 # the template returns, not how it renders.
 RESERVED_TEMPLATE_ARGS = {"tokenize", "add_generation_prompt", "return_dict", "tools", "continue_final_message"}
+#: Most top tokens per position (mlx-lm's limit of ``top_logprobs``).
+MAX_TOP_LOGPROBS = 11
 
 
 class ApiError(Exception):
@@ -64,6 +66,8 @@ class PreparedRequest(CompletionRequest):
         initial_state: Where mlx-lm's text state machine starts.
         text_sm: mlx-lm's text state machine (stop words, reasoning, tools).
         stop_tokens: Token sequences that end generation (EOS, stop words).
+        emitted: The responses handed to the HTTP thread and not yet taken
+            (kept only for requests that asked for log probabilities).
     """
 
     tokens: List[int] = dataclasses.field(default_factory=list)
@@ -72,6 +76,18 @@ class PreparedRequest(CompletionRequest):
     initial_state: str = "normal"
     text_sm: Any = None
     stop_tokens: List[List[int]] = dataclasses.field(default_factory=list)
+    emitted: List[Any] = dataclasses.field(default_factory=list)
+
+    def record(self, responses: Iterator) -> Iterator:
+        """Passes ``responses`` on, keeping each in :attr:`emitted` as it goes."""
+        for response in responses:
+            self.emitted.append(response)
+            yield response
+
+    def take_emitted(self) -> List[Any]:
+        """The responses passed on since the last call."""
+        taken, self.emitted = self.emitted, []
+        return taken
 
 
 def _check_tokens(tokens, vocab_size: int, what: str) -> None:
@@ -96,6 +112,8 @@ class RequestReader:
 
     #: Whether the body has been read from the connection.
     body_read = False
+    #: ``"chat"`` or ``"text"``: the endpoint of the request being read.
+    endpoint: Optional[str] = None
 
     def read_request(self, endpoint: str) -> CompletionRequest:
         """Reads and checks the body of a POST to ``endpoint`` (``"chat"`` or ``"text"``).
@@ -103,6 +121,7 @@ class RequestReader:
         Raises:
             ApiError: The request is refused.
         """
+        self.endpoint = endpoint
         self.body = self._read_body()
         self._read_parameters()
         return self._chat_request() if endpoint == "chat" else self._text_request()
@@ -160,6 +179,11 @@ class RequestReader:
         self.logit_bias = body.get("logit_bias")
         self.logprobs = body.get("logprobs", False)
         self.top_logprobs = body.get("top_logprobs", -1)
+        if self.endpoint == "text" and type(self.logprobs) is int:
+            # OpenAI's completions take logprobs=N: the N most likely tokens too.
+            if not 0 <= self.logprobs <= MAX_TOP_LOGPROBS:
+                raise ApiError(400, f"logprobs must be from 0 to {MAX_TOP_LOGPROBS}", param="logprobs")
+            self.logprobs, self.top_logprobs = True, self.logprobs
         self.seed = body.get("seed")
         self.chat_template_kwargs = body.get("chat_template_kwargs")
         for unsupported in ("adapters", "draft_model", "num_draft_tokens"):
@@ -171,6 +195,8 @@ class RequestReader:
             self.validate_model_parameters()  # mlx-lm's checks of types and ranges
         except ValueError as e:
             raise ApiError(400, str(e), param=str(e).split(" ", 1)[0]) from None
+        # Top tokens come with the drawn token's own log probability.
+        self.logprobs = self.logprobs or self.top_logprobs > 0
         self._check_more()
 
     def _check_more(self) -> None:
