@@ -283,3 +283,30 @@ def test_completion_logprobs_take_an_integer(client, model_id, tokenizer):
     with pytest.raises(openai.BadRequestError) as info:
         complete(client, model_id, logprobs=50)
     assert info.value.body["param"] == "logprobs"
+
+
+def test_completion_prompts_as_openai_takes_them(client, model_id, tokenizer):
+    prompt = "a mixture of experts"
+    text = complete(client, model_id, prompt).choices[0].text
+    ids = tokenizer.encode(prompt)
+    # Token ids, and a list of one prompt (mlx-lm: 404, its generation thread dead).
+    for given in (ids, [prompt], [ids]):
+        r = complete(client, model_id, given)
+        assert r.choices[0].text == text and r.usage.prompt_tokens == len(ids), given
+    for several in (["one", "two"], [ids, ids]):
+        with pytest.raises(openai.BadRequestError) as info:
+            complete(client, model_id, several)
+        assert info.value.body["param"] == "prompt"
+    with pytest.raises(openai.BadRequestError) as info:
+        complete(client, model_id, [tokenizer.vocab_size + 10])
+    assert info.value.body["param"] == "prompt"
+    with pytest.raises(openai.BadRequestError):
+        complete(client, model_id, "")
+    # echo: the prompt, then the completion (mlx-lm ignored it).
+    assert complete(client, model_id, prompt, echo=True).choices[0].text == prompt + text
+    chunks = list(complete(client, model_id, prompt, echo=True, stream=True))
+    assert "".join(c.choices[0].text for c in chunks) == prompt + text
+    assert complete(client, model_id, ids, echo=True).choices[0].text == tokenizer.decode(ids) + text
+    with pytest.raises(openai.BadRequestError) as info:  # the prompt's log probabilities are not computed
+        complete(client, model_id, prompt, echo=True, logprobs=1)
+    assert info.value.body["param"] == "echo"

@@ -178,12 +178,17 @@ class ClusterResponseGenerator(ResponseGenerator):
         template = SimpleNamespace(chat_template_kwargs=handler.chat_template_kwargs)
         try:
             with self.lock:
-                tokens, segments, types, state, _ = self._tokenize(tokenizer, request, template)
+                if request.request_type == "text" and isinstance(request.prompt, list):
+                    # A prompt of token ids (checked against the vocabulary later).
+                    tokens, segments, types, state = request.prompt, [request.prompt], ["assistant"], "normal"
+                else:
+                    tokens, segments, types, state, _ = self._tokenize(tokenizer, request, template)
                 stops = [[t] for t in tokenizer.eos_token_ids]
                 stops += [list(tokenizer.encode(w, add_special_tokens=False)) for w in handler.stop_words]
                 _, text_sm = self._make_state_machine(self.model_provider.model_key, tokenizer, handler.stop_words)
         except Exception as e:  # noqa: BLE001 - templates raise anything: all of it is the request's fault
-            raise ApiError(400, f"cannot make a prompt of this request: {type(e).__name__}: {e}", param="messages") from None
+            param = "messages" if request.request_type == "chat" else "prompt"
+            raise ApiError(400, f"cannot make a prompt of this request: {type(e).__name__}: {e}", param=param) from None
         return PreparedRequest(
             **{f.name: getattr(request, f.name) for f in dataclasses.fields(CompletionRequest)},
             tokens=tokens,
@@ -219,9 +224,11 @@ class ServeHandler(RequestReader, APIHandler):
     timeout = 120
     # Answering HEAD: GET's headers without its body.
     head_only = False
-    # The request being answered, and the writer of its log probabilities.
+    # The request being answered, the writer of its log probabilities and
+    # the text that an echo puts before the first text.
     prepared: Optional[PreparedRequest] = None
     logprobs_writer: Optional[LogprobsWriter] = None
+    echo_text = ""
 
     @property
     def served(self) -> ServeContext:
@@ -364,8 +371,12 @@ class ServeHandler(RequestReader, APIHandler):
             self.send_api_error(e)
             return
         self.prepared = prepared
+        generator = self.response_generator
+        if endpoint == "text" and self.body.get("echo"):
+            prompt = prepared.prompt
+            with generator.lock:
+                self.echo_text = prompt if isinstance(prompt, str) else generator.model_provider.tokenizer.decode(prompt)
         if self.logprobs:
-            generator = self.response_generator
             self.logprobs_writer = LogprobsWriter(
                 generator.model_provider.tokenizer, generator.lock, chat=endpoint == "chat", top=self.top_logprobs
             )
@@ -377,8 +388,10 @@ class ServeHandler(RequestReader, APIHandler):
             logging.info("%s went away (%s); its request is cancelled", self.address_string(), type(e).__name__)
 
     def generate_response(self, text, finish_reason, *args, **kwargs) -> dict:
-        """mlx-lm's response or chunk, with OpenAI's ``logprobs`` of its tokens (:mod:`.logprobs`)."""
+        """mlx-lm's response or chunk, after an echoed prompt, with OpenAI's ``logprobs`` of its tokens (:mod:`.logprobs`)."""
         kwargs.update(token_logprobs=None, top_tokens=None, tokens=None)  # mlx-lm's own shape: none
+        if self.echo_text:
+            text, self.echo_text = self.echo_text + text, ""
         response = super().generate_response(text, finish_reason, *args, **kwargs)
         if self.logprobs_writer is not None:
             response["choices"][0]["logprobs"] = self.logprobs_writer(self.prepared.take_emitted())

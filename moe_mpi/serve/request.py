@@ -90,9 +90,9 @@ class PreparedRequest(CompletionRequest):
         return taken
 
 
-def _check_tokens(tokens, vocab_size: int, what: str) -> None:
+def _check_tokens(tokens, vocab_size: int, what: str, param: str) -> None:
     if not isinstance(tokens, list) or not all(type(t) is int and 0 <= t < vocab_size for t in tokens):
-        raise ApiError(400, f"{what} must be token ids below {vocab_size}", param="messages")
+        raise ApiError(400, f"{what} must be token ids below {vocab_size}", param=param)
 
 
 def _finite(value) -> bool:
@@ -253,23 +253,35 @@ class RequestReader:
         return CompletionRequest("chat", "", messages, tools, role_mapping)
 
     def _text_request(self) -> CompletionRequest:
-        if not isinstance(self.body.get("prompt"), str):
-            raise ApiError(400, "prompt must be a string", param="prompt")
+        """mlx-lm's ``handle_text_completions``, for one prompt: text or token ids, alone or in a list of one."""
+        prompt = self.body.get("prompt")
+        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+            prompt = prompt[0]
+        if isinstance(prompt, list) and prompt and all(isinstance(p, (str, list)) for p in prompt):
+            raise ApiError(400, "only one prompt per request is supported", param="prompt")
+        if not (isinstance(prompt, str) or isinstance(prompt, list) and all(type(t) is int for t in prompt)):
+            raise ApiError(400, "prompt must be a string or a list of token ids", param="prompt")
+        if not isinstance(self.body.get("echo", False), bool):
+            raise ApiError(400, "echo must be a boolean", param="echo")
+        if self.body.get("echo") and self.logprobs:
+            raise ApiError(400, "echo with logprobs is not supported (the prompt's log probabilities are not computed)", param="echo")
+        self.body["prompt"] = prompt
         return self.handle_text_completions()  # mlx-lm's
 
     def check_prepared(self, prepared: PreparedRequest) -> None:
         """The prompt's length against the context; the join record the engine will get."""
         vocab = self.served.vocab_size
         n = len(prepared.tokens)
+        param = "messages" if self.endpoint == "chat" else "prompt"
         if n == 0:
-            raise ApiError(400, "the prompt is empty (0 tokens)", param="messages")
+            raise ApiError(400, "the prompt is empty (0 tokens)", param=param)
         context = self.served.context
         if context is not None:
             if n >= context:
                 raise ApiError(
                     400,
                     f"This model's maximum context length is {context} tokens. However, your prompt has {n} tokens.",
-                    param="messages", code="context_length_exceeded",
+                    param=param, code="context_length_exceeded",
                 )
             if n + self.max_tokens > context:
                 if self.max_tokens_given:
@@ -280,11 +292,11 @@ class RequestReader:
                         param="max_tokens", code="context_length_exceeded",
                     )
                 self.max_tokens = context - n  # the default, cut to what fits
-        _check_tokens(prepared.tokens, vocab, "the prompt")
+        _check_tokens(prepared.tokens, vocab, "the prompt", param)
         if sum(len(s) for s in prepared.segments) != n:
             raise ApiError(500, "internal error: prompt segments do not cover the prompt", kind="server_error")
         for seq in prepared.stop_tokens:
-            _check_tokens(seq, vocab, "stop sequences")
+            _check_tokens(seq, vocab, "stop sequences", "stop")
         # What the desk will send: it must encode (e.g. no integer beyond 64 bits).
         probe = SimpleNamespace(sampling=self, logits=self._logits_arguments(), max_tokens=self.max_tokens)
         try:
