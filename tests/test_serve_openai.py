@@ -310,3 +310,29 @@ def test_completion_prompts_as_openai_takes_them(client, model_id, tokenizer):
     with pytest.raises(openai.BadRequestError) as info:  # the prompt's log probabilities are not computed
         complete(client, model_id, prompt, echo=True, logprobs=1)
     assert info.value.body["param"] == "echo"
+
+
+REFUSED = {
+    # what OpenAI's API offers that this server cannot do: (create, kwargs, param)
+    "n=2": ("chat", {"n": 2}, "n"),
+    "n=3 completions": ("text", {"n": 3}, "n"),
+    "json mode": ("chat", {"response_format": {"type": "json_object"}}, "response_format"),
+    "json schema": ("chat", {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}}, "response_format"),
+    "tools without tool calling": ("chat", {"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools"),
+    "best_of": ("text", {"best_of": 2}, "best_of"),
+    "suffix": ("text", {"suffix": "end"}, "suffix"),
+    "top_logprobs beyond 11": ("chat", {"logprobs": True, "top_logprobs": 20}, "top_logprobs"),
+}
+
+
+def test_what_cannot_be_done_is_refused_not_ignored(client, model_id):
+    for case, (kind, kwargs, param) in REFUSED.items():
+        with pytest.raises(openai.BadRequestError) as info:
+            (chat if kind == "chat" else complete)(client, model_id, **kwargs)
+        assert info.value.body["param"] == param, case
+    # ... and what can, is served.
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {}}}]
+    for kwargs in ({"response_format": {"type": "text"}}, {"n": 1}, {"tools": tools, "tool_choice": "none"},
+                   {"user": "someone", "seed": 3, "top_p": 0.5, "presence_penalty": 0.5, "frequency_penalty": 0.5}):
+        assert chat(client, model_id, **kwargs).choices[0].finish_reason in ("stop", "length"), kwargs
+    assert complete(client, model_id, best_of=1, echo=False, suffix="").choices[0].text is not None

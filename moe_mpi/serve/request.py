@@ -198,6 +198,7 @@ class RequestReader:
         # Top tokens come with the drawn token's own log probability.
         self.logprobs = self.logprobs or self.top_logprobs > 0
         self._check_more()
+        self._check_unsupported()
 
     def _check_more(self) -> None:
         """Checks beyond mlx-lm's: what the engine relies on, on every rank."""
@@ -228,6 +229,17 @@ class RequestReader:
         if kwargs is not None and not (isinstance(kwargs, dict) and not RESERVED_TEMPLATE_ARGS & set(kwargs)):
             raise ApiError(400, f"chat_template_kwargs must be an object without {sorted(RESERVED_TEMPLATE_ARGS)}", param="chat_template_kwargs")
 
+    def _check_unsupported(self) -> None:
+        """Refuses what OpenAI's API offers and this server would otherwise ignore without a word."""
+        body = self.body
+        fmt = body.get("response_format")
+        if fmt is not None and not (isinstance(fmt, dict) and fmt.get("type") == "text"):
+            raise ApiError(400, 'only response_format {"type": "text"} is supported: the output is not constrained to JSON (ask for JSON in the prompt)', param="response_format")
+        if self.endpoint == "text" and body.get("best_of", 1) != 1:
+            raise ApiError(400, "only best_of=1 is supported", param="best_of")
+        if self.endpoint == "text" and body.get("suffix", "") != "":
+            raise ApiError(400, "suffix is not supported", param="suffix")
+
     def _chat_request(self) -> CompletionRequest:
         """mlx-lm's ``handle_chat_completions``, checked, and without fetching image URLs."""
         messages = self.body.get("messages")
@@ -245,6 +257,10 @@ class RequestReader:
         tools = self.body.get("tools") or None
         if tools is not None and not isinstance(tools, list):
             raise ApiError(400, "tools must be a list", param="tools")
+        if tools and self.body.get("tool_choice") != "none" and not self.response_generator.model_provider.tokenizer.has_tool_calling:
+            # mlx-lm would pass them to a template that ignores them: the
+            # model would never call one, and the client would not know why.
+            raise ApiError(400, "this model's chat template has no tool calling: tools cannot be used", param="tools")
         role_mapping = self.body.get("role_mapping")
         if role_mapping is not None and not isinstance(role_mapping, dict):
             raise ApiError(400, "role_mapping must be an object", param="role_mapping")
