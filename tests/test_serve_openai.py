@@ -188,6 +188,12 @@ def test_methods_and_paths(server):
     body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
     assert request(url, "POST", "/v1/chat/completions/", body)[0] == 200
     assert request(url, "POST", "/v1/chat/completions?x=1", body)[0] == 200
+    # A base URL without /v1: every endpoint, not only /chat/completions.
+    bare = openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=TIMEOUT)
+    [model] = bare.models.list().data
+    assert bare.models.retrieve(model.id).id == model.id
+    assert bare.completions.create(model=model.id, prompt="hi", max_tokens=2).usage.completion_tokens <= 2
+    assert bare.chat.completions.create(model=model.id, messages=body["messages"], max_tokens=2).choices
     # A refused request whose big body the server did not need still gets
     # its answer: the body is read, not left for a connection reset.
     big = json.dumps({"messages": [{"role": "user", "content": "x" * (4 << 20)}]}).encode()

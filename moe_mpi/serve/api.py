@@ -64,7 +64,7 @@ __all__ = [
 
 #: Seconds an HTTP thread waits for the ranks' status figures.
 STATUS_TIMEOUT = 30.0
-ENDPOINTS = {"/v1/completions": "text", "/v1/chat/completions": "chat", "/chat/completions": "chat"}
+ENDPOINTS = {"/v1/completions": "text", "/v1/chat/completions": "chat"}
 #: Paths answered to GET (and HEAD); ``/v1/models/<id>`` too.
 GET_PATHS = {"/health", "/v1/models", "/status"}
 
@@ -237,8 +237,15 @@ class ServeHandler(RequestReader, APIHandler):
 
     @property
     def route(self) -> str:
-        """The request's path without query, percent-escapes or trailing slash."""
-        return unquote(self.path.split("?", 1)[0]).rstrip("/")
+        """The request's path without query, percent-escapes or trailing slash, the OpenAI paths under ``/v1``.
+
+        A client whose base URL lacks ``/v1`` asks for ``/chat/completions``
+        (which mlx-lm answers too), ``/completions`` and ``/models``.
+        """
+        path = unquote(self.path.split("?", 1)[0]).rstrip("/")
+        if path in ("/chat/completions", "/completions", "/models") or path.startswith("/models/"):
+            path = "/v1" + path
+        return path
 
     # --------------------------------------------------------------- errors
 
