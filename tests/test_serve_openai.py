@@ -51,7 +51,9 @@ def server(ckpt, tmp_path_factory):
         job.wait_ready(timeout=TIMEOUT)
         yield job
     finally:
-        job.stop(signal.SIGKILL, timeout=5)
+        # SIGTERM: every rank ends (SIGKILL to mpirun alone would leave rank
+        # 0 behind); the job's whole session is killed if it has not in 30 s.
+        job.stop(signal.SIGTERM, timeout=30)
 
 
 @pytest.fixture(scope="module")
