@@ -144,7 +144,7 @@ def server(ckpt, tmp_path_factory):
     """The 2-rank server most tests share (test_sigterm_... stops it)."""
     job = start_server(2, ckpt, tmp_path_factory.mktemp("logs"))
     yield job
-    job.stop(signal.SIGKILL, timeout=5)
+    job.stop(signal.SIGTERM, timeout=30)  # SIGKILL to mpirun alone would leave rank 0 behind
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,9 @@ Rank 0 answers HTTP (``POST /v1/chat/completions``, ``POST /v1/completions``,
 same continuous batch, with one control broadcast per step. The modules:
 
 * :mod:`.command`: options, start-up in collective phases, the run;
-* :mod:`.api`: mlx-lm's HTTP server, subclassed (checked requests, OpenAI errors);
+* :mod:`.api`: mlx-lm's HTTP server, subclassed (endpoints, responses);
+* :mod:`.request`: a request, read and checked before it reaches the cluster (OpenAI errors);
+* :mod:`.logprobs`: log probabilities in OpenAI's shapes;
 * :mod:`.desk`: rank 0's side of the loop (requests in, text out);
 * :mod:`.engine`: the loop every rank runs over mlx-lm's ``BatchGenerator``;
 * :mod:`.control`: the one broadcast per step;
