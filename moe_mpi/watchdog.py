@@ -30,6 +30,13 @@ say it is alive: a slow disk or an idle server is not a fault. Once it leaves
 that phase it has a whole timeout to reach the operation the others wait in. If heartbeats cannot pass
 between the hosts (a firewall), the timeout still ends the job; the message
 then says that it cannot tell which rank is at fault.
+
+The launcher itself can die too (``kill -9`` of ``mpirun``): Open MPI then
+leaves its ranks running, and an idle server's ranks would go on answering
+requests with nobody able to stop them but by PID. So a rank started by a
+launcher notes its parent process (mpirun, or its daemon on another host)
+and, once it has another (the launcher is gone and the rank was adopted),
+exits with :data:`EXIT_CODE` within ``interval`` seconds; rank 0 says why.
 """
 
 from __future__ import annotations
@@ -48,7 +55,7 @@ from typing import Callable, Dict, Iterator, List, Optional
 
 from .mpi_activity import ACTIVITY, Activity
 from .errors import UserError
-from .runner import PROG
+from .runner import PROG, under_launcher
 
 __all__ = ["DEFAULT_TIMEOUT", "EXIT_CODE", "GRACE_SECONDS", "Watchdog", "start_watchdog"]
 
@@ -143,6 +150,8 @@ class Watchdog:
         self._waiting_on = 0  # the operation this rank waits in, 0: none
         self._since = 0.0  # when this rank began to wait in it
         self._excused = 0.0  # when a rank it waits for was last seen busy
+        # The launcher (or its daemon) that started this rank; None: not started by one.
+        self.launcher: Optional[int] = os.getppid() if under_launcher() else None
 
     # ------------------------------------------------------------- set-up
 
@@ -184,8 +193,9 @@ class Watchdog:
             self.peers[r] = Peer(r, e["host"], [(a, e["port"]) for a in addresses])
 
     def start(self) -> "Watchdog":
-        """Starts the thread (after :meth:`exchange`); nothing with timeout 0 or one rank."""
-        if self.timeout > 0 and self.size > 1:
+        """Starts the thread (after :meth:`exchange`); nothing on one rank, nor with
+        timeout 0 outside a launcher (with it, the thread only watches the launcher)."""
+        if self.size > 1 and (self.timeout > 0 or self.launcher is not None):
             self._thread = threading.Thread(target=self._run, name="moe-mpi-watchdog", daemon=True)
             self._thread.start()
         return self
@@ -209,9 +219,29 @@ class Watchdog:
 
     # ------------------------------------------------------------- thread
 
+    def orphaned(self) -> Optional[str]:
+        """The message to exit with once the launcher that started this rank is gone, else None."""
+        if self.launcher is None or os.getppid() == self.launcher:
+            return None
+        return (f"the launcher that started the job (process {self.launcher}) is gone; "
+                f"ending rank {self.rank} and every other rank")
+
     def _run(self) -> None:
         next_beat = 0.0
         while not self._stop.is_set():
+            orphaned = self.orphaned()
+            if orphaned is not None:
+                self.fired = orphaned
+                if self.rank == 0:
+                    stream = self.stream if self.stream is not None else sys.stderr
+                    with contextlib.suppress(OSError, ValueError):
+                        stream.write(f"{PROG}: error: {orphaned}\n")
+                        stream.flush()
+                self._exit(EXIT_CODE)
+                return
+            if self.timeout <= 0:
+                self._stop.wait(self.interval)
+                continue
             now = time.monotonic()
             if now >= next_beat:
                 self._beat()

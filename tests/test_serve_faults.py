@@ -246,6 +246,29 @@ def test_rank_0_stopped_while_idle_is_named_by_the_others(ckpt, tmp_path):
     assert out.count("moe-mpi: error:") == 1 and "rank 0 stopped answering" in out, out
 
 
+@pytest.mark.parametrize("timeout", [TIMEOUT, 0])
+def test_ranks_of_a_server_whose_mpirun_was_killed_exit(ckpt, tmp_path, timeout):
+    """kill -9 of mpirun leaves Open MPI's ranks running; an idle server's would
+    go on serving with no launcher. They notice their parent is gone and exit,
+    with the watchdog's timeout on or off (--timeout 0)."""
+    job = start(mpirun_command(2, serve_program(ckpt, "--port", 0, "--timeout", timeout)), tmp_path)
+    try:
+        pids = rank_pids(job.url)
+        time.sleep(1)  # idle
+        job.proc.kill()  # mpirun alone, not its session
+        job.proc.wait(timeout=10)
+        since = time.monotonic()
+        while any(alive(pid) for pid in pids) and time.monotonic() - since < DIE_WITHIN:
+            time.sleep(0.1)
+        left = [pid for pid in pids if alive(pid)]
+        for pid in left:
+            os.kill(pid, signal.SIGKILL)
+        assert not left, f"ranks {left} still ran {DIE_WITHIN:g} s after mpirun was killed\n{job.output()[-3000:]}"
+        print(f"\nmpirun killed (--timeout {timeout:g}): every rank gone {time.monotonic() - since:.1f} s later")
+    finally:
+        kill_job(job.proc)
+
+
 # --------------------------------------------------------------------------
 # The start-up fingerprint
 # --------------------------------------------------------------------------
