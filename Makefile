@@ -1,7 +1,7 @@
 # `make test` and `make demo` do all set-up on a fresh machine:
 # a venv in .venv, the package with its test extras, and (Linux, as root with
 # apt) Debian's OpenBLAS, which moe_mpi loads in place of the slow reference
-# BLAS of MLX's Linux wheel (see moe_mpi/blas.py).
+# BLAS of MLX's Linux wheel (see moe_mpi/cpu/blas.py).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python

@@ -62,7 +62,7 @@ def parse_args(argv=None):
     """Options, and the moe-mpi command line after ``--`` (usage errors exit 2)."""
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
-        usage="%(prog)s [--hosts N] [--rate RATE] [--timeout S] -- MOE_MPI_ARGS...",
+        usage="%(prog)s [--hosts N] [--rate RATE] [--timeout S] [--driver] -- MOE_MPI_ARGS...",
     )
     parser.add_argument("--hosts", type=int, default=2, help="fake hosts, one rank each (default 2)")
     parser.add_argument("--rate", help="tc rate of every host's outgoing link, e.g. 1gbit, 100mbit (default: none, veth speed)")

@@ -14,7 +14,7 @@ import importlib
 import sys
 from typing import Optional, Sequence
 
-from .runner import PROG, say
+from .runner import PROG, env_rank, say
 
 #: Command name -> one-line description (shown by ``moe-mpi --help``).
 SUBCOMMANDS = {
@@ -27,6 +27,10 @@ SUBCOMMANDS = {
     "plan": "Predict tokens/s and memory per mode and machine count: will another Mac help?",
     "bench": "Benchmarks of expert-parallel inference (collectives, ping-pong, models).",
 }
+
+#: Commands that need no mpirun. Started under one anyway, rank 0 alone runs
+#: them, so the answer is printed (and its files written) once.
+LOCAL_COMMANDS = ("info", "hostfile", "plan")
 
 
 def _usage() -> str:
@@ -78,6 +82,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             sys.stderr,
         )
         raise SystemExit(2)
+    if command in LOCAL_COMMANDS and env_rank() != 0:
+        raise SystemExit(0)
     module_name = f"{__package__ or 'moe_mpi'}.{command}"
     try:
         module = importlib.import_module(module_name)

@@ -252,6 +252,22 @@ def test_info_takes_ranks_from_a_hostfile(checkpoints, capsys):
     assert json.loads(capsys.readouterr().out)["num_ranks"] == 4
 
 
+def test_local_commands_under_mpirun_answer_once(checkpoints, tmp_path):
+    """info, hostfile and plan need no mpirun; a user who starts them under
+    one anyway gets the answer once (rank 0), not once per rank."""
+    model, out = checkpoints("qwen3_moe"), tmp_path / "layouts.json"
+    script = " && ".join([
+        f"{sys.executable} -m moe_mpi info --model {model} --np 2 --write-layouts {out}",
+        f"{sys.executable} -m moe_mpi hostfile check {ROOT / 'hostfiles/2-macs.openmpi'}",
+        f"{sys.executable} -m moe_mpi plan --model tiny --machines m2-ultra-192:2 --link 10gbe --modes ep",
+    ])
+    proc = run_mpirun(2, ["sh", "-c", script], timeout=120, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.count("Model: ") == 1 and proc.stdout.count("rank 1: 4 experts") == 1, proc.stdout
+    assert proc.stdout.count("2 hosts, 2 slots") == 1 and proc.stdout.count("# moe-mpi plan: tiny") == 1, proc.stdout
+    assert json.loads(out.read_text())
+
+
 @pytest.fixture(scope="module")
 def dense_checkpoint(tmp_path_factory):
     config = synthetic.tiny_config("qwen3_moe", mlp_only_layers=[0, 1])  # every layer dense

@@ -418,9 +418,11 @@ def test_three_ranks_auto_mode_api_key_and_sigint(ckpt, tmp_path):
     served = tmp_path / "served.json"
     job = start_server(
         3, ckpt, tmp_path, "--api-key", "sesame", "--mode", "auto", "--stats", stats, "--replicas", "1",
-        "--record-routing", served,
+        "--record-routing", served, "--log-level", "WARNING",
     )
     try:
+        # The ready line shows at any log level, and not as a warning.
+        assert re.search(r" INFO moe-mpi serve: .* at http://", job.output()), job.output()
         model = get_json(job.url, "/status", {"Authorization": "Bearer sesame"})["model"]
         assert model["mode"] == "auto" and len(model["experts_per_rank"]) == 3, model
         status, reply = post_raw(job.url, "/v1/chat/completions", json.dumps({"messages": [{"role": "user", "content": "hi"}]}).encode())

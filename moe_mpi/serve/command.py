@@ -223,7 +223,11 @@ def serve(args: argparse.Namespace, comm: Communicator, watchdog) -> None:
     if rank0:
         start_http_server(httpd, generator, context, on_failure=_http_failed(desk))
         info = context.model_info
-        logging.warning(
+        # Shown at every --log-level (bench serve reads the URL from it), as
+        # what it is: news, not a warning.
+        ready = logging.getLogger("moe_mpi.serve")
+        ready.setLevel(logging.INFO)
+        ready.info(
             "%s serve: %s on %d rank(s), mode %s, at %s (Ctrl-C or SIGTERM to mpirun stops every rank)",
             PROG, context.model_id, info["ranks"], info["mode"], describe_address(httpd),
         )
