@@ -316,6 +316,21 @@ def test_options_only_rank_0_reads_may_differ(ckpt, tmp_path):
     assert "rank-1-key" not in job.output()
 
 
+def test_stop_with_sigkill_leaves_no_rank_behind(ckpt, tmp_path):
+    # mpirun cannot pass SIGKILL on to its ranks; ServerJob.stop (the tests'
+    # and bench serve's clean-up) must end them itself.
+    job = start(mpirun_command(2, serve_program(ckpt, "--port", 0)), tmp_path)
+    pids = rank_pids(job.url)
+    job.stop(signal.SIGKILL, timeout=5)
+    deadline = time.monotonic() + 5
+    while any(alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    left = [p for p in pids if alive(p)]
+    for pid in left:
+        os.kill(pid, signal.SIGKILL)
+    assert not left, f"ranks left running after stop(SIGKILL): {left}"
+
+
 # --------------------------------------------------------------------------
 # The routing guard in the serving engine
 # --------------------------------------------------------------------------

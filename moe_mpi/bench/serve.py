@@ -142,7 +142,8 @@ class ServerJob:
         """Sends ``sig`` to ``mpirun`` and waits for it; returns the seconds it took.
 
         If it has not ended within ``timeout``, every process of the job's
-        session is killed.
+        session is killed; after ``SIGKILL``, which mpirun cannot pass on to
+        its ranks, too.
         """
         from ..launch import kill_job
 
@@ -154,7 +155,10 @@ class ServerJob:
             self.proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             kill_job(self.proc)
-        return time.monotonic() - start
+        seconds = time.monotonic() - start
+        if sig == signal.SIGKILL:
+            kill_job(self.proc)  # the ranks, orphaned in the job's session
+        return seconds
 
 
 def http_get(url: str, path: str, timeout: float = 30.0) -> tuple:
