@@ -233,10 +233,7 @@ class Watchdog:
             if orphaned is not None:
                 self.fired = orphaned
                 if self.rank == 0:
-                    stream = self.stream if self.stream is not None else sys.stderr
-                    with contextlib.suppress(OSError, ValueError):
-                        stream.write(f"{PROG}: error: {orphaned}\n")
-                        stream.flush()
+                    self._say(orphaned)
                 self._exit(EXIT_CODE)
                 return
             if self.timeout <= 0:
@@ -357,11 +354,14 @@ class Watchdog:
         if not self._reporter():
             # A lower rank reports; the launcher should end this one meanwhile.
             self._stop.wait(GRACE_SECONDS)
+        self._say(message)
+        self._exit(EXIT_CODE)
+
+    def _say(self, message: str) -> None:
         stream = self.stream if self.stream is not None else sys.stderr
-        with contextlib.suppress(OSError, ValueError):
+        with contextlib.suppress(OSError, ValueError):  # the launcher may have closed it
             stream.write(f"{PROG}: error: {message}\n")
             stream.flush()
-        self._exit(EXIT_CODE)
 
 
 def _ranks(ranks: List[int]) -> str:
