@@ -15,9 +15,11 @@ from __future__ import annotations
 import argparse
 from typing import List
 
+from .attention import ATTENTION_CHOICES
 from .balance import BALANCE_CHOICES
 
 __all__ = [
+    "add_attention_argument",
     "add_balance_arguments",
     "add_sharding_arguments",
     "float_list",
@@ -244,6 +246,16 @@ def add_balance_arguments(parser: argparse.ArgumentParser, profile_help: str = P
     parser.add_argument("--profile", metavar="FILE", default=None, help=profile_help)
 
 
+def add_attention_argument(parser: argparse.ArgumentParser) -> None:
+    """``--attention replicated|split``: whether each rank computes every attention head."""
+    parser.add_argument(
+        "--attention", choices=ATTENTION_CHOICES, default="replicated",
+        help="'replicated' (default: every rank computes every head; one all-reduce per MoE layer) or "
+        "'split': each rank holds its share of the heads and of the KV cache, and each attention ends in an "
+        "all-reduce too (pays on one host or a fast link, and at long context; `moe-mpi plan` predicts it)",
+    )
+
+
 def add_sharding_arguments(parser: argparse.ArgumentParser) -> None:
     """``--mode``, ``--placement``, ``--weights``, ``--stats``, ``--layouts``, ``--balance``, ``--replicas``, ``--profile``."""
     parser.add_argument(
@@ -269,6 +281,7 @@ def add_sharding_arguments(parser: argparse.ArgumentParser) -> None:
         help="per-layer expert layouts (moe-mpi info --write-layouts) for 'ep' or 'auto'",
     )
     add_balance_arguments(parser)
+    add_attention_argument(parser)
     parser.add_argument(
         "--warm-experts", action="store_true",
         help="Metal: idle ranks compute their least recently used experts as throw-away work, so the "
@@ -281,5 +294,5 @@ def sharding_options(args: argparse.Namespace) -> dict:
     return dict(
         mode=args.mode, placement=args.placement, weights=args.weights,
         stats=args.stats, layouts=args.layouts, replicas=args.replicas, balance=args.balance,
-        profile=args.profile, warm_experts=args.warm_experts,
+        profile=args.profile, warm_experts=args.warm_experts, attention=args.attention,
     )

@@ -125,12 +125,16 @@ def _files_digest(paths: Iterable[Path]) -> str:
 
 
 def replicated_parameters(model: nn.Module) -> List[str]:
-    """Paths of the parameters every rank holds whole: not experts, not shared-expert slices."""
+    """Paths of the parameters every rank holds whole: not experts, not shared-expert slices,
+    not the heads of an attention split across ranks."""
     local = expert_parameters(model)
     for moe in find_moe_blocks(model):
         for name in shared_children(moe.block):
             prefix = f"{moe.path}.{name}." if moe.path else f"{name}."
             local.update(prefix + p for p, _ in tree_flatten(moe.block[name].parameters()))
+    for path, module in model.named_modules():
+        if "head_shard" in vars(module):  # moe_mpi.attention: this rank's heads
+            local.update(f"{path}.{p}" if path else p for p, _ in tree_flatten(module.parameters()))
     return sorted(p for p, _ in tree_flatten(model.parameters()) if p not in local)
 
 
@@ -158,6 +162,7 @@ def model_fields(model_path: Path, config: Dict[str, Any], model: nn.Module) -> 
     info = model.ep_info
     placement = {
         "mode": info.mode,
+        "attention": info.attention,
         "ranks": info.size,
         "layers": [layout.to_dict() for layout in info.layouts],
     }

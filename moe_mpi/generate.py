@@ -367,7 +367,9 @@ def _report_stats(
     lines.append(
         f"Collectives: {per_token:.2f} all-reduces per generated token "
         f"({calls} all_sum calls for {generated} tokens, "
-        f"{model.ep_info.num_moe_layers} MoE layers; {other} other collectives)"
+        f"{model.ep_info.num_moe_layers} MoE layers"
+        + (f" and {model.ep_info.attention_layers} split attentions" if model.ep_info.attention_layers else "")
+        + f"; {other} other collectives)"
     )
     if check is not None:
         lines.append(_consistency_line(comm, check))
@@ -383,7 +385,10 @@ def _model_name(args: argparse.Namespace) -> str:
 def _describe_model(model, comm, model_name: str) -> str:
     info = model.ep_info
     return (
-        f"Model: {model_name}; {comm.size} rank(s), mode {info.mode}, {info.num_moe_layers} MoE layers, "
+        f"Model: {model_name}; {comm.size} rank(s), mode {info.mode}"
+        + (f", attention split by heads ({info.attention_layers} modules)" if info.attention == "split" else "")
+        + "".join(f"; kept whole: {why}" for why in info.attention_kept)
+        + f", {info.num_moe_layers} MoE layers, "
         f"experts per rank: {', '.join(info.experts_per_rank())}"
     )
 

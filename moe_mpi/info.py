@@ -17,7 +17,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from .argtypes import SPMD_MODES, add_balance_arguments, float_list, positive_int
+from .argtypes import SPMD_MODES, add_attention_argument, add_balance_arguments, float_list, positive_int
 from .balance import expected_loads
 from .errors import UserError
 from .layout import Layout, layouts_to_json
@@ -88,13 +88,17 @@ def format_plan(plan: MemoryPlan) -> str:
     total = sum(r.weight_bytes for r in plan.ranks)
     single = plan.ranks[0].replicated_bytes if plan.ranks else 0
     lines.append("")
+    heads = "attention split by heads" in plan.placement_strategy
     lines.append(
         f"  All ranks together hold {human_bytes(total)} of weights; the replicated part "
         f"({human_bytes(single)}) is on every rank, the experts are split."
+        if not heads else
+        f"  All ranks together hold {human_bytes(total)} of weights; the dense part ({human_bytes(single)} on "
+        "rank 0) is on every rank, its attention split by heads; the experts are split."
     )
     if any(r.shared_expert_bytes for r in plan.ranks):
         lines.append("  Shared experts: each rank holds a slice of their hidden dimension where it can be split.")
-    lines.append(f"  KV cache: {plan.kv_description}.")
+    lines.append(f"  KV cache: {plan.kv_description}" + ("; each rank holds its heads' share." if heads else "."))
     lines.append(f"  Activations: {plan.activation_description}.")
     lines.append(
         "  Peak = weights + the larger of (KV cache + activations) and the load-time "
@@ -162,6 +166,7 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--layouts", metavar="FILE", default=None, help="Per-layer layouts file, as for generate.")
     add_balance_arguments(parser)
+    add_attention_argument(parser)
     parser.add_argument(
         "--batch", type=positive_int, default=8,
         help="Tokens per step the expected load is shown for (default: 8).",
@@ -209,6 +214,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             replicas=args.replicas,
             balance=args.balance,
             profile=args.profile,
+            attention=args.attention,
         )
         if args.write_layouts:
             layouts_to_json(list(plan.layouts), args.write_layouts, note=f"moe-mpi info {plan.placement_strategy}")

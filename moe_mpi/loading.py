@@ -481,6 +481,7 @@ def load(
     warm_experts: bool = False,
     balance: str = "both",
     profile=None,
+    attention: str = "replicated",
 ):
     """Loads this rank's shard of an MoE model and the tokenizer.
 
@@ -518,6 +519,10 @@ def load(
             object) whose measured expert kernel prices rows for the
             layout search and for sharing a replicated expert's rows
             (:mod:`moe_mpi.rowcost`); None: the default price.
+        attention: ``"replicated"`` (default: every rank computes every
+            head; one all-reduce per MoE layer) or ``"split"``: each rank
+            holds its share of the heads and of the KV cache, and each
+            attention ends in an all-reduce too (:mod:`moe_mpi.attention`).
         warm_experts: On Metal, idle ranks compute their least recently used
             experts as throw-away work so their memory stays wired, and the
             wired limit is set to the model's size (:mod:`moe_mpi.warmup`).
@@ -535,7 +540,7 @@ def load(
         stats = RoutingStats.load(stats)
     model, config = load_model(
         model_path, comm, placement, weights, model_config, mode, progress,
-        layouts=layouts, stats=stats, replicas=replicas, balance=balance, profile=profile,
+        layouts=layouts, stats=stats, replicas=replicas, balance=balance, profile=profile, attention=attention,
     )
     if warm_experts:
         use_warm_experts(model)

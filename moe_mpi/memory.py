@@ -26,6 +26,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
+from .attention import kv_share
 from .loading import LoadPlan, plan_load, read_config, read_parameters, resolve_model_path
 from .layout import Layout
 from .placement import ExpertPlacement
@@ -403,6 +404,7 @@ def plan_memory(
     replicas: float = 0.0,
     balance: str = "both",
     profile=None,
+    attention: str = "replicated",
 ) -> MemoryPlan:
     """Computes, without reading tensor data, what each of ``num_ranks`` ranks holds.
 
@@ -415,7 +417,9 @@ def plan_memory(
         weights: Optional relative share of experts per rank.
         context: Tokens of context the KV-cache estimate is for.
         prefill_step: Prompt tokens per forward pass while prefilling.
-        mode, stats, layouts, replicas, balance, profile: As for :func:`moe_mpi.load`.
+        mode, stats, layouts, replicas, balance, profile, attention: As for
+            :func:`moe_mpi.load` (with ``attention="split"`` each rank's KV
+            cache is its heads' share).
 
     Returns:
         The plan, one :class:`RankMemory` per rank.
@@ -437,7 +441,8 @@ def plan_memory(
     facts = None
     for rank in range(num_ranks):
         lp = _plan_rank(model_path, rank, num_ranks, placement, weights, mode,
-                        dict(stats=stats, layouts=layouts, replicas=replicas, balance=balance, profile=profile))
+                        dict(stats=stats, layouts=layouts, replicas=replicas, balance=balance, profile=profile,
+                             attention=attention))
         model = lp.model
         blocks = find_moe_blocks(model)
         flat = dict(tree_flatten(model.parameters()))
@@ -452,7 +457,7 @@ def plan_memory(
                 replicated_bytes=sizes["replicated"],
                 expert_bytes=sizes["experts"],
                 shared_expert_bytes=sizes["shared"],
-                kv_cache_bytes=kv_bytes,
+                kv_cache_bytes=None if kv_bytes is None else int(round(kv_bytes * kv_share(model))),
                 activation_bytes=act_bytes,
                 load_buffer_bytes=_read_buffer_bytes(lp.plan, flat, lp.tensors, lp.raw),
             )
@@ -466,7 +471,8 @@ def plan_memory(
         checkpoint_files=len(index.files),
         checkpoint_bytes=sum(t.nbytes for t in index.tensors.values()),
         num_ranks=num_ranks,
-        placement_strategy=_placement_strategy(placement, weights, mode, stats, balance, replicas),
+        placement_strategy=_placement_strategy(placement, weights, mode, stats, balance, replicas)
+        + (", attention split by heads" if attention == "split" else ""),
         context=context,
         prefill_step=prefill_step,
         ranks=ranks,

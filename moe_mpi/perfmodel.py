@@ -174,10 +174,12 @@ class Mode:
             (per layer, the layout :func:`moe_mpi.balance.auto_layout`
             chooses: experts whole, replicated or split).
         dense: ``"replicated"``, ``"split"`` (attention and dense MLPs 1/N,
-            tensor parallel) or ``"rank0"`` (central router).
+            tensor parallel), ``"heads"`` (attention and its KV cache 1/N,
+            moe_mpi's ``--attention split``) or ``"rank0"`` (central router).
         comm: ``"allreduce"`` (one per MoE layer), ``"allreduce2"`` (two per
-            layer), ``"exchange"`` (central), ``"allgather"`` (the paper's)
-            or ``"none"``.
+            layer), ``"allreduce-heads"`` (one per MoE layer and one per
+            attention, on moe_mpi's data path), ``"exchange"`` (central),
+            ``"allgather"`` (the paper's) or ``"none"``.
     """
 
     name: str
@@ -201,6 +203,11 @@ for _m in (
     Mode("sliced", "sliced", "replicated", "allreduce", "moe_mpi sliced: 1/N of every expert, one all-reduce per MoE layer"),
     Mode("auto", "balanced", "replicated", "allreduce",
          "moe_mpi auto: per layer, experts whole, replicated or split by the balancing search, one all-reduce"),
+    *(
+        Mode(f"{name}+heads", experts, "heads", "allreduce-heads",
+             f"moe_mpi {name} with the attention split by heads (--attention split): two all-reduces per layer")
+        for name, experts in (("ep", "whole"), ("sliced", "sliced"), ("auto", "balanced"))
+    ),
     Mode("central", "whole", "rank0", "exchange", "central router: rank 0 scatters rows to expert owners, gathers"),
     Mode("mlx-lm-tp", "sliced", "split", "allreduce2", "mlx-lm tensor parallel: attention and experts split, two all-reduces per layer"),
     Mode("single", "whole", "replicated", "none", "one process, the whole model"),
@@ -304,12 +311,13 @@ def _dense_seconds(shape: ModelShape, mode: Mode, m: Machine, n: int, tokens: in
                    context: int, moe: bool) -> float:
     """One rank's dense work in one layer (attention, router, dense MLP, shared experts)."""
     split = n if mode.dense == "split" else 1
+    share = head_share(shape, n) if mode.dense in ("split", "heads") else 1.0  # the busiest rank's heads
     kernel = m.kernel_seconds
-    t = kernel(shape.fmt, shape.attention_bytes / split, tokens, shape.weight_bits)
-    heads = shape.heads / split
+    t = kernel(shape.fmt, shape.attention_bytes * share, tokens, shape.weight_bits)
+    heads = shape.heads * share
     if phase == "decode":
         # Every sequence reads its cached keys and values.
-        kv = tokens * context * 2 * shape.kv_heads / split * shape.head_dim * shape.act_bytes
+        kv = tokens * context * 2 * shape.kv_heads * share * shape.head_dim * shape.act_bytes
         t += kv / (m.efficiency * m.bandwidth)
     else:
         # Causal attention: scores and weighted values, half the square.
@@ -322,6 +330,20 @@ def _dense_seconds(shape: ModelShape, mode: Mode, m: Machine, n: int, tokens: in
     else:
         t += kernel(shape.fmt, shape.dense_mlp_bytes / split, tokens, shape.weight_bits)
     return float(t)
+
+
+def head_share(shape: ModelShape, n: int) -> float:
+    """The busiest rank's share of the heads when the attention is split over ``n`` ranks.
+
+    Whole key/value groups per rank while there are enough
+    (:func:`moe_mpi.attention.head_ranges`), else query heads shared.
+    """
+    if n <= 1:
+        return 1.0
+    if shape.kv_heads >= n:
+        return -(-shape.kv_heads // n) / shape.kv_heads
+    group = shape.heads // shape.kv_heads
+    return -(-group // (n // shape.kv_heads)) / shape.heads  # a key/value head with the fewest sharers
 
 
 #: Routing draws used for a layout with replicated experts (each draw assigns its slots in Python).
@@ -528,6 +550,8 @@ def predict(
             comm += link.allreduce_seconds(tokens * shape.hidden * shape.act_bytes, n, ar_path)
             if not moe:
                 comm += link.allreduce_seconds(tokens * shape.hidden * shape.act_bytes, n, ar_path)
+        if m.comm == "allreduce-heads" and n > 1:  # the attention's, on the MoE layer's data path
+            comm += link.allreduce_seconds(tokens * shape.hidden * 4, n, ar_path)
         parts["dense"] += dense_t
         parts["experts"] += experts_t
         parts["comm"] += comm
@@ -556,7 +580,7 @@ def _moe_comm(shape: ModelShape, m: Mode, link: Optional[Link], n: int, tokens: 
     if n == 1 or m.comm == "none":
         return 0.0
     values = tokens * shape.hidden
-    if m.comm == "allreduce":
+    if m.comm in ("allreduce", "allreduce-heads"):
         # The mpi4py path sums 16-bit activations as float32: 4 bytes a value.
         return link.allreduce_seconds(values * 4, n, ar_path)
     if m.comm == "allreduce2":
@@ -589,7 +613,7 @@ def bytes_per_step(parts: Dict[str, float], mode: str, size: int, batch: int) ->
     m = MODES.get(mode, MODES["ep"])
     e, k = parts["num_experts"], parts["top_k"]
     moe_layers = parts.get("moe_layers", parts["layers"])
-    attention = parts["attention_per_layer"] / (size if m.dense == "split" else 1)
+    attention = parts["attention_per_layer"] / (size if m.dense in ("split", "heads") else 1)
     dense = parts["layers"] * attention + moe_layers * parts["router_per_layer"] + parts["lm_head"]
     if m.experts == "sliced":
         experts = expected_experts(e, k, batch, None) * parts["expert"] / size
@@ -608,7 +632,8 @@ def memory_per_rank(shape: ModelShape, mode: str, size: int, kv_tokens: int,
     central), per layer the rank's whole experts (``layouts``, default
     :func:`default_layouts`) and 1/N of each split one; sliced: the dense
     part and 1/N of every expert; tensor parallel: 1/N of attention, dense
-    MLPs, experts and KV heads, the routers, embedding and LM head whole.
+    MLPs, experts and KV heads, the routers, embedding and LM head whole;
+    ``+heads``: the busiest rank's share of the attention and KV cache.
     """
     m = get_mode(mode)
     kv = kv_tokens * shape.kv_bytes_per_token
@@ -618,6 +643,11 @@ def memory_per_rank(shape: ModelShape, mode: str, size: int, kv_tokens: int,
     experts = shape.moe_layers * (shape.experts * shape.expert_bytes + shape.shared_bytes)
     if m.dense == "split":
         return [whole + routers + (attention + experts + kv) / size] * size
+    if m.dense == "heads":  # the busiest rank's heads, and their KV cache
+        share = head_share(shape, size)
+        dense_mlps = shape.dense_layers * shape.dense_mlp_bytes
+        attention = (attention - dense_mlps) * share + dense_mlps
+        kv = kv * share
     if m.experts == "sliced":
         return [whole + routers + attention + experts / size + kv] * size
     layouts = layouts if layouts is not None else default_layouts(shape, mode, size)

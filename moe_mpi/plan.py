@@ -30,7 +30,7 @@ from .runner import add_debug_argument, fail, parse_args
 
 __all__ = ["KNOWN_MODELS", "main", "model_config", "plan_rows", "setup_arg_parser"]
 
-DEFAULT_MODES = ("ep", "sliced", "auto", "central", "mlx-lm-tp")
+DEFAULT_MODES = ("ep", "sliced", "auto", "auto+heads", "central", "mlx-lm-tp")
 HOURS_PER_YEAR = 365 * 24
 
 
@@ -338,7 +338,7 @@ def _run(args) -> int:
     shape = ModelShape.from_config(config, name=args.model)
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     if not modes:
-        raise ValueError(f"--modes {args.modes!r} names no mode (ep, sliced, auto, central, mlx-lm-tp)")
+        raise ValueError(f"--modes {args.modes!r} names no mode (ep, sliced, auto, auto+heads, central, mlx-lm-tp)")
     from .perfmodel import get_mode
 
     for m in modes:

@@ -36,6 +36,7 @@ from mlx_lm.models.switch_layers import SwitchGLU, SwitchMLP
 from . import central, cpu
 from .balance import auto_layout, ep_layout
 from .adapters import convert_blocks
+from .attention import ATTENTION_CHOICES, split_attention
 from .contract import check_partial_sums, silenced
 from .experts import ExpertShard, LocalExperts, make_local, with_mixin
 from .layout import Layout, layouts_from_json
@@ -89,6 +90,9 @@ class ShardInfo:
         layouts: Each MoE layer's :class:`moe_mpi.layout.Layout`.
         placements: The expert placements of ``ep`` and ``central`` (one
             per distinct expert count), else empty.
+        attention: ``"replicated"`` or ``"split"`` (:mod:`moe_mpi.attention`).
+        attention_layers: Attention modules split by heads, each ending in an all-reduce.
+        attention_kept: With the split, why each kind of attention kept whole was kept.
     """
 
     rank: int
@@ -98,6 +102,14 @@ class ShardInfo:
     mode: str = "ep"
     switches: Tuple[nn.Module, ...] = ()
     layouts: Tuple[Layout, ...] = ()
+    attention: str = "replicated"
+    attention_layers: int = 0
+    attention_kept: Tuple[str, ...] = ()
+
+    @property
+    def all_reduces_per_call(self) -> int:
+        """All-reduces of one forward call: one per MoE layer, and one per split attention."""
+        return self.num_moe_layers + self.attention_layers
 
     def experts_per_rank(self) -> List[str]:
         """Per rank, the experts it holds whole per layer (a range if layers differ), and how many are split."""
@@ -272,6 +284,7 @@ def shard_structure(
     balance: str = "both",
     profile=None,
     check_contract: bool = True,
+    attention: str = "replicated",
 ) -> Plan:
     """Rewrites a model in place into this rank's shard.
 
@@ -314,6 +327,10 @@ def shard_structure(
         check_contract: Check each kind of MoE block against the partial-sum
             contract (:mod:`moe_mpi.contract`) when it is to be split; False
             for a memory plan, which never runs the model.
+        attention: ``"replicated"`` (every rank computes every head) or
+            ``"split"``: each rank its share of the key/value heads, in
+            proportion to ``weights``, and the attention ends in its own
+            all-reduce (:mod:`moe_mpi.attention`); not with ``central``.
 
     Returns:
         The plan: for each sharded parameter path, where its values come from.
@@ -325,6 +342,10 @@ def shard_structure(
     """
     if mode not in MODES:
         raise ValueError(f"mode={mode!r}: expected one of {MODES}")
+    if attention not in ATTENTION_CHOICES:
+        raise ValueError(f"attention={attention!r}: expected one of {ATTENTION_CHOICES}")
+    if attention == "split" and mode == "central":
+        raise ValueError("attention='split' needs every rank to run the dense part; mode='central' runs it on rank 0")
     convert_blocks(model)
     blocks = find_moe_blocks(model)
     if not blocks:
@@ -373,9 +394,16 @@ def shard_structure(
         if expert_free[layer] and rank != max(range(size), key=lambda r: (len(layout.whole_on(r)), -r)):
             # A plain attribute: nn.Module would take a tuple for parameters.
             object.__setattr__(moe.block, "expert_free_elsewhere", (moe.switch_name, *shared_names))
+    attention_layers, attention_kept = 0, ()
+    if attention == "split":
+        heads, attention_layers, attention_kept = split_attention(model, comm, _model_type(model), weights)
+        plan.update(heads)
     switches = tuple(moe.switch for moe in blocks)
     # A dataclass, not a tuple: nn.Module would take a tuple for parameters.
-    model.ep_info = ShardInfo(rank, size, len(blocks), tuple(placements.values()), mode, switches, tuple(layouts))
+    model.ep_info = ShardInfo(
+        rank, size, len(blocks), tuple(placements.values()), mode, switches, tuple(layouts), attention, attention_layers,
+        attention_kept,
+    )
     return plan
 
 
@@ -482,6 +510,7 @@ def shard_experts(
     replicas: float = 0.0,
     balance: str = "both",
     profile=None,
+    attention: str = "replicated",
 ) -> nn.Module:
     """Shards an already built (and loaded) mlx-lm MoE model across ranks.
 
@@ -496,7 +525,7 @@ def shard_experts(
         weights: Optional relative share of experts per rank.
         mode: ``"ep"`` (default), ``"sliced"``, ``"auto"`` or ``"central"``;
             see :func:`shard_structure`, as for ``layouts``, ``stats``, ``replicas``,
-            ``balance`` and ``profile``.
+            ``balance``, ``profile`` and ``attention``.
 
     Returns:
         The same model, sharded.
@@ -505,7 +534,7 @@ def shard_experts(
         from .comm import Communicator
 
         comm = Communicator()
-    shard_structure(model, comm, placement, weights, mode, layouts, stats, replicas, balance, profile)
+    shard_structure(model, comm, placement, weights, mode, layouts, stats, replicas, balance, profile, attention=attention)
     if mode == "central" and comm.rank != 0:
         drop_dense(model)  # workers hold only their experts
     mx.eval(model.parameters())

@@ -212,13 +212,13 @@ def keep_slice(prefix: str, mlp: nn.Module, bounds: Tuple[int, int]) -> Plan:
     return plan
 
 
-def _clone(module: nn.Module) -> nn.Module:
+def clone_structure(module: nn.Module) -> nn.Module:
     """A copy of ``module``'s structure whose arrays are the same (not copied)
     and whose child modules are copies too."""
     new = copy.copy(module)
     for name, child in module.children().items():
         if isinstance(child, nn.Module):
-            new[name] = _clone(child)
+            new[name] = clone_structure(child)
     return new
 
 
@@ -233,7 +233,7 @@ def split_child(prefix: str, switch: nn.Module, experts: Sequence[int], bounds: 
         ``(child, plan)``, the plan keyed by the child's paths under ``prefix``
         (the switch layer's path) + ``.split``.
     """
-    child = _clone(switch)
+    child = clone_structure(switch)
     keep_experts(prefix, child, experts)  # the rows, lazily
     sliced = keep_slice(f"{prefix}.split", child, bounds)
     rows = np.asarray(experts, dtype=np.int64)

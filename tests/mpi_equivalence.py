@@ -4,7 +4,8 @@ For each case in the JSON file given as argv[1], every rank loads (or shards)
 the model and checks, against the reference single-process mlx-lm results:
 
 * logits of one forward pass: allclose, rtol = atol = 1e-4;
-* exactly one all-reduce per MoE layer per forward call, no other collective;
+* exactly one all-reduce per MoE layer per forward call, no other collective
+  (with ``"attention": "split"``, also one per attention layer);
 * 16 greedy tokens from mlx-lm's own ``generate_step`` with a prompt cache;
 * with ``"expect"`` (mode auto's ``balance`` cases), that the layouts chosen
   split, or copy, experts as expected;
@@ -40,7 +41,7 @@ def check_case(comm: Communicator, case: dict) -> str:
     ref = np.load(case["reference"])
     parallel = case.get("parallel", "ep")
     kwargs = dict(placement=case.get("placement"), weights=case.get("weights"), mode=parallel, layouts=case.get("layouts"))
-    for option in ("stats", "replicas", "balance", "profile"):  # mode auto's optimizer
+    for option in ("stats", "replicas", "balance", "profile", "attention"):  # mode auto's optimizer; heads
         if option in case:
             kwargs[option] = case[option]
     shared = watch_sharing()
@@ -83,12 +84,18 @@ def watch_sharing() -> list:
 
 
 def check_ep(model, comm: Communicator, ref, name: str) -> str:
-    layers = model.ep_info.num_moe_layers
+    info = model.ep_info
+    layers = info.num_moe_layers
+    if info.attention == "split":
+        assert info.attention_layers > 0, info.attention_layers
+    else:
+        assert info.attention_layers == 0, info.attention_layers
+    calls = info.all_reduces_per_call  # one per MoE layer, one per split attention
     prompt = mx.array(ref["prompt"])
     comm.reset_stats()
     logits = model(prompt[None])
     mx.eval(logits)
-    assert _collectives(comm) == {"all_sum": layers}, _collectives(comm)
+    assert _collectives(comm) == {"all_sum": calls}, _collectives(comm)
     np.testing.assert_allclose(np.array(logits), ref["logits"], rtol=1e-4, atol=1e-4)
 
     # Decode steps with a prompt cache: still one all-reduce per layer per call.
@@ -97,11 +104,12 @@ def check_ep(model, comm: Communicator, ref, name: str) -> str:
     mx.eval(model(prompt[None], cache=cache))
     for _ in range(3):
         mx.eval(model(prompt[None, -1:], cache=cache))
-    assert _collectives(comm) == {"all_sum": 4 * layers}, _collectives(comm)
+    assert _collectives(comm) == {"all_sum": 4 * calls}, _collectives(comm)
 
     tokens = [int(t) for t, _ in generate_step(prompt, model, max_tokens=len(ref["greedy"]))]
     assert tokens == ref["greedy"].tolist(), (tokens, ref["greedy"].tolist())
-    return f"{name}: {layers} MoE layers, logits and {len(tokens)} greedy tokens match"
+    heads = f" and {info.attention_layers} split attentions" if info.attention_layers else ""
+    return f"{name}: {layers} MoE layers{heads}, logits and {len(tokens)} greedy tokens match"
 
 
 def check_central(model, comm: Communicator, ref, name: str) -> str:

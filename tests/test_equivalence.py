@@ -27,6 +27,9 @@ from configs import EXTRA_CONFIGS, REFUSED_CONFIGS
 HERE = Path(__file__).parent
 GREEDY_TOKENS = 16
 
+# Architectures whose attention is not split by heads (tests/test_attention.py says why).
+ATTENTION_REFUSED = ("deepseek_v3", "olmoe")
+
 # name -> (write_checkpoint kwargs, mode, placement). "shard" loads with plain
 # mlx-lm and then calls shard_experts; "load" uses moe_mpi.load.
 VARIANTS = {
@@ -214,6 +217,19 @@ def test_sharded_matches_mlx_lm(arch, n, arch_checkpoints, tmp_path):
             dict(name=f"{arch}/fp32-weights{WEIGHTS[n]}", model=str(path), reference=str(ref),
                  mode="load", placement=None, weights=WEIGHTS[n])
         )
+    if arch not in ATTENTION_REFUSED:  # the attention split by heads too, with each kind of expert layout
+        # (4-bit: heads of 16 columns, quantization groups of 32: whole groups on 1 and 2 ranks only.)
+        heads = [("fp32", "ep", "load"), ("fp32", "ep", "shard")]
+        heads += [("fp32-per-expert", "sliced", "load")] if n > 1 else []
+        heads += [("q4", "auto", "load")] if n < 3 else []
+        for name, parallel, how in heads:
+            path, ref = files[name]
+            cases.append(dict(name=f"{arch}/{name}-{parallel}-heads-{how}", model=str(path), reference=str(ref),
+                              mode=how, placement=None, parallel=parallel, attention="split"))
+        if n in WEIGHTS:
+            path, ref = files["fp32"]
+            cases.append(dict(name=f"{arch}/fp32-heads-weights{WEIGHTS[n]}", model=str(path), reference=str(ref),
+                              mode="load", placement=None, weights=WEIGHTS[n], attention="split"))
     run_cases(n, cases, tmp_path)
 
 
@@ -233,17 +249,23 @@ def test_generic_path_other_architectures(n, tmp_path_factory, tmp_path):
         parallel = "central" if arch in REFUSED_CONFIGS else "ep"
         cases.append(dict(name=f"{arch}/fp32-{parallel}", model=str(path), reference=str(root / f"{arch}.npz"),
                           mode="load", parallel=parallel))
+        if parallel == "ep" and splits_attention(config, n):
+            cases.append(dict(name=f"{arch}/fp32-ep-heads", model=str(path), reference=str(root / f"{arch}.npz"),
+                              mode="load", parallel="ep", attention="split"))
+    assert any("heads" in c["name"] for c in cases)  # the split attention of some of them is checked
     run_cases(n, cases, tmp_path)
 
 
-def test_per_expert_quantized_checkpoints(tmp_path):
-    """4-bit experts saved one tensor per expert (as Hugging Face lays them out): the quantization
-    of each stacked parameter is inferred from the real shapes, not the loader's one-number
-    placeholders (which gave bits=0: an MLX error where mlx-lm loads the model)."""
-    cases = []
-    for arch in ("mixtral", "deepseek_v3"):
-        path = synthetic.write_checkpoint(tmp_path / arch, arch, seed=1, quantize=4, expert_format="per_expert")
-        ref = write_reference(path, tmp_path / f"{arch}.npz")
-        cases.append(dict(name=f"{arch}/q4-per-expert", model=str(path), reference=str(ref), mode="load",
-                          placement="round-robin"))
-    run_cases(2, cases, tmp_path)
+def splits_attention(config: dict, n: int) -> bool:
+    """Whether moe_mpi splits (some of) this architecture's attention over ``n`` ranks
+    (its own check, in this process); those it refuses are tested in tests/test_attention.py."""
+    from types import SimpleNamespace
+
+    from moe_mpi.attention import split_attention
+
+    model, _ = synthetic.build_model(config, seed=1)
+    try:
+        split_attention(model, SimpleNamespace(rank=0, size=n), config["model_type"])
+    except ValueError:
+        return False
+    return True

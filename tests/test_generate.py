@@ -12,6 +12,7 @@ failure instead of a stuck test run).
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -183,6 +184,12 @@ def bad(ckpt, tmp_path_factory):
             return write_dense(root / name)
         if name == "not-linear":  # a norm of the routed sum
             return synthetic.write_checkpoint(root / name, REFUSED_CONFIGS["kimi_k3-latent-norm"][0])
+        if name == "latent-attention":  # DeepSeek's multi-head latent attention: not split by heads
+            return synthetic.write_checkpoint(root / name, "deepseek_v3")
+        if name == "one-kv-head":  # 2 query heads, 1 key/value head: 3 ranks cannot share them
+            return synthetic.write_checkpoint(
+                root / name, synthetic.tiny_config("mixtral", num_attention_heads=2, num_key_value_heads=1)
+            )
         if name == "one-expert":
             # 2 ranks > 1 expert (2 ranks start faster than 3 on 2 cores).
             config = synthetic.tiny_config("mixtral", num_experts=1, num_experts_per_tok=1)
@@ -305,6 +312,20 @@ def test_greedy_matches_mlx_lm_raw_prompt_verbose(ckpt, reference):
     assert "Rank 0: peak memory" in err and "Rank 1: peak memory" in err and "max RSS" in err
     # 2 MoE layers, one all-reduce each per forward pass.
     assert "all-reduces per generated token" in err and "2 MoE layers" in err
+
+
+def test_attention_split_by_heads_matches_mlx_lm(ckpt, reference):
+    """--attention split on 3 ranks: the same greedy text, and a second all-reduce per layer."""
+    prompt = "hello world"
+    proc, _ = run(3, "--model", ckpt, "--prompt", prompt, "--max-tokens", MAX_TOKENS, "--attention", "split", "--verbose")
+    assert_ok(proc)
+    assert proc.stdout == normalize(reference(prompt)["text"]) + "\n"
+    assert "attention split by heads" in proc.stderr
+    assert "2 MoE layers and 2 split attentions" in proc.stderr
+    # Four per forward call (each MoE block and each attention); a call per token and then some
+    # (mlx-lm's generate_step evaluates a step ahead).
+    calls = int(re.search(r"\((\d+) all_sum calls for (\d+) tokens", proc.stderr).group(1))
+    assert calls % 4 == 0 and calls >= 4 * MAX_TOKENS, proc.stderr
 
 
 def test_prompt_from_stdin(ckpt, reference):
@@ -503,6 +524,15 @@ BAD_INPUT = {
     "integer-weights": (2, lambda bad, tmp: ["--model", bad("int-weights")], "is int32, the model needs float32"),
     # A traceback from every rank (mx.random.seed takes 0..2**64-1).
     "negative-seed": (2, lambda bad, tmp: ["--seed", "-1"], "expected an integer in 0..18446744073709551615"),
+    "attention-split-of-latent-attention": (
+        2, lambda bad, tmp: ["--model", bad("latent-attention"), "--attention", "split"],
+        "attention split: model_type='deepseek_v3' has no attention moe_mpi can split by heads",
+    ),
+    "attention-split-over-too-few-heads": (
+        3, lambda bad, tmp: ["--model", bad("one-kv-head"), "--attention", "split"],
+        "num_attention_heads=2, num_key_value_heads=1: 3 ranks would share one key/value head",
+    ),
+    "attention-split-unknown-choice": (2, lambda bad, tmp: ["--attention", "halves"], "invalid choice: 'halves'"),
     # Was written after generating: the run's statistics were lost.
     "record-routing-into-a-directory": (2, lambda bad, tmp: ["--record-routing", tmp], "is a directory"),
 }

@@ -188,6 +188,31 @@ def test_sliced_tp_and_single_by_hand():
     assert single.seconds == pytest.approx(attention + router + expert + head) and single.comm_seconds == 0
 
 
+def test_attention_split_by_heads_by_hand():
+    """ep+heads: the busy rank reads half the attention and half the KV cache, and pays a
+    second all-reduce (moe_mpi's data path: float32 values, as the MoE layer's)."""
+    s = tiny_shape(kv_heads=2)
+    attention, router, expert, head = _hand_parts(s)
+    ar = 1e-6 + 16 / 1e9
+    p = pm.predict(s, "ep+heads", [READER] * 2, LINK, 1, context=1000)
+    kv = 1000 * 2 * 2 * 2 * 4 / 1e9  # tokens x (K, V) x kv heads x head dim x 4 bytes
+    assert p.seconds == pytest.approx(attention / 2 + kv / 2 + router + expert + head + 2 * ar)
+    assert p.comm_seconds == pytest.approx(2 * ar)
+    ep = pm.predict(s, "ep", [READER] * 2, LINK, 1, context=1000)
+    assert ep.seconds - p.seconds == pytest.approx(attention / 2 + kv / 2 - ar)
+
+
+@pytest.mark.parametrize("heads, kv_heads, n, share", [(12, 6, 2, 1 / 2), (12, 6, 4, 2 / 6), (32, 8, 3, 3 / 8),
+                                                       (4, 2, 3, 1 / 2), (8, 1, 3, 3 / 8), (4, 4, 1, 1.0)])
+def test_head_share_is_the_busiest_rank_of_the_split(heads, kv_heads, n, share):
+    from moe_mpi.attention import head_ranges
+
+    s = tiny_shape(heads=heads, kv_heads=kv_heads)
+    assert pm.head_share(s, n) == pytest.approx(share)
+    busiest = max(q1 - q0 for (q0, q1), _ in (head_ranges(heads, kv_heads, r, n) for r in range(n)))
+    assert busiest / heads == pytest.approx(share)  # the model takes the split moe_mpi makes
+
+
 def test_central_exchanges_only_when_a_worker_has_rows():
     s = tiny_shape()
     attention, router, expert, head = _hand_parts(s)
@@ -322,6 +347,8 @@ def test_memory_per_rank_by_hand():
     assert central[1] == pytest.approx(8 * 8 * s.expert_bytes)  # a worker holds experts only
     tp = pm.memory_per_rank(s, "mlx-lm-tp", 2, 0)
     assert tp[0] == pytest.approx(dense - 4 * s.attention_bytes + 8 * 8 * s.expert_bytes)
+    heads = pm.memory_per_rank(s, "ep+heads", 2, kv_tokens=100)  # half the attention and KV cache
+    assert heads == pytest.approx([dense - 4 * s.attention_bytes + 8 * 8 * s.expert_bytes + 50 * s.kv_bytes_per_token] * 2)
 
 
 # ------------------------------------------------------------------ profiles
@@ -363,7 +390,7 @@ def test_plan_dbrx_on_four_m2_ultras(capsys):
     assert plan_main(["--model", "dbrx", "--machines", "m2-ultra-192:4", "--link", "10gbe,tb5-rdma",
                       "--price", "m2-ultra-192=6599", "--json", "-"]) == 0
     rows = json.loads(capsys.readouterr().out)["rows"]
-    assert len(rows) == 2 * 5 * 4  # links x modes (ep, sliced, auto, central, mlx-lm-tp) x N
+    assert len(rows) == 2 * 6 * 4  # links x modes (ep, sliced, auto, auto+heads, central, mlx-lm-tp) x N
     one = [r for r in rows if r["ranks"] == 1]
     # 132B bfloat16 weights (246 GiB) do not fit in 3/4 of 192 GiB; two machines do.
     assert all(not r["fits"] and r["memory_bytes"] > 240 * 2**30 for r in one)
@@ -374,6 +401,9 @@ def test_plan_dbrx_on_four_m2_ultras(capsys):
     # The one-all-reduce modes spend less of their time on a slow link than tensor parallel's two.
     assert by["10gbe", "sliced", 4]["decode_comm_share"] < by["10gbe", "mlx-lm-tp", 4]["decode_comm_share"]
     assert by["tb5-rdma", "ep", 4]["decode_comm_share"] < by["10gbe", "ep", 4]["decode_comm_share"]
+    # Splitting the attention pays only where the second all-reduce is cheap: over RDMA, not 10 GbE.
+    assert by["tb5-rdma", "auto+heads", 4]["decode_tokens_per_s"] > by["tb5-rdma", "auto", 4]["decode_tokens_per_s"]
+    assert by["10gbe", "auto+heads", 4]["decode_tokens_per_s"] < by["10gbe", "auto", 4]["decode_tokens_per_s"]
     cost = by["10gbe", "ep", 2]
     per_hour = 2 * 6599 / (3 * 365 * 24)
     assert cost["usd_per_million_tokens"] == pytest.approx(per_hour / (cost["decode_tokens_per_s"] * 3600) * 1e6)

@@ -412,19 +412,21 @@ def skewed_stats(path: Path) -> Path:
     return path
 
 
-def test_three_ranks_auto_mode_api_key_and_sigint(ckpt, tmp_path):
-    # The sharding options are generate's: a per-layer auto layout from statistics.
+def test_three_ranks_auto_mode_heads_split_api_key_and_sigint(ckpt, tmp_path):
+    # The sharding options are generate's: a per-layer auto layout from statistics, and the
+    # attention split by heads (batched KV caches of each rank's heads; answers as generate's).
     stats = skewed_stats(tmp_path / "stats.json")
     served = tmp_path / "served.json"
     job = start_server(
         3, ckpt, tmp_path, "--api-key", "sesame", "--mode", "auto", "--stats", stats, "--replicas", "1",
-        "--record-routing", served, "--log-level", "WARNING",
+        "--record-routing", served, "--log-level", "WARNING", "--attention", "split",
     )
     try:
         # The ready line shows at any log level, and not as a warning.
         assert re.search(r" INFO moe-mpi serve: .* at http://", job.output()), job.output()
         model = get_json(job.url, "/status", {"Authorization": "Bearer sesame"})["model"]
         assert model["mode"] == "auto" and len(model["experts_per_rank"]) == 3, model
+        assert model["attention"] == "split", model
         status, reply = post_raw(job.url, "/v1/chat/completions", json.dumps({"messages": [{"role": "user", "content": "hi"}]}).encode())
         assert status == 401 and reply["error"]["code"] == "invalid_api_key"
         client = openai.OpenAI(base_url=job.url + "/v1", api_key="sesame", max_retries=0, timeout=TIMEOUT)

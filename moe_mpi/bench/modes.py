@@ -117,13 +117,14 @@ class MoeMpiMode:
         name: The mode's name in the results (default ``mode``).
         balance: ``auto``: what hot experts may become (``load(balance=...)``);
             None: the command's ``--balance``.
+        attention: ``load(attention=...)``: ``"split"`` for the ``+heads`` modes.
     """
 
     kind = "moe_mpi"
 
     def __init__(
         self, mode: str, drive: Optional[Callable] = None, description: str = "", guard: bool = False,
-        name: Optional[str] = None, balance: Optional[str] = None,
+        name: Optional[str] = None, balance: Optional[str] = None, attention: str = "replicated",
     ):
         self.mode = mode
         self.drive = drive
@@ -131,6 +132,7 @@ class MoeMpiMode:
         self.guard = guard
         self.name = name or mode
         self.balance = balance
+        self.attention = attention
 
     def build(self, ctx: Context) -> Built:
         from .. import load
@@ -143,7 +145,7 @@ class MoeMpiMode:
                 balance=self.balance or getattr(ctx.args, "balance", "both"),
                 profile=getattr(ctx.args, "profile", None),
             )
-        model, _ = load(ctx.path, comm=ctx.comm, mode=self.mode, progress=False, **options)
+        model, _ = load(ctx.path, comm=ctx.comm, mode=self.mode, progress=False, attention=self.attention, **options)
         if self.guard:
             from ..guard import guard_routing
 
@@ -255,6 +257,14 @@ MODES: Dict[str, Any] = {
         )
         for choice in BALANCE_CHOICES
     },
+    # Each with the attention split by heads too: a second all-reduce per layer (moe_mpi.attention).
+    **{
+        f"{mode}+heads": MoeMpiMode(
+            mode, name=f"{mode}+heads", attention="split",
+            description=f"moe_mpi {mode} with the attention split by heads: two all-reduces per layer",
+        )
+        for mode in ("ep", "sliced", "auto")
+    },
     "central": MoeMpiMode(
         "central",
         drive=_central_drive,
@@ -266,7 +276,7 @@ MODES: Dict[str, Any] = {
 
 
 #: Modes run only when named in ``--modes``, not by default.
-OPT_IN = ("ep-guarded",) + tuple(f"auto-{choice}" for choice in BALANCE_CHOICES)
+OPT_IN = ("ep-guarded",) + tuple(f"auto-{choice}" for choice in BALANCE_CHOICES) + ("ep+heads", "sliced+heads", "auto+heads")
 
 
 def default_modes() -> List[str]:

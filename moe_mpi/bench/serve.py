@@ -12,8 +12,9 @@ Run it alone, not under ``mpirun``: it starts each server itself with
 
 Servers (``--servers``):
 
-* ``moe-mpi``: ``moe-mpi serve`` (``--mode ep``); ``moe-mpi-sliced``:
-  ``moe-mpi serve --mode sliced``; ``moe-mpi-unguarded``: ``--mode ep``
+* ``moe-mpi``: ``moe-mpi serve`` (``--mode ep``); ``moe-mpi-sliced``,
+  ``moe-mpi-auto``: ``moe-mpi serve --mode sliced|auto``; a ``+heads``
+  suffix adds ``--attention split``; ``moe-mpi-unguarded``: ``--mode ep``
   with ``--no-routing-guard`` (what the routing guard costs);
 * ``mlx-lm``: ``mlx_lm.server`` as mlx-lm ships it, tensor parallel through
   its ``sharded_load``; started through :func:`run_mlx_lm_server`, which
@@ -67,7 +68,8 @@ from ..runner import PROG, env_rank, fail, parse_args
 
 __all__ = ["ServerJob", "main", "run_mlx_lm_server", "setup_arg_parser", "stream_chat"]
 
-SERVERS = ("moe-mpi", "moe-mpi-sliced", "moe-mpi-unguarded", "mlx-lm", "mlx-lm+kernels")
+SERVERS = ("moe-mpi", "moe-mpi-sliced", "moe-mpi-auto", "moe-mpi+heads", "moe-mpi-sliced+heads", "moe-mpi-auto+heads",
+           "moe-mpi-unguarded", "mlx-lm", "mlx-lm+kernels")
 BASELINES = ("mlx-lm", "mlx-lm+kernels")
 DEFAULT_CLIENTS = [1, 4, 16, 64]
 READY_TIMEOUT = 900.0  # loading a 3 GB model over a slow fake link takes a while
@@ -197,8 +199,11 @@ def server_argv(kind: str, args: argparse.Namespace, model: Path, host: str, por
 
     python = [sys.executable]
     if kind.startswith("moe-mpi"):
-        mode = "sliced" if kind == "moe-mpi-sliced" else "ep"
+        base = kind.removesuffix("+heads")
+        mode = base.split("-")[2] if base.count("-") == 2 and base != "moe-mpi-unguarded" else "ep"
         program = python + ["-m", "moe_mpi", "serve", "--mode", mode]
+        if kind.endswith("+heads"):
+            program += ["--attention", "split"]
         if kind == "moe-mpi-unguarded":
             program.append("--no-routing-guard")
     else:

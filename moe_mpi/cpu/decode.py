@@ -342,6 +342,8 @@ def unsupported(model, tensor_parallel: bool = False) -> Optional[str]:
             return "tensor parallel without the CPU expert kernels (moe_mpi.cpu.tensor_parallel)"
     elif getattr(model, "ep_info", None) is None or model.ep_info.mode not in ("ep", "sliced", "auto"):
         return "not an ep, sliced or auto shard"
+    elif model.ep_info.attention != "replicated":
+        return "attention split across ranks (the step computes every head)"
     dtypes = {a.dtype for _, a in tree_flatten(model.parameters())}
     if dtypes != {mx.float32}:
         return f"weights are {sorted(str(d) for d in dtypes)}, not float32"

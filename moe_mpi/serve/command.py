@@ -161,6 +161,7 @@ def _context(args, provider: ClusterModelProvider, model_arg: Optional[str]) -> 
             "mode": info.mode,
             "ranks": info.size,
             "moe_layers": info.num_moe_layers,
+            "attention": info.attention,
             "experts_per_rank": info.experts_per_rank(),
             "routing_guard": "off" if guard is None else "strict" if guard.strict else "repair",
             "timeout_seconds": args.timeout,
