@@ -257,7 +257,7 @@ def add_attention_argument(parser: argparse.ArgumentParser) -> None:
 
 
 def add_sharding_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--mode``, ``--placement``, ``--weights``, ``--stats``, ``--layouts``, ``--balance``, ``--replicas``, ``--profile``."""
+    """``--mode``, ``--placement``, ``--weights``, ``--stats``, ``--layouts``, ``--balance``, ``--replicas``, ``--profile``, ``--attention``."""
     parser.add_argument(
         "--mode", choices=SPMD_MODES, default="ep",
         help="how experts are shared out: 'ep' (default: whole experts per rank), 'sliced' (a slice of "

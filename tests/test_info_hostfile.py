@@ -196,6 +196,22 @@ def test_info_kv_cache_estimate_matches_mlx_lm(checkpoints):
         assert plan.ranks[0].kv_cache_bytes == per_token * 512  # 300 tokens take two 256-token steps
 
 
+def test_info_with_the_attention_split_is_what_load_holds(checkpoints, no_buffer_cache):
+    """--attention split: each rank's weights as a real load's, and its heads' share of the KV cache."""
+    path = checkpoints("qwen3_moe")  # 4 query heads, 2 key/value heads
+    whole = plan_memory(path, 3, context=300)
+    plan = plan_memory(path, 3, context=300, attention="split")
+    assert "attention split by heads" in plan.placement_strategy
+    for rank, r in enumerate(plan.ranks):
+        model, _ = load_model(path, PlanningComm(rank, 3), attention="split")
+        assert sum(a.nbytes for _, a in tree_flatten(model.parameters())) == r.weight_bytes
+        assert r.replicated_bytes < whole.ranks[rank].replicated_bytes  # its heads only
+        # 3 ranks share 2 key/value heads: ranks 0 and 1 hold head 0, rank 2 head 1.
+        assert r.kv_cache_bytes == whole.ranks[rank].kv_cache_bytes // 2
+        assert [layer.self_attn.n_kv_heads for layer in model.layers] == [1] * len(model.layers)
+        del model
+
+
 def test_info_reads_no_tensor_data(tmp_path, checkpoints):
     path = _sparse_checkpoint(tmp_path / "qwen3-30b", QWEN3_30B)
     plan_memory(checkpoints("qwen3_moe"), 2)  # imports done, so they are not counted
