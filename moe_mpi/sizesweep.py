@@ -13,12 +13,15 @@ smallest first and prices each one from what it has already measured:
   call scaled by the size ratio, plus the barrier and gap measured around
   each call). The two smallest sizes are always timed: the fit needs two
   points.
-* Its first warm-up call, timed, prices the size's calls. The size then gets
-  an equal share of what is left among the sizes still to come: as many
-  calls as that pays for, at least :data:`MIN_CALLS`, at most the planned
-  count. On a fast link that is the planned count and the sweep is what it
-  was without a budget. A size whose :data:`MIN_CALLS` calls would overrun
-  what is left, even priced by its own first call, is dropped after it.
+* Its first call, timed, prices its warm-ups; the warm-ups, timed, price its
+  calls. What is left after the size's fewest calls goes first to the fewest
+  calls of as many larger sizes as it covers (priced along the line through
+  this size and the one before, with a margin), the rest evenly to this size
+  and those: as many calls as that pays for, at least :data:`MIN_CALLS`, at
+  most the planned count. On a fast link that is the planned count and the
+  sweep is what it was without a budget. A size whose :data:`MIN_CALLS`
+  calls would overrun what is left, priced by its own first call, is
+  dropped after it.
 
 Every rank must take the same decisions, or the ranks would call different
 collectives and hang. So every time a decision uses is made common first
@@ -102,19 +105,21 @@ class SizeSweep:
         """Agreed seconds left of the budget (0 once it is spent)."""
         return max(self.budget - self.spent, 0.0)
 
-    def predict(self, nbytes: int) -> float:
+    def predict(self, nbytes: int, margin: float = 1.0) -> float:
         """Seconds one call of ``nbytes`` costs, barrier and gap included, from the
-        last size timed: its median call scaled by the size ratio (an upper bound
-        for ``latency + bytes / bandwidth``), plus its cost per call beyond the
-        call itself (the barrier and gap, which do not grow with the size)."""
-        last = len(self.measured) - 1
-        call = self.per_call[last]
-        around = max(self.seconds[last] / (self.calls[last] + self.warmups[last]) - call, 0.0)
-        return around + call * nbytes / self.measured[last]
+        last two sizes timed: the call along the line through their medians
+        (``latency + bytes / bandwidth``, the model being fitted) times
+        ``margin``, plus the last size's cost per call beyond the call itself
+        (the barrier and gap, which do not grow with the size)."""
+        (s0, s1), (c0, c1) = self.measured[-2:], self.per_call[-2:]
+        per_byte = max((c1 - c0) / (s1 - s0), 0.0)
+        around = max(self.seconds[-1] / (self.calls[-1] + self.warmups[-1]) - c1, 0.0)
+        return around + margin * (c1 + per_byte * (nbytes - s1))
 
     def admit(self, index: int) -> bool:
         """Whether to begin ``sizes[index]``: always the two smallest, then only if a
-        warm-up and :data:`MIN_CALLS` calls, as predicted, fit in what is left."""
+        warm-up and :data:`MIN_CALLS` calls, as :meth:`predict` prices them, fit
+        in what is left (a size dearer than that is dropped after its first call)."""
         if index < 2:
             return True
         nbytes = self.sizes[index]
@@ -125,30 +130,52 @@ class SizeSweep:
                    f"{self.left:.3g} s of {self.budget:.3g} s left")
         return False
 
-    def plan(self, index: int, first: float) -> Optional[Tuple[int, int]]:
-        """``(more warm-up calls, timed calls)`` for ``sizes[index]``, whose first
-        call took ``first`` agreed seconds (already spent); ``None`` to drop it."""
+    def warmups_for(self, index: int, first: float) -> Optional[int]:
+        """More warm-up calls for ``sizes[index]``, whose first call took ``first``
+        agreed seconds; ``None`` to drop the size (its fewest calls would overrun).
+
+        At most one in :data:`WARMUP_SHARE` of the calls an even share of what
+        is left would pay for at ``first`` (a first call may also pay for
+        setting up the connection, so it prices only the warm-ups).
+        """
         first = max(first, 1e-9)
         left = max(self.left - first, 0.0)
         if index >= 2 and MIN_CALLS * first > left:
             self._stop(f"{self.sizes[index]} B took {first:.3g} s for its first call, {MIN_CALLS} more "
                        f"would overrun the {left:.3g} s of {self.budget:.3g} s left")
             return None
-        # What is left after this size's fewest calls goes first to the fewest
-        # calls of as many larger sizes as it covers (priced by this first
-        # call, scaled by size, with a margin: a slow link's largest messages
-        # cost more than in proportion), then evenly to this size and those.
-        rest = left - MIN_CALLS * first
-        reserve, later = 0.0, 0
-        for nbytes in self.sizes[index + 1:]:
-            need = RESERVE_MARGIN * (1 + MIN_CALLS) * first * nbytes / self.sizes[index]
-            if reserve + need > rest:
-                break
-            reserve, later = reserve + need, later + 1
-        affordable = MIN_CALLS + int(max(rest - reserve, 0.0) / (1 + later) // first)
-        warm = min(self.warmup - 1, affordable // WARMUP_SHARE)
-        calls = min(self.planned(self.sizes[index]), max(MIN_CALLS, affordable - warm))
-        return warm, calls
+        share = left / (len(self.sizes) - index)
+        return min(self.warmup - 1, int(share // first) // WARMUP_SHARE)
+
+    def calls_for(self, index: int, used: float, price: float, call: Optional[float] = None) -> int:
+        """Timed calls for ``sizes[index]``, which has used ``used`` agreed seconds
+        on warm-ups; ``price``: agreed seconds per call, barrier and gap included;
+        ``call``: the agreed median call alone, if its warm-ups measured one.
+
+        What is left after this size's fewest calls goes first to the fewest
+        calls of as many larger sizes as it covers, then evenly to this size and
+        those. The larger sizes are priced along the line through the previous
+        size's median and this one's, times :data:`RESERVE_MARGIN`. The smallest
+        size, with no line yet, gets an even share of what is left: a ratio of
+        sizes would price 256 KiB from 8 B's latency thousands of times too dear.
+        """
+        price = max(price, 1e-9)
+        left = max(self.left - used, 0.0)
+        if index == 0 or call is None:
+            affordable = int(left / (len(self.sizes) - index) // price)
+        else:
+            nbytes, prev_bytes, prev_call = self.sizes[index], self.measured[-1], self.per_call[-1]
+            per_byte = max((call - prev_call) / (nbytes - prev_bytes), 0.0)
+            around = max(price - call, 0.0)  # barrier and gap: the same for every size
+            rest = left - MIN_CALLS * price
+            reserve, later = 0.0, 0
+            for larger in self.sizes[index + 1:]:
+                need = (1 + MIN_CALLS) * (around + RESERVE_MARGIN * (call + per_byte * (larger - nbytes)))
+                if reserve + need > rest:
+                    break
+                reserve, later = reserve + need, later + 1
+            affordable = MIN_CALLS + int(max(rest - reserve, 0.0) / (1 + later) // price)
+        return min(self.planned(self.sizes[index]), max(MIN_CALLS, affordable))
 
     def spend(self, seconds: float) -> None:
         """Counts agreed ``seconds`` against the budget (a dropped size's warm-up)."""
@@ -202,17 +229,23 @@ def run_sweep(
             break
         start = clock()
         run(nbytes, 1)
-        (first,) = agree([clock() - start])
-        plan = sweep.plan(index, first)
-        if plan is None:
-            sweep.spend(first)
+        (used,) = agree([clock() - start])
+        warm = sweep.warmups_for(index, used)
+        if warm is None:
+            sweep.spend(used)
             break
-        warm, calls = plan
+        price, call = used, None
         if warm:
-            run(nbytes, warm)
+            start = clock()
+            _, typical = run(nbytes, warm)
+            seconds, call = agree([clock() - start, typical])
+            used += seconds
+            price = seconds / warm
+        calls = sweep.calls_for(index, used, price, call)
+        start = clock()
         result, typical = run(nbytes, calls)
         seconds, per_call = agree([clock() - start, typical])
-        sweep.record(nbytes, 1 + warm, calls, seconds, per_call)
+        sweep.record(nbytes, 1 + warm, calls, used + seconds, per_call)
         results.append(result)
     return results
 

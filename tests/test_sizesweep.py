@@ -25,15 +25,20 @@ def planned(nbytes: int) -> int:
     return max(10, min(200, int(2e7 // nbytes)))
 
 
-def simulate(costs, budget, around=GAP, sizes=SIZES):
-    """One rank alone: ``(sweep, results)`` with a clock that only the calls move."""
+def simulate(costs, budget, around=GAP, setup=0.0, planned=planned, warmup=5):
+    """One rank alone: ``(sweep, results)`` with a clock that only the calls move;
+    the sweep's very first call also pays ``setup`` (a connection opened)."""
     now = [0.0]
+    calls = [0]
 
     def run(nbytes, count):
+        if calls[0] == 0:
+            now[0] += setup
+        calls[0] += count
         now[0] += count * (costs[nbytes] + around)
         return ("timed", nbytes, count), costs[nbytes]
 
-    sweep = SizeSweep(sizes, budget, planned)
+    sweep = SizeSweep(tuple(costs), budget, planned, warmup=warmup)
     results = run_sweep(sweep, lambda values: list(values), run, clock=lambda: now[0])
     return sweep, results
 
@@ -45,6 +50,17 @@ def test_a_fast_link_gets_every_size_at_the_planned_calls():
     assert sweep.warmups == [5] * len(SIZES)  # the first call and 4 more, as before the budget
     assert results == [("timed", n, planned(n)) for n in SIZES]
     assert sweep.spent < 1.0
+
+
+def test_a_first_call_that_opens_the_connection_cuts_no_calls():
+    """Ping-pong over veth (calibrate, 2 fake hosts): 8 B to 256 KiB in
+    microseconds, but the first call waits 5 ms for TCP. Priced by that call
+    scaled to 256 KiB, 8 B got 555 calls of its 2000."""
+    costs = {8: 18e-6, 1 << 10: 19e-6, 16 << 10: 22e-6, 64 << 10: 97e-6, 256 << 10: 150e-6}
+    pingpong_calls = lambda nbytes: 2000 if nbytes <= 16 << 10 else 200  # noqa: E731
+    sweep, _ = simulate(costs, 3.5, around=0.0, setup=5e-3, planned=pingpong_calls, warmup=20)
+    assert sweep.calls == [2000, 2000, 2000, 200, 200] and sweep.warmups == [20] * 5
+    assert sweep.stopped is None and sweep.spent < 0.5
 
 
 @pytest.mark.parametrize("budget", [3.0, 6.0, 12.0])
