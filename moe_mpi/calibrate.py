@@ -600,9 +600,11 @@ def measure(comm, args) -> tuple:
     # sweeps as each begins (one that finishes early leaves its time to the
     # rest). Every rank must share it alike: the slowest rank's clock counts.
     # The all-reduce is every mode's link cost, so its paths get twice the
-    # share of the ping-pong and of the central router's exchange.
+    # share of the central router's exchange, and that twice the ping-pong's
+    # (whose figures price only mode allgather). Over 10 Mbit/s an all-reduce
+    # path needs about 9 s to reach 1 MiB (and 2 MiB's cost along the line).
     comm_mlx = mlx_communicator()
-    weights = {"pingpong": 1.0, **{p: 2.0 for p in allreduce_paths(comm_mlx is not None)}, "exchange": 1.0}
+    weights = {"pingpong": 0.5, **{p: 2.0 for p in allreduce_paths(comm_mlx is not None)}, "exchange": 1.0}
     budgets = SweepBudgets(args.budget, weights, lambda: _slowest(comm, time.perf_counter() - start))
     pp = pingpong_fit(comm, budgets["pingpong"])
     ar = allreduce_fits(comm, comm_mlx, gap, budgets)

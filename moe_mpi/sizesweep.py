@@ -153,11 +153,16 @@ class SizeSweep:
         ``call``: the agreed median call alone, if its warm-ups measured one.
 
         What is left after this size's fewest calls goes first to the fewest
-        calls of as many larger sizes as it covers, then evenly to this size and
-        those. The larger sizes are priced along the line through the previous
-        size's median and this one's, times :data:`RESERVE_MARGIN`. The smallest
-        size, with no line yet, gets an even share of what is left: a ratio of
-        sizes would price 256 KiB from 8 B's latency thousands of times too dear.
+        calls of as many larger sizes as it covers, priced along the line
+        through the previous size's median and this one's, times
+        :data:`RESERVE_MARGIN`; the first it does not cover is kept at its
+        price without the margin if that fits (the margin is a guess: better
+        to try that size than to spend its time on this one). The rest is
+        shared evenly among this size and every larger one, those left out
+        too, whose shares are then left for the next sweep. The smallest
+        size, with no line yet, gets an even share of what is left: a ratio
+        of sizes would price 256 KiB from 8 B's latency thousands of times
+        too dear.
         """
         price = max(price, 1e-9)
         left = max(self.left - used, 0.0)
@@ -168,13 +173,17 @@ class SizeSweep:
             per_byte = max((call - prev_call) / (nbytes - prev_bytes), 0.0)
             around = max(price - call, 0.0)  # barrier and gap: the same for every size
             rest = left - MIN_CALLS * price
-            reserve, later = 0.0, 0
+            reserve = 0.0
             for larger in self.sizes[index + 1:]:
-                need = (1 + MIN_CALLS) * (around + RESERVE_MARGIN * (call + per_byte * (larger - nbytes)))
+                line = call + per_byte * (larger - nbytes)
+                need = (1 + MIN_CALLS) * (around + RESERVE_MARGIN * line)
                 if reserve + need > rest:
+                    plain = (1 + MIN_CALLS) * (around + line)
+                    if reserve + plain <= rest:
+                        reserve += plain
                     break
-                reserve, later = reserve + need, later + 1
-            affordable = MIN_CALLS + int(max(rest - reserve, 0.0) / (1 + later) // price)
+                reserve += need
+            affordable = MIN_CALLS + int(max(rest - reserve, 0.0) / (len(self.sizes) - index) // price)
         return min(self.planned(self.sizes[index]), max(MIN_CALLS, affordable))
 
     def spend(self, seconds: float) -> None:
