@@ -155,11 +155,12 @@ class SizeSweep:
         What is left after this size's fewest calls goes first to the fewest
         calls of as many larger sizes as it covers, priced along the line
         through the previous size's median and this one's, times
-        :data:`RESERVE_MARGIN`; the first it does not cover is kept at its
-        price without the margin if that fits (the margin is a guess: better
-        to try that size than to spend its time on this one). The rest is
-        shared evenly among this size and every larger one, those left out
-        too, whose shares are then left for the next sweep. The smallest
+        :data:`RESERVE_MARGIN`. If the first it does not cover would fit at
+        its price without the margin, this size gets only its fewest calls and
+        that size everything else: the margin is a guess, and a size tried
+        with too little left is dropped after its first call. Otherwise the
+        rest is shared evenly among this size and every larger one, those
+        left out too, whose shares are then left for the next sweep. The smallest
         size, with no line yet, gets an even share of what is left: a ratio
         of sizes would price 256 KiB from 8 B's latency thousands of times
         too dear.
@@ -178,9 +179,8 @@ class SizeSweep:
                 line = call + per_byte * (larger - nbytes)
                 need = (1 + MIN_CALLS) * (around + RESERVE_MARGIN * line)
                 if reserve + need > rest:
-                    plain = (1 + MIN_CALLS) * (around + line)
-                    if reserve + plain <= rest:
-                        reserve += plain
+                    if reserve + (1 + MIN_CALLS) * (around + line) <= rest:
+                        return MIN_CALLS  # everything else for that size's try
                     break
                 reserve += need
             affordable = MIN_CALLS + int(max(rest - reserve, 0.0) / (len(self.sizes) - index) // price)
