@@ -46,8 +46,9 @@ MIN_CALLS = 3
 #: not spent mostly on warm-ups.
 WARMUP_SHARE = 5
 
-#: Larger sizes are set aside this much more than their size ratio predicts
-#: (over 10 Mbit/s, 2 MiB all-reduces took 2.1-2.6 times 1 MiB's).
+#: Larger sizes are set aside this much more than the line through the last
+#: two predicts (over 10 Mbit/s, 1 MiB all-reduces took 0.8-1.7 times the
+#: line through 64 and 256 KiB, and 2 MiB 1.7-2.5 times 1 MiB).
 RESERVE_MARGIN = 1.5
 
 #: ``agree``: values from this rank -> the same values on every rank.

