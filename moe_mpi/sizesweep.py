@@ -9,19 +9,19 @@ calibration to 12 minutes. A :class:`SizeSweep` therefore times the sizes
 smallest first and prices each one from what it has already measured:
 
 * A size is begun only if its warm-up call and :data:`MIN_CALLS` timed calls
-  fit in what is left of the budget, priced from the size before (its median
-  call scaled by the size ratio, plus the barrier and gap measured around
-  each call). The two smallest sizes are always timed: the fit needs two
-  points.
+  fit in what is left of the budget, priced along the line through the two
+  sizes before (plus the barrier and gap measured around each call). The
+  two smallest sizes are always timed: the fit needs two points.
 * Its first call, timed, prices its warm-ups; the warm-ups, timed, price its
   calls. What is left after the size's fewest calls goes first to the fewest
   calls of as many larger sizes as it covers (priced along the line through
-  this size and the one before, with a margin), the rest evenly to this size
-  and those: as many calls as that pays for, at least :data:`MIN_CALLS`, at
-  most the planned count. On a fast link that is the planned count and the
-  sweep is what it was without a budget. A size whose :data:`MIN_CALLS`
-  calls would overrun what is left, priced by its own first call, is
-  dropped after it.
+  this size and the one before, with a margin); if the next size would fit
+  only without the margin, this size keeps to its fewest calls so that one
+  can be tried; else the rest is shared evenly among this size and every
+  larger one. A size gets at least :data:`MIN_CALLS` calls and at most the
+  planned count. On a fast link that is the planned count and the sweep is
+  what it was without a budget. A size whose :data:`MIN_CALLS` calls would
+  overrun what is left, priced by its own first call, is dropped after it.
 
 Every rank must take the same decisions, or the ranks would call different
 collectives and hang. So every time a decision uses is made common first
@@ -106,16 +106,16 @@ class SizeSweep:
         """Agreed seconds left of the budget (0 once it is spent)."""
         return max(self.budget - self.spent, 0.0)
 
-    def predict(self, nbytes: int, margin: float = 1.0) -> float:
+    def predict(self, nbytes: int) -> float:
         """Seconds one call of ``nbytes`` costs, barrier and gap included, from the
         last two sizes timed: the call along the line through their medians
-        (``latency + bytes / bandwidth``, the model being fitted) times
-        ``margin``, plus the last size's cost per call beyond the call itself
-        (the barrier and gap, which do not grow with the size)."""
+        (``latency + bytes / bandwidth``, the model being fitted), plus the last
+        size's cost per call beyond the call itself (the barrier and gap, which
+        do not grow with the size)."""
         (s0, s1), (c0, c1) = self.measured[-2:], self.per_call[-2:]
         per_byte = max((c1 - c0) / (s1 - s0), 0.0)
         around = max(self.seconds[-1] / (self.calls[-1] + self.warmups[-1]) - c1, 0.0)
-        return around + margin * (c1 + per_byte * (nbytes - s1))
+        return around + c1 + per_byte * (nbytes - s1)
 
     def admit(self, index: int) -> bool:
         """Whether to begin ``sizes[index]``: always the two smallest, then only if a
