@@ -7,7 +7,7 @@ Run under ``mpirun`` with the ranks and hosts you will run models on::
 
 Every rank measures at once, so the rates are what each rank gets while the
 others work too (with several ranks on one host they share its memory and
-cores). In about half a minute it measures:
+cores). Within ``--budget`` seconds (default 45) it measures:
 
 * **bandwidth**: a read-only pass over a 256 MB array
   (:func:`moe_mpi.bench.roofline.stream_read`), bytes/s per rank;
@@ -33,6 +33,14 @@ cores). In about half a minute it measures:
   2 ms after the barrier that lines the ranks up (:data:`NETWORK_GAP`), as
   a step's collectives start after a layer's compute.
 
+The machine probes take what they take (15-30 s on a small machine); the
+link's sweeps share what is left of the budget. Each times its sizes
+smallest first and, on a slow link, makes fewer calls of the larger ones or
+stops before those that would not fit (:mod:`moe_mpi.sizesweep`): at 10
+Mbit/s one 2 MiB all-reduce takes 2-3 s, and the full sweeps took 12
+minutes. The fits use the sizes measured; the profile's meta records them
+and why each sweep stopped.
+
 The profile (JSON) holds a :class:`moe_mpi.profiles.Machine` and a
 :class:`moe_mpi.profiles.Link`; ``moe-mpi plan --profile`` reads it.
 """
@@ -40,6 +48,7 @@ The profile (JSON) holds a :class:`moe_mpi.profiles.Machine` and a
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import socket
 import statistics
@@ -50,9 +59,10 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .argtypes import positive_int
+from .argtypes import positive_float, positive_int
 from .results import check_writable
 from .runner import abort_on_error, add_debug_argument, collective_phase, parse_args
+from .sizesweep import SizeSweep, SweepBudgets, run_sweep, slowest_of
 
 __all__ = ["fit_latency_bandwidth", "main", "setup_arg_parser"]
 
@@ -64,6 +74,9 @@ ALLREDUCE_SIZES = (1 << 10, 4 << 10, 16 << 10, 64 << 10, 256 << 10, 1 << 20, 2 <
 #: message; a link that holds a burst for an idle sender (``tc tbf``'s token
 #: bucket, which the barrier's own messages drain) is slower back to back.
 NETWORK_GAP = 0.002
+#: --budget's default: the machine probes take 15-30 s on a small machine,
+#: and issue 18 wants the whole calibration under a minute at any link rate.
+DEFAULT_BUDGET = 45.0
 EXCHANGE_SIZES = (1 << 10, 16 << 10, 256 << 10, 1 << 20)
 PINGPONG_SIZES = (8, 1 << 10, 16 << 10, 64 << 10, 256 << 10)
 PROBE_EXPERTS = 4
@@ -81,6 +94,12 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     parser.add_argument("--link-name", default=None, help="link name in the profile (default: shared-memory or network)")
     parser.add_argument("--stream-mb", type=positive_int, default=256, help="bandwidth probe array, MB per rank (default 256)")
     parser.add_argument("--repeats", type=positive_int, default=3, help="timings per point, the median counts (default 3)")
+    parser.add_argument(
+        "--budget", type=positive_float, default=DEFAULT_BUDGET, metavar="SECONDS",
+        help=f"seconds the calibration aims to finish in (default {DEFAULT_BUDGET:g}): the link's message "
+        "sizes are timed smallest first, with fewer calls or stopping before the sizes that would not fit in "
+        "what the machine probes left; the profile records where each sweep stopped (docs/perfmodel.md)",
+    )
     parser.add_argument("--no-fixed", action="store_true", help="skip the tiny-model fixed costs (they need MLX's CPU or Metal backend and mlx-lm)")
     add_debug_argument(parser)
     return parser
@@ -351,80 +370,131 @@ def _allreduce_case(path: str, comm_np, comm_mlx, nbytes: int):
     return lambda: mx.eval(target.all_sum(a))
 
 
-def allreduce_fits(comm, repeats: int, gap: float = 0.0) -> Dict[str, dict]:
+def allreduce_fits(comm, comm_mlx=None, gap: float = 0.0, budgets: Optional[SweepBudgets] = None) -> Dict[str, dict]:
     """Per data path: mean and median seconds per size (the slowest rank's), and
     the line through the medians. The model uses the medians: on a shared
     machine a few calls stalled by the scheduler for milliseconds dominate a
     mean of microsecond calls, and the decode benchmark's own spread holds them.
-    Each call starts ``gap`` seconds after a barrier (:data:`NETWORK_GAP`)."""
+    Each call starts ``gap`` seconds after a barrier (:data:`NETWORK_GAP`).
+
+    ``comm_mlx``: the ``mx.distributed`` communicator (:func:`mlx_communicator`),
+    for the ``mlx-distributed`` path. ``budgets``: seconds per path; each
+    path's sizes are timed smallest first and stop where the next would not
+    fit (:class:`moe_mpi.sizesweep.SizeSweep`; its record is the entry's ``sweep``).
+    """
     from .comm import Communicator
 
     comm_np = Communicator()
-    try:
-        comm_mlx = Communicator(backend="mlx")
-    except (RuntimeError, ValueError):
-        comm_mlx = None
-    paths = ["mpi4py-numpy", "mlx-mpi4py"] + (["mlx-distributed"] if comm_mlx is not None else [])
     out = {}
-    for path in paths:
-        means, medians = [], []
-        for nbytes in ALLREDUCE_SIZES:
-            fn = _allreduce_case(path, comm_np, comm_mlx, nbytes)
-            iterations = max(10, min(200, int(2e7 // max(nbytes, 1))))
-            times = []
-            for i in range(iterations + 5):
-                comm.barrier()
-                if gap:
-                    time.sleep(gap)
-                t = time.perf_counter()
-                fn()
-                if i >= 5:
-                    times.append(time.perf_counter() - t)
-            means.append(_slowest(comm, float(np.mean(times))))
-            medians.append(_slowest(comm, float(np.median(times))))
-        latency, bandwidth = fit_latency_bandwidth(ALLREDUCE_SIZES, medians)
-        out[path] = {"sizes": list(ALLREDUCE_SIZES), "mean_s": means, "p50_s": medians,
-                     "latency": latency, "bandwidth": bandwidth}
+    for path in allreduce_paths(comm_mlx is not None):
+        run = _allreduce_runner(comm, functools.partial(_allreduce_case, path, comm_np, comm_mlx), gap)
+        sweep = SizeSweep(ALLREDUCE_SIZES, float("inf") if budgets is None else budgets[path], _allreduce_calls)
+        rows = run_sweep(sweep, slowest_of(comm.allgather), run)
+        means = [_slowest(comm, r[0]) for r in rows]
+        medians = [_slowest(comm, r[1]) for r in rows]
+        latency, bandwidth = fit_latency_bandwidth(sweep.measured, medians)
+        out[path] = {"sizes": list(sweep.measured), "mean_s": means, "p50_s": medians,
+                     "latency": latency, "bandwidth": bandwidth, "sweep": sweep.meta()}
     return out
 
 
-def pingpong_fit(comm) -> dict:
-    """One-way latency and bandwidth between ranks 0 and 1 (the others wait)."""
+def _allreduce_runner(comm, case: Callable[[int], Callable[[], object]], gap: float):
+    """``run(nbytes, count)`` for :func:`moe_mpi.sizesweep.run_sweep`: ``count``
+    calls of ``case(nbytes)``, each ``gap`` seconds after a barrier; returns
+    ``((mean, median), median)`` of this rank's calls."""
+    cases = {}
+
+    def run(nbytes: int, count: int):
+        if nbytes not in cases:
+            cases.clear()  # one size's arrays at a time
+            cases[nbytes] = case(nbytes)
+        fn = cases[nbytes]
+        times = []
+        for _ in range(count):
+            comm.barrier()
+            if gap:
+                time.sleep(gap)
+            t = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t)
+        median = float(np.median(times))
+        return (float(np.mean(times)), median), median
+
+    return run
+
+
+def mlx_communicator():
+    """A ``Communicator(backend="mlx")``, or None where MLX has no MPI group."""
+    from .comm import Communicator
+
+    try:
+        return Communicator(backend="mlx")
+    except (RuntimeError, ValueError):
+        return None
+
+
+def allreduce_paths(mlx_distributed: bool) -> List[str]:
+    """The all-reduce data paths calibrate times, in order."""
+    return ["mpi4py-numpy", "mlx-mpi4py"] + (["mlx-distributed"] if mlx_distributed else [])
+
+
+def _allreduce_calls(nbytes: int) -> int:
+    """Timed all-reduces of ``nbytes`` when time is no object: ~20 MB in all, 10..200 calls."""
+    return max(10, min(200, int(2e7 // max(nbytes, 1))))
+
+
+def pingpong_fit(comm, budget: float = float("inf")) -> dict:
+    """One-way latency and bandwidth between ranks 0 and 1 (the others wait).
+
+    The sizes are timed smallest first within ``budget`` seconds
+    (:class:`moe_mpi.sizesweep.SizeSweep`), ranks 0 and 1 deciding together.
+    """
     from mpi4py import MPI
 
     from .bench.pingpong import pingpong
+    from .comm import Communicator
 
     world = comm.comm
     pair = world.Split(0 if comm.rank < 2 else MPI.UNDEFINED, comm.rank)
-    rows = []
+    rows, record = [], None
     if pair != MPI.COMM_NULL:
-        for nbytes in PINGPONG_SIZES:
-            iterations = 2000 if nbytes <= 16 << 10 else 200
-            seconds, p50, _ = pingpong(pair, nbytes, iterations, 20, check=False)
-            rows.append((seconds, p50))
+        def run(nbytes: int, count: int):
+            seconds, p50, _ = pingpong(pair, nbytes, count, 0, check=False)
+            return (seconds, p50), 2 * p50  # a call is a round trip
+
+        sweep = SizeSweep(PINGPONG_SIZES, budget, _pingpong_calls, warmup=20)
+        rows = run_sweep(sweep, slowest_of(Communicator(pair).allgather), run)
+        record = sweep.meta()
         pair.Free()
-    rows = comm.bcast(rows if comm.rank == 0 else None)
-    latency, bandwidth = fit_latency_bandwidth(PINGPONG_SIZES, [r[1] for r in rows])
-    return {"sizes": list(PINGPONG_SIZES), "mean_s": [r[0] for r in rows], "p50_s": [r[1] for r in rows],
-            "latency": latency, "bandwidth": bandwidth}
+    rows, record = comm.bcast((rows, record) if comm.rank == 0 else None)
+    sizes = record["sizes"]
+    latency, bandwidth = fit_latency_bandwidth(sizes, [r[1] for r in rows])
+    return {"sizes": sizes, "mean_s": [r[0] for r in rows], "p50_s": [r[1] for r in rows],
+            "latency": latency, "bandwidth": bandwidth, "sweep": record}
 
 
-def exchange_fit(comm, repeats: int, gap: float = 0.0) -> dict:
+def _pingpong_calls(nbytes: int) -> int:
+    return 2000 if nbytes <= 16 << 10 else 200
+
+
+def exchange_fit(comm, repeats: int, gap: float = 0.0, budget: float = float("inf")) -> dict:
     """Rank 0's exchange with one worker, as :mod:`moe_mpi.central` makes it.
 
     Request (msgpack), rows out, reply of the same size back; the bytes of
     the fit are both ways together. Each worker in turn; the others wait.
-    Each exchange starts ``gap`` seconds after a barrier, as in :func:`allreduce_fits`.
+    Each exchange starts ``gap`` seconds after a barrier, as in :func:`allreduce_fits`;
+    the sizes are timed smallest first within ``budget`` seconds.
     """
     from .comm import Communicator
 
     ctl = Communicator()
-    sizes, means, medians = [], [], []
-    for nbytes in EXCHANGE_SIZES:
+
+    def run(both_ways: int, count: int):
+        nbytes = both_ways // 2
         rows = np.ones(nbytes, dtype=np.uint8)
         times = []
         for worker in range(1, ctl.size):
-            for i in range(25 * repeats):
+            for _ in range(count):
                 ctl.barrier()
                 if gap:
                     time.sleep(gap)
@@ -433,18 +503,24 @@ def exchange_fit(comm, repeats: int, gap: float = 0.0) -> dict:
                     ctl.send_obj({"layer": 0, "rows": [0], "experts": [0]}, worker, 11)
                     ctl.send_array(rows, worker, 12)
                     ctl.recv_array((nbytes,), np.uint8, worker, 13)
-                    if i >= 5:
-                        times.append(time.perf_counter() - t)
+                    times.append(time.perf_counter() - t)
                 elif ctl.rank == worker:
                     ctl.recv_obj(0, 11)
                     back = ctl.recv_array((nbytes,), np.uint8, 0, 12)
                     ctl.send_array(back, 0, 13)
-        sizes.append(2 * nbytes)
-        means.append(float(np.mean(times)) if ctl.rank == 0 else 0.0)
-        medians.append(float(np.median(times)) if ctl.rank == 0 else 0.0)
-    means, medians = ctl.bcast((means, medians))
-    latency, bandwidth = fit_latency_bandwidth(sizes, medians)
-    return {"sizes": sizes, "mean_s": means, "p50_s": medians, "latency": latency, "bandwidth": bandwidth}
+        if not times:  # a worker: rank 0's times are the ones that count
+            return (0.0, 0.0), 0.0
+        median = float(np.median(times))
+        # One "call" of the sweep is an exchange with every worker in turn.
+        return (float(np.mean(times)), median), median * (ctl.size - 1)
+
+    # Before the budget: 25 * repeats exchanges per worker, the first 5 untimed.
+    sweep = SizeSweep(tuple(2 * n for n in EXCHANGE_SIZES), budget, lambda _: 25 * repeats - 5)
+    rows = run_sweep(sweep, slowest_of(ctl.allgather), run)
+    means, medians = ctl.bcast(([r[0] for r in rows], [r[1] for r in rows]))
+    latency, bandwidth = fit_latency_bandwidth(sweep.measured, medians)
+    return {"sizes": list(sweep.measured), "mean_s": means, "p50_s": medians, "latency": latency,
+            "bandwidth": bandwidth, "sweep": sweep.meta()}
 
 
 # ---------------------------------------------------------------------------
@@ -485,6 +561,7 @@ def measure(comm, args) -> tuple:
     from .cpu import switches
     from .profiles import AllReduceFit, KernelTable, Link, Machine
 
+    start = time.perf_counter()  # --budget counts from here
     say = print if comm.rank == 0 else (lambda *a, **k: None)
     info = machine_info(comm)
     ranks_per_host = max((len(node["ranks"]) for node in info.get("nodes") or []), default=1)
@@ -519,10 +596,23 @@ def measure(comm, args) -> tuple:
         return machine, link, meta
     network = ranks_per_host < comm.size
     gap = NETWORK_GAP if network else 0.0
-    pp = pingpong_fit(comm)
-    ar = allreduce_fits(comm, args.repeats, gap)
-    ex = exchange_fit(comm, args.repeats, gap)
-    meta.update(pingpong=pp, allreduce=ar, exchange=ex, gap_s=gap)
+    # What the machine probes left of --budget, shared among the link's
+    # sweeps as each begins (one that finishes early leaves its time to the
+    # rest). Every rank must share it alike: the slowest rank's clock counts.
+    # The all-reduce is every mode's link cost, so its paths get twice the
+    # share of the central router's exchange, and that twice the ping-pong's
+    # (whose figures price only mode allgather). Over 10 Mbit/s an all-reduce
+    # path needs about 9 s to reach 1 MiB (and 2 MiB's cost along the line).
+    comm_mlx = mlx_communicator()
+    weights = {"pingpong": 0.5, **{p: 2.0 for p in allreduce_paths(comm_mlx is not None)}, "exchange": 1.0}
+    budgets = SweepBudgets(args.budget, weights, lambda: _slowest(comm, time.perf_counter() - start))
+    pp = pingpong_fit(comm, budgets["pingpong"])
+    ar = allreduce_fits(comm, comm_mlx, gap, budgets)
+    ex = exchange_fit(comm, args.repeats, gap, budgets["exchange"])
+    sweeps = {"pingpong": pp, **{f"allreduce/{p}": f for p, f in ar.items()}, "exchange": ex}
+    meta.update(pingpong=pp, allreduce=ar, exchange=ex, gap_s=gap, budget_s=args.budget,
+                link_budget_s=budgets.link_budget,
+                stopped_early=[name for name, f in sweeps.items() if f["sweep"]["stopped"]])
     name = args.link_name or ("network" if network else "shared-memory")
     link = Link(
         name, pp["latency"], pp["bandwidth"],
@@ -538,8 +628,32 @@ def _print_summary(machine, link, meta, out) -> None:
     print(f"# fixed costs per layer / per call (ms): " + ", ".join(
         f"{k} {1e3 * machine.layer_seconds[k]:.3f}/{1e3 * machine.step_seconds[k]:.3f}" for k in machine.layer_seconds))
     if "pingpong" in meta:
-        print(f"# ping-pong: latency {link.latency * 1e6:.2f} us, {link.bandwidth / 1e9:.2f} GB/s")
+        pp = meta["pingpong"]
+        print(f"# ping-pong: latency {link.latency * 1e6:.2f} us, {_rate(link.bandwidth)}{_extent(pp)}")
         for path, fit in link.allreduce.items():
-            print(f"# all-reduce {path}: {fit.latency * 1e6:.1f} us + bytes / {fit.bandwidth / 1e9:.2f} GB/s")
-        print(f"# central exchange: {link.exchange.latency * 1e6:.1f} us + bytes / {link.exchange.bandwidth / 1e9:.2f} GB/s")
+            print(f"# all-reduce {path}: {fit.latency * 1e6:.1f} us + bytes / {_rate(fit.bandwidth)}"
+                  f"{_extent(meta['allreduce'][path])}")
+        print(f"# central exchange: {link.exchange.latency * 1e6:.1f} us + bytes / {_rate(link.exchange.bandwidth)}"
+              f"{_extent(meta['exchange'])}")
+        if meta["stopped_early"]:
+            print(f"# stopped early for --budget {meta['budget_s']:g} s "
+                  f"({meta['link_budget_s']:.1f} s left for the link): {', '.join(meta['stopped_early'])}")
     print(f"# wrote {out} in {meta['seconds']:.1f} s")
+
+
+def _rate(bytes_per_s: float) -> str:
+    """``1.2e9`` -> ``"1.20 GB/s"``, ``1.2e6`` -> ``"1.20 MB/s"`` (slow links read 0.00 GB/s)."""
+    if bytes_per_s >= 1e9:
+        return f"{bytes_per_s / 1e9:.2f} GB/s"
+    return f"{bytes_per_s / 1e6:.2f} MB/s"
+
+
+def _extent(fit: dict) -> str:
+    """`` (1 KiB..256 KiB of 2 MiB)`` when a sweep stopped before its largest size."""
+    from .bench.machine import format_size
+
+    sweep = fit["sweep"]
+    if not sweep["stopped"]:
+        return ""
+    sizes = sweep["sizes"]
+    return f" ({format_size(sizes[0])}..{format_size(sizes[-1])} of {format_size(sweep['planned_sizes'][-1])})"

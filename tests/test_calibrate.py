@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from moe_mpi import launch
-from moe_mpi.calibrate import fit_latency_bandwidth
+from moe_mpi.calibrate import fit_latency_bandwidth, setup_arg_parser
 from moe_mpi.plan import main as plan_main
 from moe_mpi.profiles import read_profile
 
@@ -92,7 +92,10 @@ def test_latency_bandwidth_fit_recovers_a_line():
 
 def test_calibrate_on_two_ranks_writes_a_profile_plan_reads(tmp_path, capsys):
     out = tmp_path / "calib.json"
-    argv = [sys.executable, "-m", "moe_mpi", "calibrate", "--out", str(out), "--stream-mb", "32", "--repeats", "1"]
+    # The budget as generous as the time limit below: on a loaded VM the
+    # machine probes alone may take most of the default 45 s.
+    argv = [sys.executable, "-m", "moe_mpi", "calibrate", "--out", str(out), "--stream-mb", "32", "--repeats", "1",
+            "--budget", "120"]
     proc = launch.run_mpirun(2, argv, timeout=TIMEOUT, cwd=REPO, oversubscribe=False)
     assert proc.returncode == 0, _output(proc)
     machine, link, meta = read_profile(out)
@@ -102,12 +105,27 @@ def test_calibrate_on_two_ranks_writes_a_profile_plan_reads(tmp_path, capsys):
     assert set(machine.kernels) == {"float32", "q4", "float32/expert", "q4/expert"}
     assert {"numpy/decode", "mlx/decode", "mlx-quantized/decode", "mlx/prefill"} <= set(machine.layer_seconds)
     assert set(link.allreduce) >= {"mpi4py-numpy", "mlx-mpi4py"}
+    # Shared memory is fast: no sweep is cut, every size gets its planned calls.
+    assert meta["stopped_early"] == [] and meta["budget_s"] == 120
+    for fit in (meta["pingpong"], meta["exchange"], *meta["allreduce"].values()):
+        assert fit["sizes"] == fit["sweep"]["planned_sizes"] and fit["sweep"]["stopped"] is None, fit["sweep"]
     assert 0 < link.latency < 1e-3 and link.exchange is not None
     # plan reads it: machine and link 'profile'.
     assert plan_main(["--model", "dbrx-like", "--profile", str(out), "--json", "-"]) == 0
     rows = json.loads(capsys.readouterr().out)["rows"]
     assert {r["ranks"] for r in rows} == {1, 2}
     assert all(r["decode_tokens_per_s"] > 0 and r["link"] == link.name for r in rows if "skipped" not in r)
+
+
+@pytest.mark.parametrize("value, message", [("0", "expected a number > 0, got '0'"),
+                                            ("-3", "expected a number > 0, got '-3'"),
+                                            ("inf", "expected a number > 0, got 'inf'"),
+                                            ("soon", "expected a number, got 'soon'")])
+def test_calibrate_budget_must_be_a_positive_number(value, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        setup_arg_parser().parse_args(["--out", "p.json", "--budget", value])
+    assert e.value.code == 2
+    assert f"argument --budget: {message}" in capsys.readouterr().err
 
 
 def test_calibrate_into_a_missing_directory_is_one_error(tmp_path):
