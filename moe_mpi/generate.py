@@ -104,7 +104,8 @@ def setup_arg_parser() -> argparse.ArgumentParser:
         "-p",
         default=None,
         help=(
-            "Message to be processed by the model ('-' reads from stdin; under "
+            "Message to be processed by the model ('-' reads from stdin, dropping one "
+            "trailing newline (\\n or \\r\\n) as echo adds; under "
             f"mpirun, which does not forward end-of-file, up to {STDIN_IDLE_SECONDS:g} s "
             f"of silence). Default: {DEFAULT_PROMPT!r}."
         ),
