@@ -102,6 +102,13 @@ def test_auto_is_priced_by_its_layouts_not_as_ep():
         roofline.bytes_per_step(parts, "auto", 2, 1)
 
 
+def test_roofline_runs_every_default_mode_of_the_other_benches():
+    from moe_mpi.bench.modes import default_modes
+
+    modes = roofline.setup_arg_parser().parse_args([]).modes
+    assert modes == default_modes() and "auto" in modes
+
+
 @pytest.mark.parametrize("case, message", [
     ("quantized", "bench roofline covers float"),
     # These were an error from every rank, and MPI_Abort's banner.
@@ -140,13 +147,15 @@ def test_bench_roofline_prints_triad_and_read_only_limits(tmp_path):
 
     out = tmp_path / "roofline.json"
     argv = [sys.executable, "-m", "moe_mpi", "bench", "roofline", "--synthetic", "tiny",
-            "--stream-mb", "24", "--json", str(out), "--modes", "ep,auto,sliced,central,mlx-lm-tp,single"]
+            "--stream-mb", "24", "--json", str(out)]
     proc = launch.run_mpirun(2, argv, timeout=120, cwd=Path(__file__).resolve().parent.parent)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     result = json.loads(out.read_text())
     assert len(result["read_together_gbs"]) == 2 and min(result["read_together_gbs"]) > 0
     config = synthetic_config("tiny")
     parts = roofline.limit_parts(config)
+    # The default modes, auto included, priced by its own layouts.
+    assert {row["mode"] for row in result["rows"]} == {"ep", "auto", "sliced", "central", "mlx-lm-tp", "single"}
     assert "# auto: its layouts at uniform routing" in proc.stdout
     for row in result["rows"]:
         step = roofline.bytes_per_step(parts, row["mode"], 2, row["batch"], roofline.mode_layouts(config, row["mode"], 2))

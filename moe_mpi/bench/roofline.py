@@ -43,7 +43,7 @@ from ..errors import UserError
 from ..perfmodel import ModelShape, PerfModelError, bytes_per_step, default_layouts, expected_experts
 from ..results import check_writable, save_text
 from ..runner import abort_on_error, add_debug_argument, collective_phase, parse_args
-from .modes import get_mode, modes_arg
+from .modes import default_modes, get_mode, modes_arg
 
 STREAM_MB = 256  # triad arrays per rank, far beyond any cache
 
@@ -158,8 +158,8 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     source.add_argument("--model", metavar="PATH", help="local model directory (its config.json)")
     source.add_argument("--synthetic", default="dbrx-like", help="synthetic shape name (default: dbrx-like)")
     parser.add_argument("--batch", type=int_list, default=[1, 8], help="comma-separated batch sizes (default: 1,8)")
-    parser.add_argument("--modes", type=modes_arg, default=["ep", "sliced", "central", "mlx-lm-tp", "single"],
-                        help="comma-separated modes of moe-mpi bench decode (default: ep,sliced,central,mlx-lm-tp,single)")
+    parser.add_argument("--modes", type=modes_arg, default=default_modes(),
+                        help=f"comma-separated modes of moe-mpi bench decode (default: {','.join(default_modes())})")
     parser.add_argument("--decode-json", metavar="FILE", help="`moe-mpi bench decode --json` output to compare with")
     parser.add_argument("--json", metavar="FILE", help="write the limits as JSON")
     parser.add_argument("--stream-mb", type=positive_int, default=STREAM_MB, help=f"probe arrays per rank, MB (default: {STREAM_MB})")
