@@ -411,11 +411,13 @@ def _save_routing(args: argparse.Namespace, model, comm, stats) -> None:
         return
     with collective_phase(comm, debug=args.debug, name_ranks=False):
         if comm.rank == 0:
+            from .shard import model_identity
+
             info = model.ep_info
             stats.save(args.record_routing, model={
                 "path": _model_name(args), "model_type": getattr(model, "model_type", None),
                 "ranks": info.size, "mode": info.mode,
-            })
+            }, identity=model_identity(model))  # so that --stats can tell this model from another
             _print_stats([f"{PROG}: router statistics of {stats.tokens[0]} tokens written to {args.record_routing}"])
 
 
