@@ -38,6 +38,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
+from .digest import array_digest
 from .errors import CollectiveError
 from .safetensors_io import read_header
 from .shard import expert_parameters, find_moe_blocks, shared_children
@@ -141,15 +142,7 @@ def replicated_parameters(model: nn.Module) -> List[str]:
 def dense_digest(model: nn.Module) -> str:
     """SHA-256 (16 hex digits) of the replicated weights' names, dtypes, shapes and bytes."""
     params = dict(tree_flatten(model.parameters()))
-    h = hashlib.sha256()
-    for path in replicated_parameters(model):
-        a = params[path]
-        h.update(f"{path}|{a.dtype}|{tuple(a.shape)}\0".encode())
-        view = memoryview(a)  # the bytes as loaded
-        if not view.c_contiguous:
-            view = memoryview(mx.contiguous(a))
-        h.update(view.cast("B"))
-    return h.hexdigest()[:16]
+    return array_digest((path, params[path]) for path in replicated_parameters(model))
 
 
 def model_fields(model_path: Path, config: Dict[str, Any], model: nn.Module) -> Dict[str, str]:

@@ -8,7 +8,7 @@ Run it on N ranks (or alone, N = 1)::
 
 Every rank runs the same command line. Each rank loads the replicated dense
 part of the model and only its own experts; mlx-lm's own generation loop
-(``mlx_lm.generate.stream_generate``, or ``batch_generate`` in batch mode)
+(``mlx_lm.generate.stream_generate``, or ``BatchGenerator`` in batch mode)
 runs unchanged on every rank, and the sharded MoE blocks do one all-reduce
 per layer. The logits are then identical on every rank, so every rank picks
 the same next token: greedy decoding trivially, and sampling because every
@@ -24,9 +24,10 @@ for stdin): see :mod:`moe_mpi.prompts`.
 
 Batch mode (``--prompts-file``) reads a JSONL file of ``{"id": ...,
 "prompt": "..."}`` rows, generates ``--batch-size`` prompts at a time with
-mlx-lm's ``batch_generate`` and appends one row per prompt to ``--output``,
-durably after every batch, so that rerunning an interrupted command resumes
-it (the row format and the resume rules: :mod:`moe_mpi.results`). Rank 0
+mlx-lm's ``BatchGenerator`` (``batch_generate``'s loop) and appends one row
+per prompt to ``--output``, durably after every batch, so that rerunning an
+interrupted command resumes it (the row format and the resume rules:
+:mod:`moe_mpi.results`). Rank 0
 shows a progress bar on a terminal's stderr and always ends with a summary
 line. Greedy rows are the text single-prompt mode gives for the same prompt
 (tested; in general a batched forward pass rounds differently and could
@@ -38,8 +39,12 @@ Errors (see :mod:`moe_mpi.runner`): all input (options, prompt, prompts
 file, output file, model files, placement, prompt lengths against the
 model's context) is checked in collective phases before generating, so bad
 input gives one ``moe-mpi: error: ...`` line and every rank exits with code
-1. An unexpected error during generation aborts all ranks (``MPI_Abort``)
-after the failing rank prints its traceback.
+1. So does a model whose logits stop being finite (NaN or infinite weights,
+or an overflow): each drawn token is checked (:mod:`moe_mpi.finite`), and
+the text stops before the first token drawn from such logits; in batch mode
+that batch is not written and the error names the prompt. An unexpected
+error during generation aborts all ranks (``MPI_Abort``) after the failing
+rank prints its traceback.
 """
 
 from __future__ import annotations
@@ -54,6 +59,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 from .argtypes import add_sharding_arguments, non_negative_float, positive_int, seed, sharding_options, unit_interval
 from .comm import BACKENDS, Communicator
 from .errors import CollectiveError, UserError
+from .finite import drawn_is_finite, non_finite_message
 from .prompts import (
     DEFAULT_PROMPT,
     STDIN_IDLE_SECONDS,
@@ -104,7 +110,8 @@ def setup_arg_parser() -> argparse.ArgumentParser:
         "-p",
         default=None,
         help=(
-            "Message to be processed by the model ('-' reads from stdin; under "
+            "Message to be processed by the model ('-' reads from stdin, dropping one "
+            "trailing newline (\\n or \\r\\n) as echo adds; under "
             f"mpirun, which does not forward end-of-file, up to {STDIN_IDLE_SECONDS:g} s "
             f"of silence). Default: {DEFAULT_PROMPT!r}."
         ),
@@ -409,11 +416,13 @@ def _save_routing(args: argparse.Namespace, model, comm, stats) -> None:
         return
     with collective_phase(comm, debug=args.debug, name_ranks=False):
         if comm.rank == 0:
+            from .shard import model_identity
+
             info = model.ep_info
             stats.save(args.record_routing, model={
                 "path": _model_name(args), "model_type": getattr(model, "model_type", None),
                 "ranks": info.size, "mode": info.mode,
-            })
+            }, identity=model_identity(model))  # so that --stats can tell this model from another
             _print_stats([f"{PROG}: router statistics of {stats.tokens[0]} tokens written to {args.record_routing}"])
 
 
@@ -453,6 +462,12 @@ def generate_one(args: argparse.Namespace, comm: Communicator, watchdog: Watchdo
         for response in stream_generate(
             model, tokenizer, prompt, max_tokens=args.max_tokens, sampler=sampler
         ):
+            if not drawn_is_finite(response.logprobs, response.token):
+                # Every rank has the same logits, so every rank stops here, before any garbage is printed.
+                if rank0 and response.generation_tokens > 1:
+                    sys.stdout.write("\n")  # end the text so far
+                    sys.stdout.flush()
+                raise CollectiveError(non_finite_message(response.generation_tokens))
             if rank0:
                 sys.stdout.write(response.text)
                 sys.stdout.flush()
@@ -527,39 +542,62 @@ def _generate_batches(
 
     Returns:
         ``(prompt_tokens, generated_tokens)`` over all rows.
-    """
-    from mlx_lm.generate import batch_generate
 
+    Raises:
+        CollectiveError: A row's logits were not finite (on every rank
+            alike); its batch is not written.
+    """
     prompt_tokens = generated = 0
     for start in range(0, len(rows), args.batch_size):
         batch_rows = rows[start : start + args.batch_size]
         batch = tokens[start : start + args.batch_size]
         tic = time.perf_counter()
-        result = batch_generate(
-            model,
-            tokenizer,
-            prompts=batch,
-            max_tokens=args.max_tokens,
-            sampler=sampler,
-            return_token_ids=True,
-            # The whole batch is prefilled and decoded together.
-            prefill_batch_size=len(batch),
-            completion_batch_size=len(batch),
-        )
+        outputs = _batch_tokens(model, tokenizer, batch, args.max_tokens, sampler, batch_rows)
         seconds = time.perf_counter() - tic
-        new_tokens = sum(len(t) for t in result.token_ids)
+        new_tokens = sum(len(t) for t in outputs)
         prompt_tokens += sum(len(t) for t in batch)
         generated += new_tokens
         if writer is not None:
             writer.write(
                 [
                     result_row(row, detokenize(tokenizer, out), len(ids), len(out), seconds)
-                    for row, ids, out in zip(batch_rows, batch, result.token_ids)
+                    for row, ids, out in zip(batch_rows, batch, outputs)
                 ]
             )
         if progress is not None:
             progress.update(len(batch_rows), new_tokens)
     return prompt_tokens, generated
+
+
+def _batch_tokens(model, tokenizer, prompts: List[List[int]], max_tokens: int, sampler: Callable,
+                  rows: List[Dict]) -> List[List[int]]:
+    """The generated token ids of each prompt, decoded together: mlx-lm's ``batch_generate``.
+
+    Its loop, so that each drawn token is seen with its log-probabilities
+    and checked (:mod:`moe_mpi.finite`); ``batch_generate`` returns only the
+    tokens. The stop token is not kept, as there.
+    """
+    from mlx_lm.generate import BatchGenerator
+
+    # The whole batch is prefilled and decoded together.
+    gen = BatchGenerator(model, stop_tokens=[[t] for t in tokenizer.eos_token_ids], sampler=sampler,
+                         prefill_batch_size=len(prompts), completion_batch_size=len(prompts))
+    try:
+        uids = gen.insert(prompts, [max_tokens] * len(prompts))
+        out: Dict[int, List[int]] = {uid: [] for uid in uids}
+        while responses := gen.next_generated():
+            for r in responses:
+                if not drawn_is_finite(r.logprobs, r.token):
+                    row = rows[uids.index(r.uid)]
+                    # The same logits on every rank: every rank raises here.
+                    raise CollectiveError(
+                        f"prompt id {row['id']!r} (line {row['line']}): {non_finite_message(len(out[r.uid]) + 1)}"
+                    )
+                if r.finish_reason != "stop":
+                    out[r.uid].append(r.token)
+    finally:
+        gen.close()
+    return [out[uid] for uid in uids]
 
 
 def generate_batch(args: argparse.Namespace, comm: Communicator, watchdog: Watchdog) -> None:

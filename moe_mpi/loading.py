@@ -37,7 +37,7 @@ from .routing import RoutingStats
 from .runner import under_launcher
 from .warmup import use_warm_experts
 from .safetensors_io import CheckpointIndex, ShapeOnlyIndex, dtype_name
-from .shard import drop_dense, find_moe_blocks, shard_structure
+from .shard import check_stats_model, drop_dense, find_moe_blocks, shard_structure
 from .slicing import Plan, Take, TakeSplit, per_expert_source, take
 
 PER_EXPERT_KEY = re.compile(r"\.experts\.\d+\.")
@@ -340,6 +340,8 @@ def plan_load(
     check_top_k(model, config)
     _check_unused(model_path, model, tensors)
     plan: Plan = shard_structure(model, comm, placement, weights, mode, **layout_options)
+    if layout_options.get("layouts") is None:  # layouts override the statistics
+        check_stats_model(layout_options.get("stats"), model, tensors, comm.rank)
     worker = mode == "central" and comm.rank != 0
     if worker:
         drop_dense(model)  # central-mode workers hold only their experts

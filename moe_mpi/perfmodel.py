@@ -61,6 +61,7 @@ __all__ = [
     "default_layouts",
     "expected_experts",
     "host_speeds",
+    "layout_experts_read",
     "memory_per_rank",
     "predict",
     "register_mode",
@@ -599,22 +600,41 @@ def _moe_comm(shape: ModelShape, m: Mode, link: Optional[Link], n: int, tokens: 
 # ---------------------------------------------------------------------------
 
 
-def bytes_per_step(parts: Dict[str, float], mode: str, size: int, batch: int) -> float:
+def bytes_per_step(parts: Dict[str, float], mode: str, size: int, batch: int,
+                   layouts: Optional[Sequence[Layout]] = None) -> float:
     """Weight bytes the slowest rank reads in one decode step of ``batch`` tokens (uniform routing).
 
     Args:
         parts: :meth:`ModelShape.parts`.
+        layouts: Per MoE layer, where the experts are, as the run placed
+            them (``model.ep_info.layouts``); the experts' bytes then come
+            from them (:func:`layout_experts_read`). Needed for ``auto``,
+            whose layouts are its own; without them ``ep`` and ``central``
+            are taken as contiguous whole experts, ``sliced`` as 1/N of each.
 
     Dense: attention (1/N for tensor parallel), routers and the LM head;
     experts: every distinct chosen expert (single), 1/N of each (sliced,
     tensor parallel), or the busiest rank's whole experts (ep, central, and
     any mode not in :data:`MODES`).
+
+    Raises:
+        PerfModelError: ``auto`` without ``layouts`` (its bytes are not ep's).
     """
     m = MODES.get(mode, MODES["ep"])
     e, k = parts["num_experts"], parts["top_k"]
     moe_layers = parts.get("moe_layers", parts["layers"])
     attention = parts["attention_per_layer"] / (size if m.dense in ("split", "heads") else 1)
     dense = parts["layers"] * attention + moe_layers * parts["router_per_layer"] + parts["lm_head"]
+    if layouts is not None and m.experts != "sliced" and m.name != "single":
+        if len(layouts) != moe_layers or any(x.num_ranks != size or x.num_experts != e for x in layouts):
+            raise PerfModelError(f"layouts: need {moe_layers} (one per MoE layer) of {e} experts on {size} ranks")
+        read: Dict[Layout, float] = {}  # layers often share a layout; each is drawn once
+        for x in layouts:
+            if x not in read:
+                read[x] = layout_experts_read(x, k, batch)
+        return dense + sum(read[x] for x in layouts) * parts["expert"]
+    if m.experts == "balanced":
+        raise PerfModelError(f"mode {mode!r}: the bytes read depend on its layouts; pass them")
     if m.experts == "sliced":
         experts = expected_experts(e, k, batch, None) * parts["expert"] / size
     elif size == 1 or m.name == "single":  # single: one process reads them all
@@ -622,6 +642,23 @@ def bytes_per_step(parts: Dict[str, float], mode: str, size: int, batch: int) ->
     else:
         experts = expected_experts(e, k, batch, contiguous_owners(e, size)) * parts["expert"]
     return dense + moe_layers * experts
+
+
+def layout_experts_read(layout: Layout, top_k: int, batch: int, seed: int = 0) -> float:
+    """Expected experts' worth of weights the busiest rank reads in one step of ``batch`` tokens on ``layout``.
+
+    Uniform routing, the draws of :func:`expected_experts` (the same seed,
+    so a one-holder contiguous layout gives exactly its figure). A rank
+    reads each whole expert it computes rows of (a replicated expert's rows
+    go where :func:`rank_rows` sends them, as in a run) and its 1/N slice of
+    every chosen split expert.
+    """
+    e, n = layout.num_experts, layout.num_ranks
+    counts = route_counts(e, top_k, batch, seed=seed)  # [S, E]
+    whole = (rank_rows(layout, counts) > 0).sum(axis=1)  # [S, N]: whole experts each rank reads
+    split = np.array([not h for h in layout.holders])
+    sliced = ((counts > 0) & split).sum(axis=1, keepdims=True) / n  # [S, 1]: its slices, on every rank
+    return float((whole + sliced).max(axis=1).mean())
 
 
 def memory_per_rank(shape: ModelShape, mode: str, size: int, kv_tokens: int,

@@ -164,8 +164,13 @@ def _row_cost(path: Optional[str], shape):
     return cost, f"# mode auto: {cost.describe()}"
 
 
-def _routing(path: Optional[str], shape):
-    """The routing of ``--stats``: a ``moe-mpi profile`` statistics file, checked against the model."""
+def _routing(path: Optional[str], shape, model_dir=None):
+    """The routing of ``--stats``: a ``moe-mpi profile`` statistics file, checked against the model.
+
+    Against its shape; and, for a checkpoint directory, against its routers'
+    weights, as a run checks them (statistics of another model of this shape
+    are refused). A known model or shape has no weights to check against.
+    """
     from .perfmodel import Routing
     from .routing import RoutingStats
 
@@ -173,6 +178,10 @@ def _routing(path: Optional[str], shape):
         return None
     stats = RoutingStats.load(path)
     stats.check_fits([shape.experts] * shape.moe_layers, where=f"--stats {path}")
+    if model_dir is not None and any(Path(model_dir).glob("*.safetensors")):
+        from .memory import plan_memory
+
+        plan_memory(model_dir, 1, stats=stats)  # the loader's check; reads the routers, no other weight
     return Routing.from_counts(stats.counts, shape.experts)
 
 
@@ -344,7 +353,7 @@ def _run(args) -> int:
     for m in modes:
         get_mode(m)
     prices = _prices(args.price)
-    routing = _routing(args.stats, shape)
+    routing = _routing(args.stats, shape, path)
     exact = {n: exact_weights(path, n) for n in range(1, len(machines) + 1)} if path is not None else None
     row_cost, row_note = _row_cost(args.profile, shape)
     rows = plan_rows(shape, machines, links, modes, args.batch, args.prompt_tokens, args.context, routing, prices,

@@ -3,10 +3,11 @@
 As ``mlx_lm.generate`` does it: the tokenizer's chat template is applied
 when it has one (with an optional system message), or the raw text is
 encoded; ``--prompt`` turns ``\\n`` and ``\\t`` escapes into newline and
-tab, and ``--prompt -`` reads stdin. Under ``mpirun`` only rank 0 reads
-stdin (that is where ``mpirun`` forwards it) and broadcasts the text; Open
-MPI 5's ``mpirun`` never forwards the end of file, so there the prompt ends
-after a second of silence (see :func:`read_stdin`).
+tab, and ``--prompt -`` reads stdin, less one trailing newline. Under
+``mpirun`` only rank 0 reads stdin (that is where ``mpirun`` forwards it)
+and broadcasts the text; Open MPI 5's ``mpirun`` never forwards the end of
+file, so there the prompt ends after a second of silence (see
+:func:`read_stdin`).
 
 Batch mode reads a JSONL file of ``{"id": ..., "prompt": "..."}`` rows
 (:func:`read_prompts_file`; ``id`` optional, default: the line number).
@@ -40,6 +41,7 @@ __all__ = [
     "read_prompt_argument",
     "read_prompts_file",
     "read_stdin",
+    "strip_final_newline",
 ]
 
 DEFAULT_PROMPT = "hello"  # as mlx_lm.generate
@@ -94,16 +96,33 @@ def read_stdin(
         raise UserError(f"--prompt -: stdin is not UTF-8 text ({e.reason} at byte {e.start})") from None
 
 
+def strip_final_newline(text: str) -> str:
+    """``text`` without one trailing newline (``\\n`` or ``\\r\\n``), if it ends in one.
+
+    ``echo hi | moe-mpi generate --prompt -`` and a file that ends its last
+    line both send a newline nobody meant as part of the prompt, and it
+    changes the tokens (and so the text). Only one is dropped: further blank
+    lines at the end were typed on purpose. (A shell's ``$(cat)`` drops them
+    all; one is what ``echo`` and editors add.)
+    """
+    if text.endswith("\r\n"):
+        return text[:-2]
+    if text.endswith("\n"):
+        return text[:-1]
+    return text
+
+
 def read_prompt_argument(prompt: Optional[str]) -> str:
     """The prompt text of ``--prompt`` as ``mlx_lm.generate`` reads it.
 
     ``\\n`` and ``\\t`` escapes in the argument become newline and tab; ``-``
-    reads stdin (taken as is, see :func:`read_stdin`).
+    reads stdin (see :func:`read_stdin`) without its one trailing newline
+    (:func:`strip_final_newline`).
     """
     if prompt is None:
         return DEFAULT_PROMPT
     if prompt == "-":
-        return read_stdin()
+        return strip_final_newline(read_stdin())
     return prompt.replace("\\n", "\n").replace("\\t", "\t")
 
 

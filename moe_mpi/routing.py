@@ -9,6 +9,13 @@ for the same token (co-activation). It is saved as JSON in a documented,
 versioned format (``docs/balance.md``) that ``moe-mpi balance``, ``--mode
 auto`` and ``moe-mpi info`` read.
 
+A file also carries the identity of the model it was recorded on (a digest
+of its routers' weights, :func:`moe_mpi.shard.model_identity`), so
+that statistics of another model of the same shape are refused
+(:meth:`RoutingStats.check_model`) instead of balancing this one by
+another's routing. Version 1 files, written before, have none: they are
+read and checked by shape only, with a warning.
+
 Recording reads the routing back to numpy (a sync per layer), so it is for
 profiling runs, not timed ones.
 """
@@ -25,7 +32,9 @@ import numpy as np
 from .shard import find_moe_blocks
 
 FORMAT = "moe_mpi.routing"
-VERSION = 1
+VERSION = 2
+#: The versions this moe_mpi reads (1: no "identity").
+READABLE_VERSIONS = (1, 2)
 
 Sink = Callable[[int, np.ndarray], None]
 
@@ -39,6 +48,10 @@ class RoutingStats:
             (the diagonal is ``counts``).
         tokens: Per layer, the tokens routed.
         top_k: Per layer, the experts chosen per token.
+        identity: Of the model the statistics were recorded on
+            (:func:`moe_mpi.shard.model_identity`); empty if unknown.
+        model: What the file says of that model (``path``, ...), for messages.
+        source: The file they were read from, or None.
     """
 
     def __init__(self, num_experts: Sequence[int]):
@@ -46,6 +59,9 @@ class RoutingStats:
         self.coactivation = [np.zeros((e, e), dtype=np.int64) for e in num_experts]
         self.tokens = [0] * len(num_experts)
         self.top_k: List[Optional[int]] = [None] * len(num_experts)
+        self.identity: Dict[str, str] = {}
+        self.model: Dict[str, Any] = {}
+        self.source: Optional[str] = None
 
     @classmethod
     def for_model(cls, model) -> "RoutingStats":
@@ -73,11 +89,12 @@ class RoutingStats:
         total = counts.sum()
         return counts / total if total else np.full(counts.size, 1.0 / counts.size)
 
-    def to_dict(self, model: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    def to_dict(self, model: Optional[Dict[str, Any]] = None, identity: Optional[Dict[str, str]] = None) -> Dict[str, Any]:
         return {
             "format": FORMAT,
             "version": VERSION,
-            "model": model or {},
+            "model": model or self.model or {},
+            "identity": identity or self.identity or None,
             "layers": [
                 {
                     "layer": i,
@@ -91,8 +108,12 @@ class RoutingStats:
             ],
         }
 
-    def save(self, path, model: Optional[Dict[str, Any]] = None) -> None:
+    def save(self, path, model: Optional[Dict[str, Any]] = None, identity: Optional[Dict[str, str]] = None) -> None:
         """Writes the statistics as JSON (:data:`FORMAT`, :data:`VERSION`).
+
+        ``model`` describes the model recorded on; ``identity`` identifies it
+        (:func:`moe_mpi.shard.model_identity`). Without one the file
+        can be checked by shape only.
 
         Atomically (a temporary file, then a rename): a server that saves
         between requests and is then killed leaves the last whole file.
@@ -103,14 +124,15 @@ class RoutingStats:
         """
         from .results import save_text
 
-        save_text(path, json.dumps(self.to_dict(model)) + "\n", "the router statistics file")
+        save_text(path, json.dumps(self.to_dict(model, identity)) + "\n", "the router statistics file")
 
     @classmethod
     def load(cls, path) -> "RoutingStats":
         """Reads a statistics file.
 
         Raises:
-            ValueError: Not a routing statistics file, another version, or inconsistent.
+            ValueError: Not a routing statistics file, a version this moe_mpi
+                does not read, or inconsistent.
         """
         try:
             data = json.loads(Path(path).read_text())
@@ -118,8 +140,17 @@ class RoutingStats:
             raise ValueError(f"{path}: not JSON: {e}") from None
         if not isinstance(data, dict) or data.get("format") != FORMAT:
             raise ValueError(f"{path}: not a moe_mpi routing statistics file (no \"format\": \"{FORMAT}\")")
-        if data.get("version") != VERSION:
-            raise ValueError(f"{path}: routing statistics version {data.get('version')!r}; this moe_mpi reads {VERSION}")
+        version = data.get("version")
+        if version not in READABLE_VERSIONS:
+            raise ValueError(
+                f"{path}: routing statistics version {version!r}; this moe_mpi reads "
+                + ", ".join(map(str, READABLE_VERSIONS))
+            )
+        identity = data.get("identity") if version >= 2 else None
+        if identity is not None and not (
+            isinstance(identity, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in identity.items())
+        ):
+            raise ValueError(f'{path}: "identity" must be an object of strings (or null)')
         layers = data.get("layers")
         if not isinstance(layers, list) or not layers:
             raise ValueError(f"{path}: no layers")
@@ -143,6 +174,9 @@ class RoutingStats:
                     f"an optional {stats.counts[i].size}x{stats.counts[i].size} \"coactivation\" and an integer \"tokens\""
                 ) from None
             stats.top_k[i] = layer.get("top_k")
+        stats.identity = dict(identity or {})
+        stats.model = data["model"] if isinstance(data.get("model"), dict) else {}
+        stats.source = str(path)
         return stats
 
     def check_fits(self, num_experts: Sequence[int], where: str = "the statistics") -> None:
@@ -153,6 +187,38 @@ class RoutingStats:
                 f"{where} are for {len(mine)} MoE layers of {sorted(set(mine))} experts; the model has "
                 f"{len(num_experts)} MoE layers of {sorted(set(num_experts))} experts"
             )
+
+    def check_model(self, identity: Dict[str, str]) -> Optional[str]:
+        """Checks that the statistics were recorded on the model ``identity`` identifies.
+
+        Args:
+            identity: The model's (:func:`moe_mpi.shard.model_identity`).
+
+        Returns:
+            None, or a warning when the statistics cannot tell (a version 1
+            file, or one written without a model): they are then checked by
+            shape only (:meth:`check_fits`).
+
+        Raises:
+            ValueError: They were recorded on another model, naming it.
+        """
+        name = f"the router statistics {self.source}" if self.source else "the router statistics"
+        common = sorted(k for k in identity if k in self.identity)
+        if not common:
+            return (
+                f"{name} carry no identity of the model they were recorded on (written by an older moe_mpi "
+                "or without a model): they are checked against this model's shape only; record them "
+                "again (moe-mpi profile) to have them checked"
+            )
+        for key in common:
+            if identity[key] != self.identity[key]:
+                on = f" ({self.model['path']})" if self.model.get("path") else ""
+                raise ValueError(
+                    f"{name} were recorded on another model{on}: its {key} differ from this model's "
+                    f"(digest {self.identity[key]} in the file, {identity[key]} here); record statistics on "
+                    "this model (moe-mpi profile --model ...)"
+                )
+        return None
 
 
 def _recording_class(cls: type, sink: Sink, layer: int) -> type:

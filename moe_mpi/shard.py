@@ -24,8 +24,9 @@ of which checkpoint tensor each sharded parameter holds; :mod:`moe_mpi.loading`
 reads exactly those slices from disk.
 """
 
+import sys
 from dataclasses import dataclass
-from typing import List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -38,10 +39,12 @@ from .balance import auto_layout, ep_layout
 from .adapters import convert_blocks
 from .attention import ATTENTION_CHOICES, split_attention
 from .contract import check_partial_sums, silenced
+from .digest import array_digest
 from .experts import ExpertShard, LocalExperts, make_local, with_mixin
 from .layout import Layout, layouts_from_json
 from .placement import ExpertPlacement
 from .rowcost import RowCost, read_row_cost
+from .runner import PROG
 from .slicing import (
     Plan, is_quantized, keep_experts, keep_slice, per_expert_source, slice_bounds, slice_unit, split_child,
 )
@@ -492,6 +495,67 @@ def expert_parameters(model: nn.Module) -> set:
     }
 
 
+def router_parameters(model: nn.Module) -> List[str]:
+    """Paths of what each MoE block holds besides its experts and shared experts: its router.
+
+    That is the gate's weights (quantized or not) and whatever else the
+    block scores experts with (DeepSeek's score correction bias, qwen2_moe's
+    shared-expert gate). Where the block holds nothing else, its router is
+    beside it, a sibling named ``*router*`` or ``*gate`` (gemma4_text's
+    decoder layer, deepseek_v41's MoE). Every rank holds them whole, in
+    every mode, and sharding does not change their paths.
+    """
+    modules = None
+    paths = []
+    for moe in find_moe_blocks(model):
+        skip = {moe.switch_name, *shared_children(moe.block)}
+        own = {name: value for name, value in moe.block.parameters().items() if name not in skip}
+        prefix = moe.path
+        if not own and moe.path:
+            modules = modules if modules is not None else dict(model.named_modules())
+            prefix = moe.path.rpartition(".")[0]
+            parent = modules.get(prefix)
+            children = parent.children().items() if parent is not None else ()
+            own = {n: c.parameters() for n, c in children
+                   if isinstance(c, nn.Module) and ("router" in n or n.endswith("gate"))}
+        paths += [f"{prefix}.{p}" if prefix else p for p, _ in tree_flatten(own)]
+    return paths
+
+
+def model_identity(model: nn.Module, arrays: Optional[Mapping[str, mx.array]] = None) -> Dict[str, str]:
+    """What router statistics record of the model they come from, to be told from another of its shape.
+
+    ``{"routers": digest}``: SHA-256 (16 hex digits) of the routers'
+    (:func:`router_parameters`) names, dtypes, shapes and bytes; empty for a
+    model without any. The routers alone decide the routing given the
+    hidden state, and they are few: a digest of them reads little.
+
+    Args:
+        model: The model (sharded or not).
+        arrays: Where the values are: default the model's loaded
+            parameters; :func:`moe_mpi.loading.plan_load` passes the
+            checkpoint's tensors before they are read (lazy: only these are).
+    """
+    arrays = dict(tree_flatten(model.parameters())) if arrays is None else arrays
+    paths = [p for p in router_parameters(model) if p in arrays]
+    return {"routers": array_digest((p, arrays[p]) for p in paths)} if paths else {}
+
+
+def check_stats_model(stats, model: nn.Module, arrays: Optional[Mapping[str, mx.array]], rank: int) -> None:
+    """Refuses router statistics recorded on another model (:meth:`moe_mpi.routing.RoutingStats.check_model`).
+
+    A file of another model of the same shape would otherwise place or
+    balance this one by that model's routing, silently. Every rank raises
+    the same ``ValueError`` on a mismatch; rank 0 warns, on stderr, of a
+    file that cannot tell (no identity: checked by shape only).
+    """
+    if stats is None or not hasattr(stats, "check_model"):
+        return
+    warning = stats.check_model(model_identity(model, arrays))
+    if warning is not None and rank == 0:
+        print(f"{PROG}: warning: {warning}", file=sys.stderr, flush=True)
+
+
 def drop_dense(model: nn.Module) -> None:
     """Central-mode workers: frees every parameter that is not an expert's."""
     keep = expert_parameters(model)
@@ -535,6 +599,8 @@ def shard_experts(
 
         comm = Communicator()
     shard_structure(model, comm, placement, weights, mode, layouts, stats, replicas, balance, profile, attention=attention)
+    if layouts is None:  # layouts override the statistics
+        check_stats_model(stats, model, dict(tree_flatten(model.parameters())), comm.rank)
     if mode == "central" and comm.rank != 0:
         drop_dense(model)  # workers hold only their experts
     mx.eval(model.parameters())

@@ -140,10 +140,14 @@ def test_decode_prints_each_rows_bandwidth_limit(results):
     from moe_mpi.bench import roofline
 
     decode = results["decode"]
-    parts = roofline.limit_parts(decode["model"]["config"])
+    config = decode["model"]["config"]
+    parts = roofline.limit_parts(config)
     for row in decode["rows"]:
         assert row["stream_gbs"] > 0
-        step = roofline.bytes_per_step(parts, row["mode"], 2, row["batch"])
+        # auto by the layouts it loaded (at uniform routing: roofline.mode_layouts's), not as ep.
+        step = roofline.bytes_per_step(parts, row["mode"], 2, row["batch"], roofline.mode_layouts(config, row["mode"], 2))
+        if row["mode"] == "auto":
+            assert step != pytest.approx(roofline.bytes_per_step(parts, "ep", 2, row["batch"]))
         assert row["weight_bytes_per_step"] == pytest.approx(step)
         assert row["limit_tokens_per_s"] == pytest.approx(row["stream_gbs"] * 1e9 / step * row["batch"])
         # Probed right before and right after the timed steps; the limit uses their mean.

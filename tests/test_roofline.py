@@ -1,9 +1,9 @@
 """Tests for the decode roofline model (``moe_mpi.bench.roofline``).
 
 The byte counts are checked against hand-computed values for the
-``dbrx-like`` shape and the whole-expert imbalance against its exact
-hypergeometric expectation; the STREAM probe itself is exercised by the
-decode benchmark run in ``test_bench_models.py``.
+``dbrx-like`` shape and the whole-expert imbalance (of ep, and of auto's
+layouts) against its exact expectation; the STREAM probe itself is
+exercised by the decode benchmark run in ``test_bench_models.py``.
 """
 
 from math import comb
@@ -64,6 +64,51 @@ def test_bytes_per_step_and_limit_by_mode():
     assert roofline.decode_limit(step, 8, 10.0) == pytest.approx(10e9 / step * 8)
 
 
+def _busiest_exact(layout, top_k):
+    """Exact expected experts' worth the busiest rank reads at batch 1 (every top-k set equally likely)."""
+    from itertools import combinations
+
+    n, total, count = layout.num_ranks, 0.0, 0
+    for chosen in combinations(range(layout.num_experts), top_k):
+        split = sum(1 for e in chosen if not layout.holders[e]) / n
+        total += max(sum(1 for e in chosen if layout.holders[e] == (r,)) + split for r in range(n))
+        count += 1
+    return total / count
+
+
+def test_auto_is_priced_by_its_layouts_not_as_ep():
+    from moe_mpi.layout import Layout
+    from moe_mpi.perfmodel import PerfModelError, layout_experts_read
+
+    config = synthetic_config("dbrx-like")
+    parts = roofline.limit_parts(config)
+    dense = 8 * (parts["attention_per_layer"] + parts["router_per_layer"]) + parts["lm_head"]
+    # Four hot experts split, the rest whole: the busiest rank reads its whole ones and half of each split one.
+    mixed = Layout(2, ((),) * 4 + ((0,),) * 6 + ((1,),) * 6)
+    assert layout_experts_read(mixed, 4, 1) == pytest.approx(_busiest_exact(mixed, 4), abs=0.02)
+    step = roofline.bytes_per_step(parts, "auto", 2, 1, [mixed] * 8)
+    assert step == pytest.approx(dense + 8 * _busiest_exact(mixed, 4) * parts["expert"], rel=0.01)
+    # What auto chooses at uniform routing on 2 ranks: here every expert split, so sliced's bytes, not ep's.
+    layouts = roofline.mode_layouts(config, "auto", 2)
+    assert len(layouts) == 8 and all(len(x.split) == 16 for x in layouts)
+    auto = roofline.bytes_per_step(parts, "auto", 2, 1, layouts)
+    assert auto == pytest.approx(roofline.bytes_per_step(parts, "sliced", 2, 1))
+    assert auto < roofline.bytes_per_step(parts, "ep", 2, 1)
+    # ep's own layout gives ep's figure; auto without its layouts has none.
+    ep = [Layout.from_owners([0] * 8 + [1] * 8, 2)] * 8
+    assert roofline.bytes_per_step(parts, "ep", 2, 8, ep) == pytest.approx(roofline.bytes_per_step(parts, "ep", 2, 8))
+    assert roofline.mode_layouts(config, "ep", 2) is None
+    with pytest.raises(PerfModelError, match="layouts"):
+        roofline.bytes_per_step(parts, "auto", 2, 1)
+
+
+def test_roofline_runs_every_default_mode_of_the_other_benches():
+    from moe_mpi.bench.modes import default_modes
+
+    modes = roofline.setup_arg_parser().parse_args([]).modes
+    assert modes == default_modes() and "auto" in modes
+
+
 @pytest.mark.parametrize("case, message", [
     ("quantized", "bench roofline covers float"),
     # These were an error from every rank, and MPI_Abort's banner.
@@ -107,9 +152,15 @@ def test_bench_roofline_prints_triad_and_read_only_limits(tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     result = json.loads(out.read_text())
     assert len(result["read_together_gbs"]) == 2 and min(result["read_together_gbs"]) > 0
-    parts = roofline.limit_parts(synthetic_config("tiny"))
+    config = synthetic_config("tiny")
+    parts = roofline.limit_parts(config)
+    # The default modes, auto included, priced by its own layouts.
+    assert {row["mode"] for row in result["rows"]} == {"ep", "auto", "sliced", "central", "mlx-lm-tp", "single"}
+    assert "# auto: its layouts at uniform routing" in proc.stdout
     for row in result["rows"]:
-        step = roofline.bytes_per_step(parts, row["mode"], 2, row["batch"])
+        step = roofline.bytes_per_step(parts, row["mode"], 2, row["batch"], roofline.mode_layouts(config, row["mode"], 2))
+        if row["mode"] == "auto":  # tiny: auto places whole experts its own way, not ep's contiguous blocks
+            assert step != pytest.approx(roofline.bytes_per_step(parts, "ep", 2, row["batch"]))
         assert row["limit_tokens_per_s"] == pytest.approx(roofline.decode_limit(step, row["batch"], row["bandwidth_gbs"]))
         if row["mode"] == "single":  # one process: no all-ranks read probe
             assert row["read_limit_tokens_per_s"] is None

@@ -447,6 +447,7 @@ def test_three_ranks_auto_mode_heads_split_api_key_and_sigint(ckpt, tmp_path):
             time.sleep(0.1)
         recorded = RoutingStats.load(served)
         assert recorded.tokens[0] > 8 and all(c.sum() == t * 2 for c, t in zip(recorded.counts, recorded.tokens))
+        assert set(recorded.identity) == {"routers"}  # the served model's, for a later --stats
         assert http_get(job.url, "/status")[0] == 401  # needs the key too
         pids = [r["pid"] for r in get_json(job.url, "/status", {"Authorization": "Bearer sesame"})["ranks"]]
         assert len(pids) == 3

@@ -147,7 +147,9 @@ def _decode_one(ctx: Context, built: Built, batch: int) -> Optional[Dict[str, An
     if before is not None and parts is not None:
         gbs = (before[0] + after[0]) / 2  # the window's bandwidth, as well as two samples tell
         read_gbs = (before[1] + after[1]) / 2
-        step_bytes = roofline.bytes_per_step(parts, built.name, ctx.size, batch)
+        # What this mode's model holds where: auto's layouts are its own, not ep's.
+        layouts = getattr(getattr(built.model, "ep_info", None), "layouts", None)
+        step_bytes = roofline.bytes_per_step(parts, built.name, ctx.size, batch, layouts)
         limit = roofline.decode_limit(step_bytes, batch, gbs)
         read_limit = roofline.decode_limit(step_bytes, batch, read_gbs)
         row.update(
@@ -265,7 +267,8 @@ ROOFLINE_LEGEND = (
     "the mode's timed steps (before/after: the two; slowest rank, all driving ranks reading "
     "at once; single: rank 0 alone); MB/step = "
     "weight bytes the slowest rank reads per step (moe_mpi.bench.roofline, uniform "
-    "routing); limit = GB/s / MB/step x B tokens/s; %limit = tok/s / limit; readGB/s = the same "
+    "routing, on the experts' places in the mode's model: auto's layouts are its own); "
+    "limit = GB/s / MB/step x B tokens/s; %limit = tok/s / limit; readGB/s = the same "
     "for a read-only pass (moe_mpi.cpu.gemv.read, BLAS sdot or moe_mpi.cpu.gemv.matvec, the fastest: decode only reads weights), "
     "%read = tok/s / (readGB/s / MB/step x B)"
 )

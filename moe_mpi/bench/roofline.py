@@ -20,7 +20,11 @@ Bytes per step, per rank, for a model of float weights:
   ``single`` reads every distinct chosen expert; ``sliced`` and mlx-lm's
   tensor parallel read 1/N of each; ``ep`` reads whole experts, and the
   slowest rank (most distinct local experts chosen) sets the pace; that
-  imbalance is the price of whole-expert placement at batch 1.
+  imbalance is the price of whole-expert placement at batch 1; ``auto``
+  reads what its per-layer layouts put on each rank (the whole experts it
+  computes, 1/N of each split one): here the layouts ``moe_mpi.load``
+  chooses without router statistics (:func:`mode_layouts`), in ``moe-mpi
+  bench decode`` those of the model it ran (``--stats``, ``--replicas``).
 
 Run under mpirun with the same ranks as the decode benchmark; pass its JSON
 (``--decode-json``) to print measured tokens/s beside the limit.
@@ -30,16 +34,16 @@ import argparse
 import json
 import time
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
 from ..argtypes import int_list, positive_int
 from ..errors import UserError
-from ..perfmodel import ModelShape, PerfModelError, bytes_per_step, expected_experts
+from ..perfmodel import ModelShape, PerfModelError, bytes_per_step, default_layouts, expected_experts
 from ..results import check_writable, save_text
 from ..runner import abort_on_error, add_debug_argument, collective_phase, parse_args
-from .modes import modes_arg
+from .modes import default_modes, get_mode, modes_arg
 
 STREAM_MB = 256  # triad arrays per rank, far beyond any cache
 
@@ -133,6 +137,15 @@ def limit_parts(config: Dict) -> Optional[Dict[str, float]]:
         return None
 
 
+def mode_layouts(config: Dict, mode: str, size: int):
+    """The per-layer layouts of an ``auto`` mode (``auto``, ``auto-split``, ...) on ``size`` ranks, as
+    :func:`moe_mpi.load` chooses them without statistics; None for other modes (their bytes need none)."""
+    builder = get_mode(mode)
+    if getattr(builder, "mode", None) != "auto":
+        return None
+    return default_layouts(ModelShape.from_config(config), "auto", size, balance=builder.balance or "both")
+
+
 def decode_limit(step_bytes: float, batch: int, gbs: float) -> float:
     """Tokens/s of ``batch``-token steps that read ``step_bytes``
     (:func:`bytes_per_step`) at ``gbs`` GB/s per rank."""
@@ -145,8 +158,8 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     source.add_argument("--model", metavar="PATH", help="local model directory (its config.json)")
     source.add_argument("--synthetic", default="dbrx-like", help="synthetic shape name (default: dbrx-like)")
     parser.add_argument("--batch", type=int_list, default=[1, 8], help="comma-separated batch sizes (default: 1,8)")
-    parser.add_argument("--modes", type=modes_arg, default=["ep", "sliced", "central", "mlx-lm-tp", "single"],
-                        help="comma-separated modes of moe-mpi bench decode (default: ep,sliced,central,mlx-lm-tp,single)")
+    parser.add_argument("--modes", type=modes_arg, default=default_modes(),
+                        help=f"comma-separated modes of moe-mpi bench decode (default: {','.join(default_modes())})")
     parser.add_argument("--decode-json", metavar="FILE", help="`moe-mpi bench decode --json` output to compare with")
     parser.add_argument("--json", metavar="FILE", help="write the limits as JSON")
     parser.add_argument("--stream-mb", type=positive_int, default=STREAM_MB, help=f"probe arrays per rank, MB (default: {STREAM_MB})")
@@ -160,15 +173,17 @@ def main(argv: Optional[List[str]] = None) -> None:
     args = parse_args(setup_arg_parser(), argv)
     comm = Communicator()
     with abort_on_error(comm, debug=args.debug):
-        parts = measured = None
+        parts = layouts = measured = None
         # Bad input (a model directory, a decode JSON, an output file) on any
         # rank: one message, every rank exits.
         with collective_phase(comm, debug=args.debug):
             if comm.rank == 0:
                 check_writable(args.json, "--json")
-            parts = _parts(args)
+            config, parts = _parts(args)
+            # Here, so that a shape auto cannot place is one error line too.
+            layouts = {mode: mode_layouts(config, mode, comm.size) for mode in args.modes}
             measured = _measured(args.decode_json)
-        _run(comm, args, parts, measured)
+        _run(comm, args, parts, layouts, measured)
 
 
 def _measured(path: Optional[str]) -> Dict[tuple, float]:
@@ -189,8 +204,8 @@ def _measured(path: Optional[str]) -> Dict[tuple, float]:
         ) from None
 
 
-def _parts(args: argparse.Namespace) -> Dict[str, float]:
-    """The byte model of ``--model``'s or ``--synthetic``'s config."""
+def _parts(args: argparse.Namespace) -> Tuple[Dict, Dict[str, float]]:
+    """``--model``'s or ``--synthetic``'s config and its byte model."""
     if args.model:
         from ..loading import read_config, resolve_model_path
 
@@ -206,10 +221,11 @@ def _parts(args: argparse.Namespace) -> Dict[str, float]:
             f"configs; this one is {config.get('model_type')} {config.get('torch_dtype')}"
             + (" quantized" if "quantization" in config else "")
         )
-    return parts
+    return config, parts
 
 
-def _run(comm, args: argparse.Namespace, parts: Dict[str, float], measured: Dict[tuple, float]) -> None:
+def _run(comm, args: argparse.Namespace, parts: Dict[str, float], layouts: Dict[str, Optional[list]],
+         measured: Dict[tuple, float]) -> None:
     # Bandwidth with every rank reading (what ep/sliced/tp/central get), and
     # with rank 0 alone (what a single process gets).
     together = comm.allgather(stream_triad(comm, args.stream_mb))
@@ -217,11 +233,15 @@ def _run(comm, args: argparse.Namespace, parts: Dict[str, float], measured: Dict
     alone = stream_triad_alone(comm, args.stream_mb)
     # Context, not the limit: decode's own access pattern, read-only.
     read = comm.allgather(stream_read(comm, args.stream_mb))
-    rows = []
+    rows, notes = [], []
     for mode in args.modes:
         bandwidth = alone if mode == "single" else min(together)
+        if layouts[mode] is not None:
+            split = sorted({len(x.split) for x in layouts[mode]})
+            notes.append(f"# {mode}: its layouts at uniform routing, {'/'.join(map(str, split))} of "
+                         f"{parts['num_experts']} experts split per layer")
         for batch in args.batch:
-            step = bytes_per_step(parts, mode, comm.size, batch)
+            step = bytes_per_step(parts, mode, comm.size, batch, layouts[mode])
             limit = decode_limit(step, batch, bandwidth)
             read_limit = decode_limit(step, batch, min(read)) if mode != "single" else None
             got = measured.get((mode, batch))
@@ -238,6 +258,8 @@ def _run(comm, args: argparse.Namespace, parts: Dict[str, float], measured: Dict
         print(f"# model: {parts['layers']} layers, {parts['num_experts']} experts top-{parts['top_k']}, "
               f"expert {parts['expert'] / 1e6:.1f} MB, attention/layer {parts['attention_per_layer'] / 1e6:.1f} MB, "
               f"LM head {parts['lm_head'] / 1e6:.1f} MB")
+        for note in notes:
+            print(note)
         print(f"{'mode':>10} {'B':>3} {'MB/step':>9} {'GB/s':>6} {'limit tok/s':>12} {'measured':>9} {'of limit':>9}"
               f" {'of read':>8}")
         def percent(fraction):

@@ -46,7 +46,7 @@ from mlx_lm.server import APIHandler, CompletionRequest, ModelProvider, Response
 from ..argtypes import sharding_options
 from ..errors import UserError
 from ..prompts import context_length
-from .desk import StatusQuery
+from .desk import ModelOutputError, StatusQuery
 from .logprobs import LogprobsWriter
 from .request import MAX_BODY_BYTES, ApiError, PreparedRequest, RequestReader
 from .status import summarize
@@ -393,6 +393,29 @@ class ServeHandler(RequestReader, APIHandler):
             # handle_completion has told the engine (ctx.stop()); the request
             # leaves the batch at the next step.
             logging.info("%s went away (%s); its request is cancelled", self.address_string(), type(e).__name__)
+        except ModelOutputError as e:
+            self._send_model_error(ApiError(500, str(e), kind="server_error", code="non_finite_logits"))
+
+    def _send_model_error(self, error: ApiError) -> None:
+        """Ends a request the model failed (:class:`ModelOutputError`) with ``error``, in OpenAI's shape.
+
+        A stream has sent its 200 and its text so far: the error comes as
+        one more event, ``data: {"error": {...}}``, which the ``openai``
+        client raises as ``APIError``, and no ``[DONE]``. A whole response
+        has only queued its 200 header line (mlx-lm's handler writes the
+        headers out with the body): it is dropped, and the error is the
+        answer.
+        """
+        try:
+            if self.stream:
+                self.wfile.write(b"data: " + error.body() + b"\n\n")
+                self.wfile.flush()
+            else:
+                # BaseHTTPRequestHandler's buffer of header lines not yet sent.
+                self._headers_buffer = []
+                self.send_api_error(error)
+        except (BrokenPipeError, ConnectionResetError, TimeoutError):
+            pass  # the client went away meanwhile: nobody to tell
 
     def generate_response(self, text, finish_reason, *args, **kwargs) -> dict:
         """mlx-lm's response or chunk, after an echoed prompt, with OpenAI's ``logprobs`` of its tokens (:mod:`.logprobs`)."""

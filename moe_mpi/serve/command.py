@@ -30,6 +30,7 @@ from ..reliability import add_reliability_arguments, check_reliability_arguments
 from ..results import check_writable
 from ..routing import RoutingStats, record_routing
 from ..runner import PROG, abort_on_error, add_debug_argument, collective_phase, env_rank, parse_args
+from ..shard import model_identity
 from .api import (
     ClusterModelProvider,
     ClusterResponseGenerator,
@@ -234,7 +235,7 @@ def serve(args: argparse.Namespace, comm: Communicator, watchdog) -> None:
         )
     comm.reset_stats()
     stats = RoutingStats.for_model(provider.model) if args.record_routing and rank0 else None
-    hooks = [_routing_saver(args.record_routing, stats, context.model_info)]
+    hooks = [_routing_saver(args.record_routing, stats, context.model_info, provider.model)]
     hooks.append(_guard_reporter(provider.model.routing_guard) if rank0 else None)
     hooks = [hook for hook in hooks if hook is not None]
 
@@ -247,17 +248,19 @@ def serve(args: argparse.Namespace, comm: Communicator, watchdog) -> None:
     on_idle()
 
 
-def _routing_saver(path: Optional[str], stats: Optional[RoutingStats], info: dict):
+def _routing_saver(path: Optional[str], stats: Optional[RoutingStats], info: dict, model):
     """Rank 0 with ``--record-routing``: saves the statistics when they have grown; else None."""
     if stats is None:
         return None
     saved = [0]
     target = [path]
+    identity = model_identity(model)  # so that --stats can tell this model from another
 
     def save() -> None:
         if stats.tokens[0] != saved[0]:
             try:
-                stats.save(target[0], model={"path": info["path"], "ranks": info["ranks"], "mode": info["mode"]})
+                stats.save(target[0], model={"path": info["path"], "ranks": info["ranks"], "mode": info["mode"]},
+                           identity=identity)
             except UserError as e:
                 # A full disk must not end the server: say where the statistics
                 # went, and keep saving there.

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import secrets
 import threading
 import time
@@ -24,10 +25,11 @@ from typing import Any, Callable, ContextManager, Dict, List, Optional, Tuple
 
 from mlx_lm.server import GenerationContext, Response, _format_top_logprobs
 
+from ..runner import PROG
 from .control import GATHER_STATUS, STOP
 from .engine import make_join
 
-__all__ = ["Desk", "StatusQuery"]
+__all__ = ["Desk", "ModelOutputError", "StatusQuery"]
 
 #: How often a desk waiting for requests checks that the HTTP server still runs.
 WAKE_SECONDS = 0.5
@@ -37,6 +39,14 @@ WAKE_SECONDS = 0.5
 GATHER_QUIET_SECONDS = 0.003
 #: ... but waits no longer than this in all.
 GATHER_MAX_SECONDS = 0.02
+
+
+class ModelOutputError(Exception):
+    """The model gave a request no usable token (non-finite logits, :mod:`moe_mpi.finite`).
+
+    Put on the request's queue, where mlx-lm's ``generate`` raises it in the
+    HTTP thread, which answers in OpenAI's error shape (status 500).
+    """
 
 
 class StatusQuery:
@@ -227,6 +237,14 @@ class Desk:
         sink = self.sinks.pop(rid, None)
         if sink is not None:
             sink.rqueue.put(None)
+
+    def on_failed(self, rid: int, message: str) -> None:
+        """The request left the batch because the model's output for it was not finite."""
+        logging.error("%s: error: request %d: %s", PROG, rid, message)
+        self.cancelling.discard(rid)
+        sink = self.sinks.pop(rid, None)
+        if sink is not None:
+            sink.rqueue.put(ModelOutputError(message))
 
     def on_status(self, figures: List[dict]) -> None:
         """Every rank's figures, gathered at this step."""

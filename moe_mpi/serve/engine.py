@@ -59,6 +59,7 @@ from mlx_lm.generate import BatchGenerator, StopSequences
 from mlx_lm.models.cache import LRUPromptCache, can_trim_prompt_cache, trim_prompt_cache
 from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
+from ..finite import drawn_is_finite, non_finite_message
 from .control import ControlChannel
 from .status import rank_figures
 
@@ -193,6 +194,9 @@ class Follower:
     def on_cancelled(self, rid: int) -> None:
         """Nothing to do."""
 
+    def on_failed(self, rid: int, message: str) -> None:
+        """Nothing to do."""
+
     def on_status(self, figures: List[dict]) -> None:
         """Nothing to do."""
 
@@ -211,6 +215,8 @@ class _Sequence:
     # Until started: a detokenizer of its tokens, and how many there were.
     detokenizer: Any = None
     tokens: int = 0
+    # Tokens generated so far (for the message if its logits go bad).
+    generated: int = 0
 
     def shows_text(self, response) -> bool:
         """Whether the request has started once ``response``'s token is out (see the module docstring)."""
@@ -265,6 +271,7 @@ class Engine:
             "requests": 0,
             "finished": 0,
             "cancelled": 0,
+            "failed": 0,
             "prompt_tokens": 0,
             "cached_prompt_tokens": 0,
             "generated_tokens": 0,
@@ -409,6 +416,10 @@ class Engine:
         self._save_segments(prompt_responses)
         for r in responses:
             seq = self.sequences[r.uid]
+            if not drawn_is_finite(r.logprobs, r.token):
+                self._fail(seq, r)
+                continue
+            seq.generated += 1
             seq.started = seq.started or seq.shows_text(r)
             self.counts["generated_tokens"] += 1
             self.desk.on_token(seq.rid, r)
@@ -427,6 +438,22 @@ class Engine:
         for uid, (cache, tokens) in self.batch.extract_cache(ends).items():
             kind = self.sequences[uid].segment_types.pop()
             self.prompt_cache.insert_cache(self.model_key, tokens[:], cache, cache_type=kind)
+
+    def _fail(self, seq: _Sequence, response) -> None:
+        """Ends a request whose token came from non-finite logits (:mod:`moe_mpi.finite`), on every rank alike.
+
+        Every rank has the same logits, so every rank ends it at this step;
+        the token is not sent, and its cache is not kept for other prompts.
+        The other requests of the batch go on: their rows of the batch are
+        their own (a NaN in one expert, or an overflow on one prompt, spoils
+        only the tokens that reach it).
+        """
+        if response.finish_reason is None:  # a finished one has left the batch already
+            self.batch.remove([seq.uid])
+        del self.sequences[seq.uid]
+        del self.uid_of[seq.rid]
+        self.counts["failed"] += 1
+        self.desk.on_failed(seq.rid, non_finite_message(seq.generated + 1))
 
     def _finish(self, seq: _Sequence, response) -> None:
         if self.prompt_cache is not None:
