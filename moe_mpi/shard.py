@@ -1,4 +1,4 @@
-"""The expert-parallel sharding pass over a built mlx-lm model.
+"""The one all-reduce per MoE layer (ExpertParallelBlock) and the sharding pass that puts it there.
 
 Every rank runs the same program on a replicated dense model (embeddings,
 attention, norms, routers, LM head). For each MoE block this pass
