@@ -32,6 +32,7 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
 from .experts import with_mixin
+from .unread import Skippable
 from .slicing import Plan, Take, apportion, clone_structure, is_quantized, linear_dims, take
 
 ATTENTION_CHOICES = ("replicated", "split")
@@ -68,11 +69,19 @@ class HeadShard:
     total_kv_heads: int = 0
 
 
-class HeadParallelAttention:
-    """Mixin for an mlx-lm attention module split by heads: its output, summed over ranks."""
+class HeadParallelAttention(Skippable):
+    """Mixin for an mlx-lm attention module split by heads: its output, summed over ranks.
+
+    In a prompt chunk whose logits nobody reads, the last one writes its KV
+    cache and skips its all-reduce (:mod:`moe_mpi.unread`).
+    """
+
+    skip_kind = "attention"
 
     def __call__(self, x, *args, **kwargs):
         partial = super().__call__(x, *args, **kwargs)  # [B, L, D], this rank's heads' share
+        if self.output_unread is not None:
+            return self.unread(partial)
         return self.head_shard.comm.all_sum(partial)  # the attention's collective
 
 

@@ -209,6 +209,11 @@ def with_mixin(mixin: type, cls: type) -> type:
     return _MIXED[mixin, cls]
 
 
+def layer_order(path: str) -> tuple:
+    """A sort key for module paths in model order: ``layers.2`` before ``layers.10``."""
+    return tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in path.split("."))
+
+
 def base_class(module) -> type:
     """The mlx-lm class of ``module`` under the mixins :func:`with_mixin` put in front."""
     cls = type(module)

@@ -72,6 +72,7 @@ from .prompts import (
 from .results import Progress, ResultWriter, check_writable, id_key, result_row, scan_results_file
 from .reliability import add_reliability_arguments, check_reliability_arguments, guard_warning, load_checked, watched
 from .runner import PROG, abort_on_error, add_debug_argument, collective_phase, parse_args, show_progress
+from .unread import UnreadTail, find_unread_tail, skip_unread_prefill
 from .watchdog import Watchdog
 
 DEFAULT_MAX_TOKENS = 100
@@ -537,6 +538,7 @@ def _generate_batches(
     rank0: bool,
     writer: Optional[ResultWriter],
     progress: Optional[Progress],
+    tail: Optional[UnreadTail] = None,
 ) -> Tuple[int, int]:
     """Generates ``--batch-size`` rows at a time; rank 0 writes each batch.
 
@@ -552,7 +554,7 @@ def _generate_batches(
         batch_rows = rows[start : start + args.batch_size]
         batch = tokens[start : start + args.batch_size]
         tic = time.perf_counter()
-        outputs = _batch_tokens(model, tokenizer, batch, args.max_tokens, sampler, batch_rows)
+        outputs = _batch_tokens(model, tokenizer, batch, args.max_tokens, sampler, batch_rows, tail)
         seconds = time.perf_counter() - tic
         new_tokens = sum(len(t) for t in outputs)
         prompt_tokens += sum(len(t) for t in batch)
@@ -570,7 +572,7 @@ def _generate_batches(
 
 
 def _batch_tokens(model, tokenizer, prompts: List[List[int]], max_tokens: int, sampler: Callable,
-                  rows: List[Dict]) -> List[List[int]]:
+                  rows: List[Dict], tail: Optional[UnreadTail] = None) -> List[List[int]]:
     """The generated token ids of each prompt, decoded together: mlx-lm's ``batch_generate``.
 
     Its loop, so that each drawn token is seen with its log-probabilities
@@ -582,6 +584,7 @@ def _batch_tokens(model, tokenizer, prompts: List[List[int]], max_tokens: int, s
     # The whole batch is prefilled and decoded together.
     gen = BatchGenerator(model, stop_tokens=[[t] for t in tokenizer.eos_token_ids], sampler=sampler,
                          prefill_batch_size=len(prompts), completion_batch_size=len(prompts))
+    skip_unread_prefill(gen, tail)  # prompt chunks leave out the work nobody reads
     try:
         uids = gen.insert(prompts, [max_tokens] * len(prompts))
         out: Dict[int, List[int]] = {uid: [] for uid in uids}
@@ -627,11 +630,14 @@ def generate_batch(args: argparse.Namespace, comm: Communicator, watchdog: Watch
         _print_stats([_describe_model(model, comm, _model_name(args))])
     sampler, check = _make_sampler(args, comm)
     progress = Progress(len(todo), show=show_progress(args.progress)) if rank0 else None
+    # Recorded routing must see every layer of every prompt token.
+    with collective_phase(comm, debug=debug):
+        tail = find_unread_tail(model) if not args.record_routing else None
     _seed(args.seed)
     comm.reset_stats()
     with _recording(args, model, rank0) as stats:
         prompt_tokens, generated = _generate_batches(
-            args, model, tokenizer, todo, tokens, sampler, rank0, writer, progress
+            args, model, tokenizer, todo, tokens, sampler, rank0, writer, progress, tail
         )
     snapshot = comm.snapshot()
     _save_routing(args, model, comm, stats)
@@ -652,7 +658,8 @@ def generate_batch(args: argparse.Namespace, comm: Communicator, watchdog: Watch
         model,
         comm,
         snapshot,
-        [f"Prompt: {prompt_tokens} tokens; Generation: {generated} tokens"],
+        [f"Prompt: {prompt_tokens} tokens; Generation: {generated} tokens; "
+         f"{tail.skipped if tail else 0} all-reduces left out of prompt chunks"],
         generated,
         check,
     )

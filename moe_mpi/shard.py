@@ -40,7 +40,7 @@ from .adapters import convert_blocks
 from .attention import ATTENTION_CHOICES, split_attention
 from .contract import check_partial_sums, silenced
 from .digest import array_digest
-from .experts import ExpertShard, LocalExperts, make_local, with_mixin
+from .experts import ExpertShard, LocalExperts, layer_order, make_local, with_mixin
 from .layout import Layout, layouts_from_json
 from .placement import ExpertPlacement
 from .rowcost import RowCost, read_row_cost
@@ -48,20 +48,27 @@ from .runner import PROG
 from .slicing import (
     Plan, is_quantized, keep_experts, keep_slice, per_expert_source, slice_bounds, slice_unit, split_child,
 )
+from .unread import Skippable
 
 SWITCH_TYPES = (SwitchGLU, SwitchMLP)
 MODES = ("ep", "sliced", "central", "auto")
 
 
-class ExpertParallelBlock:
+class ExpertParallelBlock(Skippable):
     """Mixin for an mlx-lm MoE block: the block on local experts, one all-reduce.
 
     The block's own ``__call__`` routes (its router is replicated, so every
     rank computes the same routing), runs the local experts and this rank's
     slice of the shared experts, and returns this rank's partial sum.
+    In a prompt chunk whose logits nobody reads, the last block is skipped
+    (:mod:`moe_mpi.unread`).
     """
 
+    skip_kind = "moe"
+
     def __call__(self, x, *args, **kwargs):
+        if self.output_unread is not None:
+            return self.unread(x)  # nothing downstream of it is read: no experts, no all-reduce
         partial = self.partial_sum(x, *args, **kwargs)  # [..., D], this rank's share
         guard = self.__dict__.get("routing_guard")  # moe_mpi.guard: the same all-reduce, checked
         if guard is not None:
@@ -168,12 +175,7 @@ def find_moe_blocks(model: nn.Module) -> List[MoEBlock]:
         for name, child in module.children().items():
             if isinstance(child, SWITCH_TYPES):
                 blocks.append(MoEBlock(path, module, name))
-    return sorted(blocks, key=lambda b: _layer_order(b.path))
-
-
-def _layer_order(path: str) -> tuple:
-    """A sort key that puts ``layers.2`` before ``layers.10``."""
-    return tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in path.split("."))
+    return sorted(blocks, key=lambda b: layer_order(b.path))
 
 
 def resolve_placement(

@@ -7,6 +7,9 @@ the model and checks, against the reference single-process mlx-lm results:
 * exactly one all-reduce per MoE layer per forward call, no other collective
   (with ``"attention": "split"``, also one per attention layer);
 * 16 greedy tokens from mlx-lm's own ``generate_step`` with a prompt cache;
+* the same tokens from mlx-lm's ``BatchGenerator`` whose prompt chunks skip
+  the modules :func:`moe_mpi.unread.find_unread_tail` found unread, with
+  every all-reduce either sent or counted as skipped;
 * with ``"expect"`` (mode auto's ``balance`` cases), that the layouts chosen
   split, or copy, experts as expected;
 * with ``"expect_shared"``, that some call shared a replicated expert's rows
@@ -31,6 +34,11 @@ from mlx_lm.utils import load as mlx_lm_load
 
 from moe_mpi import Communicator, load, shard_experts
 from moe_mpi.central import drive
+from moe_mpi.serve.status import count_forward_passes
+from moe_mpi.unread import find_unread_tail, skip_unread_prefill
+
+#: Prompt tokens per prefill chunk in the BatchGenerator check: several chunks per prompt.
+CHUNK = 3
 
 
 def _collectives(comm) -> dict:
@@ -108,8 +116,41 @@ def check_ep(model, comm: Communicator, ref, name: str) -> str:
 
     tokens = [int(t) for t, _ in generate_step(prompt, model, max_tokens=len(ref["greedy"]))]
     assert tokens == ref["greedy"].tolist(), (tokens, ref["greedy"].tolist())
+    skipped = check_unread_prefill(model, comm, ref, calls)
     heads = f" and {info.attention_layers} split attentions" if info.attention_layers else ""
-    return f"{name}: {layers} MoE layers{heads}, logits and {len(tokens)} greedy tokens match"
+    return f"{name}: {layers} MoE layers{heads}; {skipped}; logits and {len(tokens)} greedy tokens match"
+
+
+def check_unread_prefill(model, comm: Communicator, ref, calls: int) -> str:
+    """Greedy tokens of a BatchGenerator whose prompt chunks skip the unread tail; its all-reduce count."""
+    from mlx_lm.generate import BatchGenerator
+
+    tail = find_unread_tail(model)
+    counter = count_forward_passes(model)
+    gen = BatchGenerator(model, prefill_step_size=CHUNK)
+    skipping = skip_unread_prefill(gen, tail)
+    assert skipping == bool(tail.modules), (skipping, tail.modules)
+    comm.reset_stats()
+    prompt = ref["prompt"].tolist()
+    gen.insert([prompt], max_tokens=[len(ref["greedy"])])
+    tokens = []
+    try:
+        while responses := gen.next_generated():
+            tokens += [r.token for r in responses]
+    except ValueError as e:  # mlx-lm's own refusal, on every rank alike (deepseek_v41's cache)
+        if "does not yet support batching" not in str(e):
+            raise
+        return f"mlx-lm's BatchGenerator refuses its cache"
+    finally:
+        gen.close()
+    assert tokens == ref["greedy"].tolist(), (tokens, ref["greedy"].tolist())
+    chunks = -(-(len(prompt) - 1) // CHUNK)  # prompt[:-1] in chunks; the last token starts the decode
+    assert tail.skipped == chunks * len(tail.modules), (tail.skipped, chunks, len(tail.modules))
+    # Every call's all-reduces are sent or, in a prompt chunk, counted as skipped.
+    sent = _collectives(comm).get("all_sum", 0)
+    assert sent + tail.skipped == counter.calls * calls, (sent, tail.skipped, counter.calls, calls)
+    kept = "no module" if not tail.modules else " and ".join(type(m).skip_kind for m in tail.modules)
+    return f"prompt chunks skip {kept}" + (f", kept {tail.rejected}" if tail.rejected else "")
 
 
 def check_central(model, comm: Communicator, ref, name: str) -> str:

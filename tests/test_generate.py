@@ -373,11 +373,13 @@ def test_batch_rows_match_single_generation(ckpt, reference, tmp_path):
     # Batches of 2, 2 and 1 prompts of different lengths (padding).
     proc, _ = run(
         2, "--model", ckpt, "--prompts-file", prompts, "--output", out,
-        "--batch-size", 2, "--max-tokens", MAX_TOKENS,
+        "--batch-size", 2, "--max-tokens", MAX_TOKENS, "--verbose",
     )
     assert_ok(proc)
     assert proc.stdout == ""
     assert "wrote 5 results" in proc.stderr
+    # Each batch's prompt chunk leaves out its last MoE layer: 3 batches, one chunk each.
+    assert "; 3 all-reduces left out of prompt chunks" in proc.stderr, proc.stderr
     rows = read_rows(out)
     assert [r["id"] for r in rows] == PROMPT_IDS
     for row, source in zip(rows, PROMPTS):

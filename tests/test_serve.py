@@ -372,8 +372,10 @@ def test_status_has_every_ranks_figures(server):
         assert r["requests"] == rows[0]["requests"] > 0
         assert r["generated_tokens"] == rows[0]["generated_tokens"] > 0
         assert r["expert_seconds"] > 0 and r["all_reduce_seconds"] > 0 and r["peak_memory_bytes"] > 0
-        # One all-reduce per MoE layer per forward pass over the batch.
-        assert r["all_reduces"] == r["forward_passes"] * 2 and r["all_reduces_per_token"] > 0
+        # One all-reduce per MoE layer per forward pass over the batch, but for the last
+        # layer's in prompt chunks, where nobody reads its output (moe_mpi.unread).
+        assert r["all_reduces"] + r["all_reduces_skipped"] == r["forward_passes"] * 2
+        assert 0 < r["all_reduces_skipped"] < r["forward_passes"] and r["all_reduces_per_token"] > 0
         # No collective besides the all-reduces and the status allgathers.
         assert set(r["other_collectives"]) <= {"allgather"}
 

@@ -171,8 +171,10 @@ def test_200_requests_16_at_a_time(server, ckpt):
         assert r2["generated_tokens"] - r0["generated_tokens"] == generated
         passes = r2["forward_passes"] - r0["forward_passes"]
         steps = r2["steps"] - r0["steps"]
-        # One all-reduce per MoE layer per forward pass, counted apart.
-        assert r2["all_reduces"] - r0["all_reduces"] == layers * passes, (r0, r2)
+        # One all-reduce per MoE layer per forward pass, counted apart, sent or
+        # (the last layer's, in a prompt chunk) skipped.
+        sent = r2["all_reduces"] - r0["all_reduces"]
+        assert sent + r2["all_reduces_skipped"] - r0["all_reduces_skipped"] == layers * passes, (r0, r2)
         # Every step runs at least one forward pass (decode and/or prefill).
         assert steps <= passes, (steps, passes)
         print(

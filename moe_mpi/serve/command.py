@@ -31,6 +31,7 @@ from ..results import check_writable
 from ..routing import RoutingStats, record_routing
 from ..runner import PROG, abort_on_error, add_debug_argument, collective_phase, env_rank, parse_args
 from ..shard import model_identity
+from ..unread import find_unread_tail
 from .api import (
     ClusterModelProvider,
     ClusterResponseGenerator,
@@ -206,6 +207,9 @@ def serve(args: argparse.Namespace, comm: Communicator, watchdog) -> None:
     # The load of moe-mpi generate: the model's fingerprint, then the guard.
     load_checked(args, comm, watchdog, provider.load_shard)
     with collective_phase(comm, debug=args.debug):
+        # Before the counters: its probe runs the model (every rank alike).
+        # Routing recorded for statistics must see every layer of every token.
+        tail = find_unread_tail(provider.model) if not args.record_routing else None
         timer = time_experts(provider.model)
         count_forward_passes(provider.model)
         lock = threading.Lock()
@@ -220,7 +224,7 @@ def serve(args: argparse.Namespace, comm: Communicator, watchdog) -> None:
             prompt_cache_size=args.prompt_cache_size,
             prompt_cache_bytes=args.prompt_cache_bytes,
         )
-        engine = Engine(provider.model, provider.tokenizer, comm, options, desk, provider.model_key, timer)
+        engine = Engine(provider.model, provider.tokenizer, comm, options, desk, provider.model_key, timer, tail)
         context = _context(args, provider, model_arg)
     if rank0:
         start_http_server(httpd, generator, context, on_failure=_http_failed(desk))

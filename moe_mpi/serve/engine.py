@@ -60,6 +60,7 @@ from mlx_lm.models.cache import LRUPromptCache, can_trim_prompt_cache, trim_prom
 from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
 from ..finite import drawn_is_finite, non_finite_message
+from ..unread import skip_unread_prefill
 from .control import ControlChannel
 from .status import rank_figures
 
@@ -241,9 +242,12 @@ class Engine:
             :class:`Follower`.
         model_key: The prompt cache's key for this model.
         expert_timer: Counts the time in this rank's experts (for /status).
+        unread_tail: What prompt chunks may skip (:func:`moe_mpi.unread.find_unread_tail`;
+            the same on every rank), or None.
     """
 
-    def __init__(self, model, tokenizer, comm, options: BatchOptions, desk, model_key, expert_timer=None):
+    def __init__(self, model, tokenizer, comm, options: BatchOptions, desk, model_key, expert_timer=None,
+                 unread_tail=None):
         self.model = model
         self.comm = comm
         self.desk = desk
@@ -257,6 +261,9 @@ class Engine:
             prefill_batch_size=options.prompt_concurrency,
             prefill_step_size=options.prefill_step_size,
         )
+        # A prompt chunk keeps only its caches: its last MoE layer (and split
+        # attention's all-reduce) is left out, as mlx-lm's lazy graph leaves it out.
+        self.unread_tail = unread_tail if skip_unread_prefill(self.batch, unread_tail) else None
         self.prompt_cache = None
         if options.prompt_cache_size > 0:
             limit = options.prompt_cache_bytes if options.prompt_cache_bytes is not None else 1 << 63
@@ -481,6 +488,8 @@ class Engine:
             "all_reduces": all_sum.calls,
             "all_reduce_seconds": all_sum.seconds,
             "all_reduce_bytes": all_sum.bytes,
+            # Left out in prompt chunks, where nobody reads the output (moe_mpi.unread).
+            "all_reduces_skipped": self.unread_tail.skipped if self.unread_tail is not None else 0,
             "control": self.channel.snapshot(),
             # Anything but the MoE all-reduces: the status allgathers only.
             "other_collectives": {k: v.calls for k, v in self.comm.stats.items() if k != "all_sum" and v.calls},

@@ -119,9 +119,11 @@ def _rank_row(f: Dict[str, Any]) -> Dict[str, Any]:
         "expert_seconds": f["expert_seconds"],
         "all_reduce_seconds": f["all_reduce_seconds"],
         "all_reduces": f["all_reduces"],
+        "all_reduces_skipped": f["all_reduces_skipped"],
         "all_reduces_per_token": _per_token(f["all_reduces"], f["generated_tokens"]),
         # Counted on their own: a forward pass over the batch does one
-        # all-reduce per MoE layer, plus one per layer the guard redid.
+        # all-reduce per MoE layer (and split attention), plus one per layer
+        # the guard redid, less the skipped ones of prompt chunks.
         "forward_passes": f["forward_passes"],
         "all_reduces_per_forward_pass": _per_token(f["all_reduces"], f["forward_passes"] or 0),
         "routing_repairs": f["routing_repairs"],
