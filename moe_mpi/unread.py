@@ -33,7 +33,8 @@ replicated data and reaches the same verdict, so every rank skips the same
 all-reduces.
 
 :func:`skip_unread_prefill` gives an mlx-lm ``BatchGenerator`` the skip for
-its prompt chunks (the serve engine, batch ``generate``).
+its prompt chunks (the serve engine, batch ``generate``); :func:`prefill_cache`
+does mlx-lm's single-prompt prefill with it (``generate --prompt``).
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ from mlx.utils import tree_flatten
 
 from .experts import layer_order
 
-__all__ = ["Skippable", "UnreadTail", "find_unread_tail", "skip_unread_prefill"]
+__all__ = ["Skippable", "UnreadTail", "find_unread_tail", "prefill_cache", "skip_unread_prefill"]
 
 #: Tokens of the probe's input.
 PROBE_TOKENS = 3
@@ -177,3 +178,21 @@ def skip_unread_prefill(batch, tail: Optional[UnreadTail]) -> bool:
     base = type(prompts)
     prompts.__class__ = type(base.__name__, (UnreadPrompts, base), {"unread_tail": tail})
     return True
+
+
+def prefill_cache(model: nn.Module, prompt: Sequence[int], tail: Optional[UnreadTail], step_size: int = 2048) -> list:
+    """A fresh prompt cache holding ``prompt[:-1]``, prefilled in chunks as mlx-lm's ``generate_step`` does.
+
+    ``tail``'s modules skip their work for each chunk. Hand the cache and
+    ``prompt[-1:]`` to ``stream_generate``: its first step is the last
+    prompt token, whose logits are read.
+    """
+    from mlx_lm.models.cache import make_prompt_cache
+
+    cache = make_prompt_cache(model)
+    tokens = mx.array(list(prompt[:-1]), dtype=mx.int32)
+    with tail.active() if tail is not None else contextlib.nullcontext():
+        for start in range(0, tokens.size, step_size):
+            model(tokens[start : start + step_size][None], cache=cache)
+            mx.eval([c.state for c in cache])
+    return cache

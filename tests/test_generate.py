@@ -310,8 +310,9 @@ def test_greedy_matches_mlx_lm_raw_prompt_verbose(ckpt, reference):
     assert "Prompt: " in err and "tokens-per-sec" in err
     assert f"Generation: {MAX_TOKENS} tokens" in err
     assert "Rank 0: peak memory" in err and "Rank 1: peak memory" in err and "max RSS" in err
-    # 2 MoE layers, one all-reduce each per forward pass.
+    # 2 MoE layers, one all-reduce each per forward pass; the prompt's one chunk left out the last.
     assert "all-reduces per generated token" in err and "2 MoE layers" in err
+    assert "; 1 left out of prompt chunks;" in err, err
 
 
 def test_attention_split_by_heads_matches_mlx_lm(ckpt, reference):
@@ -323,9 +324,11 @@ def test_attention_split_by_heads_matches_mlx_lm(ckpt, reference):
     assert "attention split by heads" in proc.stderr
     assert "2 MoE layers and 2 split attentions" in proc.stderr
     # Four per forward call (each MoE block and each attention); a call per token and then some
-    # (mlx-lm's generate_step evaluates a step ahead).
+    # (mlx-lm's generate_step evaluates a step ahead). The prompt's one chunk left out the last
+    # MoE block's and the last attention's.
     calls = int(re.search(r"\((\d+) all_sum calls for (\d+) tokens", proc.stderr).group(1))
-    assert calls % 4 == 0 and calls >= 4 * MAX_TOKENS, proc.stderr
+    assert "; 2 left out of prompt chunks;" in proc.stderr, proc.stderr
+    assert (calls + 2) % 4 == 0 and calls >= 4 * MAX_TOKENS, proc.stderr
 
 
 def test_prompt_from_stdin(ckpt, reference):
@@ -379,7 +382,7 @@ def test_batch_rows_match_single_generation(ckpt, reference, tmp_path):
     assert proc.stdout == ""
     assert "wrote 5 results" in proc.stderr
     # Each batch's prompt chunk leaves out its last MoE layer: 3 batches, one chunk each.
-    assert "; 3 all-reduces left out of prompt chunks" in proc.stderr, proc.stderr
+    assert "; 3 left out of prompt chunks;" in proc.stderr, proc.stderr
     rows = read_rows(out)
     assert [r["id"] for r in rows] == PROMPT_IDS
     for row, source in zip(rows, PROMPTS):
