@@ -120,12 +120,15 @@ def _cache_states(model: nn.Module, module: Optional[nn.Module]) -> List[np.ndar
 
     cache = make_prompt_cache(model)
     tail = UnreadTail([module] if module is not None else [])
-    with tail.active(PROBE_FILL):
-        model(mx.arange(PROBE_TOKENS, dtype=mx.int32)[None], cache=cache)
+    counted = tail.skipped
+    try:
+        with tail.active(PROBE_FILL):
+            model(mx.arange(PROBE_TOKENS, dtype=mx.int32)[None], cache=cache)
+    finally:
+        if module is not None:  # the probe's own skips are not counted
+            module.__dict__["unread_calls"] = counted
     states = [v for c in cache for _, v in tree_flatten(c.state) if isinstance(v, mx.array)]
     mx.eval(states)
-    if module is not None:
-        module.__dict__.pop("unread_calls", None)  # the probe's own skips are not counted
     return [np.array(s) for s in states]
 
 
@@ -141,7 +144,11 @@ def find_unread_tail(model: nn.Module) -> UnreadTail:
     reference = _cache_states(model, None)
     keep, rejected = [], []
     for path, module in candidates:
-        states = _cache_states(model, module)
+        try:
+            states = _cache_states(model, module)
+        except (ValueError, TypeError) as e:  # the model did not take a plain array there (every rank alike)
+            rejected.append(f"{path} ({type(e).__name__}: {e})")
+            continue
         same = len(states) == len(reference) and all(
             a.shape == b.shape and np.array_equal(a, b) for a, b in zip(states, reference)
         )
