@@ -451,7 +451,7 @@ def generate_one(args: argparse.Namespace, comm: Communicator, watchdog: Watchdo
         )
         check_prompt_length(len(prompt), config)
         # Recorded routing must see every layer of every prompt token.
-        tail = find_unread_tail(model) if not args.record_routing else None
+        tail = find_unread_tail(model, comm) if not args.record_routing else None
 
     from mlx_lm.generate import stream_generate
 
@@ -640,7 +640,7 @@ def generate_batch(args: argparse.Namespace, comm: Communicator, watchdog: Watch
     progress = Progress(len(todo), show=show_progress(args.progress)) if rank0 else None
     # Recorded routing must see every layer of every prompt token.
     with collective_phase(comm, debug=debug):
-        tail = find_unread_tail(model) if not args.record_routing else None
+        tail = find_unread_tail(model, comm) if not args.record_routing else None
     _seed(args.seed)
     comm.reset_stats()
     with _recording(args, model, rank0) as stats:

@@ -132,28 +132,39 @@ def _cache_states(model: nn.Module, module: Optional[nn.Module]) -> List[np.ndar
     return [np.array(s) for s in states]
 
 
-def find_unread_tail(model: nn.Module) -> UnreadTail:
+def find_unread_tail(model: nn.Module, comm=None) -> UnreadTail:
     """The modules a cache-only call may skip, each checked by a probe (every rank, together).
 
     Runs ``1 + candidates`` forward passes of :data:`PROBE_TOKENS` tokens, with
     their all-reduces, so every rank must call it at the same point.
+
+    Args:
+        model: A sharded model.
+        comm: The job's :class:`moe_mpi.Communicator`. A candidate is kept
+            only if its probe passed on every rank (one ``allgather``): a
+            rank whose kernels do not repeat bit for bit would otherwise
+            skip an all-reduce its peers send, and the job would hang.
     """
     candidates = _candidates(model)
     if not candidates:
         return UnreadTail()
     reference = _cache_states(model, None)
-    keep, rejected = [], []
+    passed, why = [], []
     for path, module in candidates:
         try:
             states = _cache_states(model, module)
-        except (ValueError, TypeError) as e:  # the model did not take a plain array there (every rank alike)
-            rejected.append(f"{path} ({type(e).__name__}: {e})")
+        except (ValueError, TypeError) as e:  # the model did not take a plain array there
+            passed.append(False)
+            why.append(f"{path} ({type(e).__name__}: {e})")
             continue
-        same = len(states) == len(reference) and all(
+        passed.append(len(states) == len(reference) and all(
             a.shape == b.shape and np.array_equal(a, b) for a, b in zip(states, reference)
-        )
-        (keep.append(module) if same else rejected.append(path))
-    return UnreadTail(keep, rejected)
+        ))
+        why.append(path)
+    if comm is not None and comm.size > 1:
+        passed = [all(ranks) for ranks in zip(*comm.allgather(passed))]
+    keep = [module for (_, module), ok in zip(candidates, passed) if ok]
+    return UnreadTail(keep, [w for w, ok in zip(why, passed) if not ok])
 
 
 class UnreadPrompts:

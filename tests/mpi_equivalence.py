@@ -125,7 +125,7 @@ def check_unread_prefill(model, comm: Communicator, ref, calls: int) -> str:
     """Greedy tokens of a BatchGenerator whose prompt chunks skip the unread tail; its all-reduce count."""
     from mlx_lm.generate import BatchGenerator
 
-    tail = find_unread_tail(model)
+    tail = find_unread_tail(model, comm)
     counter = count_forward_passes(model)
     gen = BatchGenerator(model, prefill_step_size=CHUNK)
     skipping = skip_unread_prefill(gen, tail)

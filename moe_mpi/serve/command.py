@@ -209,7 +209,7 @@ def serve(args: argparse.Namespace, comm: Communicator, watchdog) -> None:
     with collective_phase(comm, debug=args.debug):
         # Before the counters: its probe runs the model (every rank alike).
         # Routing recorded for statistics must see every layer of every token.
-        tail = find_unread_tail(provider.model) if not args.record_routing else None
+        tail = find_unread_tail(provider.model, comm) if not args.record_routing else None
         timer = time_experts(provider.model)
         count_forward_passes(provider.model)
         lock = threading.Lock()
