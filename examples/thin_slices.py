@@ -173,7 +173,7 @@ def main(argv=None) -> int:
     print("\n## Summary per width (all machines, links and batches above)\n")
     print("| I | slice penalty N=" + f"{ranks[0]}..{ranks[-1]} | auto's layout | ep / sliced, min..max | auto / sliced, min..max "
           "| smallest N: ep faster than sliced | smallest N: auto faster than sliced "
-          "| smallest N: optimizer prefers whole to split |")
+          "| N where the optimizer costs whole below split |")
     print("|---|---|---|---|---|---|---|---|")
     for w in widths:
         rows = [(key[4], row) for key, (row, _) in tok.items() if key[3] == w]
@@ -190,7 +190,7 @@ def main(argv=None) -> int:
         print(f"| {w} | {pen[0]:.3f}..{pen[1]:.3f} | {', '.join(kinds)} "
               f"| {min(ratio['ep']):.4f}..{max(ratio['ep']):.4f} | {min(ratio['auto']):.4f}..{max(ratio['auto']):.4f} "
               f"| {first(ep_fast.__contains__)} | {first(auto_fast.__contains__)} "
-              f"| {first(lambda n: costs[w, n]['whole'] < costs[w, n]['split'])} |")
+              f"| {', '.join(str(n) for n in ranks if costs[w, n]['whole'] < costs[w, n]['split']) or 'none'} |")
     return 0
 
 
