@@ -29,8 +29,8 @@ attention as candidates and, for each, runs the model on a short input twice
 with fresh caches: as it is, and with the candidate returning a constant. A
 candidate is kept only if every cache state is bit-for-bit the same, i.e.
 its output reaches no cache. Every rank runs the same probe on the same
-replicated data and reaches the same verdict, so every rank skips the same
-all-reduces.
+replicated data, and a candidate is kept only where it passed on every
+rank (one ``allgather``), so every rank skips the same all-reduces.
 
 :func:`skip_unread_prefill` gives an mlx-lm ``BatchGenerator`` the skip for
 its prompt chunks (the serve engine, batch ``generate``); :func:`prefill_cache`
