@@ -26,6 +26,7 @@ import pytest
 from moe_mpi import synthetic
 from moe_mpi.launch import mpirun_command, run_mpirun
 
+from ckpt_edits import edit_tensors
 from configs import REFUSED_CONFIGS
 
 HERE = Path(__file__).parent
@@ -233,15 +234,6 @@ def edit_config(path: Path, change) -> Path:
     config = json.loads((path / "config.json").read_text())
     change(config)
     (path / "config.json").write_text(json.dumps(config))
-    return path
-
-
-def edit_tensors(path: Path, change) -> Path:
-    """``change(weights)`` applied to ``path``'s one model.safetensors in place."""
-    file = path / "model.safetensors"
-    weights = mx.load(str(file))
-    change(weights)
-    mx.save_safetensors(str(file), weights, metadata={"format": "mlx"})
     return path
 
 

@@ -56,16 +56,21 @@ def _unavailable(reason: str):
     pytest.skip(message)
 
 
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    """Three fake hosts; removed again however the tests end."""
+def _cluster(hosts: int, workdir, **kwargs):
+    """``netns_hosts.create_cluster(hosts, workdir, **kwargs)``, or skip (fail) as :func:`_unavailable` says."""
     reason = netns_hosts.unavailable_reason()
     if reason:
         _unavailable(reason)
     try:
-        c = netns_hosts.create_cluster(3, tmp_path_factory.mktemp("netns"))
+        return netns_hosts.create_cluster(hosts, workdir, **kwargs)
     except netns_hosts.NetnsError as e:
         _unavailable(str(e))
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """Three fake hosts; removed again however the tests end."""
+    c = _cluster(3, tmp_path_factory.mktemp("netns"))
     try:
         yield c
     finally:
@@ -164,13 +169,7 @@ def test_calibrate_over_a_slow_link_keeps_to_its_budget(tmp_path):
     from moe_mpi.plan import main as plan_main
     from moe_mpi.profiles import read_profile
 
-    reason = netns_hosts.unavailable_reason()
-    if reason:
-        _unavailable(reason)
-    try:
-        c = netns_hosts.create_cluster(2, tmp_path, rate="10mbit")
-    except netns_hosts.NetnsError as e:
-        _unavailable(str(e))
+    c = _cluster(2, tmp_path, rate="10mbit")
     try:
         hostfile_path = tmp_path / "hosts.openmpi"
         hostfile_path.write_text("".join(f"{h.ip} slots=1\n" for h in c.hosts))
@@ -241,13 +240,7 @@ def test_mlx_launch_with_converted_json_hostfile(cluster, tmp_path):
 
 def test_cleanup_leaves_nothing(tmp_path):
     """A cluster torn down (here, after a failure inside) leaves no namespace, veth or bridge."""
-    reason = netns_hosts.unavailable_reason()
-    if reason:
-        _unavailable(reason)
-    try:
-        c = netns_hosts.create_cluster(1, tmp_path)
-    except netns_hosts.NetnsError as e:
-        _unavailable(str(e))
+    c = _cluster(1, tmp_path)
     try:
         assert c.hosts[0].netns in netns_hosts._run("ip", "netns", "list").stdout
         raise KeyboardInterrupt  # stands in for a test dying half way
@@ -272,13 +265,7 @@ print(time.perf_counter() - t0)
 
 def test_rate_limit_slows_the_hosts_link(tmp_path):
     """``rate=`` really limits a host's outgoing link: 256 KiB at 10 Mbit/s take >= 0.2 s (veth: ~1 ms)."""
-    reason = netns_hosts.unavailable_reason()
-    if reason:
-        _unavailable(reason)
-    try:
-        c = netns_hosts.create_cluster(1, tmp_path, rate="10mbit")
-    except netns_hosts.NetnsError as e:
-        _unavailable(str(e))
+    c = _cluster(1, tmp_path, rate="10mbit")
     try:
         host = c.hosts[0]
         qdisc = netns_hosts._run("tc", "-n", host.netns, "qdisc", "show", "dev", netns_hosts.IFACE).stdout

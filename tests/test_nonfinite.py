@@ -28,6 +28,7 @@ from pathlib import Path
 import mlx.core as mx
 import pytest
 
+from ckpt_edits import edit_tensors
 from moe_mpi import synthetic
 from moe_mpi.bench.serve import ServerJob, http_get
 from moe_mpi.launch import mpirun_command, run_mpirun
@@ -37,14 +38,6 @@ FAIL_WITHIN = 20.0  # seconds for a failing generate job
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 PROMPT = "the quick brown fox"
 NEEDLE = "the model's logits are not finite (NaN or infinity)"
-
-
-def edit_tensors(path: Path, change) -> Path:
-    file = path / "model.safetensors"
-    weights = mx.load(str(file))
-    change(weights)
-    mx.save_safetensors(str(file), weights, metadata={"format": "mlx"})
-    return path
 
 
 def nan_at(a: mx.array, rows) -> mx.array:
