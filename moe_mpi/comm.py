@@ -120,6 +120,10 @@ class Communicator:
         self._out = None  # see _out_buffer
         self._extra = None  # see all_sum_extra
         self._out_key = None
+        # While set (moe_mpi.overlap), all_sum starts its reduction, calls
+        # pause() so that other work runs while the message travels, then waits.
+        self.pause = None
+        self.overlapped = 0  # all-reduces that let other work run meanwhile
         self.stats: dict[str, CollectiveStats] = {}
         self.reset_stats()
 
@@ -185,6 +189,7 @@ class Communicator:
         """Zero all counters."""
         self.stats = {kind: CollectiveStats() for kind in KINDS}
         self._all_sum_stats = self.stats["all_sum"]  # all_sum's hot path
+        self.overlapped = 0
 
     def snapshot(self) -> dict[str, dict[str, float]]:
         """Counters as a JSON-serialisable ``{kind: {calls, bytes, seconds}}``."""
@@ -234,6 +239,8 @@ class Communicator:
             return x
         if self.backend == "mlx":
             return self._all_sum_mlx(x)
+        if self.pause is not None:
+            return self._all_sum_overlapped(x)
         # memoryview() evaluates x (MLX's buffer export does) before the timer
         # starts, so the counters measure communication, not the expert
         # computation feeding it. The view is zero-copy.
@@ -292,7 +299,9 @@ class Communicator:
         m = extra.shape[1]
         start = time.perf_counter()
         buf = self._extra
-        if buf is None or buf.shape != (t, d + m):
+        if self.pause is not None and self._size > 1:
+            buf = np.empty((t, d + m), dtype=np.float32)  # another call may start before this one ends
+        elif buf is None or buf.shape != (t, d + m):
             buf = self._extra = np.empty((t, d + m), dtype=np.float32)
         head = buf[:, :d]
         if isinstance(x, np.ndarray):
@@ -307,7 +316,10 @@ class Communicator:
             else:
                 np.copyto(head, np.asarray(memoryview(x.astype(mx.float32))).reshape(t, d))
         buf[:, d:] = extra
-        if self._size > 1:
+        paused = 0.0
+        if self._size > 1 and self.pause is not None:
+            paused = self._reduce_overlapped(buf)
+        elif self._size > 1:
             activity = ACTIVITY
             activity.entered += 1
             try:
@@ -321,7 +333,7 @@ class Communicator:
             out = mx.array(np.ascontiguousarray(head)).reshape(x.shape)
             if x.dtype != mx.float32:
                 out = out.astype(x.dtype)  # lazy, as in all_sum
-        self._all_sum_stats.add(buf.nbytes if self._size > 1 else 0, time.perf_counter() - start)
+        self._all_sum_stats.add(buf.nbytes if self._size > 1 else 0, time.perf_counter() - start - paused)
         return out, buf[:, d:].copy()
 
     def _all_sum_numpy(self, x: np.ndarray) -> np.ndarray:
@@ -358,6 +370,54 @@ class Communicator:
         ACTIVITY.left += 1
         self._record("all_sum", x.nbytes, start)
         return out
+
+    def _all_sum_overlapped(self, x: mx.array) -> mx.array:
+        """:meth:`all_sum` while :attr:`pause` is set: other work runs while the message travels.
+
+        The reduction works on a copy of its own (float32 for 16-bit
+        floats, as :meth:`_all_sum_widened`), not the reused buffer, since
+        another all-reduce may start before this one ends.
+        """
+        if x.dtype == mx.bool_:
+            raise TypeError("all_sum does not support bool arrays")
+        start = time.perf_counter()
+        view = memoryview(x)  # evaluates x
+        cast = None
+        if x.dtype in self._np_dtypes:
+            buf = np.array(view)  # a C-contiguous copy, whatever x's strides
+        elif x.dtype in (mx.bfloat16, mx.float16):
+            buf = np.array(memoryview(x.astype(mx.float32)))
+            cast = x.dtype
+        else:
+            raise TypeError(f"all_sum does not support dtype {x.dtype}")
+        paused = self._reduce_overlapped(buf)
+        out = mx.array(buf)
+        self._all_sum_stats.add(x.nbytes, time.perf_counter() - start - paused)
+        return out if cast is None else out.astype(cast)
+
+    def _reduce_overlapped(self, buf: np.ndarray) -> float:
+        """Sums ``buf`` over all ranks in place, calling :attr:`pause` while the message travels.
+
+        Returns the seconds spent in ``pause`` (other work, not this
+        reduction). Every rank starts its reductions in the same order, so
+        the non-blocking collectives match as blocking ones would.
+        """
+        activity = ACTIVITY
+        activity.entered += 1
+        try:
+            request = self.comm.Iallreduce(self._MPI.IN_PLACE, buf, op=self._SUM)
+        finally:
+            activity.left += 1
+        self.overlapped += 1
+        paused = time.perf_counter()
+        self.pause()
+        paused = time.perf_counter() - paused
+        activity.entered += 1
+        try:
+            request.Wait()
+        finally:
+            activity.left += 1
+        return paused
 
     def _all_sum_mpi4py(self, x: mx.array, send: memoryview) -> mx.array:
         # Copies per call: none to get the send buffer (MPI reads MLX's

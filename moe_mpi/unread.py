@@ -40,6 +40,7 @@ does mlx-lm's single-prompt prefill with it (``generate --prompt``).
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import math
 from typing import Iterator, List, Optional, Sequence
 
@@ -59,6 +60,12 @@ PROBE_TOKENS = 3
 PROBE_FILL = 0.375
 
 
+#: ``id(module) -> fill`` of the modules told their output is unread. A
+#: context variable, so that it holds for one task only where two forward
+#: passes take turns on one thread (:mod:`moe_mpi.overlap`).
+_UNREAD: contextvars.ContextVar = contextvars.ContextVar("moe_mpi_unread", default={})
+
+
 class Skippable:
     """Mixin base of a module that ends in an all-reduce and may be told its output is unread.
 
@@ -66,9 +73,13 @@ class Skippable:
     :meth:`unread` is what the module returns instead of its reduced output.
     """
 
-    output_unread: Optional[float] = None
     #: The kind of module (one candidate of each kind is probed).
     skip_kind = "module"
+
+    @property
+    def output_unread(self) -> Optional[float]:
+        """The fill to return instead of the output, or None to compute it."""
+        return _UNREAD.get().get(id(self))
 
     def unread(self, like: mx.array) -> mx.array:
         """A lazy array of ``output_unread`` shaped as ``like``, counted as one skipped all-reduce."""
@@ -95,14 +106,12 @@ class UnreadTail:
 
     @contextlib.contextmanager
     def active(self, fill: float = math.nan) -> Iterator[None]:
-        """While open, the modules return ``fill`` instead of computing their output."""
-        for m in self.modules:
-            m.__dict__["output_unread"] = fill
+        """While open (in this task: a context variable), the modules return ``fill`` instead of computing their output."""
+        token = _UNREAD.set({**_UNREAD.get(), **{id(m): fill for m in self.modules}})
         try:
             yield
         finally:
-            for m in self.modules:
-                m.__dict__.pop("output_unread", None)
+            _UNREAD.reset(token)
 
 
 def _candidates(model: nn.Module) -> List[tuple]:

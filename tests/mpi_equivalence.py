@@ -10,6 +10,9 @@ the model and checks, against the reference single-process mlx-lm results:
 * the same tokens from mlx-lm's ``BatchGenerator`` whose prompt chunks skip
   the modules :func:`moe_mpi.unread.find_unread_tail` found unread, with
   every all-reduce either sent or counted as skipped;
+* the same again with two-batch overlap (:class:`moe_mpi.overlap.Cohorts`):
+  the prompt in each of two cohorts stepped in turns, every all-reduce
+  (on more than one rank) started while the other cohort computed;
 * with ``"expect"`` (mode auto's ``balance`` cases), that the layouts chosen
   split, or copy, experts as expected;
 * with ``"expect_shared"``, that some call shared a replicated expert's rows
@@ -34,6 +37,7 @@ from mlx_lm.utils import load as mlx_lm_load
 
 from moe_mpi import Communicator, load, shard_experts
 from moe_mpi.central import drive
+from moe_mpi.overlap import Cohorts
 from moe_mpi.serve.status import count_forward_passes
 from moe_mpi.unread import find_unread_tail, skip_unread_prefill
 
@@ -117,38 +121,53 @@ def check_ep(model, comm: Communicator, ref, name: str) -> str:
     tokens = [int(t) for t, _ in generate_step(prompt, model, max_tokens=len(ref["greedy"]))]
     assert tokens == ref["greedy"].tolist(), (tokens, ref["greedy"].tolist())
     skipped = check_unread_prefill(model, comm, ref, calls)
+    check_unread_prefill(model, comm, ref, calls, cohorts=2)
     heads = f" and {info.attention_layers} split attentions" if info.attention_layers else ""
     return f"{name}: {layers} MoE layers{heads}; {skipped}; logits and {len(tokens)} greedy tokens match"
 
 
-def check_unread_prefill(model, comm: Communicator, ref, calls: int) -> str:
-    """Greedy tokens of a BatchGenerator whose prompt chunks skip the unread tail; its all-reduce count."""
+def check_unread_prefill(model, comm: Communicator, ref, calls: int, cohorts: int = 1) -> str:
+    """Greedy tokens of a BatchGenerator whose prompt chunks skip the unread tail; its all-reduce count.
+
+    With ``cohorts=2``, two cohorts (two-batch overlap) each decode the prompt.
+    """
     from mlx_lm.generate import BatchGenerator
 
     tail = find_unread_tail(model, comm)
     counter = count_forward_passes(model)
-    gen = BatchGenerator(model, prefill_step_size=CHUNK)
-    skipping = skip_unread_prefill(gen, tail)
+    counter.calls = 0
+    skipped = tail.skipped
+    if cohorts > 1:
+        gen = Cohorts(model, comm, cohorts, prefill_step_size=CHUNK)
+        skipping = gen.skip_unread_prefill(tail)
+    else:
+        gen = BatchGenerator(model, prefill_step_size=CHUNK)
+        skipping = skip_unread_prefill(gen, tail)
     assert skipping == bool(tail.modules), (skipping, tail.modules)
     comm.reset_stats()
     prompt = ref["prompt"].tolist()
-    gen.insert([prompt], max_tokens=[len(ref["greedy"])])
-    tokens = []
+    uids = gen.insert([prompt] * cohorts, max_tokens=[len(ref["greedy"])] * cohorts)
+    tokens = {uid: [] for uid in uids}
     try:
         while responses := gen.next_generated():
-            tokens += [r.token for r in responses]
+            for r in responses:
+                tokens[r.uid].append(r.token)
     except ValueError as e:  # mlx-lm's own refusal, on every rank alike (deepseek_v41's cache)
         if "does not yet support batching" not in str(e):
             raise
         return f"mlx-lm's BatchGenerator refuses its cache"
     finally:
         gen.close()
-    assert tokens == ref["greedy"].tolist(), (tokens, ref["greedy"].tolist())
+    for uid in uids:
+        assert tokens[uid] == ref["greedy"].tolist(), (cohorts, tokens[uid], ref["greedy"].tolist())
     chunks = -(-(len(prompt) - 1) // CHUNK)  # prompt[:-1] in chunks; the last token starts the decode
-    assert tail.skipped == chunks * len(tail.modules), (tail.skipped, chunks, len(tail.modules))
+    skipped = tail.skipped - skipped
+    assert skipped == cohorts * chunks * len(tail.modules), (skipped, cohorts, chunks, len(tail.modules))
     # Every call's all-reduces are sent or, in a prompt chunk, counted as skipped.
     sent = _collectives(comm).get("all_sum", 0)
-    assert sent + tail.skipped == counter.calls * calls, (sent, tail.skipped, counter.calls, calls)
+    assert sent + skipped == counter.calls * calls, (sent, skipped, counter.calls, calls)
+    if cohorts > 1 and comm.size > 1:  # every one started while the other cohort computed
+        assert comm.overlapped == sent, (comm.overlapped, sent)
     kept = "no module" if not tail.modules else " and ".join(type(m).skip_kind for m in tail.modules)
     return f"prompt chunks skip {kept}" + (f", kept {tail.rejected}" if tail.rejected else "")
 

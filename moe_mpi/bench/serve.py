@@ -14,7 +14,8 @@ Servers (``--servers``):
 
 * ``moe-mpi``: ``moe-mpi serve`` (``--mode ep``); ``moe-mpi-sliced``,
   ``moe-mpi-auto``: ``moe-mpi serve --mode sliced|auto``; a ``+heads``
-  suffix adds ``--attention split``; ``moe-mpi-unguarded``: ``--mode ep``
+  suffix adds ``--attention split``, a ``+overlap`` suffix ``--overlap``
+  (two-batch overlap), in either order; ``moe-mpi-unguarded``: ``--mode ep``
   with ``--no-routing-guard`` (what the routing guard costs);
 * ``mlx-lm``: ``mlx_lm.server`` as mlx-lm ships it, tensor parallel through
   its ``sharded_load``; started through :func:`run_mlx_lm_server`, which
@@ -68,8 +69,11 @@ from ..runner import PROG, env_rank, fail, parse_args
 
 __all__ = ["ServerJob", "main", "run_mlx_lm_server", "setup_arg_parser", "stream_chat"]
 
-SERVERS = ("moe-mpi", "moe-mpi-sliced", "moe-mpi-auto", "moe-mpi+heads", "moe-mpi-sliced+heads", "moe-mpi-auto+heads",
-           "moe-mpi-unguarded", "mlx-lm", "mlx-lm+kernels")
+#: moe-mpi servers (modes and the unguarded one), before any suffix.
+MOE_MPI_SERVERS = ("moe-mpi", "moe-mpi-sliced", "moe-mpi-auto", "moe-mpi-unguarded")
+#: Suffixes of a moe-mpi server, in any order, and the options they add.
+SUFFIXES = {"+heads": ["--attention", "split"], "+overlap": ["--overlap"]}
+SERVERS = MOE_MPI_SERVERS + ("mlx-lm", "mlx-lm+kernels")
 BASELINES = ("mlx-lm", "mlx-lm+kernels")
 DEFAULT_CLIENTS = [1, 4, 16, 64]
 READY_TIMEOUT = 900.0  # loading a 3 GB model over a slow fake link takes a while
@@ -193,18 +197,32 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def split_server(kind: str) -> Tuple[str, List[str]]:
+    """``(base, options)`` of a server name: ``moe-mpi-auto+heads+overlap`` is
+    ``moe-mpi-auto`` with ``--attention split --overlap``.
+
+    Raises:
+        ValueError: Not a known server, or a suffix on an mlx-lm server or twice.
+    """
+    if kind in SERVERS:
+        return kind, []
+    base, *suffixes = kind.split("+")
+    suffixes = ["+" + x for x in suffixes]
+    if base not in MOE_MPI_SERVERS or any(x not in SUFFIXES for x in suffixes) or len(set(suffixes)) < len(suffixes):
+        raise ValueError(kind)
+    return base, [option for x in suffixes for option in SUFFIXES[x]]
+
+
 def server_argv(kind: str, args: argparse.Namespace, model: Path, host: str, port: int, cluster: Optional[dict]) -> List[str]:
     """The ``mpirun`` command line of one server."""
     from ..launch import mpirun_command
 
     python = [sys.executable]
     if kind.startswith("moe-mpi"):
-        base = kind.removesuffix("+heads")
+        base, options = split_server(kind)
         mode = base.split("-")[2] if base.count("-") == 2 and base != "moe-mpi-unguarded" else "ep"
-        program = python + ["-m", "moe_mpi", "serve", "--mode", mode]
-        if kind.endswith("+heads"):
-            program += ["--attention", "split"]
-        if kind == "moe-mpi-unguarded":
+        program = python + ["-m", "moe_mpi", "serve", "--mode", mode, *options]
+        if base == "moe-mpi-unguarded":
             program.append("--no-routing-guard")
     else:
         program = python + ["-m", "moe_mpi.bench.serve", "--mlx-lm-server"]
@@ -560,10 +578,18 @@ def format_row(row: Dict[str, Any]) -> str:
     )
 
 
+def _known(kind: str) -> bool:
+    try:
+        split_server(kind)
+    except ValueError:
+        return False
+    return True
+
+
 def ratio_lines(rows: List[Dict[str, Any]]) -> List[str]:
     """moe-mpi against each baseline, per client count: aggregate tokens/s, TTFT p50 and mean."""
     lines = []
-    for kind in [k for k in SERVERS if k not in BASELINES]:
+    for kind in dict.fromkeys(r["server"] for r in rows if r["server"] not in BASELINES):
         ours = {r["clients"]: r for r in rows if r["server"] == kind}
         for base in BASELINES:
             theirs = {r["clients"]: r for r in rows if r["server"] == base}
@@ -600,7 +626,7 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     parser.add_argument("--cache-dir", default=None, help="Where synthetic checkpoints are cached.")
     parser.add_argument("--quantize", type=int, choices=[4, 8], default=None, help="Serve a copy quantized by mlx-lm's convert -q with this many bits.")
     parser.add_argument("--np", type=positive_int, default=2, help="Ranks (default: 2).")
-    parser.add_argument("--servers", default="moe-mpi,mlx-lm", help=f"Comma-separated, from {', '.join(SERVERS)} (default: moe-mpi,mlx-lm).")
+    parser.add_argument("--servers", default="moe-mpi,mlx-lm", help=f"Comma-separated, from {', '.join(SERVERS)}; a moe-mpi server may add +heads and +overlap (default: moe-mpi,mlx-lm).")
     parser.add_argument("--clients", type=int_list, default=DEFAULT_CLIENTS, help="Client counts (default: 1,4,16,64).")
     parser.add_argument("--requests", type=positive_int, default=2, help="Requests per client per level (default: 2).")
     parser.add_argument("--min-requests", type=positive_int, default=8, help="Requests per level at least (default: 8).")
@@ -622,9 +648,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if env_rank() != 0 or "OMPI_COMM_WORLD_SIZE" in os.environ:
         fail("bench serve starts its servers with mpirun itself: run it alone, not under mpirun")
     servers = [s.strip() for s in args.servers.split(",") if s.strip()]
-    unknown = sorted(set(servers) - set(SERVERS))
+    unknown = sorted(k for k in set(servers) if not _known(k))
     if unknown:
-        fail(f"--servers: unknown {', '.join(unknown)}; choose from {', '.join(SERVERS)}")
+        fail(f"--servers: unknown {', '.join(unknown)}; choose from {', '.join(SERVERS)}, a moe-mpi one with +heads or +overlap")
     # SIGTERM (e.g. netns_bench's timeout) ends this process through the
     # finally blocks that stop the server jobs.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))

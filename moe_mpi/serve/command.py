@@ -96,6 +96,7 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     add("--port", type=port, default=DEFAULT_PORT, help=f"Port (default: {DEFAULT_PORT}; 0 picks a free one).")
     add_sharding_arguments(parser)  # --mode, --placement, --weights, ...: as moe-mpi generate
     add("--backend", choices=BACKENDS, default="mpi4py", help="Data path of the per-layer all-reduce (default: mpi4py).")
+    add("--overlap", action="store_true", help="Two-batch overlap: the requests in two cohorts stepped in turns, each one's all-reduces travelling while the other computes; pays over slow links, costs expert reads where decode is bound by memory (docs/serving.md, 'Overlap'). Needs --backend mpi4py.")
     add_reliability_arguments(parser)  # --routing-guard, --strict-routing, --timeout: as moe-mpi generate
     add("--api-key", default=None, help="Require 'Authorization: Bearer KEY' (default: the MOE_MPI_API_KEY environment variable, else none).")
     add("--allowed-origins", type=_origins, default=[], help="Comma-separated origins that browsers may call from (CORS); default: none.")
@@ -164,6 +165,8 @@ def _context(args, provider: ClusterModelProvider, model_arg: Optional[str]) -> 
             "ranks": info.size,
             "moe_layers": info.num_moe_layers,
             "attention": info.attention,
+            "all_reduces_per_forward_pass": info.all_reduces_per_call,  # MoE layers, plus split attentions
+            "overlap": bool(args.overlap),
             "experts_per_rank": info.experts_per_rank(),
             "routing_guard": "off" if guard is None else "strict" if guard.strict else "repair",
             "timeout_seconds": args.timeout,
@@ -223,6 +226,7 @@ def serve(args: argparse.Namespace, comm: Communicator, watchdog) -> None:
             prefill_step_size=args.prefill_step_size,
             prompt_cache_size=args.prompt_cache_size,
             prompt_cache_bytes=args.prompt_cache_bytes,
+            cohorts=2 if args.overlap else 1,
         )
         engine = Engine(provider.model, provider.tokenizer, comm, options, desk, provider.model_key, timer, tail)
         context = _context(args, provider, model_arg)
@@ -294,6 +298,8 @@ def _guard_reporter(guard):
 def _validate(parser: argparse.ArgumentParser):
     def validate(args: argparse.Namespace) -> None:
         check_reliability_arguments(parser, args)
+        if args.overlap and args.backend != "mpi4py":
+            parser.error(f"--overlap needs --backend mpi4py (non-blocking all-reduces), not --backend {args.backend}")
 
     return validate
 

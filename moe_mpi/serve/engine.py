@@ -60,6 +60,7 @@ from mlx_lm.models.cache import LRUPromptCache, can_trim_prompt_cache, trim_prom
 from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
 from ..finite import drawn_is_finite, non_finite_message
+from ..overlap import Cohorts
 from ..unread import skip_unread_prefill
 from .control import ControlChannel
 from .status import rank_figures
@@ -83,6 +84,9 @@ class BatchOptions:
         prefill_step_size: Prompt tokens per prefill chunk.
         prompt_cache_size: Entries of the prompt cache (0: none).
         prompt_cache_bytes: Byte limit of the prompt cache, or None.
+        cohorts: 1, or 2 for two-batch overlap: the sequences in two
+            cohorts whose all-reduces travel while the other computes
+            (:mod:`moe_mpi.overlap`).
     """
 
     decode_concurrency: int = 32
@@ -90,6 +94,7 @@ class BatchOptions:
     prefill_step_size: int = 2048
     prompt_cache_size: int = 10
     prompt_cache_bytes: Optional[int] = None
+    cohorts: int = 1
 
 
 class SeededSampler:
@@ -255,15 +260,20 @@ class Engine:
         self.expert_timer = expert_timer
         self.channel = ControlChannel(comm)
         self.prompt_concurrency = options.prompt_concurrency
-        self.batch = BatchGenerator(
-            model,
+        sizes = dict(
             completion_batch_size=options.decode_concurrency,
             prefill_batch_size=options.prompt_concurrency,
             prefill_step_size=options.prefill_step_size,
         )
         # A prompt chunk keeps only its caches: its last MoE layer (and split
         # attention's all-reduce) is left out, as mlx-lm's lazy graph leaves it out.
-        self.unread_tail = unread_tail if skip_unread_prefill(self.batch, unread_tail) else None
+        if options.cohorts > 1:
+            self.batch = Cohorts(model, comm, options.cohorts, **sizes)
+            skips = self.batch.skip_unread_prefill(unread_tail)
+        else:
+            self.batch = BatchGenerator(model, **sizes)
+            skips = skip_unread_prefill(self.batch, unread_tail)
+        self.unread_tail = unread_tail if skips else None
         self.prompt_cache = None
         if options.prompt_cache_size > 0:
             limit = options.prompt_cache_bytes if options.prompt_cache_bytes is not None else 1 << 63
@@ -490,6 +500,9 @@ class Engine:
             "all_reduce_bytes": all_sum.bytes,
             # Left out in prompt chunks, where nobody reads the output (moe_mpi.unread).
             "all_reduces_skipped": self.unread_tail.skipped if self.unread_tail is not None else 0,
+            # Started while the other cohort computed (two-batch overlap, moe_mpi.overlap).
+            "all_reduces_overlapped": self.comm.overlapped,
+            "cohorts": self.batch.sizes if isinstance(self.batch, Cohorts) else None,
             "control": self.channel.snapshot(),
             # Anything but the MoE all-reduces: the status allgathers only.
             "other_collectives": {k: v.calls for k, v in self.comm.stats.items() if k != "all_sum" and v.calls},

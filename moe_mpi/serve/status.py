@@ -120,6 +120,8 @@ def _rank_row(f: Dict[str, Any]) -> Dict[str, Any]:
         "all_reduce_seconds": f["all_reduce_seconds"],
         "all_reduces": f["all_reduces"],
         "all_reduces_skipped": f["all_reduces_skipped"],
+        "all_reduces_overlapped": f["all_reduces_overlapped"],
+        "cohorts": f["cohorts"],
         "all_reduces_per_token": _per_token(f["all_reduces"], f["generated_tokens"]),
         # Counted on their own: a forward pass over the batch does one
         # all-reduce per MoE layer (and split attention), plus one per layer

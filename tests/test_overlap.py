@@ -1,0 +1,139 @@
+"""Two-batch overlap (``moe-mpi serve --overlap``, :mod:`moe_mpi.overlap`) under real ``mpirun``.
+
+Greedy texts served in two cohorts, their all-reduces overlapped, must be
+those of each prompt served alone and of ``moe-mpi generate``; every
+all-reduce is still one per MoE layer and forward pass, and every rank
+counts the same ones as started while the other cohort computed. A client
+that leaves mid-stream frees its slot in its cohort. (The per-architecture,
+per-mode exactness of the cohorts is in tests/mpi_equivalence.py.)
+"""
+
+import json
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+openai = pytest.importorskip("openai")
+
+from moe_mpi import synthetic  # noqa: E402
+from moe_mpi.bench.serve import ServerJob, http_get  # noqa: E402
+from moe_mpi.launch import mpirun_command, run_mpirun  # noqa: E402
+from openai_stream import collect  # noqa: E402  (tests/openai_stream.py)
+
+TIMEOUT = 120
+MAX_TOKENS = 12
+CONTEXT = 1 << 16
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+PROMPTS = [f"question {i}: what is {i} plus {i + 1}" for i in range(16)]
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory) -> Path:
+    config = synthetic.tiny_config("qwen3_moe", max_position_embeddings=CONTEXT)
+    return synthetic.write_checkpoint(tmp_path_factory.mktemp("overlap") / "qwen3_moe", config, seed=1)
+
+
+def start(n: int, ckpt: Path, tmp: Path, *extra) -> ServerJob:
+    argv = mpirun_command(n, [sys.executable, "-m", "moe_mpi", "serve", "--model", str(ckpt), "--port", "0", *extra])
+    job = ServerJob(argv, tmp / f"serve-{n}-{time.monotonic_ns()}.log", env=ENV).start()
+    try:
+        job.wait_ready(timeout=TIMEOUT)
+    except RuntimeError:
+        job.stop(signal.SIGKILL, timeout=5)
+        raise
+    return job
+
+
+def chat(client, model_id, prompt, **kwargs):
+    kwargs.setdefault("max_tokens", MAX_TOKENS)
+    kwargs.setdefault("temperature", 0.0)
+    return client.chat.completions.create(model=model_id, messages=[{"role": "user", "content": prompt}], **kwargs)
+
+
+def generate_text(ckpt: Path, prompt: str) -> str:
+    argv = [sys.executable, "-m", "moe_mpi", "generate", "--model", str(ckpt), "--prompt", prompt,
+            "--max-tokens", str(MAX_TOKENS)]
+    proc = run_mpirun(2, argv, timeout=TIMEOUT, env=ENV)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout[:-1]
+
+
+def leave_mid_stream(url: str, model_id: str) -> None:
+    """Starts a long stream (no end-of-sequence token: logit_bias) and hangs up after two chunks."""
+    host, port = url.split("://")[1].rsplit(":", 1)
+    body = json.dumps({"model": model_id, "messages": [{"role": "user", "content": "go on"}],
+                       "max_tokens": CONTEXT - 40, "stream": True,
+                       "logit_bias": {str(t): -100 for t in range(3)}}).encode()
+    sock = socket.create_connection((host, int(port)))
+    sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+    received = b""
+    while received.count(b"data: ") < 2:
+        received += sock.recv(4096)
+    sock.close()
+
+
+@pytest.mark.parametrize("n, extra", [(2, ()), (3, ("--mode", "auto", "--attention", "split"))],
+                         ids=["2-ranks", "3-ranks-auto-heads"])
+def test_overlapped_cohorts_serve_each_prompt_as_alone(n, extra, ckpt, tmp_path):
+    job = start(n, ckpt, tmp_path, "--overlap", *extra)
+    try:
+        client = openai.OpenAI(base_url=job.url + "/v1", api_key="unused", max_retries=0, timeout=TIMEOUT)
+        model_id = str(ckpt)
+        alone = {p: chat(client, model_id, p).choices[0].message.content for p in PROMPTS}
+        if n == 2:
+            assert alone[PROMPTS[0]] == generate_text(ckpt, PROMPTS[0])
+        before = http_get(job.url, "/status")[1]["ranks"]
+        results, errors = {}, []
+
+        def one(prompt):
+            try:
+                stream = chat(client, model_id, prompt, stream=True, stream_options={"include_usage": True})
+                results[prompt] = collect(stream)
+            except Exception as e:  # noqa: BLE001 - reported below
+                errors.append(repr(e))
+
+        threads = [threading.Thread(target=one, args=(p,)) for p in PROMPTS]
+        leaver = threading.Thread(target=leave_mid_stream, args=(job.url, model_id))
+        for t in [leaver, *threads]:
+            t.start()
+        for t in [leaver, *threads]:
+            t.join(TIMEOUT)
+        assert not errors, errors
+        assert {p: text for p, (text, _, _) in results.items()} == alone
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            status = http_get(job.url, "/status")[1]
+            if status["requests"]["active"] == 0:
+                break
+            time.sleep(0.1)
+        assert status["requests"]["active"] == 0 and status["requests"]["cancelled"] == 1, status["requests"]
+        rows = status["ranks"]
+        model = status["model"]
+        per_call = model["all_reduces_per_forward_pass"]
+        assert model["overlap"] and per_call == model["moe_layers"] * (2 if "split" in extra else 1), model
+        for b, r in zip(before, rows):
+            overlapped = r["all_reduces_overlapped"] - b["all_reduces_overlapped"]
+            assert overlapped > 0 and r["all_reduces_overlapped"] == rows[0]["all_reduces_overlapped"], rows
+            # Still one all-reduce per layer and forward pass (each cohort's pass is one).
+            assert r["all_reduces"] + r["all_reduces_skipped"] == r["forward_passes"] * per_call, r
+            assert r["cohorts"] == [0, 0], r["cohorts"]
+            assert set(r["other_collectives"]) <= {"allgather"}, r["other_collectives"]
+        assert job.stop(signal.SIGTERM, timeout=10) < 10
+    finally:
+        job.stop(signal.SIGKILL, timeout=5)
+
+
+def test_overlap_needs_the_mpi4py_backend(ckpt):
+    argv = [sys.executable, "-m", "moe_mpi", "serve", "--model", str(ckpt), "--port", "0", "--overlap",
+            "--backend", "mlx"]
+    proc = run_mpirun(2, argv, timeout=TIMEOUT, env=ENV)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.count("--overlap needs --backend mpi4py") == 1, proc.stderr
+    assert "Traceback" not in proc.stderr
