@@ -68,6 +68,7 @@ def parse_args(argv=None):
     parser.add_argument("--rate", help="tc rate of every host's outgoing link, e.g. 1gbit, 100mbit (default: none, veth speed)")
     parser.add_argument("--timeout", type=float, default=3600, help="seconds before the job is killed (default 3600)")
     parser.add_argument("--driver", action="store_true", help="run the command once in the root namespace, with --cluster FILE (see above)")
+    parser.add_argument("--script", help="run this Python script on every rank instead of moe-mpi (its arguments after --)")
     parser.add_argument("command", nargs=argparse.REMAINDER, help="the moe-mpi command line, after --")
     args = parser.parse_args(argv)
     if args.command[:1] == ["--"]:
@@ -136,7 +137,8 @@ def main(argv=None) -> int:
             else:
                 # No --oversubscribe: with it, Open MPI 5 packs every rank onto
                 # the hostfile's first host whatever its slots say.
-                cmd = mpirun_command(args.hosts, [*prefix, sys.executable, "-m", "moe_mpi", *args.command],
+                program = [args.script] if args.script else ["-m", "moe_mpi"]
+                cmd = mpirun_command(args.hosts, [*prefix, sys.executable, *program, *args.command],
                                      oversubscribe=False, extra=extra)
             print(link_description(args.rate, args.hosts), flush=True)
             print("# hosts: " + ", ".join(f"{h.hostname} {h.ip}" for h in cluster.hosts), flush=True)

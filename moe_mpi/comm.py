@@ -120,9 +120,9 @@ class Communicator:
         self._out = None  # see _out_buffer
         self._extra = None  # see all_sum_extra
         self._out_key = None
-        # While set (moe_mpi.overlap), all_sum starts its reduction, calls
-        # pause() so that other work runs while the message travels, then waits.
-        self.pause = None
+        # While set (moe_mpi.overlap.Interleave), all_sum hands its reduction
+        # to overlap.reduce(), which runs other work while the message travels.
+        self.overlap = None
         self.overlapped = 0  # all-reduces that let other work run meanwhile
         self.stats: dict[str, CollectiveStats] = {}
         self.reset_stats()
@@ -199,6 +199,9 @@ class Communicator:
         self.stats[kind].add(nbytes, time.perf_counter() - start)
 
     def _enter(self, kind: str) -> None:
+        if self.overlap is not None:
+            # One thread at a time in MPI: let the all-reduces on their way finish first.
+            self.overlap.drain()
         if self._size > 1:
             ACTIVITY.enter(kind)
 
@@ -239,7 +242,7 @@ class Communicator:
             return x
         if self.backend == "mlx":
             return self._all_sum_mlx(x)
-        if self.pause is not None:
+        if self.overlap is not None:
             return self._all_sum_overlapped(x)
         # memoryview() evaluates x (MLX's buffer export does) before the timer
         # starts, so the counters measure communication, not the expert
@@ -299,7 +302,7 @@ class Communicator:
         m = extra.shape[1]
         start = time.perf_counter()
         buf = self._extra
-        if self.pause is not None and self._size > 1:
+        if self.overlap is not None and self._size > 1:
             buf = np.empty((t, d + m), dtype=np.float32)  # another call may start before this one ends
         elif buf is None or buf.shape != (t, d + m):
             buf = self._extra = np.empty((t, d + m), dtype=np.float32)
@@ -317,7 +320,7 @@ class Communicator:
                 np.copyto(head, np.asarray(memoryview(x.astype(mx.float32))).reshape(t, d))
         buf[:, d:] = extra
         paused = 0.0
-        if self._size > 1 and self.pause is not None:
+        if self._size > 1 and self.overlap is not None:
             paused = self._reduce_overlapped(buf)
         elif self._size > 1:
             activity = ACTIVITY
@@ -372,7 +375,7 @@ class Communicator:
         return out
 
     def _all_sum_overlapped(self, x: mx.array) -> mx.array:
-        """:meth:`all_sum` while :attr:`pause` is set: other work runs while the message travels.
+        """:meth:`all_sum` while :attr:`overlap` is set: other work runs while the message travels.
 
         The reduction works on a copy of its own (float32 for 16-bit
         floats, as :meth:`_all_sum_widened`), not the reused buffer, since
@@ -396,28 +399,19 @@ class Communicator:
         return out if cast is None else out.astype(cast)
 
     def _reduce_overlapped(self, buf: np.ndarray) -> float:
-        """Sums ``buf`` over all ranks in place, calling :attr:`pause` while the message travels.
+        """Sums ``buf`` over all ranks in place through :attr:`overlap`, which runs other work meanwhile.
 
-        Returns the seconds spent in ``pause`` (other work, not this
-        reduction). Every rank starts its reductions in the same order, so
-        the non-blocking collectives match as blocking ones would.
+        Returns the seconds not spent on this reduction (other work), so
+        that the counters keep this call's own time.
         """
         activity = ACTIVITY
         activity.entered += 1
         try:
-            request = self.comm.Iallreduce(self._MPI.IN_PLACE, buf, op=self._SUM)
+            other = self.overlap.reduce(self.comm, buf)
         finally:
             activity.left += 1
         self.overlapped += 1
-        paused = time.perf_counter()
-        self.pause()
-        paused = time.perf_counter() - paused
-        activity.entered += 1
-        try:
-            request.Wait()
-        finally:
-            activity.left += 1
-        return paused
+        return other
 
     def _all_sum_mpi4py(self, x: mx.array, send: memoryview) -> mx.array:
         # Copies per call: none to get the send buffer (MPI reads MLX's

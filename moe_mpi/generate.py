@@ -57,8 +57,8 @@ import time
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from .argtypes import add_sharding_arguments, non_negative_float, positive_int, seed, sharding_options, unit_interval
-from .comm import BACKENDS, Communicator
-from .errors import CollectiveError, UserError
+from .comm import Communicator
+from .errors import CollectiveError
 from .finite import drawn_is_finite, non_finite_message
 from .prompts import (
     DEFAULT_PROMPT,
@@ -70,7 +70,16 @@ from .prompts import (
     read_prompts_file,
 )
 from .results import Progress, ResultWriter, check_writable, id_key, result_row, scan_results_file
-from .reliability import add_reliability_arguments, check_reliability_arguments, guard_warning, load_checked, watched
+from .overlap import Cohorts
+from .reliability import (
+    add_data_path_arguments,
+    add_reliability_arguments,
+    backend_comm,
+    check_reliability_arguments,
+    guard_warning,
+    load_checked,
+    watched,
+)
 from .runner import PROG, abort_on_error, add_debug_argument, collective_phase, parse_args, show_progress
 from .unread import UnreadTail, find_unread_tail, prefill_cache, skip_unread_prefill
 from .watchdog import Watchdog
@@ -186,12 +195,7 @@ def setup_arg_parser() -> argparse.ArgumentParser:
             "memory of every rank, collectives per generated token."
         ),
     )
-    parser.add_argument(
-        "--backend",
-        choices=BACKENDS,
-        default="mpi4py",
-        help="Data path of the per-layer all-reduce (default: mpi4py).",
-    )
+    add_data_path_arguments(parser)  # --backend, --overlap (batch mode)
     parser.add_argument(
         "--check-consistency",
         action="store_true",
@@ -231,6 +235,8 @@ def _validate(parser: argparse.ArgumentParser) -> Callable[[argparse.Namespace],
             parser.error("--prompts-file needs --output (the results file) or --record-routing")
         if args.output is not None and args.prompts_file is None:
             parser.error("--output is for batch mode: use it with --prompts-file")
+        if args.overlap and args.prompts_file is None:
+            parser.error("--overlap is for batch mode (--prompts-file): one prompt has no second batch to overlap with")
         check_reliability_arguments(parser, args)
 
     return validate
@@ -308,15 +314,6 @@ def _report_guard(model, comm) -> None:
         _print_stats([f"{PROG}: warning: {warning}"])
 
 
-def _backend_comm(comm: Communicator, backend: str) -> Communicator:
-    if backend == comm.backend:
-        return comm
-    try:
-        return Communicator(backend=backend)
-    except RuntimeError as e:  # MLX cannot share this MPI world: a setup problem
-        raise UserError(f"--backend {backend}: {e}") from None
-
-
 def _rank_stats(comm) -> List[Dict[str, float]]:
     """Every rank's memory and all-reduce time (a collective)."""
     import mlx.core as mx
@@ -378,7 +375,9 @@ def _report_stats(
         f"({calls} all_sum calls for {generated} tokens, "
         f"{model.ep_info.num_moe_layers} MoE layers"
         + (f" and {model.ep_info.attention_layers} split attentions" if model.ep_info.attention_layers else "")
-        + f"; {tail.skipped if tail else 0} left out of prompt chunks; {other} other collectives)"
+        + f"; {tail.skipped if tail else 0} left out of prompt chunks"
+        + (f"; {comm.overlapped} overlapped" if args.overlap else "")
+        + f"; {other} other collectives)"
     )
     if check is not None:
         lines.append(_consistency_line(comm, check))
@@ -433,7 +432,7 @@ def generate_one(args: argparse.Namespace, comm: Communicator, watchdog: Watchdo
     debug = args.debug
     # Only rank 0 reads (stdin goes to rank 0 alone): no "(on rank 0)".
     with collective_phase(comm, debug=debug, name_ranks=False):
-        comm = _backend_comm(comm, args.backend)
+        comm = backend_comm(comm, args.backend)
         with watchdog.busy():  # stdin may take its time
             text = read_prompt_argument(args.prompt) if comm.rank == 0 else None
         if comm.rank == 0:
@@ -547,6 +546,7 @@ def _generate_batches(
     writer: Optional[ResultWriter],
     progress: Optional[Progress],
     tail: Optional[UnreadTail] = None,
+    overlap_comm=None,
 ) -> Tuple[int, int]:
     """Generates ``--batch-size`` rows at a time; rank 0 writes each batch.
 
@@ -562,7 +562,8 @@ def _generate_batches(
         batch_rows = rows[start : start + args.batch_size]
         batch = tokens[start : start + args.batch_size]
         tic = time.perf_counter()
-        outputs = _batch_tokens(model, tokenizer, batch, args.max_tokens, sampler, batch_rows, tail)
+        outputs = _batch_tokens(model, tokenizer, batch, args.max_tokens, sampler, batch_rows, tail,
+                                overlap_comm=overlap_comm)
         seconds = time.perf_counter() - tic
         new_tokens = sum(len(t) for t in outputs)
         prompt_tokens += sum(len(t) for t in batch)
@@ -580,19 +581,26 @@ def _generate_batches(
 
 
 def _batch_tokens(model, tokenizer, prompts: List[List[int]], max_tokens: int, sampler: Callable,
-                  rows: List[Dict], tail: Optional[UnreadTail] = None) -> List[List[int]]:
+                  rows: List[Dict], tail: Optional[UnreadTail] = None, overlap_comm=None) -> List[List[int]]:
     """The generated token ids of each prompt, decoded together: mlx-lm's ``batch_generate``.
 
     Its loop, so that each drawn token is seen with its log-probabilities
     and checked (:mod:`moe_mpi.finite`); ``batch_generate`` returns only the
-    tokens. The stop token is not kept, as there.
+    tokens. The stop token is not kept, as there. With ``overlap_comm``
+    (``--overlap``), the prompts go to two cohorts whose all-reduces overlap
+    (:mod:`moe_mpi.overlap`).
     """
     from mlx_lm.generate import BatchGenerator
 
     # The whole batch is prefilled and decoded together.
-    gen = BatchGenerator(model, stop_tokens=[[t] for t in tokenizer.eos_token_ids], sampler=sampler,
-                         prefill_batch_size=len(prompts), completion_batch_size=len(prompts))
-    skip_unread_prefill(gen, tail)  # prompt chunks leave out the work nobody reads
+    sizes = dict(stop_tokens=[[t] for t in tokenizer.eos_token_ids], sampler=sampler,
+                 prefill_batch_size=len(prompts), completion_batch_size=len(prompts))
+    if overlap_comm is not None:
+        gen = Cohorts(model, overlap_comm, 2, **sizes)
+        gen.skip_unread_prefill(tail)  # prompt chunks leave out the work nobody reads
+    else:
+        gen = BatchGenerator(model, **sizes)
+        skip_unread_prefill(gen, tail)
     try:
         uids = gen.insert(prompts, [max_tokens] * len(prompts))
         out: Dict[int, List[int]] = {uid: [] for uid in uids}
@@ -616,7 +624,7 @@ def generate_batch(args: argparse.Namespace, comm: Communicator, watchdog: Watch
     debug = args.debug
     rank0 = comm.rank == 0
     with collective_phase(comm, debug=debug, name_ranks=False):
-        comm = _backend_comm(comm, args.backend)
+        comm = backend_comm(comm, args.backend)
     plan = _batch_plan(args, comm, watchdog)
     todo, total = plan["todo"], plan["total"]
     skipped = total - len(todo)
@@ -645,7 +653,8 @@ def generate_batch(args: argparse.Namespace, comm: Communicator, watchdog: Watch
     comm.reset_stats()
     with _recording(args, model, rank0) as stats:
         prompt_tokens, generated = _generate_batches(
-            args, model, tokenizer, todo, tokens, sampler, rank0, writer, progress, tail
+            args, model, tokenizer, todo, tokens, sampler, rank0, writer, progress, tail,
+            overlap_comm=comm if args.overlap else None,
         )
     snapshot = comm.snapshot()
     _save_routing(args, model, comm, stats)

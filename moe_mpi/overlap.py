@@ -18,13 +18,15 @@ read twice per step, where one batch reads it once. Where a step is bound by
 reading weights (batched decode on a Mac) that can cost more than it hides;
 prefill and CPU-bound steps lose little (docs/serving.md, "Overlap").
 
-The turns are taken at the all-reduces (:attr:`moe_mpi.comm.Communicator.pause`):
-a task starts its non-blocking all-reduce and hands over, the other runs to
-its own next all-reduce and hands back, and the first waits for its sum.
-The tasks are greenlets (the ``greenlet`` package): one thread, so MLX and
-MPI see the same single-threaded program as without overlap, and the order
-in which all-reduces start is the same on every rank (A0, B0, A1, B1, ...),
-so the non-blocking collectives match across ranks as blocking ones do.
+The turns are taken at the all-reduces (:attr:`moe_mpi.comm.Communicator.overlap`):
+a task hands its all-reduce to a thread of its own (:class:`_Wire`), which
+keeps MPI moving the message, and hands over; the other task runs to its
+own next all-reduce and hands back, and the first waits for its sum. The
+tasks are greenlets (the ``greenlet`` package) on the main thread, so MLX
+sees the single-threaded program it sees without overlap; MPI is entered by
+one thread at a time (the main thread's other MPI calls wait until the
+wire is idle), and the all-reduces start in the same order on every rank
+(A0, B0, A1, B1, ...), so they match across ranks as they do without overlap.
 Each greenlet has its own context variables, so state a task sets for its
 own forward pass (:mod:`moe_mpi.unread`) does not leak into the other's.
 
@@ -34,7 +36,10 @@ overlap: two cohorts make two forward passes of half the rows each.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, List, Sequence
+import queue
+import threading
+import time
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import mlx.core as mx
 from greenlet import getcurrent, greenlet
@@ -54,6 +59,70 @@ def check_overlap(comm) -> None:
         raise ValueError(f"overlap needs the all-reduce backend 'mpi4py', not {comm.backend!r}")
 
 
+#: Seconds between two checks of an all-reduce on the wire: short against a
+#: layer's compute, long enough that the checks cost nothing.
+POLL_SECONDS = 50e-6
+
+
+class _Job:
+    """One all-reduce handed to the wire thread."""
+
+    def __init__(self, comm, buf):
+        self.comm, self.buf = comm, buf
+        self.done = threading.Event()
+        self.error: Optional[BaseException] = None
+
+    def result(self) -> None:
+        self.done.wait()
+        if self.error is not None:
+            raise self.error
+
+
+class _Wire(threading.Thread):
+    """The thread that moves all-reduces while the main thread computes.
+
+    MPI moves a message only while some thread is inside an MPI call (TCP
+    sockets are read and written, and a large message's hand-shake answered,
+    in MPI's progress loop); on the main thread that would be only at the
+    next all-reduce. So the reductions run here, one at a time in the order
+    they were handed in (the same order on every rank): a non-blocking
+    ``Iallreduce``, checked every :data:`POLL_SECONDS`, sleeping in between so
+    as not to take a core from the compute. Only one thread is in MPI at a
+    time: the main thread makes its other MPI calls after :meth:`drain`.
+    """
+
+    def __init__(self):
+        super().__init__(name="moe_mpi-overlap-wire", daemon=True)
+        self.jobs: "queue.SimpleQueue[Optional[_Job]]" = queue.SimpleQueue()
+        self.idle = threading.Event()
+        self.idle.set()
+        self.pending = 0
+        self.start()
+
+    def submit(self, job: _Job) -> None:
+        self.idle.clear()
+        self.pending += 1
+        self.jobs.put(job)
+
+    def run(self) -> None:
+        from mpi4py import MPI
+
+        while (job := self.jobs.get()) is not None:
+            try:
+                request = job.comm.Iallreduce(MPI.IN_PLACE, job.buf, op=MPI.SUM)
+                while not request.Test():
+                    time.sleep(POLL_SECONDS)
+            except BaseException as e:  # noqa: BLE001 - handed to the waiting task
+                job.error = e
+            self.pending -= 1
+            if self.pending == 0:
+                self.idle.set()
+            job.done.set()
+
+    def stop(self) -> None:
+        self.jobs.put(None)
+
+
 class Interleave:
     """Runs callables in turns on this thread, switching at every all-reduce of ``comm``.
 
@@ -65,6 +134,7 @@ class Interleave:
         check_overlap(comm)
         self.comm = comm
         self._tasks: set = set()
+        self._wire: Optional[_Wire] = None
 
     def run(self, tasks: Sequence[Callable[[], Any]]) -> List[Any]:
         """Runs ``tasks`` to their ends, in turns; returns their results in order.
@@ -76,12 +146,14 @@ class Interleave:
         """
         if len(tasks) < 2 or self.comm.size == 1:
             return [task() for task in tasks]
-        if self.comm.pause is not None:
+        if self.comm.overlap is not None:
             raise RuntimeError("Interleave.run is not reentrant: the communicator is already interleaving")
+        if self._wire is None:
+            self._wire = _Wire()
         runs = [greenlet(task) for task in tasks]
         results: List[Any] = [None] * len(runs)
         self._tasks = set(runs)
-        self.comm.pause = self._pause
+        self.comm.overlap = self
         try:
             while any(not g.dead for g in runs):
                 for i, g in enumerate(runs):
@@ -90,14 +162,39 @@ class Interleave:
                         if g.dead:
                             results[i] = value
         finally:
-            self.comm.pause = None
+            self.comm.overlap = None
             self._tasks = set()
+            self.drain()
         return results
 
-    def _pause(self) -> None:
+    def reduce(self, mpi_comm, buf) -> float:
+        """Sums ``buf`` in place over ``mpi_comm``; the other tasks run meanwhile.
+
+        Called by :meth:`moe_mpi.Communicator.all_sum` while this run is on.
+        Returns the seconds spent in the other tasks.
+        """
+        job = _Job(mpi_comm, buf)
+        self._wire.submit(job)
         task = getcurrent()
-        if task in self._tasks:  # not from the scheduler itself
+        other = 0.0
+        if task in self._tasks:  # not the scheduler itself
+            start = time.perf_counter()
             task.parent.switch()
+            other = time.perf_counter() - start
+        job.result()
+        return other
+
+    def drain(self) -> None:
+        """Waits until no all-reduce is on its way (before another MPI call on this thread)."""
+        if self._wire is not None:
+            self._wire.idle.wait()
+
+    def close(self) -> None:
+        """Ends the wire thread (a new :meth:`run` starts another)."""
+        if self._wire is not None:
+            self._wire.stop()
+            self._wire.join()
+            self._wire = None
 
 
 class Cohorts:
@@ -217,4 +314,5 @@ class Cohorts:
     def close(self) -> None:
         for m in self.members:
             m.close()
+        self.interleave.close()
         mx.clear_cache()

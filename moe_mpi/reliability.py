@@ -3,8 +3,10 @@
 Both commands run the same start-up and the same checks (docs/reliability.md):
 
 * the options ``--timeout``, ``--routing-guard`` / ``--no-routing-guard`` and
-  ``--strict-routing`` (:func:`add_reliability_arguments`) and the rules
-  between them and ``--backend`` (:func:`check_reliability_arguments`);
+  ``--strict-routing`` (:func:`add_reliability_arguments`), the all-reduce's
+  data path ``--backend`` and ``--overlap`` (:func:`add_data_path_arguments`,
+  :func:`backend_comm`) and the rules between them
+  (:func:`check_reliability_arguments`);
 * :func:`watched`: the fingerprint of the command line, compared as the
   first collective (:mod:`moe_mpi.fingerprint`), then the watchdog
   (:mod:`moe_mpi.watchdog`) for the rest of the run, which ends with a
@@ -23,11 +25,15 @@ import contextlib
 from typing import Any, Callable, Dict, Iterator, Optional, Tuple
 
 from .argtypes import timeout_seconds
+from .comm import BACKENDS, Communicator
+from .errors import UserError
 from .runner import collective_phase
 from .watchdog import DEFAULT_TIMEOUT, Watchdog
 
 __all__ = [
+    "add_data_path_arguments",
     "add_reliability_arguments",
+    "backend_comm",
     "check_reliability_arguments",
     "guard_wanted",
     "guard_warning",
@@ -66,8 +72,34 @@ def add_reliability_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_data_path_arguments(parser: argparse.ArgumentParser) -> None:
+    """Adds ``--backend`` and ``--overlap``: how the per-layer all-reduce travels."""
+    parser.add_argument("--backend", choices=BACKENDS, default="mpi4py",
+                        help="Data path of the per-layer all-reduce (default: mpi4py).")
+    parser.add_argument(
+        "--overlap", action="store_true",
+        help=(
+            "Two-batch overlap: the sequences in two cohorts stepped in turns, each one's all-reduces "
+            "travelling while the other computes. Pays over slow links; costs expert reads where decode "
+            "is bound by memory (docs/serving.md, 'Overlap'). Needs --backend mpi4py."
+        ),
+    )
+
+
+def backend_comm(comm: Communicator, backend: str) -> Communicator:
+    """The job's communicator with ``--backend``'s data path (``comm`` itself if it has it)."""
+    if backend == comm.backend:
+        return comm
+    try:
+        return Communicator(backend=backend)
+    except RuntimeError as e:  # MLX cannot share this MPI world: a setup problem
+        raise UserError(f"--backend {backend}: {e}") from None
+
+
 def check_reliability_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """Refuses guard options that ``--backend`` cannot honour (``parser.error``)."""
+    """Refuses guard and overlap options that ``--backend`` cannot honour (``parser.error``)."""
+    if getattr(args, "overlap", False) and args.backend != "mpi4py":
+        parser.error(f"--overlap needs --backend mpi4py (non-blocking all-reduces), not --backend {args.backend}")
     if args.routing_guard and args.backend == "mlx":
         parser.error("--routing-guard needs --backend mpi4py (MLX's all-reduce cannot carry the check)")
     if args.strict_routing and (args.routing_guard is False or args.backend == "mlx"):

@@ -158,3 +158,15 @@ def test_slice_cost_prints_a_fit_per_kernel_and_rank(tmp_path):
     assert all(math.isfinite(float(v)) for r in rows for v in r[3:]), out
     # Every (kernel, rows, width, k) point of every rank: 2 kernels x 3 widths x k in (1, 2).
     assert len(re.findall(r"^#   (decode|prefill) \d+ \d+ \d: [\d.]+us [\d.]+us$", out, re.M)) == 12, out
+
+
+def test_overlap_prefill_times_three_ways_with_the_same_tokens(tmp_path):
+    """docs/benchmarks.md's overlap prefill measurement runs (2 ranks, one host: only the output's shape is checked)."""
+    from moe_mpi import synthetic
+
+    ckpt = synthetic.write_checkpoint(tmp_path / "qwen3_moe", synthetic.tiny_config("qwen3_moe"), seed=1)
+    argv = [sys.executable, "examples/overlap_prefill.py", "--model", str(ckpt), "--batch", "4", "--tokens", "6"]
+    proc = launch.run_mpirun(2, argv, timeout=TIMEOUT, cwd=REPO)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = re.findall(r"^(whole|halves|overlap)\s+[\d.]+ s .* greedy tokens (\w+)$", proc.stdout, re.M)
+    assert rows == [("whole", "same"), ("halves", "same"), ("overlap", "same")], proc.stdout

@@ -362,19 +362,24 @@ def test_default_model(tmp_path):
 # --------------------------------------------------------------------------
 
 
-def test_batch_rows_match_single_generation(ckpt, reference, tmp_path):
+@pytest.mark.parametrize("overlap", [False, True], ids=["one-batch", "overlap"])
+def test_batch_rows_match_single_generation(overlap, ckpt, reference, tmp_path):
     prompts = write_prompts(tmp_path / "prompts.jsonl")
     out = tmp_path / "results.jsonl"
-    # Batches of 2, 2 and 1 prompts of different lengths (padding).
+    # Batches of 2, 2 and 1 prompts of different lengths (padding); with
+    # --overlap, a batch of 2 is two cohorts of one, stepped in turns.
     proc, _ = run(
         2, "--model", ckpt, "--prompts-file", prompts, "--output", out,
-        "--batch-size", 2, "--max-tokens", MAX_TOKENS, "--verbose",
+        "--batch-size", 2, "--max-tokens", MAX_TOKENS, "--verbose", *(["--overlap"] if overlap else []),
     )
     assert_ok(proc)
     assert proc.stdout == ""
     assert "wrote 5 results" in proc.stderr
-    # Each batch's prompt chunk leaves out its last MoE layer: 3 batches, one chunk each.
-    assert "; 3 left out of prompt chunks;" in proc.stderr, proc.stderr
+    # Each prompt chunk leaves out its last MoE layer: 3 batches, one chunk each (5 cohorts with overlap).
+    assert f"; {5 if overlap else 3} left out of prompt chunks;" in proc.stderr, proc.stderr
+    if overlap:  # the two batches of 2 overlapped their all-reduces
+        overlapped = int(re.search(r"; (\d+) overlapped;", proc.stderr).group(1))
+        assert overlapped > 0, proc.stderr
     rows = read_rows(out)
     assert [r["id"] for r in rows] == PROMPT_IDS
     for row, source in zip(rows, PROMPTS):
@@ -530,6 +535,11 @@ BAD_INPUT = {
         "num_attention_heads=2, num_key_value_heads=1: 3 ranks would share one key/value head",
     ),
     "attention-split-unknown-choice": (2, lambda bad, tmp: ["--attention", "halves"], "invalid choice: 'halves'"),
+    "overlap-of-one-prompt": (2, lambda bad, tmp: ["--overlap"], "--overlap is for batch mode"),
+    "overlap-with-mlx-backend": (
+        2, lambda bad, tmp: ["--overlap", "--backend", "mlx", "--prompts-file", bad("empty.jsonl"), "--output", tmp / "out.jsonl"],
+        "--overlap needs --backend mpi4py",
+    ),
     # Was written after generating: the run's statistics were lost.
     "record-routing-into-a-directory": (2, lambda bad, tmp: ["--record-routing", tmp], "is a directory"),
 }

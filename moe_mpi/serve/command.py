@@ -24,9 +24,17 @@ import threading
 from typing import Optional, Sequence
 
 from ..argtypes import add_sharding_arguments, non_negative_float, non_negative_int, port, positive_int, probability, unit_interval
-from ..comm import BACKENDS, Communicator
+from ..comm import Communicator
 from ..errors import UserError
-from ..reliability import add_reliability_arguments, check_reliability_arguments, guard_warning, load_checked, watched
+from ..reliability import (
+    add_data_path_arguments,
+    add_reliability_arguments,
+    backend_comm,
+    check_reliability_arguments,
+    guard_warning,
+    load_checked,
+    watched,
+)
 from ..results import check_writable
 from ..routing import RoutingStats, record_routing
 from ..runner import PROG, abort_on_error, add_debug_argument, collective_phase, env_rank, parse_args
@@ -95,8 +103,7 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     add("--host", default=DEFAULT_HOST, help=f"Address rank 0 listens on (default: {DEFAULT_HOST}, this machine only; 0.0.0.0 opens it to the network, see docs/serving.md).")
     add("--port", type=port, default=DEFAULT_PORT, help=f"Port (default: {DEFAULT_PORT}; 0 picks a free one).")
     add_sharding_arguments(parser)  # --mode, --placement, --weights, ...: as moe-mpi generate
-    add("--backend", choices=BACKENDS, default="mpi4py", help="Data path of the per-layer all-reduce (default: mpi4py).")
-    add("--overlap", action="store_true", help="Two-batch overlap: the requests in two cohorts stepped in turns, each one's all-reduces travelling while the other computes; pays over slow links, costs expert reads where decode is bound by memory (docs/serving.md, 'Overlap'). Needs --backend mpi4py.")
+    add_data_path_arguments(parser)  # --backend, --overlap: as moe-mpi generate
     add_reliability_arguments(parser)  # --routing-guard, --strict-routing, --timeout: as moe-mpi generate
     add("--api-key", default=None, help="Require 'Authorization: Bearer KEY' (default: the MOE_MPI_API_KEY environment variable, else none).")
     add("--allowed-origins", type=_origins, default=[], help="Comma-separated origins that browsers may call from (CORS); default: none.")
@@ -129,15 +136,6 @@ def _configure_logging(level: str) -> None:
         format="%(asctime)s %(levelname)s %(message)s",
         stream=sys.stderr,
     )
-
-
-def _backend_comm(comm: Communicator, backend: str) -> Communicator:
-    if backend == comm.backend:
-        return comm
-    try:
-        return Communicator(backend=backend)
-    except RuntimeError as e:
-        raise UserError(f"--backend {backend}: {e}") from None
 
 
 def _vocab_size(config: dict, tokenizer) -> int:
@@ -200,7 +198,7 @@ def serve(args: argparse.Namespace, comm: Communicator, watchdog) -> None:
     httpd = None
     model_arg = args.model
     with collective_phase(comm, debug=args.debug, name_ranks=False):
-        comm = _backend_comm(comm, args.backend)
+        comm = backend_comm(comm, args.backend)
         if rank0:  # fail on a port in use, or an output that cannot be written, before the long load
             check_writable(args.record_routing, "--record-routing")
             httpd = make_http_server(args.host, args.port)
@@ -298,8 +296,6 @@ def _guard_reporter(guard):
 def _validate(parser: argparse.ArgumentParser):
     def validate(args: argparse.Namespace) -> None:
         check_reliability_arguments(parser, args)
-        if args.overlap and args.backend != "mpi4py":
-            parser.error(f"--overlap needs --backend mpi4py (non-blocking all-reduces), not --backend {args.backend}")
 
     return validate
 
