@@ -59,9 +59,12 @@ def check_overlap(comm) -> None:
         raise ValueError(f"overlap needs the all-reduce backend 'mpi4py', not {comm.backend!r}")
 
 
-#: Seconds between two checks of an all-reduce on the wire: short against a
-#: layer's compute, long enough that the checks cost nothing.
+#: Seconds between the first checks of an all-reduce on the wire; the wait
+#: doubles after each check up to :data:`MAX_POLL_SECONDS`. Each check costs
+#: the rank's compute a few microseconds of its core: short waits catch a
+#: quick reduction, long ones keep a slow link's many checks cheap.
 POLL_SECONDS = 50e-6
+MAX_POLL_SECONDS = 1e-3
 
 
 class _Job:
@@ -86,8 +89,8 @@ class _Wire(threading.Thread):
     in MPI's progress loop); on the main thread that would be only at the
     next all-reduce. So the reductions run here, one at a time in the order
     they were handed in (the same order on every rank): a non-blocking
-    ``Iallreduce``, checked every :data:`POLL_SECONDS`, sleeping in between so
-    as not to take a core from the compute. Only one thread is in MPI at a
+    ``Iallreduce``, checked after :data:`POLL_SECONDS` and then less and less
+    often, sleeping in between so as not to take a core from the compute. Only one thread is in MPI at a
     time: the main thread makes its other MPI calls after :meth:`drain`.
     """
 
@@ -110,8 +113,10 @@ class _Wire(threading.Thread):
         while (job := self.jobs.get()) is not None:
             try:
                 request = job.comm.Iallreduce(MPI.IN_PLACE, job.buf, op=MPI.SUM)
+                wait = POLL_SECONDS
                 while not request.Test():
-                    time.sleep(POLL_SECONDS)
+                    time.sleep(wait)
+                    wait = min(2 * wait, MAX_POLL_SECONDS)
             except BaseException as e:  # noqa: BLE001 - handed to the waiting task
                 job.error = e
             self.pending -= 1

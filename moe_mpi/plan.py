@@ -195,6 +195,7 @@ def plan_rows(shape, machines, links, modes, batch, prompt, context, routing=Non
     (:func:`exact_weights`), used for the whole-expert modes in place of the
     byte model's count.
     """
+    from .overlap_model import SUFFIX, predict_overlap
     from .perfmodel import PerfModelError, default_layouts, memory_per_rank, predict
 
     rows = []
@@ -203,14 +204,18 @@ def plan_rows(shape, machines, links, modes, batch, prompt, context, routing=Non
             for n in range(1, len(machines) + 1):
                 ranks = machines[:n]
                 name = "single" if (n == 1 and mode == "single") else mode
+                base = name.removesuffix(SUFFIX)
                 try:
-                    layouts = default_layouts(shape, name, n, routing, replicas, balance, row_cost)
-                    memory = memory_per_rank(shape, name, n, batch * context, layouts)
-                    if exact and exact.get(n) and name in ("ep", "allgather"):
+                    layouts = default_layouts(shape, base, n, routing, replicas, balance, row_cost)
+                    memory = memory_per_rank(shape, base, n, batch * context, layouts)
+                    if exact and exact.get(n) and base in ("ep", "allgather"):
                         kv = batch * context * shape.kv_bytes_per_token
                         memory = [w + kv for w in exact[n]]
-                    decode = predict(shape, name, ranks, link, batch, "decode", context, routing, layouts)
-                    prefill = predict(shape, name, ranks, link, prompt, "prefill", 0, routing, layouts)
+                    if base != name:  # two cohorts of the batch; one prompt's prefill has no second cohort
+                        decode = predict_overlap(shape, base, ranks, link, batch, "decode", context, routing, layouts)
+                    else:
+                        decode = predict(shape, name, ranks, link, batch, "decode", context, routing, layouts)
+                    prefill = predict(shape, base, ranks, link, prompt, "prefill", 0, routing, layouts)
                 except PerfModelError as e:
                     rows.append(dict(link=link.name, mode=name, ranks=n, skipped=str(e)))
                     continue
@@ -348,10 +353,14 @@ def _run(args) -> int:
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     if not modes:
         raise ValueError(f"--modes {args.modes!r} names no mode (ep, sliced, auto, auto+heads, central, mlx-lm-tp)")
+    from .overlap_model import SUFFIX
     from .perfmodel import get_mode
 
     for m in modes:
-        get_mode(m)
+        base = m.removesuffix(SUFFIX)
+        if base != m and base.removesuffix("+heads") not in ("ep", "sliced", "auto"):
+            raise ValueError(f"--modes {m}: overlap is moe-mpi serve's, for modes ep, sliced and auto (+heads)")
+        get_mode(base)
     prices = _prices(args.price)
     routing = _routing(args.stats, shape, path)
     exact = {n: exact_weights(path, n) for n in range(1, len(machines) + 1)} if path is not None else None

@@ -165,8 +165,10 @@ def test_overlap_prefill_times_three_ways_with_the_same_tokens(tmp_path):
     from moe_mpi import synthetic
 
     ckpt = synthetic.write_checkpoint(tmp_path / "qwen3_moe", synthetic.tiny_config("qwen3_moe"), seed=1)
-    argv = [sys.executable, "examples/overlap_prefill.py", "--model", str(ckpt), "--batch", "4", "--tokens", "6"]
-    proc = launch.run_mpirun(2, argv, timeout=TIMEOUT, cwd=REPO)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    rows = re.findall(r"^(whole|halves|overlap)\s+[\d.]+ s .* greedy tokens (\w+)$", proc.stdout, re.M)
-    assert rows == [("whole", "same"), ("halves", "same"), ("overlap", "same")], proc.stdout
+    for extra in ([], ["--decode", "3"]):
+        argv = [sys.executable, "examples/overlap_prefill.py", "--model", str(ckpt), "--batch", "4", "--tokens", "6", *extra]
+        proc = launch.run_mpirun(2, argv, timeout=TIMEOUT, cwd=REPO)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        rows = re.findall(r"^(whole|halves|overlap)\s+[\d.]+ s .* greedy tokens (\w+)$", proc.stdout, re.M)
+        assert rows == [("whole", "same"), ("halves", "same"), ("overlap", "same")], proc.stdout
+        assert ("decode steps" in proc.stdout) == bool(extra), proc.stdout
