@@ -99,12 +99,14 @@ class _Wire(threading.Thread):
         self.jobs: "queue.SimpleQueue[Optional[_Job]]" = queue.SimpleQueue()
         self.idle = threading.Event()
         self.idle.set()
-        self.pending = 0
+        self.pending = 0  # jobs handed in and not done; under _lock (two threads change it)
+        self._lock = threading.Lock()
         self.start()
 
     def submit(self, job: _Job) -> None:
-        self.idle.clear()
-        self.pending += 1
+        with self._lock:
+            self.pending += 1
+            self.idle.clear()
         self.jobs.put(job)
 
     def run(self) -> None:
@@ -119,9 +121,10 @@ class _Wire(threading.Thread):
                     wait = min(2 * wait, MAX_POLL_SECONDS)
             except BaseException as e:  # noqa: BLE001 - handed to the waiting task
                 job.error = e
-            self.pending -= 1
-            if self.pending == 0:
-                self.idle.set()
+            with self._lock:
+                self.pending -= 1
+                if self.pending == 0:
+                    self.idle.set()
             job.done.set()
 
     def stop(self) -> None:
@@ -167,9 +170,11 @@ class Interleave:
                         if g.dead:
                             results[i] = value
         finally:
+            # After an error, an all-reduce may be left waiting for peers
+            # that will never send: no drain then (the error path ends the job).
             self.comm.overlap = None
             self._tasks = set()
-            self.drain()
+        self.drain()  # every task waited for its own all-reduces: this returns at once
         return results
 
     def reduce(self, mpi_comm, buf) -> float:

@@ -25,6 +25,7 @@ from moe_mpi import synthetic  # noqa: E402
 from moe_mpi.bench.serve import ServerJob, http_get  # noqa: E402
 from moe_mpi.launch import mpirun_command, run_mpirun  # noqa: E402
 from openai_stream import collect  # noqa: E402  (tests/openai_stream.py)
+from process_checks import ranks_gone  # noqa: E402  (tests/process_checks.py)
 
 TIMEOUT = 120
 MAX_TOKENS = 12
@@ -137,3 +138,42 @@ def test_overlap_needs_the_mpi4py_backend(ckpt):
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.count("--overlap needs --backend mpi4py") == 1, proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def read_until_closed(url: str, model_id: str) -> None:
+    """A stream that goes on (no end-of-sequence token) until the server goes away."""
+    host, port = url.split("://")[1].rsplit(":", 1)
+    body = json.dumps({"model": model_id, "messages": [{"role": "user", "content": "go on"}],
+                       "max_tokens": CONTEXT - 40, "stream": True,
+                       "logit_bias": {str(t): -100 for t in range(3)}}).encode()
+    with socket.create_connection((host, int(port))) as sock:
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+        try:
+            while sock.recv(4096):
+                pass
+        except OSError:
+            pass
+
+
+def test_a_rank_that_dies_mid_step_takes_the_overlapped_job_down(ckpt, tmp_path):
+    # Both cohorts busy (two endless streams), so that the dead rank leaves
+    # an all-reduce half done on the live rank's wire thread.
+    job = start(2, ckpt, tmp_path, "--overlap")
+    try:
+        pids = [r["pid"] for r in http_get(job.url, "/status")[1]["ranks"]]
+        for _ in range(2):
+            threading.Thread(target=read_until_closed, args=(job.url, str(ckpt)), daemon=True).start()
+        deadline = time.monotonic() + 30
+        while http_get(job.url, "/status")[1]["ranks"][0]["cohorts"] != [1, 1]:
+            assert time.monotonic() < deadline, "the two streams never ran in two cohorts"
+            time.sleep(0.05)
+        os.kill(pids[1], signal.SIGKILL)
+        job.proc.wait(timeout=15)
+        assert job.proc.returncode != 0
+        out = job.output()
+        assert "rank 1" in out and ("signal 9" in out or "Killed" in out), out
+        assert http_get(job.url, "/health") == (None, None)  # nothing accepts requests
+        assert ranks_gone(pids, 5.0)
+    finally:
+        job.stop(signal.SIGKILL, timeout=5)

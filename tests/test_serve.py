@@ -31,6 +31,7 @@ openai = pytest.importorskip("openai")
 
 from moe_mpi import synthetic  # noqa: E402
 from openai_stream import collect  # noqa: E402  (tests/openai_stream.py)
+from process_checks import ranks_gone  # noqa: E402  (tests/process_checks.py)
 from moe_mpi.bench.serve import ServerJob, http_get  # noqa: E402
 from moe_mpi.launch import mpirun_command, run_mpirun  # noqa: E402
 
@@ -84,25 +85,6 @@ def get_json(url: str, path: str, headers: dict) -> dict:
     response = conn.getresponse()
     assert response.status == 200
     return json.loads(response.read())
-
-
-def running(pid: int) -> bool:
-    """Whether ``pid`` still runs (a zombie waiting to be reaped does not)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            stat = f.read()
-    except FileNotFoundError:
-        return False
-    return stat[stat.rfind(")") + 2] != "Z"
-
-
-def ranks_gone(pids, within: float) -> bool:
-    deadline = time.monotonic() + within
-    while time.monotonic() < deadline:
-        if not any(running(pid) for pid in pids):
-            return True
-        time.sleep(0.1)
-    return False
 
 
 def rank_pids(url: str) -> list:
