@@ -8,10 +8,8 @@ that leaves mid-stream frees its slot in its cohort. (The per-architecture,
 per-mode exactness of the cohorts is in tests/mpi_equivalence.py.)
 """
 
-import json
 import os
 import signal
-import socket
 import sys
 import threading
 import time
@@ -24,7 +22,7 @@ openai = pytest.importorskip("openai")
 from moe_mpi import synthetic  # noqa: E402
 from moe_mpi.bench.serve import ServerJob, http_get  # noqa: E402
 from moe_mpi.launch import mpirun_command, run_mpirun  # noqa: E402
-from openai_stream import collect  # noqa: E402  (tests/openai_stream.py)
+from openai_stream import collect, open_stream  # noqa: E402  (tests/openai_stream.py)
 from process_checks import ranks_gone  # noqa: E402  (tests/process_checks.py)
 
 TIMEOUT = 120
@@ -65,15 +63,15 @@ def generate_text(ckpt: Path, prompt: str) -> str:
     return proc.stdout[:-1]
 
 
-def leave_mid_stream(url: str, model_id: str) -> None:
-    """Starts a long stream (no end-of-sequence token: logit_bias) and hangs up after two chunks."""
-    host, port = url.split("://")[1].rsplit(":", 1)
-    body = json.dumps({"model": model_id, "messages": [{"role": "user", "content": "go on"}],
-                       "max_tokens": CONTEXT - 40, "stream": True,
-                       "logit_bias": {str(t): -100 for t in range(3)}}).encode()
-    sock = socket.create_connection((host, int(port)))
-    sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                 + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+def no_end(ckpt: Path) -> list:
+    from mlx_lm.utils import load_tokenizer
+
+    return list(load_tokenizer(ckpt).eos_token_ids)
+
+
+def leave_mid_stream(url: str, ckpt: Path) -> None:
+    """Starts an endless stream and hangs up after two chunks."""
+    sock = open_stream(url, str(ckpt), CONTEXT - 40, no_end(ckpt))
     received = b""
     while received.count(b"data: ") < 2:
         received += sock.recv(4096)
@@ -101,7 +99,7 @@ def test_overlapped_cohorts_serve_each_prompt_as_alone(n, extra, ckpt, tmp_path)
                 errors.append(repr(e))
 
         threads = [threading.Thread(target=one, args=(p,)) for p in PROMPTS]
-        leaver = threading.Thread(target=leave_mid_stream, args=(job.url, model_id))
+        leaver = threading.Thread(target=leave_mid_stream, args=(job.url, ckpt))
         for t in [leaver, *threads]:
             t.start()
         for t in [leaver, *threads]:
@@ -140,15 +138,9 @@ def test_overlap_needs_the_mpi4py_backend(ckpt):
     assert "Traceback" not in proc.stderr
 
 
-def read_until_closed(url: str, model_id: str) -> None:
-    """A stream that goes on (no end-of-sequence token) until the server goes away."""
-    host, port = url.split("://")[1].rsplit(":", 1)
-    body = json.dumps({"model": model_id, "messages": [{"role": "user", "content": "go on"}],
-                       "max_tokens": CONTEXT - 40, "stream": True,
-                       "logit_bias": {str(t): -100 for t in range(3)}}).encode()
-    with socket.create_connection((host, int(port))) as sock:
-        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                     + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+def read_until_closed(url: str, ckpt: Path) -> None:
+    """An endless stream, read until the server goes away."""
+    with open_stream(url, str(ckpt), CONTEXT - 40, no_end(ckpt)) as sock:
         try:
             while sock.recv(4096):
                 pass
@@ -163,7 +155,7 @@ def test_a_rank_that_dies_mid_step_takes_the_overlapped_job_down(ckpt, tmp_path)
     try:
         pids = [r["pid"] for r in http_get(job.url, "/status")[1]["ranks"]]
         for _ in range(2):
-            threading.Thread(target=read_until_closed, args=(job.url, str(ckpt)), daemon=True).start()
+            threading.Thread(target=read_until_closed, args=(job.url, ckpt), daemon=True).start()
         deadline = time.monotonic() + 30
         while http_get(job.url, "/status")[1]["ranks"][0]["cohorts"] != [1, 1]:
             assert time.monotonic() < deadline, "the two streams never ran in two cohorts"

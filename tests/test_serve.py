@@ -30,7 +30,7 @@ import pytest
 openai = pytest.importorskip("openai")
 
 from moe_mpi import synthetic  # noqa: E402
-from openai_stream import collect  # noqa: E402  (tests/openai_stream.py)
+from openai_stream import collect, open_stream  # noqa: E402  (tests/openai_stream.py)
 from process_checks import ranks_gone  # noqa: E402  (tests/process_checks.py)
 from moe_mpi.bench.serve import ServerJob, http_get  # noqa: E402
 from moe_mpi.launch import mpirun_command, run_mpirun  # noqa: E402
@@ -317,16 +317,10 @@ def test_openai_client_raises_on_bad_requests(server, client, model_id):
 
 def test_disconnect_mid_stream_frees_the_slot(server, client, model_id, tokenizer):
     before = http_get(server.url, "/status")[1]["requests"]
-    host, port = server.url.split("://")[1].rsplit(":", 1)
     # No end-of-sequence token, so that only the disconnect can end it early
     # (the tiny model otherwise stops by itself, sometimes before a loaded
     # machine has noticed the client left).
-    no_end = {str(t): -100 for t in tokenizer.eos_token_ids}
-    body = json.dumps({"model": model_id, "messages": [{"role": "user", "content": "go on"}],
-                       "max_tokens": CONTEXT - 40, "stream": True, "logit_bias": no_end}).encode()
-    sock = socket.create_connection((host, int(port)))
-    sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                 + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+    sock = open_stream(server.url, model_id, CONTEXT - 40, tokenizer.eos_token_ids)
     received = b""
     while received.count(b"data: ") < 2:
         received += sock.recv(4096)
