@@ -344,6 +344,8 @@ class Communicator:
             raise TypeError(f"all_sum of a numpy array takes C-contiguous float32, not {x.dtype}")
         start = time.perf_counter()
         if self._size > 1:
+            if self.overlap is not None:  # one thread at a time in MPI
+                self.overlap.drain()
             activity = ACTIVITY
             activity.entered += 1
             if self.backend == "mlx":
@@ -384,10 +386,9 @@ class Communicator:
         if x.dtype == mx.bool_:
             raise TypeError("all_sum does not support bool arrays")
         start = time.perf_counter()
-        view = memoryview(x)  # evaluates x
         cast = None
         if x.dtype in self._np_dtypes:
-            buf = np.array(view)  # a C-contiguous copy, whatever x's strides
+            buf = np.array(memoryview(x))  # evaluates x; a C-contiguous copy, whatever its strides
         elif x.dtype in (mx.bfloat16, mx.float16):
             buf = np.array(memoryview(x.astype(mx.float32)))
             cast = x.dtype
