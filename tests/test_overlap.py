@@ -20,15 +20,14 @@ import pytest
 openai = pytest.importorskip("openai")
 
 from moe_mpi import synthetic  # noqa: E402
-from moe_mpi.bench.serve import ServerJob, http_get  # noqa: E402
-from moe_mpi.launch import mpirun_command, run_mpirun  # noqa: E402
+from moe_mpi.bench.serve import http_get  # noqa: E402
+from moe_mpi.launch import run_mpirun  # noqa: E402
 from openai_stream import collect, open_stream  # noqa: E402  (tests/openai_stream.py)
-from process_checks import ranks_gone  # noqa: E402  (tests/process_checks.py)
+from serve_jobs import ENV, ranks_gone, start_server  # noqa: E402  (tests/serve_jobs.py)
 
 TIMEOUT = 120
 MAX_TOKENS = 12
 CONTEXT = 1 << 16
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 PROMPTS = [f"question {i}: what is {i} plus {i + 1}" for i in range(16)]
 
 
@@ -36,17 +35,6 @@ PROMPTS = [f"question {i}: what is {i} plus {i + 1}" for i in range(16)]
 def ckpt(tmp_path_factory) -> Path:
     config = synthetic.tiny_config("qwen3_moe", max_position_embeddings=CONTEXT)
     return synthetic.write_checkpoint(tmp_path_factory.mktemp("overlap") / "qwen3_moe", config, seed=1)
-
-
-def start(n: int, ckpt: Path, tmp: Path, *extra) -> ServerJob:
-    argv = mpirun_command(n, [sys.executable, "-m", "moe_mpi", "serve", "--model", str(ckpt), "--port", "0", *extra])
-    job = ServerJob(argv, tmp / f"serve-{n}-{time.monotonic_ns()}.log", env=ENV).start()
-    try:
-        job.wait_ready(timeout=TIMEOUT)
-    except RuntimeError:
-        job.stop(signal.SIGKILL, timeout=5)
-        raise
-    return job
 
 
 def chat(client, model_id, prompt, **kwargs):
@@ -81,7 +69,7 @@ def leave_mid_stream(url: str, ckpt: Path) -> None:
 @pytest.mark.parametrize("n, extra", [(2, ()), (3, ("--mode", "auto", "--attention", "split"))],
                          ids=["2-ranks", "3-ranks-auto-heads"])
 def test_overlapped_cohorts_serve_each_prompt_as_alone(n, extra, ckpt, tmp_path):
-    job = start(n, ckpt, tmp_path, "--overlap", *extra)
+    job = start_server(n, ckpt, tmp_path, "--overlap", *extra)
     try:
         client = openai.OpenAI(base_url=job.url + "/v1", api_key="unused", max_retries=0, timeout=TIMEOUT)
         model_id = str(ckpt)
@@ -151,7 +139,7 @@ def read_until_closed(url: str, ckpt: Path) -> None:
 def test_a_rank_that_dies_mid_step_takes_the_overlapped_job_down(ckpt, tmp_path):
     # Both cohorts busy (two endless streams), so that the dead rank leaves
     # an all-reduce half done on the live rank's wire thread.
-    job = start(2, ckpt, tmp_path, "--overlap")
+    job = start_server(2, ckpt, tmp_path, "--overlap")
     try:
         pids = [r["pid"] for r in http_get(job.url, "/status")[1]["ranks"]]
         for _ in range(2):

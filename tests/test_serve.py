@@ -31,9 +31,9 @@ openai = pytest.importorskip("openai")
 
 from moe_mpi import synthetic  # noqa: E402
 from openai_stream import collect, open_stream  # noqa: E402  (tests/openai_stream.py)
-from process_checks import ranks_gone  # noqa: E402  (tests/process_checks.py)
-from moe_mpi.bench.serve import ServerJob, http_get  # noqa: E402
-from moe_mpi.launch import mpirun_command, run_mpirun  # noqa: E402
+from serve_jobs import ENV, ranks_gone, start_server  # noqa: E402  (tests/serve_jobs.py)
+from moe_mpi.bench.serve import http_get  # noqa: E402
+from moe_mpi.launch import run_mpirun  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 #: The test model's context. Large, so that the disconnect test's request
@@ -44,22 +44,7 @@ CONTEXT = 1 << 16
 MAX_TOKENS = 12
 TIMEOUT = 120
 STOP_WITHIN = 10.0  # seconds for every rank to be gone after a signal to mpirun
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 PROMPTS = [f"question {i}: what is {i} plus {i + 1}" for i in range(32)]
-
-
-def serve_argv(n: int, ckpt, *extra) -> list:
-    return mpirun_command(n, [sys.executable, "-m", "moe_mpi", "serve", "--model", str(ckpt), "--port", "0", *map(str, extra)])
-
-
-def start_server(n: int, ckpt, tmp: Path, *extra) -> ServerJob:
-    job = ServerJob(serve_argv(n, ckpt, *extra), tmp / f"serve-{n}-{time.monotonic_ns()}.log", env=ENV).start()
-    try:
-        job.wait_ready(timeout=TIMEOUT)
-    except RuntimeError:
-        job.stop(signal.SIGKILL, timeout=5)
-        raise
-    return job
 
 
 def normalize(text: str) -> str:
