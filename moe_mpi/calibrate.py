@@ -24,6 +24,9 @@ cores). Within ``--budget`` seconds (default 45) it measures:
   models (1 and 3 layers, hidden 64) on each rank alone, per code path
   (the numpy decode step; MLX's model code, float and 4-bit); the
   difference per layer is the cost per layer, the rest the cost per call;
+* **rendezvous** (only where a host runs more ranks than it has cores):
+  the extra wait per collective of evenly loaded ranks, against the
+  compute between collectives (:func:`moe_mpi.sharing.measure_rendezvous`);
 * **link** (2+ ranks): one-way latency and bandwidth between ranks 0 and 1
   (ping-pong), the all-reduce of 1 KiB to 2 MiB on each data path
   (``Communicator.all_sum`` on numpy arrays and on MLX arrays, and
@@ -62,6 +65,7 @@ import numpy as np
 from .argtypes import positive_float, positive_int
 from .results import check_writable
 from .runner import abort_on_error, add_debug_argument, collective_phase, parse_args
+from .sharing import measure_rendezvous
 from .sizesweep import SizeSweep, SweepBudgets, run_sweep, slowest_of
 
 __all__ = ["fit_latency_bandwidth", "main", "setup_arg_parser"]
@@ -580,6 +584,9 @@ def measure(comm, args) -> tuple:
         f"{k} " + " ".join(f"{r}:{1 / s / 1e9:.1f}" for r, s in zip(t["rows"], t["seconds_per_byte"]))
         for k, t in tables.items()) + " (rows:GB/s of weights)", flush=True)
     per_layer, per_call = ({}, {}) if args.no_fixed else fixed_costs(comm, args.repeats)
+    rendezvous = ()
+    if comm.size > 1 and ranks_per_host > cores:  # ranks share cores: each collective waits for one held back
+        rendezvous = measure_rendezvous(comm, say=say)
     meta = {"hosts": info.get("hosts"), "ranks": comm.size, "ranks_per_host": ranks_per_host,
             "cpu": info.get("cpu"), "date": info.get("date"), "tables": tables}
     machine = Machine(
@@ -589,6 +596,7 @@ def measure(comm, args) -> tuple:
         layer_seconds=per_layer, step_seconds=per_call,
         kernels={k: KernelTable(tuple(t["rows"]), tuple(t["seconds_per_byte"])) for k, t in tables.items()},
         numpy_decode=switches.enabled() and switches.get("MOE_MPI_NUMPY_DECODE") == "1", cores=cores, ranks_per_host=ranks_per_host,
+        rendezvous=rendezvous,
         source=f"moe-mpi calibrate on {comm.size} rank(s), {info.get('cpu')}",
     )
     if comm.size < 2:

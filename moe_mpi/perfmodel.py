@@ -29,7 +29,9 @@ prefill: ``T = L`` prompt tokens of one sequence) costs, on N ranks::
   decode and prefill alike (mlx-lm computes every position's logits).
 * On a host with more ranks than cores the ``max over ranks`` is the time
   the last rank finishes when the cores are shared among the ranks still
-  computing (``shared_makespan``): waiting ranks yield their core.
+  computing (``shared_makespan``): waiting ranks yield their core; and
+  each collective waits a measured rendezvous time for the rank the
+  scheduler held back (``rendezvous_wait``, :mod:`moe_mpi.sharing`).
 * ``layer_fixed``, ``step_fixed``: measured costs of the code path per layer
   and per call (Python, MLX's scheduler), zero where not measured.
 
@@ -49,6 +51,7 @@ from .balance import auto_layout, draw_routing
 from .modelshape import ModelShape, PerfModelError
 from .layout import Layout, assign_rows
 from .profiles import Link, Machine
+from .sharing import host_speeds, rendezvous_wait, shared_makespan
 
 __all__ = [
     "MODES",
@@ -60,13 +63,11 @@ __all__ = [
     "bytes_per_step",
     "default_layouts",
     "expected_experts",
-    "host_speeds",
     "layout_experts_read",
     "memory_per_rank",
     "predict",
     "register_mode",
     "route_counts",
-    "shared_makespan",
 ]
 
 
@@ -389,50 +390,6 @@ def _expert_seconds(shape: ModelShape, ranks: Sequence[Machine], counts: np.ndar
     return out
 
 
-def host_speeds(ranks: Sequence[Machine]) -> List[np.ndarray]:
-    """Per host: the speed of each of its ranks while ``j`` of them compute, ``[k]`` for ``j = 1..k``.
-
-    Rates are measured with ``ranks_per_host`` ranks computing at once.
-    Where more ranks than cores share a host, a rank that waits in a
-    collective gives up its core (Open MPI yields when oversubscribed), so
-    those still computing share the cores among fewer (processor sharing):
-    a rank's speed is ``min(1, cores / j) / min(1, cores / ranks_per_host)``
-    of the measured rate. Hosts are consecutive ranks, ``ranks_per_host``
-    each (mpirun fills a host's slots first). 1 throughout on a host with a
-    core per rank, or whose cores are unknown (built-in machines).
-    """
-    out = []
-    r = 0
-    while r < len(ranks):
-        m = ranks[r]
-        k = min(max(1, m.ranks_per_host), len(ranks) - r)
-        j = np.arange(1, k + 1)
-        if m.cores and m.ranks_per_host > m.cores:
-            out.append(np.minimum(1.0, m.cores / j) / min(1.0, m.cores / m.ranks_per_host))
-        else:
-            out.append(np.ones(k))
-        r += k
-    return out
-
-
-def shared_makespan(seconds: np.ndarray, speeds: Sequence[np.ndarray]) -> np.ndarray:
-    """``[S]``: when the last rank finishes, from ``seconds[S, N]`` of work each at the measured rate.
-
-    Within a host the ranks progress together at ``speeds[j - 1]`` while
-    ``j`` of them still compute (:func:`host_speeds`); hosts run apart.
-    """
-    seconds = np.atleast_2d(np.asarray(seconds, dtype=np.float64))
-    out = np.zeros(seconds.shape[0])
-    start = 0
-    for speed in speeds:
-        k = len(speed)
-        work = np.sort(seconds[:, start:start + k], axis=1)  # [S, k], least first
-        steps = np.diff(work, axis=1, prepend=0.0)  # work done while k, k-1, ... ranks compute
-        out = np.maximum(out, (steps / speed[::-1]).sum(axis=1))
-        start += k
-    return out
-
-
 def _central_exchange(shape: ModelShape, link: Link, counts: np.ndarray, owners: np.ndarray, tokens: int) -> float:
     """Expected seconds of rank 0's exchanges with the workers in one MoE layer.
 
@@ -511,7 +468,8 @@ def predict(
 
     speeds = host_speeds(ranks)
     alone = speeds[0][0]  # rank 0's speed while the others wait (central's dense part)
-    parts = {"dense": 0.0, "experts": 0.0, "comm": 0.0, "head": 0.0, "fixed": 0.0}
+    parts = {"dense": 0.0, "experts": 0.0, "comm": 0.0, "wait": 0.0, "head": 0.0, "fixed": 0.0}
+    shares_cores = n > 1 and any(r.rendezvous for r in ranks)
     drawn: Dict[Tuple, np.ndarray] = {}
     for layer in range(shape.layers):
         moe_index = _moe_index(shape, layer)
@@ -553,6 +511,8 @@ def predict(
                 comm += link.allreduce_seconds(tokens * shape.hidden * shape.act_bytes, n, ar_path)
         if m.comm == "allreduce-heads" and n > 1:  # the attention's, on the MoE layer's data path
             comm += link.allreduce_seconds(tokens * shape.hidden * 4, n, ar_path)
+        if shares_cores:
+            parts["wait"] += _rendezvous(m, np.asarray(dense), per_rank if moe else None, speeds, ranks)
         parts["dense"] += dense_t
         parts["experts"] += experts_t
         parts["comm"] += comm
@@ -563,6 +523,21 @@ def predict(
     parts["fixed"] += step_fixed
     seconds = sum(parts.values())
     return Prediction(m.name, n, phase, tokens, seconds, parts["comm"], parts)
+
+
+def _rendezvous(m: Mode, dense: np.ndarray, per_rank: Optional[np.ndarray], speeds, ranks) -> float:
+    """Expected extra wait of one layer's collectives where ranks share cores (:func:`rendezvous_wait`).
+
+    Each collective waits on the compute since the one before: in tensor
+    parallelism and the ``+heads`` modes the attention, then the experts
+    (a dense layer's two halves alike); in the others the whole layer.
+    """
+    two = m.comm in ("allreduce2", "allreduce-heads")
+    if per_rank is None:  # a dense layer: collectives only in tensor parallelism
+        return 2 * float(rendezvous_wait(dense[None] / 2, speeds, ranks).mean()) if m.comm == "allreduce2" else 0.0
+    if two:
+        return float(rendezvous_wait(dense[None], speeds, ranks).mean() + rendezvous_wait(per_rank, speeds, ranks).mean())
+    return float(rendezvous_wait(per_rank + dense, speeds, ranks).mean())
 
 
 def _moe_index(shape: ModelShape, layer: int) -> Optional[int]:

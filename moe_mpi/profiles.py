@@ -127,6 +127,10 @@ class Machine:
         cores: Cores of the machine, and ``ranks_per_host`` how many ranks
             shared them when it was calibrated (rates are per rank, measured
             with those ranks running at once).
+        rendezvous: Where ``ranks_per_host`` exceeds ``cores``: measured
+            ``(compute seconds between collectives, extra wait per
+            collective)`` pairs, by compute (:mod:`moe_mpi.sharing`);
+            empty elsewhere.
         price: Purchase price (for cost per token), if known.
         source: Where the figures come from.
     """
@@ -143,6 +147,7 @@ class Machine:
     numpy_decode: bool = False
     cores: int = 0
     ranks_per_host: int = 1
+    rendezvous: Tuple[Tuple[float, float], ...] = ()
     price: Optional[float] = None
     source: str = ""
 
@@ -154,6 +159,11 @@ class Machine:
             raise ProfileError(f"machine {self.name!r}: efficiency must be in (0, 1], got {self.efficiency}")
         if not 0 < self.usable_fraction <= 1:
             raise ProfileError(f"machine {self.name!r}: usable_fraction must be in (0, 1], got {self.usable_fraction}")
+        pairs = tuple(tuple(float(v) for v in p) for p in self.rendezvous)
+        if any(len(p) != 2 or not all(math.isfinite(v) and v >= 0 for v in p) for p in pairs):
+            raise ProfileError(f"machine {self.name!r}: rendezvous must be (seconds, seconds) pairs >= 0, "
+                               f"got {self.rendezvous!r}")
+        object.__setattr__(self, "rendezvous", tuple(sorted(pairs)))
 
     @property
     def usable_bytes(self) -> float:
@@ -184,6 +194,19 @@ class Machine:
         read = np.asarray(nbytes, dtype=np.float64) / (self.efficiency * self.bandwidth)
         compute = 2.0 * np.asarray(rows, dtype=np.float64) * (8.0 * np.asarray(nbytes) / bits) / self.flops
         return np.maximum(read, compute)
+
+    def rendezvous_seconds(self, compute):
+        """Extra wait per collective after ``compute`` seconds of even work (0 without a measurement).
+
+        Linear between the measured pairs and from (0, 0); beyond the
+        largest measured compute, that pair's wait.
+        """
+        import numpy as np
+
+        if not self.rendezvous:
+            return np.zeros_like(np.asarray(compute, dtype=np.float64))
+        xs, ys = zip((0.0, 0.0), *self.rendezvous)
+        return np.interp(compute, xs, ys)
 
     def fixed_seconds(self, path: str) -> Tuple[float, float]:
         """``(per layer, per step)`` fixed costs of code path ``path`` (0 when unmeasured)."""

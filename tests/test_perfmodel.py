@@ -18,6 +18,7 @@ import pytest
 from moe_mpi import perfmodel as pm
 from moe_mpi.bench.shapes import synthetic_config
 from moe_mpi.plan import main as plan_main
+from moe_mpi.sharing import host_speeds, rendezvous_wait, shared_makespan
 from moe_mpi.profiles import (
     LINKS,
     MACHINES,
@@ -252,21 +253,55 @@ def test_whole_experts_pay_the_busiest_rank():
 def test_ranks_sharing_too_few_cores_share_them_as_they_finish():
     # 3 ranks on 2 cores, rates measured with all 3 computing (2/3 of a core each).
     m = Machine("vm", 2**40, 1e9, 1e30, cores=2, ranks_per_host=3)
-    speeds = pm.host_speeds([m] * 3)
+    speeds = host_speeds([m] * 3)
     assert len(speeds) == 1 and speeds[0] == pytest.approx([1.5, 1.5, 1.0])  # j = 1, 2, 3 computing
     # Work 3, 1, 1 s at the measured rate = 2, 2/3, 2/3 core-seconds. All three
     # run at 2/3 of a core until the small ones finish (1 s), then the big one
     # has a core to itself for its last 4/3 core-seconds.
-    assert pm.shared_makespan(np.array([[3.0, 1.0, 1.0]]), speeds) == pytest.approx([1 + 4 / 3])
+    assert shared_makespan(np.array([[3.0, 1.0, 1.0]]), speeds) == pytest.approx([1 + 4 / 3])
     # Even work is what was measured: no change.
-    assert pm.shared_makespan(np.array([[2.0, 2.0, 2.0]]), speeds) == pytest.approx([2.0])
+    assert shared_makespan(np.array([[2.0, 2.0, 2.0]]), speeds) == pytest.approx([2.0])
     # A core per rank, or unknown cores (built-ins): the busiest rank, as measured.
     for machine in (Machine("mac", 2**40, 1e9, 1e30, cores=4, ranks_per_host=3), READER):
-        assert pm.shared_makespan(np.array([[3.0, 1.0, 1.0]]), pm.host_speeds([machine] * 3)) == pytest.approx([3.0])
+        assert shared_makespan(np.array([[3.0, 1.0, 1.0]]), host_speeds([machine] * 3)) == pytest.approx([3.0])
     # Two hosts of 2 ranks on 1 core each: each host finishes apart, the later one counts.
-    two = pm.host_speeds([Machine("h", 2**40, 1e9, 1e30, cores=1, ranks_per_host=2)] * 4)
+    two = host_speeds([Machine("h", 2**40, 1e9, 1e30, cores=1, ranks_per_host=2)] * 4)
     assert [list(x) for x in two] == [[2.0, 1.0], [2.0, 1.0]]
-    assert pm.shared_makespan(np.array([[1.0, 3.0, 2.0, 2.0]]), two) == pytest.approx([max(1 + 2 / 2, 2.0)])
+    assert shared_makespan(np.array([[1.0, 3.0, 2.0, 2.0]]), two) == pytest.approx([max(1 + 2 / 2, 2.0)])
+
+
+def test_rendezvous_wait_is_the_measured_curve_less_the_uneven_tail():
+    # Measured: 1 ms of wait per collective from 2 ms of compute on (linear from 0 below).
+    m = Machine("vm", 2**40, 1e9, 1e30, cores=2, ranks_per_host=3, rendezvous=[[0.008, 0.001], [0.002, 0.001]])
+    assert m.rendezvous == ((0.002, 0.001), (0.008, 0.001))  # sorted, tuples
+    assert m.rendezvous_seconds([0.001, 0.004, 0.02]) == pytest.approx([0.0005, 0.001, 0.001])
+    speeds = host_speeds([m] * 3)
+    # Even work: the whole wait.
+    assert rendezvous_wait(np.array([[0.004] * 3]), speeds, [m] * 3) == pytest.approx([0.001])
+    # 4.5, 4, 4 ms: the two light ranks finish at 4 ms, the busiest runs its
+    # last 0.5 ms at 1.5x (a core to itself) for 1/3 ms, which the wait covers in part.
+    assert rendezvous_wait(np.array([[0.0045, 0.004, 0.004]]), speeds, [m] * 3) == pytest.approx([0.001 - 0.0005 / 1.5])
+    # 6, 2, 2 ms: the busiest computes alone for 2.67 ms, longer than the wait.
+    assert rendezvous_wait(np.array([[0.006, 0.002, 0.002]]), speeds, [m] * 3) == pytest.approx([0.0])
+    # A core per rank, or no measurement: nothing.
+    for other in (Machine("mac", 2**40, 1e9, 1e30, cores=4, ranks_per_host=3, rendezvous=m.rendezvous), READER):
+        assert rendezvous_wait(np.array([[0.004] * 3]), host_speeds([other] * 3), [other] * 3) == pytest.approx([0.0])
+
+
+def test_rendezvous_is_paid_once_per_collective():
+    s = pm.ModelShape.from_config(synthetic_config("dbrx-like"))
+    shared = Machine("vm", 2**40, 1e9, 1e30, cores=2, ranks_per_host=3, rendezvous=((0.001, 0.001),))
+    link = Link("shm", 1e-6, 1e12)
+    # Every layer computes for more than 1 ms at 1 GB/s, so each collective waits the full 1 ms:
+    # one all-reduce per MoE layer in sliced, two per layer in tensor parallelism.
+    assert pm.predict(s, "sliced", [shared] * 3, link, 1).parts["wait"] == pytest.approx(s.moe_layers * 0.001)
+    assert pm.predict(s, "mlx-lm-tp", [shared] * 3, link, 1).parts["wait"] == pytest.approx(2 * s.layers * 0.001)
+    # ep's busiest rank computes with a core to itself after the others finish (an
+    # expert is 25 ms here), which covers the wait.
+    assert pm.predict(s, "ep", [shared] * 3, link, 1).parts["wait"] < 0.1 * s.moe_layers * 0.001
+    plain = Machine("vm", 2**40, 1e9, 1e30, cores=2, ranks_per_host=3)
+    assert pm.predict(s, "sliced", [plain] * 3, link, 1).parts["wait"] == 0.0
+    assert pm.predict(s, "sliced", [shared], None, 1).parts["wait"] == 0.0
 
 
 def test_oversubscribed_uneven_modes_gain_and_even_ones_do_not():
