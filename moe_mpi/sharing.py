@@ -10,12 +10,14 @@ its measured rate misses:
   :func:`shared_makespan` give the time the last rank finishes.
 * **The rendezvous.** Even when every rank has the same work, the
   scheduler has one of them off a core at any moment, and the collective
-  waits for whichever rank that was to get its core back and finish: a
-  wait of up to about a scheduler time slice per collective, which no
-  measurement of rates (all ranks computing, no collective) or of the
-  all-reduce (all ranks in a tight loop) sees. :func:`measure_rendezvous`
-  (run by ``moe-mpi calibrate`` on such a host) times it against the
-  compute between collectives; :func:`rendezvous_wait` prices it.
+  waits for whichever rank that was to get its core back and finish. On
+  the 2-core VM of docs/perfmodel.md, 3 ranks, the wait grew with the
+  compute between collectives, about 30% of it up to 15 ms and 20% at
+  37 ms, and neither a measurement of rates (all ranks computing, no
+  collective) nor one of the all-reduce (all ranks in a tight loop) sees
+  it. :func:`measure_rendezvous` (run by ``moe-mpi calibrate`` on such a
+  host) times it against the compute between collectives;
+  :func:`rendezvous_wait` prices it.
 
 A host with a core per rank, and every built-in Mac, has neither term.
 """
@@ -31,8 +33,9 @@ __all__ = ["RENDEZVOUS_MB", "host_speeds", "measure_rendezvous", "rendezvous_wai
 
 #: float32 matrices (MiB) whose matrix-vector product is the compute between
 #: collectives in :func:`measure_rendezvous`; on the 2-core VM of
-#: docs/perfmodel.md, with 3 ranks, about 0.3, 2 and 7 ms each.
-RENDEZVOUS_MB = (8, 24, 64)
+#: docs/perfmodel.md, with 3 ranks, about 0.2, 2, 5, 15 and 37 ms each (the
+#: wait grew with the compute throughout: 0.1 to 7 ms).
+RENDEZVOUS_MB = (8, 24, 64, 160, 400)
 RENDEZVOUS_MESSAGE = 768  # float32 values: a decode step's one-token all-reduce of a 768-wide model
 _LOOP_SECONDS = 0.25  # per timed loop; K is sized from a probe to take about this long
 
