@@ -110,11 +110,35 @@ def test_calibrate_on_two_ranks_writes_a_profile_plan_reads(tmp_path, capsys):
     for fit in (meta["pingpong"], meta["exchange"], *meta["allreduce"].values()):
         assert fit["sizes"] == fit["sweep"]["planned_sizes"] and fit["sweep"]["stopped"] is None, fit["sweep"]
     assert 0 < link.latency < 1e-3 and link.exchange is not None
+    if (os.cpu_count() or 1) >= 2:  # a core per rank: no rendezvous wait measured
+        assert machine.rendezvous == () and machine.ranks_per_host == 2
     # plan reads it: machine and link 'profile'.
     assert plan_main(["--model", "dbrx-like", "--profile", str(out), "--json", "-"]) == 0
     rows = json.loads(capsys.readouterr().out)["rows"]
     assert {r["ranks"] for r in rows} == {1, 2}
     assert all(r["decode_tokens_per_s"] > 0 and r["link"] == link.name for r in rows if "skipped" not in r)
+
+
+RENDEZVOUS_SCRIPT = """
+import json, sys
+from moe_mpi import Communicator
+from moe_mpi.sharing import measure_rendezvous
+comm = Communicator()
+table = measure_rendezvous(comm, sizes_mb=(1, 8))
+if comm.rank == 0:
+    print(json.dumps(table))
+"""
+
+
+def test_rendezvous_is_measured_with_more_ranks_than_cores():
+    # More ranks than this machine has cores (3 on the 2-core CI machine).
+    n = max(3, (os.cpu_count() or 1) + 1)
+    proc = launch.run_mpirun(n, [sys.executable, "-c", RENDEZVOUS_SCRIPT], timeout=TIMEOUT, cwd=REPO)
+    assert proc.returncode == 0, _output(proc)
+    table = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert len(table) == 2 and table == sorted(table), table
+    # Compute per product grows with the matrix; waits are measured, never negative.
+    assert 0 < table[0][0] < table[1][0] and all(wait >= 0 for _, wait in table), table
 
 
 @pytest.mark.parametrize("value, message", [("0", "expected a number > 0, got '0'"),
