@@ -11,11 +11,15 @@ Two data paths implement :meth:`Communicator.all_sum`:
   its buffer, ``Allreduce`` into a reused numpy buffer and wrap the result in a
   new ``mx.array``. Fastest for decode-sized messages (a few KiB), where the
   cost is dominated by per-call overhead (see ``examples/allreduce_paths.py``).
-* ``"mlx"``: ``mx.distributed.all_sum`` on the group of MLX's own MPI backend.
-  Reduces bfloat16 natively but pays MLX's graph/scheduler overhead per call.
-  On an oversubscribed host (more busy processes than cores) its mean stays
-  close to its median, while the mpi4py path, which spins in MPI on the
-  Python thread, suffers occasional multi-millisecond preemption stalls.
+* ``"mlx"``: ``mx.distributed.all_sum`` on the group of MLX's own MPI
+  backend, left in MLX's lazy graph as mlx-lm's tensor parallelism leaves
+  it: a forward pass is one graph, evaluated once, with no wait on the host
+  per layer (where the layout also needs no routing read back, see
+  :mod:`moe_mpi.experts`). Reduces bfloat16 natively. MPI is initialised
+  single-threaded and MLX runs the reduction on its own thread, so every
+  other MPI call of the process first waits for the all-reduces in flight
+  (:func:`moe_mpi.mpi_lazy.settle`). Its counters count calls and bytes; their seconds are
+  not measured (the reduction runs inside some later evaluation).
 
 Every rank must create its :class:`Communicator` (and thus call
 :func:`~moe_mpi.mpi_init.init_mpi`, the one place MPI is initialised) before
@@ -37,6 +41,7 @@ import numpy as np
 from .mpi_activity import ACTIVITY
 from .mpi_dtypes import buffer_format, summable_dtypes
 from .mpi_init import init_mpi, mlx_group
+from .mpi_lazy import hold, pending, settle
 
 __all__ = [
     "BACKENDS",
@@ -45,6 +50,7 @@ __all__ = [
     "init_mpi",
     "mlx_group",
     "quiet_barrier",
+    "settle",
 ]
 
 #: Valid values of ``Communicator(backend=...)``.
@@ -66,11 +72,14 @@ class CollectiveStats:
         seconds: Wall time spent inside the call (buffer conversions plus MPI,
             including waiting for slower ranks; not the evaluation of the
             input's lazy graph).
+        timed: False where ``seconds`` is not measured: the ``"mlx"``
+            backend's all-reduces run inside a later evaluation.
     """
 
     calls: int = 0
     bytes: int = 0
     seconds: float = 0.0
+    timed: bool = True
 
     def add(self, nbytes: int, seconds: float) -> None:
         """Record one call."""
@@ -198,7 +207,13 @@ class Communicator:
     def _record(self, kind: str, nbytes: int, start: float) -> None:
         self.stats[kind].add(nbytes, time.perf_counter() - start)
 
+    @property
+    def lazy(self) -> bool:
+        """Whether :meth:`all_sum` of an ``mx.array`` leaves the reduction in MLX's graph (backend ``"mlx"``)."""
+        return self.backend == "mlx" and self._size > 1
+
     def _enter(self, kind: str) -> None:
+        settle()
         if self.overlap is not None:
             # One thread at a time in MPI: let the all-reduces on their way finish first.
             self.overlap.drain()
@@ -244,6 +259,8 @@ class Communicator:
             return self._all_sum_mlx(x)
         if self.overlap is not None:
             return self._all_sum_overlapped(x)
+        if pending():  # another communicator's, in MLX's graph
+            settle()
         # memoryview() evaluates x (MLX's buffer export does) before the timer
         # starts, so the counters measure communication, not the expert
         # computation feeding it. The view is zero-copy.
@@ -300,6 +317,7 @@ class Communicator:
         if extra.shape[0] != t:
             raise ValueError(f"extra has {extra.shape[0]} rows; x has {t} rows of {d}")
         m = extra.shape[1]
+        settle()
         start = time.perf_counter()
         buf = self._extra
         if self.overlap is not None and self._size > 1:
@@ -344,6 +362,7 @@ class Communicator:
             raise TypeError(f"all_sum of a numpy array takes C-contiguous float32, not {x.dtype}")
         start = time.perf_counter()
         if self._size > 1:
+            settle()
             if self.overlap is not None:  # one thread at a time in MPI
                 self.overlap.drain()
             activity = ACTIVITY
@@ -364,16 +383,11 @@ class Communicator:
     def _all_sum_mlx(self, x: mx.array) -> mx.array:
         if x.dtype == mx.bool_:
             raise TypeError("all_sum does not support bool arrays")
-        mx.eval(x)  # outside the timed region, as for mpi4py
-        start = time.perf_counter()
-        ACTIVITY.entered += 1
-        out = mx.distributed.all_sum(x, group=self._group)
-        # Synchronous on purpose: MLX runs the reduction on its communication
-        # thread, and MPI was initialised single-threaded, so it must finish
-        # before any mpi4py call on this thread.
-        mx.eval(out)
-        ACTIVITY.left += 1
-        self._record("all_sum", x.nbytes, start)
+        out = hold(mx.distributed.all_sum(x, group=self._group))  # lazy: runs in a later evaluation
+        stats = self._all_sum_stats
+        stats.calls += 1
+        stats.bytes += x.nbytes
+        stats.timed = False
         return out
 
     def _all_sum_overlapped(self, x: mx.array) -> mx.array:
@@ -669,6 +683,7 @@ def quiet_barrier(comm, idle: bool = True) -> None:
     mpi_comm = comm.comm if isinstance(comm, Communicator) else comm
     if mpi_comm.Get_size() == 1:
         return
+    settle()
     ACTIVITY.enter("barrier")
     request = mpi_comm.Ibarrier()
     if idle:

@@ -124,12 +124,21 @@ class LocalExperts:
             ``[..., k, D]``: the expert output in every slot whose expert is
             local, zeros in every other slot.
         """
-        if self.expert_shard.all_local and indices.size == indices.shape[-1]:
-            # One token, every expert here (mode="sliced"): each chosen expert
-            # has one row, and no routing needs to be read back to Python; the
-            # layer's own call stays lazy.
+        shard = self.expert_shard
+        if shard.all_local and (indices.size == indices.shape[-1] or self.lazy_graph):
+            # Every expert here (mode="sliced", or auto splitting them all):
+            # the layer's own call computes every slot, and no routing is read
+            # back to Python. Taken for one token (each chosen expert has one
+            # row) and wherever the all-reduce stays in MLX's graph too
+            # (backend "mlx"): then the forward pass has no wait on the host.
             return super().__call__(x, indices)
         return self.local_slots(x, indices)
+
+    @property
+    def lazy_graph(self) -> bool:
+        """Whether the layer's all-reduce stays in MLX's graph, and no warm-up needs the routing on the host."""
+        comm = self.expert_shard.comm
+        return bool(getattr(comm, "lazy", False)) and "warm_up" not in self.__dict__
 
     def local_slots(self, x: mx.array, indices: mx.array) -> mx.array:
         """The general path of :meth:`__call__`: only this rank's ``(token, slot)`` pairs are computed."""

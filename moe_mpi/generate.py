@@ -51,7 +51,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import resource
 import sys
 import time
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
@@ -76,11 +75,11 @@ from .reliability import (
     add_reliability_arguments,
     backend_comm,
     check_reliability_arguments,
-    guard_warning,
     load_checked,
     watched,
 )
 from .runner import PROG, abort_on_error, add_debug_argument, collective_phase, parse_args, show_progress
+from .runstats import make_sampler, print_stats, report_guard, report_stats
 from .unread import UnreadTail, find_unread_tail, prefill_cache, skip_unread_prefill
 from .watchdog import Watchdog
 
@@ -247,48 +246,6 @@ def _validate(parser: argparse.ArgumentParser) -> Callable[[argparse.Namespace],
 # --------------------------------------------------------------------------
 
 
-class ConsistencyCheck:
-    """Wraps a sampler: after each draw, all ranks compare their tokens.
-
-    Every rank calls the sampler at the same steps, so the allgather here is
-    a collective like any other; and since all ranks receive the same list,
-    all of them detect a disagreement at once and raise the same
-    :class:`CollectiveError`, before diverging tokens could make one rank
-    stop at an end-of-sequence token while the others go on.
-    """
-
-    def __init__(self, sampler: Callable, comm):
-        self.sampler = sampler
-        self.comm = comm
-        self.steps = 0
-        self.tokens = 0
-
-    def __call__(self, logprobs):
-        import numpy as np
-
-        token = self.sampler(logprobs)
-        mine = np.array(token).reshape(-1).tolist()  # evaluates the draw
-        drawn = self.comm.allgather(mine)
-        if any(other != mine for other in drawn):
-            raise CollectiveError(
-                f"ranks drew different tokens at generation step {self.steps + 1}: "
-                + "; ".join(f"rank {r}: {t}" for r, t in enumerate(drawn))
-            )
-        self.steps += 1
-        self.tokens += len(mine)
-        return token
-
-
-def _make_sampler(args: argparse.Namespace, comm) -> Tuple[Callable, Optional[ConsistencyCheck]]:
-    from mlx_lm.sample_utils import make_sampler
-
-    sampler = make_sampler(args.temp, args.top_p)
-    if args.check_consistency:
-        check = ConsistencyCheck(sampler, comm)
-        return check, check
-    return sampler, None
-
-
 def _seed(seed: int) -> None:
     import mlx.core as mx
 
@@ -305,83 +262,6 @@ def _load(args: argparse.Namespace, comm, watchdog: Watchdog):
     return load_checked(args, comm, watchdog, lambda: load(
         args.model, comm=comm, return_config=True, progress=args.progress, **sharding_options(args)
     ))
-
-
-def _report_guard(model, comm) -> None:
-    """Rank 0 says how often the routing guard redid a layer (nothing if never)."""
-    warning = guard_warning(getattr(model, "routing_guard", None))
-    if warning is not None and comm.rank == 0:
-        _print_stats([f"{PROG}: warning: {warning}"])
-
-
-def _rank_stats(comm) -> List[Dict[str, float]]:
-    """Every rank's memory and all-reduce time (a collective)."""
-    import mlx.core as mx
-
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    rss_bytes = rss if sys.platform == "darwin" else rss * 1024  # KiB on Linux
-    mine = {
-        "peak": mx.get_peak_memory() / 1e9,
-        "rss": rss_bytes / 1e9,
-        "all_sum_s": comm.stats["all_sum"].seconds,
-    }
-    return comm.allgather(mine)
-
-
-def _print_stats(lines: List[str]) -> None:
-    sys.stderr.write("\n".join(lines) + "\n")
-    sys.stderr.flush()
-
-
-def _consistency_line(comm, check: ConsistencyCheck) -> str:
-    return (
-        f"Consistency: all {comm.size} ranks drew the same tokens at each of "
-        f"{check.steps} sampling steps"
-    )
-
-
-def _report_stats(
-    args: argparse.Namespace,
-    model,
-    comm,
-    snapshot: Dict[str, Dict[str, float]],
-    head: List[str],
-    generated: int,
-    check: Optional[ConsistencyCheck],
-    tail: Optional[UnreadTail] = None,
-) -> None:
-    """Rank 0 prints the ``--verbose`` statistics (gathered from all ranks).
-
-    Collective when ``args.verbose``: every rank must call it.
-    """
-    if not args.verbose:
-        if check is not None and comm.rank == 0:
-            _print_stats([_consistency_line(comm, check)])
-        return
-    ranks = _rank_stats(comm)
-    if comm.rank != 0:
-        return
-    calls = snapshot["all_sum"]["calls"]
-    other = sum(v["calls"] for k, v in snapshot.items() if k != "all_sum")
-    lines = list(head)
-    lines += [
-        f"Rank {r}: peak memory {s['peak']:.3f} GB, max RSS {s['rss']:.3f} GB, "
-        f"{1e3 * s['all_sum_s']:.1f} ms in all-reduce"
-        for r, s in enumerate(ranks)
-    ]
-    per_token = calls / generated if generated else float("nan")
-    lines.append(
-        f"Collectives: {per_token:.2f} all-reduces per generated token "
-        f"({calls} all_sum calls for {generated} tokens, "
-        f"{model.ep_info.num_moe_layers} MoE layers"
-        + (f" and {model.ep_info.attention_layers} split attentions" if model.ep_info.attention_layers else "")
-        + f"; {tail.skipped if tail else 0} left out of prompt chunks"
-        + (f"; {comm.overlapped} overlapped" if args.overlap else "")
-        + f"; {other} other collectives)"
-    )
-    if check is not None:
-        lines.append(_consistency_line(comm, check))
-    _print_stats(lines)
 
 
 def _model_name(args: argparse.Namespace) -> str:
@@ -424,7 +304,7 @@ def _save_routing(args: argparse.Namespace, model, comm, stats) -> None:
                 "path": _model_name(args), "model_type": getattr(model, "model_type", None),
                 "ranks": info.size, "mode": info.mode,
             }, identity=model_identity(model))  # so that --stats can tell this model from another
-            _print_stats([f"{PROG}: router statistics of {stats.tokens[0]} tokens written to {args.record_routing}"])
+            print_stats([f"{PROG}: router statistics of {stats.tokens[0]} tokens written to {args.record_routing}"])
 
 
 def generate_one(args: argparse.Namespace, comm: Communicator, watchdog: Watchdog) -> None:
@@ -456,8 +336,8 @@ def generate_one(args: argparse.Namespace, comm: Communicator, watchdog: Watchdo
 
     rank0 = comm.rank == 0
     if args.verbose and rank0:
-        _print_stats([_describe_model(model, comm, _model_name(args))])
-    sampler, check = _make_sampler(args, comm)
+        print_stats([_describe_model(model, comm, _model_name(args))])
+    sampler, check = make_sampler(args, comm)
     _seed(args.seed)
     comm.reset_stats()
     response = None
@@ -483,8 +363,8 @@ def generate_one(args: argparse.Namespace, comm: Communicator, watchdog: Watchdo
     if rank0:
         sys.stdout.write("\n")
         sys.stdout.flush()
-    _report_guard(model, comm)
-    _report_stats(
+    report_guard(model, comm)
+    report_stats(
         args,
         model,
         comm,
@@ -630,7 +510,7 @@ def generate_batch(args: argparse.Namespace, comm: Communicator, watchdog: Watch
     skipped = total - len(todo)
     if not todo:
         if rank0:
-            _print_stats(
+            print_stats(
                 [f"{PROG}: all {total} prompts of {args.prompts_file} are already in {args.output}"]
             )
         return
@@ -643,8 +523,8 @@ def generate_batch(args: argparse.Namespace, comm: Communicator, watchdog: Watch
             writer = ResultWriter(args.output, plan["repair"])
 
     if args.verbose and rank0:
-        _print_stats([_describe_model(model, comm, _model_name(args))])
-    sampler, check = _make_sampler(args, comm)
+        print_stats([_describe_model(model, comm, _model_name(args))])
+    sampler, check = make_sampler(args, comm)
     progress = Progress(len(todo), show=show_progress(args.progress)) if rank0 else None
     # Recorded routing must see every layer of every prompt token.
     with collective_phase(comm, debug=debug):
@@ -658,7 +538,7 @@ def generate_batch(args: argparse.Namespace, comm: Communicator, watchdog: Watch
         )
     snapshot = comm.snapshot()
     _save_routing(args, model, comm, stats)
-    _report_guard(model, comm)
+    report_guard(model, comm)
     if rank0:
         if writer is not None:
             writer.close()
@@ -670,7 +550,7 @@ def generate_batch(args: argparse.Namespace, comm: Communicator, watchdog: Watch
             f"{PROG}: {wrote}; {generated} tokens in {progress.seconds:.1f} s "
             f"({progress.tokens_per_second:.1f} tokens-per-sec)"
         )
-    _report_stats(
+    report_stats(
         args,
         model,
         comm,

@@ -7,7 +7,7 @@ counters from its own thread.
 
 from __future__ import annotations
 
-__all__ = ["ACTIVITY", "Activity"]
+__all__ = ["ACTIVITY", "LAZY", "Activity"]
 
 
 class Activity:
@@ -39,6 +39,12 @@ class Activity:
         self.left += 1
         self.kind = "all_sum"
 
+
+#: ``Activity.kind`` while all-reduces that ``--backend mlx`` left in MLX's
+#: lazy graph may be running (:func:`moe_mpi.mpi_lazy.settle` ends it). The
+#: forward pass computes meanwhile, for as long as it takes, so the watchdog
+#: ends the job then only for a rank that stopped answering.
+LAZY = "forward pass (all-reduces in MLX's graph)"
 
 #: The process's one :class:`Activity`, shared by all its communicators
 #: (``generate --backend mlx`` makes a second one).

@@ -53,7 +53,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Dict, Iterator, List, Optional
 
-from .mpi_activity import ACTIVITY, Activity
+from .mpi_activity import ACTIVITY, LAZY, Activity
 from .errors import UserError
 from .runner import PROG, under_launcher
 
@@ -306,6 +306,10 @@ class Watchdog:
                 behind.append(r)
         never = [r for r in range(self.size) if r != self.rank and r not in self.peers]
         unknown += never
+        if a.kind == LAZY and not silent:
+            # A forward pass with its all-reduces in MLX's graph (--backend mlx):
+            # computing, for as long as it takes; only a silent rank is a fault.
+            return None
         if not silent and behind and all(self.peers[r].phase == BUSY for r in behind):
             # A rank still loading (or reading input, or waiting for requests),
             # and answering: keep waiting. Its wait excuses ours: when it

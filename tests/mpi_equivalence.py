@@ -16,7 +16,10 @@ the model and checks, against the reference single-process mlx-lm results:
 * with ``"expect"`` (mode auto's ``balance`` cases), that the layouts chosen
   split, or copy, experts as expected;
 * with ``"expect_shared"``, that some call shared a replicated expert's rows
-  among several of its holders (so the case exercises that path).
+  among several of its holders (so the case exercises that path);
+* with ``"backend": "mlx"``, the all-reduces in MLX's lazy graph, and with
+  ``"expect_lazy"``, that no forward pass read the routing back to Python
+  (every slot computed by the switch layer's own call); no overlap check.
 
 Cases with ``"parallel": "central"`` run the central-router mode instead:
 rank 0 does the checks while the other ranks serve their experts; there is
@@ -49,7 +52,13 @@ def _collectives(comm) -> dict:
     return {k: v["calls"] for k, v in comm.snapshot().items() if v["calls"]}
 
 
+_COMMS = {}
+
+
 def check_case(comm: Communicator, case: dict) -> str:
+    backend = case.get("backend", comm.backend)
+    if backend != comm.backend:
+        comm = _COMMS.setdefault(backend, Communicator(backend=backend))
     ref = np.load(case["reference"])
     parallel = case.get("parallel", "ep")
     kwargs = dict(placement=case.get("placement"), weights=case.get("weights"), mode=parallel, layouts=case.get("layouts"))
@@ -72,7 +81,10 @@ def check_case(comm: Communicator, case: dict) -> str:
         assert chosen["split"] or chosen["replicated"], [l.describe() for l in layouts]
     if parallel == "central":
         return drive(model, lambda m: check_central(m, comm, ref, case["name"]))
+    reads = watch_routing_reads()
     result = check_ep(model, comm, ref, case["name"])
+    if case.get("expect_lazy"):
+        assert comm.lazy and not reads, (case["name"], f"{len(reads)} forward calls read the routing back")
     if case.get("expect_shared"):
         assert any(shared), (case["name"], "no replicated expert's rows were shared among holders")
         # (the runner counts lines that end in "match")
@@ -93,6 +105,21 @@ def watch_sharing() -> list:
 
     moe_mpi.experts.assign_slots = watched
     return seen
+
+
+def watch_routing_reads() -> list:
+    """Records each call of the switch layers' general path, the one that reads the routing back."""
+    calls = []
+    cls = moe_mpi.experts.LocalExperts
+    plain = cls.__dict__.get("_unwatched_local_slots", cls.local_slots)
+    cls._unwatched_local_slots = plain
+
+    def watched(self, x, indices):
+        calls.append(indices.shape)
+        return plain(self, x, indices)
+
+    cls.local_slots = watched
+    return calls
 
 
 def check_ep(model, comm: Communicator, ref, name: str) -> str:
@@ -121,7 +148,8 @@ def check_ep(model, comm: Communicator, ref, name: str) -> str:
     tokens = [int(t) for t, _ in generate_step(prompt, model, max_tokens=len(ref["greedy"]))]
     assert tokens == ref["greedy"].tolist(), (tokens, ref["greedy"].tolist())
     skipped = check_unread_prefill(model, comm, ref, calls)
-    check_unread_prefill(model, comm, ref, calls, cohorts=2)
+    if comm.backend == "mpi4py":  # two cohorts overlap only mpi4py's non-blocking all-reduces
+        check_unread_prefill(model, comm, ref, calls, cohorts=2)
     heads = f" and {info.attention_layers} split attentions" if info.attention_layers else ""
     return f"{name}: {layers} MoE layers{heads}; {skipped}; logits and {len(tokens)} greedy tokens match"
 

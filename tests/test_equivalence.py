@@ -185,6 +185,13 @@ def test_sharded_matches_mlx_lm(arch, n, arch_checkpoints, tmp_path):
                 dict(name=f"{arch}/{name}-{parallel}", model=str(path), reference=str(ref),
                      mode="load", placement=None, parallel=parallel)
             )
+    # MLX's own all-reduce, left in the lazy graph; with every expert split no
+    # forward pass reads the routing back, so the whole pass is one graph.
+    lazy = [("fp32", "sliced", n > 1), ("q4", "ep", False)] + ([("q4", "sliced", True)] if n == 2 else [])
+    for name, parallel, expect_lazy in lazy:
+        path, ref = files[name]
+        cases.append(dict(name=f"{arch}/{name}-{parallel}-mlx", model=str(path), reference=str(ref), mode="load",
+                          placement=None, parallel=parallel, backend="mlx", expect_lazy=expect_lazy))
     if n > 1:  # layouts per layer: split, replicated and single-owner experts mixed (mode="auto")
         for name in ("fp32", "fp32-per-expert", "q4"):
             path, ref = files[name]

@@ -251,10 +251,13 @@ def test_rank_killed_mid_load(ckpt, blocking_ckpt):
 # --------------------------------------------------------------------------
 
 
-def test_rank_stopped_mid_generation_is_named(endless_ckpt):
-    job = Job(mpirun_command(
-        3, generate_argv("--model", endless_ckpt, "--max-tokens", LONG, "--ignore-chat-template", "--timeout", TIMEOUT)
-    ))
+@pytest.mark.parametrize("options", [(), ("--backend", "mlx", "--mode", "sliced")], ids=["mpi4py", "mlx-lazy"])
+def test_rank_stopped_mid_generation_is_named(endless_ckpt, options):
+    # With --backend mlx and every expert split, a forward pass is one lazy
+    # graph: the ranks wait inside MLX's evaluation, not in a call of ours.
+    job = Job(mpirun_command(3, generate_argv(
+        "--model", endless_ckpt, "--max-tokens", LONG, "--ignore-chat-template", "--timeout", TIMEOUT, *options
+    )))
     victim = job.rank_pid(2)
     job.wait_for_stdout()
     os.kill(victim, signal.SIGSTOP)
@@ -435,6 +438,18 @@ def test_watchdog_rules():
     dog = watchdog_at(4, 3, {1: (None, 0, 0, RUNNING), 2: (None, 0, 0, RUNNING)})
     dog.check(90.0)
     assert dog.check(100.0).startswith("cannot tell which rank: no heartbeats from ranks 1, 2")
+
+    # A forward pass whose all-reduces are in MLX's graph (--backend mlx)
+    # computes as long as it takes: only a silent rank ends it.
+    from moe_mpi.mpi_activity import LAZY
+
+    dog = watchdog_at(4, 3, {1: (99.0, 4, 3, RUNNING), 2: (99.5, 4, 3, RUNNING)})
+    dog.activity.kind = LAZY
+    dog.check(0.0)
+    assert dog.check(99.9) is None  # 100 s in one forward pass, every rank answering
+    dog.peers[2].seen = 90.0
+    message = dog.check(100.0)
+    assert message.startswith("rank 2 stopped answering") and "forward pass" in message, message
 
 
 # --------------------------------------------------------------------------

@@ -284,6 +284,8 @@ def throughput_row(
             shares.append(_calls_and_bytes(c)[2] / wall if wall > 0 else None)
         row["comm_seconds"] = [_calls_and_bytes(c)[2] for c in counters]
         row["comm_share"] = shares
+        if any(not v.get("timed", True) for c in counters for v in c.values()):
+            row["comm_seconds"] = row["comm_share"] = None  # --backend mlx: in MLX's graph, not timed
     elif counted == "code" and code_counts:
         row["collectives_per_step"] = code_counts["calls_per_step"]
         row["collectives_per_token"] = code_counts["calls_per_step"] / tokens_per_step

@@ -14,8 +14,9 @@ Servers (``--servers``):
 
 * ``moe-mpi``: ``moe-mpi serve`` (``--mode ep``); ``moe-mpi-sliced``,
   ``moe-mpi-auto``: ``moe-mpi serve --mode sliced|auto``; a ``+heads``
-  suffix adds ``--attention split``, a ``+overlap`` suffix ``--overlap``
-  (two-batch overlap), in either order; ``moe-mpi-unguarded``: ``--mode ep``
+  suffix adds ``--attention split``, ``+overlap`` ``--overlap`` (two-batch
+  overlap), ``+mlx`` ``--backend mlx`` (the all-reduce in MLX's graph), in
+  any order; ``moe-mpi-unguarded``: ``--mode ep``
   with ``--no-routing-guard`` (what the routing guard costs);
 * ``mlx-lm``: ``mlx_lm.server`` as mlx-lm ships it, tensor parallel through
   its ``sharded_load``; started through :func:`run_mlx_lm_server`, which
@@ -49,7 +50,6 @@ import argparse
 import http.client
 import json
 import os
-import random
 import re
 import shlex
 import shutil
@@ -58,7 +58,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -66,18 +65,20 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 from ..argtypes import int_list, port, positive_int
 from ..launch import launch_again
 from ..runner import PROG, env_rank, fail, parse_args
+from .serve_clients import (
+    agreement, agreement_lines, fmt, host_port, make_prompts, run_level, stream_chat, summarize_level,
+)
 
 __all__ = ["ServerJob", "main", "run_mlx_lm_server", "setup_arg_parser", "stream_chat"]
 
 #: moe-mpi servers (modes and the unguarded one), before any suffix.
 MOE_MPI_SERVERS = ("moe-mpi", "moe-mpi-sliced", "moe-mpi-auto", "moe-mpi-unguarded")
 #: Suffixes of a moe-mpi server, in any order, and the options they add.
-SUFFIXES = {"+heads": ["--attention", "split"], "+overlap": ["--overlap"]}
+SUFFIXES = {"+heads": ["--attention", "split"], "+overlap": ["--overlap"], "+mlx": ["--backend", "mlx"]}
 SERVERS = MOE_MPI_SERVERS + ("mlx-lm", "mlx-lm+kernels")
 BASELINES = ("mlx-lm", "mlx-lm+kernels")
 DEFAULT_CLIENTS = [1, 4, 16, 64]
 READY_TIMEOUT = 900.0  # loading a 3 GB model over a slow fake link takes a while
-REQUEST_TIMEOUT = 1800.0
 _URL = re.compile(r" at (http://\S+) ")
 
 
@@ -169,7 +170,7 @@ class ServerJob:
 
 def http_get(url: str, path: str, timeout: float = 30.0) -> tuple:
     """``(status, parsed JSON or None)`` of ``GET url+path``; ``(None, None)`` if unreachable."""
-    host, port = _host_port(url)
+    host, port = host_port(url)
     try:
         conn = http.client.HTTPConnection(host, port, timeout=timeout)
         conn.request("GET", path)
@@ -182,12 +183,6 @@ def http_get(url: str, path: str, timeout: float = 30.0) -> tuple:
         return response.status, json.loads(body)
     except ValueError:
         return response.status, None
-
-
-def _host_port(url: str) -> tuple:
-    hostport = url.split("://", 1)[-1].rstrip("/")
-    host, _, port = hostport.rpartition(":")
-    return host.strip("[]"), int(port)
 
 
 def free_port() -> int:
@@ -275,205 +270,6 @@ def run_mlx_lm_server(argv: Sequence[str]) -> None:
 # Clients
 # --------------------------------------------------------------------------
 
-_WORDS = (
-    "river stone cloud engine market garden silver window orange planet music doctor "
-    "winter yellow bridge forest letter camera island rocket summer paper dragon castle "
-    "number mirror pocket ticket violin wallet zebra anchor bottle candle desert feather "
-    "harbor jacket kettle ladder magnet needle oyster pepper quartz saddle tunnel umbrella"
-).split()
-
-
-def make_prompts(count: int, words: int, seed: int = 0) -> List[str]:
-    """``count`` distinct prompts of ``words`` random words each."""
-    rng = random.Random(seed)
-    return [f"{i}: " + " ".join(rng.choice(_WORDS) for _ in range(words)) for i in range(count)]
-
-
-def stream_chat(url: str, model: str, prompt: str, max_tokens: int, timeout: float = REQUEST_TIMEOUT) -> Dict[str, Any]:
-    """One greedy streaming chat completion, timed.
-
-    Returns:
-        ``{"start", "first", "end"}`` (``time.perf_counter`` seconds),
-        ``"tokens"`` (the server's usage count), ``"prompt_tokens"``,
-        ``"text"``; ``"error"`` instead when it failed.
-    """
-    host, port = _host_port(url)
-    body = json.dumps({
-        "model": model,
-        "messages": [{"role": "user", "content": prompt}],
-        "max_tokens": max_tokens,
-        "temperature": 0.0,
-        "stream": True,
-        "stream_options": {"include_usage": True},
-    })
-    record: Dict[str, Any] = {"start": time.perf_counter(), "first": None, "end": None, "tokens": 0, "text": "", "retries": 0}
-    try:
-        response = _post(host, port, body, timeout, record)
-        if response.status != 200:
-            record["error"] = f"HTTP {response.status}: {response.read()[:200]!r}"
-            return record
-        while True:
-            line = response.readline()
-            if not line:
-                break
-            line = line.strip()
-            if not line.startswith(b"data: "):
-                continue  # keep-alive comments, blank separators
-            data = line[6:]
-            if data == b"[DONE]":
-                break
-            chunk = json.loads(data)
-            for choice in chunk.get("choices") or ():
-                text = (choice.get("delta") or {}).get("content")
-                if text:
-                    record["first"] = record["first"] or time.perf_counter()
-                    record["text"] += text
-            if chunk.get("usage"):
-                record["tokens"] = chunk["usage"]["completion_tokens"]
-                record["prompt_tokens"] = chunk["usage"]["prompt_tokens"]
-        response.close()
-    except (OSError, ValueError, http.client.HTTPException) as e:
-        record["error"] = f"{type(e).__name__}: {e}"
-    record["end"] = time.perf_counter()
-    record["first"] = record["first"] or record["end"]
-    return record
-
-
-def _post(host: str, port: int, body: str, timeout: float, record: Dict[str, Any]):
-    """POSTs a chat request; retries a connection the server dropped before answering.
-
-    mlx_lm.server (Python's http.server) listens with a backlog of 5 and
-    resets connections beyond it when many clients connect at once; the
-    openai client retries those, and so does this one (up to 3 times, the
-    request's clock still running from the first try).
-    """
-    for attempt in range(4):
-        conn = http.client.HTTPConnection(host, port, timeout=timeout)
-        try:
-            conn.request("POST", "/v1/chat/completions", body, {"Content-Type": "application/json"})
-            return conn.getresponse()
-        except (ConnectionResetError, ConnectionRefusedError, http.client.RemoteDisconnected):
-            conn.close()
-            if attempt == 3:
-                raise
-            record["retries"] += 1
-            time.sleep(0.1 * (attempt + 1))
-
-
-def run_level(url: str, model: str, clients: int, prompts: List[str], max_tokens: int) -> tuple:
-    """``clients`` threads share ``prompts``, each sending one request at a time.
-
-    Returns:
-        ``(records, wall seconds)``.
-    """
-    todo = list(prompts)
-    lock = threading.Lock()
-    records: List[Dict[str, Any]] = []
-
-    def client() -> None:
-        while True:
-            with lock:
-                if not todo:
-                    return
-                prompt = todo.pop(0)
-            record = stream_chat(url, model, prompt, max_tokens)
-            record["prompt"] = prompt
-            with lock:
-                records.append(record)
-
-    threads = [threading.Thread(target=client, daemon=True) for _ in range(clients)]
-    start = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return records, time.perf_counter() - start
-
-
-def _percentile(values: List[float], q: float) -> Optional[float]:
-    if not values:
-        return None
-    values = sorted(values)
-    k = (len(values) - 1) * q
-    lo, hi = int(k), min(int(k) + 1, len(values) - 1)
-    return values[lo] + (values[hi] - values[lo]) * (k - lo)
-
-
-def summarize_level(records: List[Dict[str, Any]], wall: float) -> Dict[str, Any]:
-    """Aggregate tokens/s, TTFT p50/p95/mean and per-request decode tokens/s of one level."""
-    ok = [r for r in records if "error" not in r]
-    tokens = sum(r["tokens"] for r in ok)
-    ttft = [r["first"] - r["start"] for r in ok]
-    rates = [r["tokens"] / (r["end"] - r["start"]) for r in ok if r["end"] > r["start"]]
-    return {
-        "requests": len(records),
-        "errors": [r["error"] for r in records if "error" in r][:5],
-        "failed": len(records) - len(ok),
-        "retries": sum(r.get("retries", 0) for r in records),
-        "tokens": tokens,
-        "prompt_tokens_mean": sum(r.get("prompt_tokens", 0) for r in ok) / len(ok) if ok else None,
-        "wall_s": wall,
-        "aggregate_tps": tokens / wall if wall > 0 else None,
-        "ttft_p50_ms": 1e3 * _percentile(ttft, 0.5) if ttft else None,
-        "ttft_p95_ms": 1e3 * _percentile(ttft, 0.95) if ttft else None,
-        # A burst is prefilled in groups, so the p50 of a level jumps with
-        # how many requests the first group took; the mean moves smoothly.
-        "ttft_mean_ms": 1e3 * sum(ttft) / len(ttft) if ttft else None,
-        "request_tps_p50": _percentile(rates, 0.5),
-        "texts": {r["prompt"]: r["text"] for r in ok if "prompt" in r},
-        # Every request's TTFT, in the order sent: shows how a burst was prefilled.
-        "ttft_ms": [round(1e3 * (r["first"] - r["start"])) for r in sorted(ok, key=lambda r: r["start"])],
-    }
-
-
-def _common_prefix(a: str, b: str) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
-
-
-def agreement(rows: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
-    """Each server's greedy texts against the first server's, per client count.
-
-    Returns:
-        One entry per (clients, server) after the first server: ``equal``
-        and ``compared`` requests, and ``prefix``, the mean share of the
-        reference text that the two texts have in common from the start.
-    """
-    out = []
-    for clients in sorted({r["clients"] for r in rows}):
-        level = [r for r in rows if r["clients"] == clients and r.get("texts")]
-        if len(level) < 2:
-            continue
-        ref = level[0]
-        for row in level[1:]:
-            common = [p for p in ref["texts"] if p in row["texts"]]
-            equal = sum(ref["texts"][p] == row["texts"][p] for p in common)
-            shares = [_common_prefix(ref["texts"][p], row["texts"][p]) / max(len(ref["texts"][p]), 1) for p in common]
-            out.append({
-                "clients": clients, "server": row["server"], "reference": ref["server"],
-                "equal": equal, "compared": len(common), "prefix": sum(shares) / len(shares) if shares else None,
-            })
-    return out
-
-
-def agreement_lines(checks: List[Dict[str, Any]]) -> List[str]:
-    """The output check as comment lines."""
-    return [
-        f"# output check, {c['clients']} clients: {c['server']} texts equal {c['reference']}'s in "
-        f"{c['equal']}/{c['compared']} requests (common prefix {_fmt(c['prefix'] and 100 * c['prefix'], '.0f')}% of the text)"
-        for c in checks
-    ]
-
-
-# --------------------------------------------------------------------------
-# Models
-# --------------------------------------------------------------------------
-
-
 class _Alone:
     """A stand-in communicator for a process with no MPI (this driver)."""
 
@@ -516,8 +312,9 @@ def _status_delta(before: Optional[dict], after: Optional[dict]) -> Optional[Dic
     if not before or not after:
         return None
 
-    def diff(key, rank=0):
-        return after["ranks"][rank][key] - before["ranks"][rank][key]
+    def diff(key, rank=0):  # None where not measured (seconds of --backend mlx's all-reduces)
+        a, b = after["ranks"][rank][key], before["ranks"][rank][key]
+        return None if a is None or b is None else a - b
 
     steps = diff("steps")
     ranks = range(len(after["ranks"]))
@@ -560,10 +357,6 @@ def bench_server(kind: str, args: argparse.Namespace, model: Path, cluster: Opti
     return rows
 
 
-def _fmt(value, spec: str) -> str:
-    return "-" if value is None else format(value, spec)
-
-
 TABLE_HEAD = "| clients | server | aggregate tok/s | TTFT p50 ms | TTFT p95 ms | TTFT mean ms | per-request tok/s (p50) | requests | tokens | prompt tokens (mean) |"
 
 
@@ -571,10 +364,10 @@ def format_row(row: Dict[str, Any]) -> str:
     """One table row."""
     failed = f" ({row['failed']} failed)" if row["failed"] else ""
     return (
-        f"| {row['clients']} | {row['server']} | {_fmt(row['aggregate_tps'], '.1f')} | "
-        f"{_fmt(row['ttft_p50_ms'], '.0f')} | {_fmt(row['ttft_p95_ms'], '.0f')} | {_fmt(row.get('ttft_mean_ms'), '.0f')} | "
-        f"{_fmt(row['request_tps_p50'], '.1f')} | {row['requests']}{failed} | {row['tokens']} | "
-        f"{_fmt(row['prompt_tokens_mean'], '.0f')} |"
+        f"| {row['clients']} | {row['server']} | {fmt(row['aggregate_tps'], '.1f')} | "
+        f"{fmt(row['ttft_p50_ms'], '.0f')} | {fmt(row['ttft_p95_ms'], '.0f')} | {fmt(row.get('ttft_mean_ms'), '.0f')} | "
+        f"{fmt(row['request_tps_p50'], '.1f')} | {row['requests']}{failed} | {row['tokens']} | "
+        f"{fmt(row['prompt_tokens_mean'], '.0f')} |"
     )
 
 
@@ -626,7 +419,7 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     parser.add_argument("--cache-dir", default=None, help="Where synthetic checkpoints are cached.")
     parser.add_argument("--quantize", type=int, choices=[4, 8], default=None, help="Serve a copy quantized by mlx-lm's convert -q with this many bits.")
     parser.add_argument("--np", type=positive_int, default=2, help="Ranks (default: 2).")
-    parser.add_argument("--servers", default="moe-mpi,mlx-lm", help=f"Comma-separated, from {', '.join(SERVERS)}; a moe-mpi server may add +heads and +overlap (default: moe-mpi,mlx-lm).")
+    parser.add_argument("--servers", default="moe-mpi,mlx-lm", help=f"Comma-separated, from {', '.join(SERVERS)}; a moe-mpi server may add +heads, +overlap and +mlx (default: moe-mpi,mlx-lm).")
     parser.add_argument("--clients", type=int_list, default=DEFAULT_CLIENTS, help="Client counts (default: 1,4,16,64).")
     parser.add_argument("--requests", type=positive_int, default=2, help="Requests per client per level (default: 2).")
     parser.add_argument("--min-requests", type=positive_int, default=8, help="Requests per level at least (default: 8).")
@@ -650,7 +443,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     servers = [s.strip() for s in args.servers.split(",") if s.strip()]
     unknown = sorted(k for k in set(servers) if not _known(k))
     if unknown:
-        fail(f"--servers: unknown {', '.join(unknown)}; choose from {', '.join(SERVERS)}, a moe-mpi one with +heads or +overlap")
+        fail(f"--servers: unknown {', '.join(unknown)}; choose from {', '.join(SERVERS)}, a moe-mpi one with +heads, +overlap or +mlx")
     # SIGTERM (e.g. netns_bench's timeout) ends this process through the
     # finally blocks that stop the server jobs.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))

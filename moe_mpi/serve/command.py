@@ -211,7 +211,8 @@ def serve(args: argparse.Namespace, comm: Communicator, watchdog) -> None:
         # Before the counters: its probe runs the model (every rank alike).
         # Routing recorded for statistics must see every layer of every token.
         tail = find_unread_tail(provider.model, comm) if not args.record_routing else None
-        timer = time_experts(provider.model)
+        # Timing the experts evaluates each layer twice; --backend mlx keeps a pass one lazy graph.
+        timer = None if comm.lazy else time_experts(provider.model)
         count_forward_passes(provider.model)
         lock = threading.Lock()
         generator = ClusterResponseGenerator(provider, lock)

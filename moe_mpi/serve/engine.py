@@ -496,7 +496,7 @@ class Engine:
             "waiting": len(self.waiting),
             "expert_seconds": self.expert_timer.seconds if self.expert_timer else None,
             "all_reduces": all_sum.calls,
-            "all_reduce_seconds": all_sum.seconds,
+            "all_reduce_seconds": all_sum.seconds if all_sum.timed else None,  # --backend mlx: not timed
             "all_reduce_bytes": all_sum.bytes,
             # Left out in prompt chunks, where nobody reads the output (moe_mpi.unread).
             "all_reduces_skipped": self.unread_tail.skipped if self.unread_tail is not None else 0,
