@@ -638,7 +638,7 @@ def test_consistency_check_detects_disagreement():
     import mlx.core as mx
 
     from moe_mpi.errors import CollectiveError
-    from moe_mpi.generate import ConsistencyCheck
+    from moe_mpi.runstats import ConsistencyCheck
 
     def sampler(logprobs):
         return mx.argmax(logprobs, axis=-1)
