@@ -140,8 +140,8 @@ def measure_rendezvous(comm, sizes_mb: Sequence[int] = RENDEZVOUS_MB, say: Optio
     Every rank runs, in turn: ``K`` matrix-vector products alone (the
     compute's time per product with every rank computing, ``w``), the same
     with a small all-reduce after each (``step``), and the all-reduce alone
-    in a loop (``a``). The wait is ``step - w - a``; each loop runs twice
-    and the faster counts, the slowest rank's clock for each.
+    in a loop (``a``). The wait is ``step - w - a``; the first two loops
+    run twice and the faster counts; each time is the slowest rank's.
 
     Args:
         comm: A :class:`moe_mpi.comm.Communicator`.
@@ -152,36 +152,40 @@ def measure_rendezvous(comm, sizes_mb: Sequence[int] = RENDEZVOUS_MB, say: Optio
         ``((w, wait), ...)`` in seconds, by ``w``: what
         :attr:`moe_mpi.profiles.Machine.rendezvous` holds.
     """
+    table = []
+    for mb in sizes_mb:
+        table.append(_rendezvous_at(comm, mb))
+        if say is not None:
+            say(f"# rendezvous: {table[-1][0] * 1e3:.2f} ms of compute between collectives, "
+                f"{table[-1][1] * 1e3:.2f} ms wait per collective", flush=True)
+    return tuple(sorted(table))
+
+
+def _rendezvous_at(comm, mb: int) -> Tuple[float, float]:
+    """``(w, wait)`` of :func:`measure_rendezvous` for one ``mb`` MiB matrix (freed on return)."""
     mpi = comm.comm
     small = np.ones(RENDEZVOUS_MESSAGE, dtype=np.float32)
     out = np.empty_like(small)
-    table = []
-    for mb in sizes_mb:
-        n = int((mb * 2**20 / 4) ** 0.5)
-        matrix = np.full((n, n), 1.0 / n, dtype=np.float32)
-        vector = np.ones(n, dtype=np.float32)
+    n = int((mb * 2**20 / 4) ** 0.5)
+    matrix = np.full((n, n), 1.0 / n, dtype=np.float32)
+    vector = np.ones(n, dtype=np.float32)
 
-        def work():
-            np.dot(matrix, vector)
+    def work():
+        np.dot(matrix, vector)
 
-        def step():
-            np.dot(matrix, vector)
-            mpi.Allreduce(small, out)
+    def step():
+        np.dot(matrix, vector)
+        mpi.Allreduce(small, out)
 
-        def reduce():
-            mpi.Allreduce(small, out)
+    def reduce():
+        mpi.Allreduce(small, out)
 
-        probe = _loop(comm, work, 5)
-        count = int(np.clip(_LOOP_SECONDS / max(probe, 1e-6), 10, 400))
-        w = min(_loop(comm, work, count) for _ in range(2))
-        s = min(_loop(comm, step, count) for _ in range(2))
-        a = _loop(comm, reduce, count)
-        table.append((w, max(0.0, s - w - a)))
-        if say is not None:
-            say(f"# rendezvous: {w * 1e3:.2f} ms of compute between collectives, "
-                f"{table[-1][1] * 1e3:.2f} ms wait per collective", flush=True)
-        del matrix
-    return tuple(sorted(table))
+    probe = _loop(comm, work, 5)
+    count = int(np.clip(_LOOP_SECONDS / max(probe, 1e-6), 10, 400))
+    w = min(_loop(comm, work, count) for _ in range(2))
+    s = min(_loop(comm, step, count) for _ in range(2))
+    a = _loop(comm, reduce, count)
+    return w, max(0.0, s - w - a)
 
 
 def _loop(comm, fn: Callable[[], object], count: int) -> float:
