@@ -18,7 +18,7 @@ Two data paths implement :meth:`Communicator.all_sum`:
   :mod:`moe_mpi.experts`). Reduces bfloat16 natively. MPI is initialised
   single-threaded and MLX runs the reduction on its own thread, so every
   other MPI call of the process first waits for the all-reduces in flight
-  (:func:`moe_mpi.mpi_lazy.settle`). Its counters count calls and bytes; their seconds are
+  (:func:`moe_mpi.mpi_turn.settle`). Its counters count calls and bytes; their seconds are
   not measured (the reduction runs inside some later evaluation).
 
 Every rank must create its :class:`Communicator` (and thus call
@@ -32,7 +32,7 @@ import dataclasses
 import os
 import sys
 import time
-from typing import Any
+from typing import Any, Sequence
 
 import mlx.core as mx
 import msgpack
@@ -41,7 +41,7 @@ import numpy as np
 from .mpi_activity import ACTIVITY
 from .mpi_dtypes import buffer_format, summable_dtypes
 from .mpi_init import init_mpi, mlx_group
-from .mpi_lazy import hold, pending, settle
+from .mpi_turn import hold, pending, settle
 
 __all__ = [
     "BACKENDS",
@@ -49,7 +49,6 @@ __all__ = [
     "Communicator",
     "init_mpi",
     "mlx_group",
-    "quiet_barrier",
     "settle",
 ]
 
@@ -57,7 +56,7 @@ __all__ = [
 BACKENDS = ("mpi4py", "mlx")
 
 #: Collective kinds that have counters in :attr:`Communicator.stats`.
-KINDS = ("all_sum", "bcast", "barrier", "allreduce_max", "allgather", "send", "recv")
+KINDS = ("all_sum", "all_gather", "bcast", "barrier", "allreduce_max", "allgather", "send", "recv")
 
 @dataclasses.dataclass
 class CollectiveStats:
@@ -213,10 +212,7 @@ class Communicator:
         return self.backend == "mlx" and self._size > 1
 
     def _enter(self, kind: str) -> None:
-        settle()
-        if self.overlap is not None:
-            # One thread at a time in MPI: let the all-reduces on their way finish first.
-            self.overlap.drain()
+        settle()  # one thread at a time in MPI: the all-reduces on their way finish first
         if self._size > 1:
             ACTIVITY.enter(kind)
 
@@ -317,7 +313,8 @@ class Communicator:
         if extra.shape[0] != t:
             raise ValueError(f"extra has {extra.shape[0]} rows; x has {t} rows of {d}")
         m = extra.shape[1]
-        settle()
+        if self.overlap is None:  # overlapping, the wire thread takes this call in its turn
+            settle()
         start = time.perf_counter()
         buf = self._extra
         if self.overlap is not None and self._size > 1:
@@ -357,14 +354,47 @@ class Communicator:
         self._all_sum_stats.add(buf.nbytes if self._size > 1 else 0, time.perf_counter() - start - paused)
         return out, buf[:, d:].copy()
 
+    def all_gather(self, x: mx.array, sizes: Sequence[int]) -> mx.array:
+        """Every rank's ``x`` joined along the last axis, in rank order: the split LM head's logits.
+
+        Args:
+            x: ``[..., sizes[rank]]``, the same leading shape and dtype on every rank.
+            sizes: Every rank's last-axis width (:mod:`moe_mpi.vocab`).
+
+        Returns:
+            ``[..., sum(sizes)]``. Each message is padded to ``max(sizes)``
+            so that every rank sends as much (a few columns at most).
+        """
+        if len(sizes) != self._size or x.shape[-1] != sizes[self._rank]:
+            raise ValueError(f"all_gather: x has {x.shape[-1]} columns, sizes={list(sizes)} on {self._size} ranks")
+        start = time.perf_counter()
+        if self._size == 1:
+            self._record("all_gather", 0, start)
+            return x
+        width = max(sizes)
+        rows = x.reshape(-1, x.shape[-1])  # [M, sizes[rank]]
+        if width > rows.shape[1]:
+            rows = mx.pad(rows, [(0, 0), (0, width - rows.shape[1])])
+        if self.lazy:
+            parts = hold(mx.distributed.all_gather(rows[None], group=self._group))  # [N, M, width], in the graph
+            self.stats["all_gather"].timed = False
+        else:
+            send = memoryview(mx.contiguous(rows)).cast("B")  # evaluates rows
+            recv = np.empty(self._size * send.nbytes, dtype=np.uint8)
+            self._enter("all_gather")
+            self.comm.Allgather([send, self._MPI.BYTE], [recv, self._MPI.BYTE])
+            self._leave()
+            parts = mx.array(recv).view(x.dtype).reshape(self._size, rows.shape[0], width)
+        out = mx.concatenate([parts[r, :, :n] for r, n in enumerate(sizes)], axis=1)  # [M, vocab]
+        self._record("all_gather", x.nbytes, start)
+        return out.reshape(*x.shape[:-1], sum(sizes))
+
     def _all_sum_numpy(self, x: np.ndarray) -> np.ndarray:
         if x.dtype != np.float32 or not x.flags.c_contiguous:
             raise TypeError(f"all_sum of a numpy array takes C-contiguous float32, not {x.dtype}")
         start = time.perf_counter()
         if self._size > 1:
-            settle()
-            if self.overlap is not None:  # one thread at a time in MPI
-                self.overlap.drain()
+            settle()  # one thread at a time in MPI
             activity = ACTIVITY
             activity.entered += 1
             if self.backend == "mlx":
@@ -662,33 +692,3 @@ class Communicator:
             except (OSError, ValueError):
                 pass  # closed or broken stream; aborting anyway
         self.comm.Abort(code)
-
-
-#: How often a rank that sits out a quiet barrier polls it.
-QUIET_POLL_SECONDS = 0.002
-
-
-def quiet_barrier(comm, idle: bool = True) -> None:
-    """A barrier in which ranks that sit out sleep instead of spinning in MPI.
-
-    On a shared host a rank spinning in ``MPI_Barrier`` takes a core from
-    the rank doing the work. Every rank must call this (a blocking barrier
-    does not match the ``Ibarrier``); ``idle=False`` ranks wait without
-    sleeping, so they leave it as soon as possible.
-
-    Args:
-        comm: A :class:`Communicator` or an mpi4py communicator.
-        idle: Whether this rank sleeps between polls.
-    """
-    mpi_comm = comm.comm if isinstance(comm, Communicator) else comm
-    if mpi_comm.Get_size() == 1:
-        return
-    settle()
-    ACTIVITY.enter("barrier")
-    request = mpi_comm.Ibarrier()
-    if idle:
-        while not request.Test():
-            time.sleep(QUIET_POLL_SECONDS)
-    else:
-        request.Wait()
-    ACTIVITY.leave()

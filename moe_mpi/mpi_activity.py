@@ -14,7 +14,7 @@ class Activity:
     """Where this process is in its collectives, for a watchdog thread to read.
 
     Every MPI operation of a :class:`moe_mpi.comm.Communicator` (and
-    :func:`moe_mpi.comm.quiet_barrier`) adds one to ``entered`` when it
+    :func:`moe_mpi.barrier.quiet_barrier`) adds one to ``entered`` when it
     starts waiting on other ranks and one to ``left`` when it returns, so
     ``entered > left`` means "inside operation number ``entered``". The
     ranks run their collectives in the same order, so the numbers are
@@ -41,7 +41,7 @@ class Activity:
 
 
 #: ``Activity.kind`` while all-reduces that ``--backend mlx`` left in MLX's
-#: lazy graph may be running (:func:`moe_mpi.mpi_lazy.settle` ends it). The
+#: lazy graph may be running (:func:`moe_mpi.mpi_turn.settle` ends it). The
 #: forward pass computes meanwhile, for as long as it takes, so the watchdog
 #: ends the job then only for a rank that stopped answering.
 LAZY = "forward pass (all-reduces in MLX's graph)"

@@ -44,6 +44,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 import mlx.core as mx
 from greenlet import getcurrent, greenlet
 
+from .mpi_turn import attach, detach, settle
 from .unread import skip_unread_prefill
 
 __all__ = ["Cohorts", "Interleave", "check_overlap"]
@@ -91,7 +92,8 @@ class _Wire(threading.Thread):
     they were handed in (the same order on every rank): a non-blocking
     ``Iallreduce``, checked after :data:`POLL_SECONDS` and then less and less
     often, sleeping in between so as not to take a core from the compute. Only one thread is in MPI at a
-    time: the main thread makes its other MPI calls after :meth:`drain`.
+    time: the main thread makes its other MPI calls after
+    :func:`moe_mpi.mpi_turn.settle`, which waits until :attr:`idle` is set.
     """
 
     def __init__(self):
@@ -101,6 +103,7 @@ class _Wire(threading.Thread):
         self.idle.set()
         self.pending = 0  # jobs handed in and not done; under _lock (two threads change it)
         self._lock = threading.Lock()
+        attach(self.idle)
         self.start()
 
     def submit(self, job: _Job) -> None:
@@ -129,6 +132,7 @@ class _Wire(threading.Thread):
 
     def stop(self) -> None:
         self.jobs.put(None)
+        detach(self.idle)
 
 
 class Interleave:
@@ -174,7 +178,7 @@ class Interleave:
             # that will never send: no drain then (the error path ends the job).
             self.comm.overlap = None
             self._tasks = set()
-        self.drain()  # every task waited for its own all-reduces: this returns at once
+        settle()  # every task waited for its own all-reduces: this returns at once
         return results
 
     def reduce(self, mpi_comm, buf) -> float:
@@ -193,11 +197,6 @@ class Interleave:
             other = time.perf_counter() - start
         job.result()
         return other
-
-    def drain(self) -> None:
-        """Waits until no all-reduce is on its way (before another MPI call on this thread)."""
-        if self._wire is not None:
-            self._wire.idle.wait()
 
     def close(self) -> None:
         """Ends the wire thread (a new :meth:`run` starts another)."""

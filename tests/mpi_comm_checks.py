@@ -178,6 +178,28 @@ def check_allgather_and_max(comm: Communicator) -> None:
     assert comm.allreduce_max(float(comm.rank) * 1.5) == (comm.size - 1) * 1.5
 
 
+def check_all_gather(comm: Communicator) -> None:
+    """Uneven widths joined in rank order along the last axis (the split LM head's logits), each dtype."""
+    sizes = [5 + 2 * r for r in range(comm.size)]  # uneven: every message is padded to the widest
+    total = sum(sizes)
+    start = sum(sizes[: comm.rank])
+    for dtype in (mx.float32, mx.bfloat16, mx.float16):
+        for lead in ((1, 3), (2, 1), (4,)):
+            whole = mx.arange(int(np.prod(lead)) * total, dtype=mx.float32).reshape(*lead, total).astype(dtype)
+            part = whole[..., start : start + sizes[comm.rank]]  # a strided view: gathered as its values
+            before = comm.snapshot().get("all_gather", {}).get("calls", 0)
+            got = comm.all_gather(part, sizes)
+            assert got.shape == whole.shape and got.dtype == dtype, (got.shape, got.dtype)
+            assert mx.array_equal(got, whole).item(), (dtype, lead)
+            assert comm.snapshot()["all_gather"]["calls"] == before + 1
+    try:
+        comm.all_gather(mx.zeros((2, sizes[comm.rank] + 1)), sizes)
+    except ValueError as e:
+        assert "all_gather" in str(e), e
+    else:
+        raise AssertionError("all_gather of the wrong width did not raise")
+
+
 def check_counters(comm: Communicator) -> None:
     comm.reset_stats()
     assert all(s.calls == 0 and s.bytes == 0 for s in comm.stats.values())

@@ -19,7 +19,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 import mlx.core as mx
 import mlx.nn as nn
 
-from ..comm import quiet_barrier
+from ..barrier import quiet_barrier
 from ..cpu import switches
 from ..argtypes import add_balance_arguments, positive_int, seed
 from ..runner import collective_phase

@@ -41,7 +41,7 @@ import mlx.nn as nn
 import numpy as np
 
 from ..argtypes import int_list, non_negative_int, positive_int
-from ..comm import quiet_barrier
+from ..barrier import quiet_barrier
 from ..runner import add_debug_argument, parse_args
 from . import harness, report, routing
 from .modes import Built, Context, tp_code_counts

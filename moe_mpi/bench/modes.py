@@ -25,7 +25,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ..balance import BALANCE_CHOICES
-from ..comm import quiet_barrier
+from ..barrier import quiet_barrier
 
 __all__ = ["Built", "Context", "MODES", "default_modes", "get_mode", "mode_description", "mode_names", "modes_arg", "tp_code_counts"]
 

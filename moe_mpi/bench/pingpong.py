@@ -38,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from ..comm import quiet_barrier
+from ..barrier import quiet_barrier
 from ..errors import UserError
 from ..runner import abort_on_error, add_debug_argument, collective_phase, parse_args
 from .sweep import (

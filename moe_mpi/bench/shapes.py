@@ -17,7 +17,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Dict, Optional
 
-from ..comm import quiet_barrier
+from ..barrier import quiet_barrier
 from ..errors import UserError
 from ..runner import collective_phase
 

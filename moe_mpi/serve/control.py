@@ -35,7 +35,7 @@ import msgpack
 import numpy as np
 
 from ..mpi_activity import ACTIVITY
-from ..mpi_lazy import settle
+from ..mpi_turn import settle
 
 __all__ = ["Control", "ControlChannel", "ControlStats", "GATHER_STATUS", "INLINE_BYTES", "STOP", "split_events"]
 
@@ -199,7 +199,7 @@ class ControlChannel:
         # Counted for the watchdog like every collective, also while idle:
         # rank 0 then waits for requests as busy work (moe_mpi.watchdog), so
         # an idle server waits for ever, but a rank frozen between steps is named.
-        settle()  # MPI from one thread at a time: MLX's all-reduces first (backend mlx)
+        settle()  # MPI from one thread at a time: MLX's all-reduces and overlap's wire first
         ACTIVITY.enter("control broadcast")
         request = self.mpi.Ibcast(buf, root=0)
         if idle and self.rank != 0:
