@@ -16,6 +16,7 @@ import argparse
 from typing import List
 
 from .attention import ATTENTION_CHOICES
+from .vocab import LM_HEAD_CHOICES
 from .balance import BALANCE_CHOICES
 
 __all__ = [
@@ -247,17 +248,23 @@ def add_balance_arguments(parser: argparse.ArgumentParser, profile_help: str = P
 
 
 def add_attention_argument(parser: argparse.ArgumentParser) -> None:
-    """``--attention replicated|split``: whether each rank computes every attention head."""
+    """``--attention`` and ``--lm-head``: whether each rank computes every attention head, every logit."""
     parser.add_argument(
         "--attention", choices=ATTENTION_CHOICES, default="replicated",
         help="'replicated' (default: every rank computes every head; one all-reduce per MoE layer) or "
         "'split': each rank holds its share of the heads and of the KV cache, and each attention ends in an "
         "all-reduce too (pays on one host or a fast link, and at long context; `moe-mpi plan` predicts it)",
     )
+    parser.add_argument(
+        "--lm-head", choices=LM_HEAD_CHOICES, default="replicated",
+        help="'replicated' (default: every rank computes every logit) or 'split': each rank holds and computes "
+        "its share of the LM head's vocabulary rows, and one all-gather per step joins the logits (fewer bytes "
+        "per rank where the head is a large part of a token's weights; `moe-mpi plan` predicts it)",
+    )
 
 
 def add_sharding_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--mode``, ``--placement``, ``--weights``, ``--stats``, ``--layouts``, ``--balance``, ``--replicas``, ``--profile``, ``--attention``."""
+    """``--mode``, ``--placement``, ``--weights``, ``--stats``, ``--layouts``, ``--balance``, ``--replicas``, ``--profile``, ``--attention``, ``--lm-head``."""
     parser.add_argument(
         "--mode", choices=SPMD_MODES, default="ep",
         help="how experts are shared out: 'ep' (default: whole experts per rank), 'sliced' (a slice of "
@@ -295,4 +302,5 @@ def sharding_options(args: argparse.Namespace) -> dict:
         mode=args.mode, placement=args.placement, weights=args.weights,
         stats=args.stats, layouts=args.layouts, replicas=args.replicas, balance=args.balance,
         profile=args.profile, warm_experts=args.warm_experts, attention=args.attention,
+        lm_head=args.lm_head,
     )

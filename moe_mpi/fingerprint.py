@@ -127,14 +127,14 @@ def _files_digest(paths: Iterable[Path]) -> str:
 
 def replicated_parameters(model: nn.Module) -> List[str]:
     """Paths of the parameters every rank holds whole: not experts, not shared-expert slices,
-    not the heads of an attention split across ranks."""
+    not the heads of an attention split across ranks, not the rows of a split LM head."""
     local = expert_parameters(model)
     for moe in find_moe_blocks(model):
         for name in shared_children(moe.block):
             prefix = f"{moe.path}.{name}." if moe.path else f"{name}."
             local.update(prefix + p for p, _ in tree_flatten(moe.block[name].parameters()))
     for path, module in model.named_modules():
-        if "head_shard" in vars(module):  # moe_mpi.attention: this rank's heads
+        if "head_shard" in vars(module) or "vocab_rows" in vars(module):  # this rank's heads, its logits' rows
             local.update(f"{path}.{p}" if path else p for p, _ in tree_flatten(module.parameters()))
     return sorted(p for p, _ in tree_flatten(model.parameters()) if p not in local)
 

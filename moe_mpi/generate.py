@@ -276,6 +276,7 @@ def _describe_model(model, comm, model_name: str) -> str:
         f"Model: {model_name}; {comm.size} rank(s), mode {info.mode}"
         + (f", attention split by heads ({info.attention_layers} modules)" if info.attention == "split" else "")
         + "".join(f"; kept whole: {why}" for why in info.attention_kept)
+        + (f", LM head split by vocabulary rows ({info.lm_head_path})" if info.lm_head == "split" else "")
         + f", {info.num_moe_layers} MoE layers, "
         f"experts per rank: {', '.join(info.experts_per_rank())}"
     )

@@ -214,7 +214,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             replicas=args.replicas,
             balance=args.balance,
             profile=args.profile,
-            attention=args.attention,
+            attention=args.attention, lm_head=args.lm_head,
         )
         if args.write_layouts:
             layouts_to_json(list(plan.layouts), args.write_layouts, note=f"moe-mpi info {plan.placement_strategy}")

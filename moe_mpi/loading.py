@@ -484,6 +484,7 @@ def load(
     balance: str = "both",
     profile=None,
     attention: str = "replicated",
+    lm_head: str = "replicated",
 ):
     """Loads this rank's shard of an MoE model and the tokenizer.
 
@@ -525,6 +526,9 @@ def load(
             head; one all-reduce per MoE layer) or ``"split"``: each rank
             holds its share of the heads and of the KV cache, and each
             attention ends in an all-reduce too (:mod:`moe_mpi.attention`).
+        lm_head: ``"replicated"`` (default) or ``"split"``: each rank holds
+            and computes its share of the LM head's vocabulary rows, and one
+            all-gather per forward call joins the logits (:mod:`moe_mpi.vocab`).
         warm_experts: On Metal, idle ranks compute their least recently used
             experts as throw-away work so their memory stays wired, and the
             wired limit is set to the model's size (:mod:`moe_mpi.warmup`).
@@ -543,6 +547,7 @@ def load(
     model, config = load_model(
         model_path, comm, placement, weights, model_config, mode, progress,
         layouts=layouts, stats=stats, replicas=replicas, balance=balance, profile=profile, attention=attention,
+        lm_head=lm_head,
     )
     if warm_experts:
         use_warm_experts(model)

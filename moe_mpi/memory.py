@@ -405,6 +405,7 @@ def plan_memory(
     balance: str = "both",
     profile=None,
     attention: str = "replicated",
+    lm_head: str = "replicated",
 ) -> MemoryPlan:
     """Computes, without reading tensor data, what each of ``num_ranks`` ranks holds.
 
@@ -417,8 +418,8 @@ def plan_memory(
         weights: Optional relative share of experts per rank.
         context: Tokens of context the KV-cache estimate is for.
         prefill_step: Prompt tokens per forward pass while prefilling.
-        mode, stats, layouts, replicas, balance, profile, attention: As for
-            :func:`moe_mpi.load` (with ``attention="split"`` each rank's KV
+        mode, stats, layouts, replicas, balance, profile, attention, lm_head: As
+            for :func:`moe_mpi.load` (with ``attention="split"`` each rank's KV
             cache is its heads' share).
 
     Returns:
@@ -442,7 +443,7 @@ def plan_memory(
     for rank in range(num_ranks):
         lp = _plan_rank(model_path, rank, num_ranks, placement, weights, mode,
                         dict(stats=stats, layouts=layouts, replicas=replicas, balance=balance, profile=profile,
-                             attention=attention))
+                             attention=attention, lm_head=lm_head))
         model = lp.model
         blocks = find_moe_blocks(model)
         flat = dict(tree_flatten(model.parameters()))
@@ -472,7 +473,8 @@ def plan_memory(
         checkpoint_bytes=sum(t.nbytes for t in index.tensors.values()),
         num_ranks=num_ranks,
         placement_strategy=_placement_strategy(placement, weights, mode, stats, balance, replicas)
-        + (", attention split by heads" if attention == "split" else ""),
+        + (", attention split by heads" if attention == "split" else "")
+        + (", LM head split by vocabulary rows" if lm_head == "split" else ""),
         context=context,
         prefill_step=prefill_step,
         ranks=ranks,

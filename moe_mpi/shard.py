@@ -49,6 +49,7 @@ from .slicing import (
     Plan, is_quantized, keep_experts, keep_slice, per_expert_source, slice_bounds, slice_unit, split_child,
 )
 from .unread import Skippable
+from .vocab import LM_HEAD_CHOICES, split_lm_head
 
 SWITCH_TYPES = (SwitchGLU, SwitchMLP)
 MODES = ("ep", "sliced", "central", "auto")
@@ -103,6 +104,8 @@ class ShardInfo:
         attention: ``"replicated"`` or ``"split"`` (:mod:`moe_mpi.attention`).
         attention_layers: Attention modules split by heads, each ending in an all-reduce.
         attention_kept: With the split, why each kind of attention kept whole was kept.
+        lm_head: ``"replicated"`` or ``"split"`` (:mod:`moe_mpi.vocab`).
+        lm_head_path: With the split, the head's module path.
     """
 
     rank: int
@@ -115,6 +118,8 @@ class ShardInfo:
     attention: str = "replicated"
     attention_layers: int = 0
     attention_kept: Tuple[str, ...] = ()
+    lm_head: str = "replicated"
+    lm_head_path: str = ""
 
     @property
     def all_reduces_per_call(self) -> int:
@@ -290,6 +295,7 @@ def shard_structure(
     profile=None,
     check_contract: bool = True,
     attention: str = "replicated",
+    lm_head: str = "replicated",
 ) -> Plan:
     """Rewrites a model in place into this rank's shard.
 
@@ -336,6 +342,10 @@ def shard_structure(
             ``"split"``: each rank its share of the key/value heads, in
             proportion to ``weights``, and the attention ends in its own
             all-reduce (:mod:`moe_mpi.attention`); not with ``central``.
+        lm_head: ``"replicated"`` (every rank computes every logit) or
+            ``"split"``: each rank its share of the vocabulary rows, in
+            proportion to ``weights``, joined by one all-gather per forward
+            call (:mod:`moe_mpi.vocab`); not with ``central``.
 
     Returns:
         The plan: for each sharded parameter path, where its values come from.
@@ -351,6 +361,10 @@ def shard_structure(
         raise ValueError(f"attention={attention!r}: expected one of {ATTENTION_CHOICES}")
     if attention == "split" and mode == "central":
         raise ValueError("attention='split' needs every rank to run the dense part; mode='central' runs it on rank 0")
+    if lm_head not in LM_HEAD_CHOICES:
+        raise ValueError(f"lm_head={lm_head!r}: expected one of {LM_HEAD_CHOICES}")
+    if lm_head == "split" and mode == "central":
+        raise ValueError("lm_head='split' needs every rank to run the dense part; mode='central' runs it on rank 0")
     convert_blocks(model)
     blocks = find_moe_blocks(model)
     if not blocks:
@@ -403,11 +417,15 @@ def shard_structure(
     if attention == "split":
         heads, attention_layers, attention_kept = split_attention(model, comm, _model_type(model), weights)
         plan.update(heads)
+    head_path = ""
+    if lm_head == "split":
+        rows, head_path = split_lm_head(model, comm, _model_type(model), weights)
+        plan.update(rows)
     switches = tuple(moe.switch for moe in blocks)
     # A dataclass, not a tuple: nn.Module would take a tuple for parameters.
     model.ep_info = ShardInfo(
         rank, size, len(blocks), tuple(placements.values()), mode, switches, tuple(layouts), attention, attention_layers,
-        attention_kept,
+        attention_kept, lm_head, head_path,
     )
     return plan
 
@@ -577,6 +595,7 @@ def shard_experts(
     balance: str = "both",
     profile=None,
     attention: str = "replicated",
+    lm_head: str = "replicated",
 ) -> nn.Module:
     """Shards an already built (and loaded) mlx-lm MoE model across ranks.
 
@@ -591,7 +610,7 @@ def shard_experts(
         weights: Optional relative share of experts per rank.
         mode: ``"ep"`` (default), ``"sliced"``, ``"auto"`` or ``"central"``;
             see :func:`shard_structure`, as for ``layouts``, ``stats``, ``replicas``,
-            ``balance``, ``profile`` and ``attention``.
+            ``balance``, ``profile``, ``attention`` and ``lm_head``.
 
     Returns:
         The same model, sharded.
@@ -600,7 +619,8 @@ def shard_experts(
         from .comm import Communicator
 
         comm = Communicator()
-    shard_structure(model, comm, placement, weights, mode, layouts, stats, replicas, balance, profile, attention=attention)
+    shard_structure(model, comm, placement, weights, mode, layouts, stats, replicas, balance, profile,
+                    attention=attention, lm_head=lm_head)
     if layouts is None:  # layouts override the statistics
         check_stats_model(stats, model, dict(tree_flatten(model.parameters())), comm.rank)
     if mode == "central" and comm.rank != 0:

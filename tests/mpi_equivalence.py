@@ -5,7 +5,8 @@ the model and checks, against the reference single-process mlx-lm results:
 
 * logits of one forward pass: allclose, rtol = atol = 1e-4;
 * exactly one all-reduce per MoE layer per forward call, no other collective
-  (with ``"attention": "split"``, also one per attention layer);
+  (with ``"attention": "split"``, also one per attention layer; with
+  ``"lm_head": "split"``, one all-gather of the logits per call);
 * 16 greedy tokens from mlx-lm's own ``generate_step`` with a prompt cache;
 * the same tokens from mlx-lm's ``BatchGenerator`` whose prompt chunks skip
   the modules :func:`moe_mpi.unread.find_unread_tail` found unread, with
@@ -62,7 +63,7 @@ def check_case(comm: Communicator, case: dict) -> str:
     ref = np.load(case["reference"])
     parallel = case.get("parallel", "ep")
     kwargs = dict(placement=case.get("placement"), weights=case.get("weights"), mode=parallel, layouts=case.get("layouts"))
-    for option in ("stats", "replicas", "balance", "profile", "attention"):  # mode auto's optimizer; heads
+    for option in ("stats", "replicas", "balance", "profile", "attention", "lm_head"):  # auto's optimizer; splits
         if option in case:
             kwargs[option] = case[option]
     shared = watch_sharing()
@@ -130,11 +131,17 @@ def check_ep(model, comm: Communicator, ref, name: str) -> str:
     else:
         assert info.attention_layers == 0, info.attention_layers
     calls = info.all_reduces_per_call  # one per MoE layer, one per split attention
+    gathers = int(info.lm_head == "split")  # the logits' all-gather, one per call
+    assert (info.lm_head_path != "") == bool(gathers), (info.lm_head, info.lm_head_path)
+
+    def per_call(n: int) -> dict:
+        return {"all_sum": n * calls, **({"all_gather": n * gathers} if gathers else {})}
+
     prompt = mx.array(ref["prompt"])
     comm.reset_stats()
     logits = model(prompt[None])
     mx.eval(logits)
-    assert _collectives(comm) == {"all_sum": calls}, _collectives(comm)
+    assert _collectives(comm) == per_call(1), _collectives(comm)
     np.testing.assert_allclose(np.array(logits), ref["logits"], rtol=1e-4, atol=1e-4)
 
     # Decode steps with a prompt cache: still one all-reduce per layer per call.
@@ -143,18 +150,28 @@ def check_ep(model, comm: Communicator, ref, name: str) -> str:
     mx.eval(model(prompt[None], cache=cache))
     for _ in range(3):
         mx.eval(model(prompt[None, -1:], cache=cache))
-    assert _collectives(comm) == {"all_sum": 4 * calls}, _collectives(comm)
+    assert _collectives(comm) == per_call(4), _collectives(comm)
 
     tokens = [int(t) for t, _ in generate_step(prompt, model, max_tokens=len(ref["greedy"]))]
     assert tokens == ref["greedy"].tolist(), (tokens, ref["greedy"].tolist())
-    skipped = check_unread_prefill(model, comm, ref, calls)
+    skipped = check_unread_prefill(model, comm, ref, calls, gathers)
     if comm.backend == "mpi4py":  # two cohorts overlap only mpi4py's non-blocking all-reduces
-        check_unread_prefill(model, comm, ref, calls, cohorts=2)
+        check_unread_prefill(model, comm, ref, calls, gathers, cohorts=2)
     heads = f" and {info.attention_layers} split attentions" if info.attention_layers else ""
+    heads += f", the LM head split ({info.lm_head_path})" if gathers else ""
     return f"{name}: {layers} MoE layers{heads}; {skipped}; logits and {len(tokens)} greedy tokens match"
 
 
-def check_unread_prefill(model, comm: Communicator, ref, calls: int, cohorts: int = 1) -> str:
+def _skips(tail) -> dict:
+    """Calls each kind of the tail's modules skipped so far (the LM head's are all-gathers, the rest all-reduces)."""
+    out = {}
+    for m in tail.modules:
+        kind = "all_gather" if type(m).skip_kind == "lm_head" else "all_sum"
+        out[kind] = out.get(kind, 0) + m.__dict__.get("unread_calls", 0)
+    return out
+
+
+def check_unread_prefill(model, comm: Communicator, ref, calls: int, gathers: int = 0, cohorts: int = 1) -> str:
     """Greedy tokens of a BatchGenerator whose prompt chunks skip the unread tail; its all-reduce count.
 
     With ``cohorts=2``, two cohorts (two-batch overlap) each decode the prompt.
@@ -165,6 +182,7 @@ def check_unread_prefill(model, comm: Communicator, ref, calls: int, cohorts: in
     counter = count_forward_passes(model)
     counter.calls = 0
     skipped = tail.skipped
+    before = _skips(tail)
     if cohorts > 1:
         gen = Cohorts(model, comm, cohorts, prefill_step_size=CHUNK)
         skipping = gen.skip_unread_prefill(tail)
@@ -191,9 +209,13 @@ def check_unread_prefill(model, comm: Communicator, ref, calls: int, cohorts: in
     chunks = -(-(len(prompt) - 1) // CHUNK)  # prompt[:-1] in chunks; the last token starts the decode
     skipped = tail.skipped - skipped
     assert skipped == cohorts * chunks * len(tail.modules), (skipped, cohorts, chunks, len(tail.modules))
-    # Every call's all-reduces are sent or, in a prompt chunk, counted as skipped.
+    # Every call's all-reduces (and all-gathers) are sent or, in a prompt chunk, counted as skipped.
+    after = _skips(tail)
+    for kind, per_call in (("all_sum", calls), ("all_gather", gathers)):
+        done = _collectives(comm).get(kind, 0)
+        left = after.get(kind, 0) - before.get(kind, 0)
+        assert done + left == counter.calls * per_call, (kind, done, left, counter.calls, per_call)
     sent = _collectives(comm).get("all_sum", 0)
-    assert sent + skipped == counter.calls * calls, (sent, skipped, counter.calls, calls)
     if cohorts > 1 and comm.size > 1:  # every one started while the other cohort computed
         assert comm.overlapped == sent, (comm.overlapped, sent)
     kept = "no module" if not tail.modules else " and ".join(type(m).skip_kind for m in tail.modules)

@@ -118,6 +118,7 @@ class MoeMpiMode:
         balance: ``auto``: what hot experts may become (``load(balance=...)``);
             None: the command's ``--balance``.
         attention: ``load(attention=...)``: ``"split"`` for the ``+heads`` modes.
+        lm_head: ``load(lm_head=...)``: ``"split"`` for the ``+vocab`` modes.
     """
 
     kind = "moe_mpi"
@@ -125,6 +126,7 @@ class MoeMpiMode:
     def __init__(
         self, mode: str, drive: Optional[Callable] = None, description: str = "", guard: bool = False,
         name: Optional[str] = None, balance: Optional[str] = None, attention: str = "replicated",
+        lm_head: str = "replicated",
     ):
         self.mode = mode
         self.drive = drive
@@ -133,6 +135,7 @@ class MoeMpiMode:
         self.name = name or mode
         self.balance = balance
         self.attention = attention
+        self.lm_head = lm_head
 
     def build(self, ctx: Context) -> Built:
         from .. import load
@@ -145,7 +148,8 @@ class MoeMpiMode:
                 balance=self.balance or getattr(ctx.args, "balance", "both"),
                 profile=getattr(ctx.args, "profile", None),
             )
-        model, _ = load(ctx.path, comm=ctx.comm, mode=self.mode, progress=False, attention=self.attention, **options)
+        model, _ = load(ctx.path, comm=ctx.comm, mode=self.mode, progress=False, attention=self.attention,
+                        lm_head=self.lm_head, **options)
         if self.guard:
             from ..guard import guard_routing
 
@@ -265,6 +269,15 @@ MODES: Dict[str, Any] = {
         )
         for mode in ("ep", "sliced", "auto")
     },
+    # And with the LM head split by vocabulary rows: one all-gather per step (moe_mpi.vocab).
+    **{
+        f"{mode}{heads}+vocab": MoeMpiMode(
+            mode, name=f"{mode}{heads}+vocab", attention="split" if heads else "replicated", lm_head="split",
+            description=f"moe_mpi {mode}{' with the attention split by heads,' if heads else ''} with the LM head "
+            "split by vocabulary rows: one all-gather of the logits per step",
+        )
+        for mode in ("ep", "sliced", "auto") for heads in ("", "+heads")
+    },
     "central": MoeMpiMode(
         "central",
         drive=_central_drive,
@@ -276,7 +289,10 @@ MODES: Dict[str, Any] = {
 
 
 #: Modes run only when named in ``--modes``, not by default.
-OPT_IN = ("ep-guarded",) + tuple(f"auto-{choice}" for choice in BALANCE_CHOICES) + ("ep+heads", "sliced+heads", "auto+heads")
+OPT_IN = (
+    ("ep-guarded",) + tuple(f"auto-{choice}" for choice in BALANCE_CHOICES) + ("ep+heads", "sliced+heads", "auto+heads")
+    + tuple(f"{mode}{heads}+vocab" for mode in ("ep", "sliced", "auto") for heads in ("", "+heads"))
+)
 
 
 def default_modes() -> List[str]:

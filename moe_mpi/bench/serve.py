@@ -74,7 +74,8 @@ __all__ = ["ServerJob", "main", "run_mlx_lm_server", "setup_arg_parser", "stream
 #: moe-mpi servers (modes and the unguarded one), before any suffix.
 MOE_MPI_SERVERS = ("moe-mpi", "moe-mpi-sliced", "moe-mpi-auto", "moe-mpi-unguarded")
 #: Suffixes of a moe-mpi server, in any order, and the options they add.
-SUFFIXES = {"+heads": ["--attention", "split"], "+overlap": ["--overlap"], "+mlx": ["--backend", "mlx"]}
+SUFFIXES = {"+heads": ["--attention", "split"], "+vocab": ["--lm-head", "split"], "+overlap": ["--overlap"],
+            "+mlx": ["--backend", "mlx"]}
 SERVERS = MOE_MPI_SERVERS + ("mlx-lm", "mlx-lm+kernels")
 BASELINES = ("mlx-lm", "mlx-lm+kernels")
 DEFAULT_CLIENTS = [1, 4, 16, 64]
@@ -419,7 +420,7 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     parser.add_argument("--cache-dir", default=None, help="Where synthetic checkpoints are cached.")
     parser.add_argument("--quantize", type=int, choices=[4, 8], default=None, help="Serve a copy quantized by mlx-lm's convert -q with this many bits.")
     parser.add_argument("--np", type=positive_int, default=2, help="Ranks (default: 2).")
-    parser.add_argument("--servers", default="moe-mpi,mlx-lm", help=f"Comma-separated, from {', '.join(SERVERS)}; a moe-mpi server may add +heads, +overlap and +mlx (default: moe-mpi,mlx-lm).")
+    parser.add_argument("--servers", default="moe-mpi,mlx-lm", help=f"Comma-separated, from {', '.join(SERVERS)}; a moe-mpi server may add +heads, +vocab, +overlap and +mlx (default: moe-mpi,mlx-lm).")
     parser.add_argument("--clients", type=int_list, default=DEFAULT_CLIENTS, help="Client counts (default: 1,4,16,64).")
     parser.add_argument("--requests", type=positive_int, default=2, help="Requests per client per level (default: 2).")
     parser.add_argument("--min-requests", type=positive_int, default=8, help="Requests per level at least (default: 8).")
@@ -443,7 +444,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     servers = [s.strip() for s in args.servers.split(",") if s.strip()]
     unknown = sorted(k for k in set(servers) if not _known(k))
     if unknown:
-        fail(f"--servers: unknown {', '.join(unknown)}; choose from {', '.join(SERVERS)}, a moe-mpi one with +heads, +overlap or +mlx")
+        fail(f"--servers: unknown {', '.join(unknown)}; choose from {', '.join(SERVERS)}, a moe-mpi one with +heads, +vocab, +overlap or +mlx")
     # SIGTERM (e.g. netns_bench's timeout) ends this process through the
     # finally blocks that stop the server jobs.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))

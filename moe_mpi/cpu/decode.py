@@ -344,6 +344,8 @@ def unsupported(model, tensor_parallel: bool = False) -> Optional[str]:
         return "not an ep, sliced or auto shard"
     elif model.ep_info.attention != "replicated":
         return "attention split across ranks (the step computes every head)"
+    elif model.ep_info.lm_head != "replicated":
+        return "LM head split across ranks (the step computes every logit)"
     dtypes = {a.dtype for _, a in tree_flatten(model.parameters())}
     if dtypes != {mx.float32}:
         return f"weights are {sorted(str(d) for d in dtypes)}, not float32"

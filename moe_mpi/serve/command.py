@@ -163,6 +163,7 @@ def _context(args, provider: ClusterModelProvider, model_arg: Optional[str]) -> 
             "ranks": info.size,
             "moe_layers": info.num_moe_layers,
             "attention": info.attention,
+            "lm_head": info.lm_head,
             "all_reduces_per_forward_pass": info.all_reduces_per_call,  # MoE layers, plus split attentions
             "overlap": bool(args.overlap),
             "experts_per_rank": info.experts_per_rank(),
