@@ -182,6 +182,8 @@ class Mode:
             layer), ``"allreduce-heads"`` (one per MoE layer and one per
             attention, on moe_mpi's data path), ``"exchange"`` (central),
             ``"allgather"`` (the paper's) or ``"none"``.
+        head: ``"replicated"`` or ``"split"`` (1/N of the LM head's rows,
+            one all-gather of the logits per step: ``--lm-head split``).
     """
 
     name: str
@@ -189,6 +191,7 @@ class Mode:
     dense: str
     comm: str
     description: str = ""
+    head: str = "replicated"
 
 
 MODES: Dict[str, Mode] = {}
@@ -209,6 +212,12 @@ for _m in (
         Mode(f"{name}+heads", experts, "heads", "allreduce-heads",
              f"moe_mpi {name} with the attention split by heads (--attention split): two all-reduces per layer")
         for name, experts in (("ep", "whole"), ("sliced", "sliced"), ("auto", "balanced"))
+    ),
+    *(
+        Mode(f"{name}{heads}+vocab", experts, "heads" if heads else "replicated",
+             "allreduce-heads" if heads else "allreduce",
+             f"moe_mpi {name}{heads} with the LM head split by vocabulary rows (--lm-head split)", head="split")
+        for name, experts in (("ep", "whole"), ("sliced", "sliced"), ("auto", "balanced")) for heads in ("", "+heads")
     ),
     Mode("central", "whole", "rank0", "exchange", "central router: rank 0 scatters rows to expert owners, gathers"),
     Mode("mlx-lm-tp", "sliced", "split", "allreduce2", "mlx-lm tensor parallel: attention and experts split, two all-reduces per layer"),
@@ -517,7 +526,10 @@ def predict(
         parts["experts"] += experts_t
         parts["comm"] += comm
         parts["fixed"] += layer_fixed
-    parts["head"] = float(max(r.kernel_seconds(shape.fmt, shape.lm_head_bytes, tokens, shape.weight_bits) for r in ranks))
+    head_bytes = shape.lm_head_bytes / (n if m.head == "split" else 1)  # the busiest rank's rows (to a row)
+    parts["head"] = float(max(r.kernel_seconds(shape.fmt, head_bytes, tokens, shape.weight_bits) for r in ranks))
+    if m.head == "split" and n > 1:  # the logits' all-gather: each rank receives (N-1)/N of them, half a ring all-reduce
+        parts["comm"] += link.allreduce_seconds(tokens * shape.vocab * shape.act_bytes / 2, n, ar_path)
     if m.dense == "rank0":
         parts["head"] /= alone
     parts["fixed"] += step_fixed
@@ -599,7 +611,8 @@ def bytes_per_step(parts: Dict[str, float], mode: str, size: int, batch: int,
     e, k = parts["num_experts"], parts["top_k"]
     moe_layers = parts.get("moe_layers", parts["layers"])
     attention = parts["attention_per_layer"] / (size if m.dense in ("split", "heads") else 1)
-    dense = parts["layers"] * attention + moe_layers * parts["router_per_layer"] + parts["lm_head"]
+    head = parts["lm_head"] / (size if m.head == "split" else 1)
+    dense = parts["layers"] * attention + moe_layers * parts["router_per_layer"] + head
     if layouts is not None and m.experts != "sliced" and m.name != "single":
         if len(layouts) != moe_layers or any(x.num_ranks != size or x.num_experts != e for x in layouts):
             raise PerfModelError(f"layouts: need {moe_layers} (one per MoE layer) of {e} experts on {size} ranks")
@@ -650,7 +663,7 @@ def memory_per_rank(shape: ModelShape, mode: str, size: int, kv_tokens: int,
     m = get_mode(mode)
     kv = kv_tokens * shape.kv_bytes_per_token
     routers = shape.moe_layers * shape.router_bytes
-    whole = shape.lm_head_bytes + shape.embedding_bytes + shape.norm_bytes
+    whole = shape.lm_head_bytes / (size if m.head == "split" else 1) + shape.embedding_bytes + shape.norm_bytes
     attention = shape.layers * shape.attention_bytes + shape.dense_layers * shape.dense_mlp_bytes
     experts = shape.moe_layers * (shape.experts * shape.expert_bytes + shape.shared_bytes)
     if m.dense == "split":

@@ -203,6 +203,23 @@ def test_attention_split_by_heads_by_hand():
     assert ep.seconds - p.seconds == pytest.approx(attention / 2 + kv / 2 - ar)
 
 
+def test_lm_head_split_by_hand():
+    """sliced+vocab: the busy rank reads half the LM head and pays one all-gather of the logits
+    per step (8 float32 logits: half of a ring all-reduce of 32 B), on top of the MoE layer's all-reduce."""
+    s = tiny_shape()
+    attention, router, expert, head = _hand_parts(s)
+    ar = 1e-6 + 16 / 1e9
+    gather = 1e-6 + 16 / 1e9  # LINK's all-reduce of 32 B / 2
+    p = pm.predict(s, "sliced+vocab", [READER] * 2, LINK, 1)
+    assert p.seconds == pytest.approx(attention + router + expert / 2 + head / 2 + ar + gather)
+    assert p.comm_seconds == pytest.approx(ar + gather)
+    both = pm.predict(s, "sliced+heads+vocab", [READER] * 2, LINK, 1)
+    assert both.seconds == pytest.approx(pm.predict(s, "sliced+heads", [READER] * 2, LINK, 1).seconds - head / 2 + gather)
+    one = pm.predict(s, "sliced+vocab", [READER], None, 1)  # one rank: the whole head, nothing gathered
+    assert one.seconds == pytest.approx(attention + router + expert + head) and one.comm_seconds == 0
+    assert pm.memory_per_rank(s, "ep+vocab", 2, 0)[0] == pytest.approx(pm.memory_per_rank(s, "ep", 2, 0)[0] - s.lm_head_bytes / 2)
+
+
 @pytest.mark.parametrize("heads, kv_heads, n, share", [(12, 6, 2, 1 / 2), (12, 6, 4, 2 / 6), (32, 8, 3, 3 / 8),
                                                        (4, 2, 3, 1 / 2), (8, 1, 3, 3 / 8), (4, 4, 1, 1.0)])
 def test_head_share_is_the_busiest_rank_of_the_split(heads, kv_heads, n, share):
