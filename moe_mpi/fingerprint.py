@@ -42,6 +42,7 @@ from .digest import array_digest
 from .errors import CollectiveError
 from .safetensors_io import read_header
 from .shard import expert_parameters, find_moe_blocks, shared_children
+from .vocab import VocabParallelHead
 
 __all__ = ["PER_HOST", "compare", "dense_digest", "model_fields", "run_fields", "versions"]
 
@@ -134,7 +135,7 @@ def replicated_parameters(model: nn.Module) -> List[str]:
             prefix = f"{moe.path}.{name}." if moe.path else f"{name}."
             local.update(prefix + p for p, _ in tree_flatten(moe.block[name].parameters()))
     for path, module in model.named_modules():
-        if "head_shard" in vars(module) or "vocab_rows" in vars(module):  # this rank's heads, its logits' rows
+        if "head_shard" in vars(module) or isinstance(module, VocabParallelHead):  # this rank's heads, its logits' rows
             local.update(f"{path}.{p}" if path else p for p, _ in tree_flatten(module.parameters()))
     return sorted(p for p, _ in tree_flatten(model.parameters()) if p not in local)
 

@@ -663,7 +663,8 @@ def memory_per_rank(shape: ModelShape, mode: str, size: int, kv_tokens: int,
     m = get_mode(mode)
     kv = kv_tokens * shape.kv_bytes_per_token
     routers = shape.moe_layers * shape.router_bytes
-    whole = shape.lm_head_bytes / (size if m.head == "split" else 1) + shape.embedding_bytes + shape.norm_bytes
+    head_rows = 1 if m.head != "split" or shape.tied_embeddings else size  # a tied head is the embedding, kept whole
+    whole = shape.lm_head_bytes / head_rows + shape.embedding_bytes + shape.norm_bytes
     attention = shape.layers * shape.attention_bytes + shape.dense_layers * shape.dense_mlp_bytes
     experts = shape.moe_layers * (shape.experts * shape.expert_bytes + shape.shared_bytes)
     if m.dense == "split":

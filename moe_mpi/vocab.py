@@ -17,8 +17,10 @@ run along the hidden dimension, so any row cut keeps them whole).
 The head is the linear layer whose output width is the vocabulary size,
 found by shape, not by name (``lm_head``, ``output``, phixtral's
 ``lm_head.linear``). A model whose output projection is its embedding
-(``tie_word_embeddings``) has none and cannot be split: the embedding is
-needed whole for the lookup.
+(``tie_word_embeddings``: mlx-lm calls ``embed_tokens.as_linear``) keeps
+the embedding whole, since the lookup needs every row, and splits only the
+work: its ``as_linear`` multiplies by this rank's rows and gathers. That
+saves reading, not memory.
 
 In a prompt chunk whose logits nobody reads the head skips its work and its
 all-gather (:mod:`moe_mpi.unread`), as MLX's laziness leaves out a
@@ -38,7 +40,10 @@ from .experts import with_mixin
 from .slicing import Plan, Take, apportion, take
 from .unread import Skippable
 
-__all__ = ["LM_HEAD_CHOICES", "VocabParallelHead", "find_lm_head", "split_lm_head", "vocab_rows"]
+__all__ = [
+    "LM_HEAD_CHOICES", "VocabParallelEmbedding", "VocabParallelHead", "find_lm_head", "find_tied_embedding",
+    "split_lm_head", "vocab_rows",
+]
 
 LM_HEAD_CHOICES = ("replicated", "split")
 
@@ -49,13 +54,66 @@ class VocabParallelHead(Skippable):
     skip_kind = "lm_head"
 
     def __call__(self, x):
-        rows = self.vocab_rows  # (comm, sizes): every rank's row count, in rank order
-        comm, sizes = rows
+        comm, sizes = self.vocab_rows  # sizes: every rank's row count, in rank order
         if self.output_unread is not None:
             like = mx.broadcast_to(mx.array(0, dtype=x.dtype), (*x.shape[:-1], sum(sizes)))
             return self.unread(like)
         part = super().__call__(x)  # [..., sizes[rank]]
         return comm.all_gather(part, sizes)  # [..., vocab]: the head's collective
+
+
+class VocabParallelEmbedding(Skippable):
+    """Mixin for a tied embedding: the lookup as before; as the LM head (``as_linear``), this rank's rows, gathered."""
+
+    skip_kind = "lm_head"
+
+    def as_linear(self, x):
+        comm, sizes, rows = self.vocab_rows
+        if self.output_unread is not None:
+            like = mx.broadcast_to(mx.array(0, dtype=x.dtype), (*x.shape[:-1], sum(sizes)))
+            return self.unread(like)
+        # The embedding class's own as_linear, on a view of this rank's rows.
+        part = super(VocabParallelEmbedding, self).as_linear.__func__(_Rows(self, rows), x)  # [..., sizes[rank]]
+        return comm.all_gather(part, sizes)
+
+
+class _Rows:
+    """A module seen through rows ``[start, stop)`` of its arrays, cut when read (the loader replaces them)."""
+
+    def __init__(self, module: nn.Module, rows: Tuple[int, int]):
+        self._module, self._rows = module, slice(*rows)
+
+    def _cut(self, value):
+        return value[self._rows] if isinstance(value, mx.array) else value
+
+    def __getitem__(self, key):
+        return self._cut(self._module[key])
+
+    def get(self, key, default=None):
+        return self._cut(self._module.get(key, default))
+
+    def __getattr__(self, key):
+        return self._cut(getattr(self._module, key))
+
+
+def find_tied_embedding(model: nn.Module) -> Optional[Tuple[str, nn.Module, int]]:
+    """``(path, module, vocab)`` of the token embedding: the widest embedding outside the decoder layers
+    (gemma's per-layer embeddings are narrower), or None if there is none or two are as wide."""
+    found = [
+        (_width(m), path, m) for path, m in model.named_modules()
+        if isinstance(m, (nn.Embedding, nn.QuantizedEmbedding)) and ".layers." not in f".{path}"
+    ]
+    found.sort(key=lambda wpm: -wpm[0])
+    if not found or (len(found) > 1 and found[1][0] == found[0][0]):
+        return None
+    _, path, m = found[0]
+    return path, m, int(m.weight.shape[0])
+
+
+def _width(embedding: nn.Module) -> int:
+    """Values per row (a quantized embedding packs 32 // bits of them per stored word)."""
+    packed = embedding.weight.shape[1]
+    return packed * 32 // embedding.bits if isinstance(embedding, nn.QuantizedEmbedding) else packed
 
 
 def find_lm_head(model: nn.Module) -> Optional[Tuple[str, nn.Module, int]]:
@@ -91,19 +149,29 @@ def split_lm_head(model: nn.Module, comm, model_type: str,
                   weights: Optional[Sequence[float]] = None) -> Tuple[Plan, str]:
     """Keeps this rank's rows of the LM head (lazily) and makes it gather the logits.
 
+    With tied embeddings the embedding stays whole and only its ``as_linear``
+    is split (:class:`VocabParallelEmbedding`).
+
     Returns:
-        ``(plan, path)``: where the kept parameters come from, and the head's path.
+        ``(plan, path)``: where the kept parameters come from (nothing for a
+        tied embedding), and the head's path.
 
     Raises:
-        ValueError: The model has no separate LM head (tied embeddings) or
-            more than one candidate.
+        ValueError: No LM head and no single embedding to be one, or more
+            than one candidate.
     """
     found = find_lm_head(model)
     if found is None:
-        raise ValueError(
-            f"lm_head='split': model_type={model_type!r} has no LM head apart from its embedding (tied: "
-            "every rank needs the embedding whole for the lookup); use lm_head='replicated'"
-        )
+        tied = find_tied_embedding(model)
+        if tied is None:
+            raise ValueError(f"lm_head='split': model_type={model_type!r} has no linear layer or single embedding "
+                             "that makes the logits; use lm_head='replicated'")
+        path, embedding, vocab = tied
+        sizes = apportion(vocab, weights if weights is not None else [1.0] * comm.size)
+        rows = vocab_rows(vocab, comm.rank, comm.size, weights)
+        object.__setattr__(embedding, "vocab_rows", (comm, tuple(int(s) for s in sizes), rows))
+        embedding.__class__ = with_mixin(VocabParallelEmbedding, type(embedding))
+        return {}, path
     path, head, vocab = found
     sizes = apportion(vocab, weights if weights is not None else [1.0] * comm.size)
     start, stop = vocab_rows(vocab, comm.rank, comm.size, weights)

@@ -238,7 +238,7 @@ def test_sharded_matches_mlx_lm(arch, n, arch_checkpoints, tmp_path):
             cases.append(dict(name=f"{arch}/fp32-heads-weights{WEIGHTS[n]}", model=str(path), reference=str(ref),
                               mode="load", placement=None, weights=WEIGHTS[n], attention="split"))
     # The LM head split by vocabulary rows: one all-gather of the logits per call (every one of
-    # these architectures has an LM head apart from its embedding; tests/test_vocab.py).
+    # these architectures has an LM head apart from its embedding; tied ones are in the generic test).
     vocab = [("fp32", "ep", {}), ("q4", "sliced" if n == 2 else "ep", {}), ("fp32", "sliced", dict(backend="mlx"))]
     vocab += [("fp32", "ep", dict(weights=WEIGHTS[n]))] if n in WEIGHTS else []
     vocab += [("fp32", "auto", dict(attention="split"))] if arch not in ATTENTION_REFUSED else []
@@ -269,7 +269,7 @@ def test_generic_path_other_architectures(n, tmp_path_factory, tmp_path):
         if parallel == "ep" and splits_attention(config, n):
             cases.append(dict(name=f"{arch}/fp32-ep-heads", model=str(path), reference=str(root / f"{arch}.npz"),
                               mode="load", parallel="ep", attention="split"))
-        if parallel == "ep" and has_lm_head(config):  # tied embeddings are refused (tests/test_vocab.py)
+        if parallel == "ep" and splits_lm_head(config):  # a head, or a tied embedding's as_linear (tests/test_vocab.py)
             cases.append(dict(name=f"{arch}/fp32-ep-vocab", model=str(path), reference=str(root / f"{arch}.npz"),
                               mode="load", parallel="ep", lm_head="split"))
     assert any("heads" in c["name"] for c in cases)  # the split attention of some of them is checked
@@ -277,12 +277,18 @@ def test_generic_path_other_architectures(n, tmp_path_factory, tmp_path):
     run_cases(n, cases, tmp_path)
 
 
-def has_lm_head(config: dict) -> bool:
-    """Whether the architecture has an LM head apart from its embedding (moe_mpi's own finder)."""
-    from moe_mpi.vocab import find_lm_head
+def splits_lm_head(config: dict) -> bool:
+    """Whether moe_mpi finds this architecture's LM head, or its tied embedding, to split (its own check)."""
+    from types import SimpleNamespace
+
+    from moe_mpi.vocab import split_lm_head
 
     model, _ = synthetic.build_model(config, seed=1)
-    return find_lm_head(model) is not None
+    try:
+        split_lm_head(model, SimpleNamespace(rank=0, size=2), config["model_type"])
+    except ValueError:
+        return False
+    return True
 
 
 def splits_attention(config: dict, n: int) -> bool:

@@ -218,6 +218,8 @@ def test_lm_head_split_by_hand():
     one = pm.predict(s, "sliced+vocab", [READER], None, 1)  # one rank: the whole head, nothing gathered
     assert one.seconds == pytest.approx(attention + router + expert + head) and one.comm_seconds == 0
     assert pm.memory_per_rank(s, "ep+vocab", 2, 0)[0] == pytest.approx(pm.memory_per_rank(s, "ep", 2, 0)[0] - s.lm_head_bytes / 2)
+    tied = tiny_shape(tied_embeddings=True)  # the head is the embedding, kept whole for the lookup
+    assert pm.memory_per_rank(tied, "ep+vocab", 2, 0) == pytest.approx(pm.memory_per_rank(tied, "ep", 2, 0))
 
 
 @pytest.mark.parametrize("heads, kv_heads, n, share", [(12, 6, 2, 1 / 2), (12, 6, 4, 2 / 6), (32, 8, 3, 3 / 8),

@@ -3,7 +3,7 @@
 The multi-rank runs against single-process mlx-lm are in
 tests/test_equivalence.py (``-vocab`` cases); here: which rows each rank
 takes, that every architecture's head is found by its shape (or the model is
-refused with a clear error when its logits come from a tied embedding), and
+its tied embedding's ``as_linear`` split instead), and
 that the rows of every rank, joined, give the whole head's logits.
 """
 
@@ -15,7 +15,9 @@ import numpy as np
 import pytest
 
 from moe_mpi import synthetic
-from moe_mpi.vocab import VocabParallelHead, find_lm_head, split_lm_head, vocab_rows
+from moe_mpi.vocab import (
+    VocabParallelEmbedding, VocabParallelHead, find_lm_head, find_tied_embedding, split_lm_head, vocab_rows,
+)
 
 from configs import EXTRA_CONFIGS
 
@@ -58,15 +60,17 @@ def test_rows_join_to_the_whole_head(arch, quantize):
     config = CONFIGS[arch]
     whole, _ = synthetic.build_model(config, seed=1, quantize=quantize)
     found = find_lm_head(whole)
-    if found is None:  # tied: refused, with the reason
-        with pytest.raises(ValueError, match=r"lm_head='split': .*\(tied"):
-            split_lm_head(whole, Joined(0, 3), arch)
-        return
+    tied = found is None
+    if tied:  # the embedding is the head: only its as_linear is split
+        found = find_tied_embedding(whole)
+        assert found is not None, arch
     path, head, vocab = found
     assert vocab == synthetic.vocab_size(whole)
-    hidden = head.weight.shape[-1] * 32 // head.bits if isinstance(head, nn.QuantizedLinear) else head.weight.shape[-1]
+    quantized = isinstance(head, (nn.QuantizedLinear, nn.QuantizedEmbedding))
+    hidden = head.weight.shape[-1] * 32 // head.bits if quantized else head.weight.shape[-1]
     x = mx.random.normal((2, 3, hidden), key=mx.random.key(0))
-    expected = np.array(head(x))
+    project = (lambda m, v: m.as_linear(v)) if tied else (lambda m, v: m(v))
+    expected = np.array(project(head, x))
     parts = []
     for rank in range(3):
         model, _ = synthetic.build_model(config, seed=1, quantize=quantize)
@@ -74,19 +78,38 @@ def test_rows_join_to_the_whole_head(arch, quantize):
         plan, got_path = split_lm_head(model, comm, arch)
         assert got_path == path and all(k.startswith(path + ".") for k in plan)
         part_head = dict(model.named_modules())[path]
-        assert isinstance(part_head, VocabParallelHead)
         start, stop = vocab_rows(vocab, rank, 3)
-        assert part_head.weight.shape[0] == stop - start
-        part_head(x)
+        if tied:  # kept whole for the lookup, which is unchanged
+            assert isinstance(part_head, VocabParallelEmbedding) and not plan
+            assert part_head.weight.shape[0] == vocab
+            ids = mx.array([[0, vocab - 1]])
+            assert mx.array_equal(part_head(ids), head(ids)).item()
+        else:
+            assert isinstance(part_head, VocabParallelHead)
+            assert part_head.weight.shape[0] == stop - start
+        out = project(part_head, x)
+        assert out.shape[-1] == stop - start  # Joined hands back this rank's part
         parts.append(np.array(comm.parts[-1]))
     np.testing.assert_array_equal(np.concatenate(parts, axis=-1), expected)
 
 
-def test_tied_embeddings_are_refused():
+@pytest.mark.parametrize("quantize", [None, 4])
+def test_tied_embedding_splits_its_work_not_its_rows(quantize):
+    """qwen3_moe with tie_word_embeddings: no separate head; the embedding's as_linear is split."""
+    config = synthetic.tiny_config("qwen3_moe", tie_word_embeddings=True)
+    model, _ = synthetic.build_model(config, seed=1, quantize=quantize)
+    assert find_lm_head(model) is None
+    path, embedding, vocab = find_tied_embedding(model)
+    plan, got = split_lm_head(model, Joined(1, 2), "qwen3_moe")
+    assert got == path and plan == {} and isinstance(embedding, VocabParallelEmbedding)
+
+
+def test_a_model_with_no_head_or_embedding_is_refused():
+    """Two embeddings as wide outside the layers and no head: which one makes the logits is not known."""
     config = synthetic.tiny_config("qwen3_moe", tie_word_embeddings=True)
     model, _ = synthetic.build_model(config, seed=1)
-    assert find_lm_head(model) is None
-    with pytest.raises(ValueError, match=r"lm_head='split': model_type='qwen3_moe' has no LM head .*replicated"):
+    model.extra = nn.Embedding(8, config["hidden_size"])
+    with pytest.raises(ValueError, match=r"lm_head='split': model_type='qwen3_moe' has no linear layer .*replicated"):
         split_lm_head(model, SimpleNamespace(rank=0, size=2), "qwen3_moe")
 
 
