@@ -75,6 +75,8 @@ class Skippable:
 
     #: The kind of module (one candidate of each kind is probed).
     skip_kind = "module"
+    #: The collective a skipped call leaves out (the split LM head's is an all-gather).
+    collective = "all_sum"
 
     @property
     def output_unread(self) -> Optional[float]:
@@ -102,7 +104,11 @@ class UnreadTail:
     @property
     def skipped(self) -> int:
         """All-reduces left out so far (one per skipped module call)."""
-        return sum(m.__dict__.get("unread_calls", 0) for m in self.modules)
+        return self.skipped_of("all_sum")
+
+    def skipped_of(self, collective: str) -> int:
+        """Collectives of kind ``collective`` left out so far (``"all_gather"``: the split LM head's)."""
+        return sum(m.__dict__.get("unread_calls", 0) for m in self.modules if type(m).collective == collective)
 
     @contextlib.contextmanager
     def active(self, fill: float = math.nan) -> Iterator[None]:
@@ -129,7 +135,7 @@ def _cache_states(model: nn.Module, module: Optional[nn.Module]) -> List[np.ndar
 
     cache = make_prompt_cache(model)
     tail = UnreadTail([module] if module is not None else [])
-    counted = tail.skipped
+    counted = module.__dict__.get("unread_calls", 0) if module is not None else 0
     try:
         with tail.active(PROBE_FILL):
             model(mx.arange(PROBE_TOKENS, dtype=mx.int32)[None], cache=cache)

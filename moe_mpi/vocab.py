@@ -10,9 +10,10 @@ one all-gather joins them: one collective per forward call, not per layer,
 so the MoE layers keep their one all-reduce each. Every rank then holds the
 same full logits and samples as before.
 
-A row of the head is a whole dot product over the hidden dimension, so a
-row's logit is computed exactly as in the whole matrix (quantization groups
-run along the hidden dimension, so any row cut keeps them whole).
+A row of the head is a whole dot product over the hidden dimension, so each
+logit is the same sum as in the whole matrix, to float32 rounding (a BLAS
+may block a narrower matrix differently); quantization groups run along the
+hidden dimension, so any row cut keeps them whole.
 
 The head is the linear layer whose output width is the vocabulary size,
 found by shape, not by name (``lm_head``, ``output``, phixtral's
@@ -52,6 +53,7 @@ class VocabParallelHead(Skippable):
     """Mixin for the LM head's linear layer: this rank's rows of the logits, gathered from every rank."""
 
     skip_kind = "lm_head"
+    collective = "all_gather"
 
     def __call__(self, x):
         comm, sizes = self.vocab_rows  # sizes: every rank's row count, in rank order
@@ -66,6 +68,7 @@ class VocabParallelEmbedding(Skippable):
     """Mixin for a tied embedding: the lookup as before; as the LM head (``as_linear``), this rank's rows, gathered."""
 
     skip_kind = "lm_head"
+    collective = "all_gather"
 
     def as_linear(self, x):
         comm, sizes, rows = self.vocab_rows

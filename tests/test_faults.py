@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 
 from moe_mpi import synthetic
-from moe_mpi.launch import mpirun_command
+from moe_mpi.launch import launch_again, mpirun_command
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 
@@ -90,11 +90,21 @@ def generate_argv(*args) -> list:
 
 
 class Job:
-    """A running ``mpirun`` job, its output collected by threads."""
+    """A running ``mpirun`` job, its output collected by threads.
+
+    Launched again, as :func:`moe_mpi.launch.run_mpirun` does, if mpirun
+    failed before any rank ran (:data:`moe_mpi.launch.LAUNCH_FAILURES`).
+    """
 
     def __init__(self, cmd: list):
+        self.cmd = cmd
+        self.launches = 0
+        self._start()
+
+    def _start(self) -> None:
+        self.launches += 1
         self.proc = subprocess.Popen(
-            cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV,
+            self.cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV,
             start_new_session=True,  # its session id finds every process of the job
         )
         self.stdout, self.stderr = [], []
@@ -104,6 +114,17 @@ class Job:
         ]
         for t in self._threads:
             t.start()
+
+    def _relaunched(self) -> bool:
+        """Starts the job again if mpirun ended, failing to start; whether it did."""
+        if self.proc.poll() is None:
+            return False
+        for t in self._threads:
+            t.join(5)
+        if not launch_again(self.err + self.out, self.launches):
+            return False
+        self._start()
+        return True
 
     @staticmethod
     def _pump(stream, into):
@@ -137,6 +158,8 @@ class Job:
         """The pid of ``rank``'s Python process (waits for it to exist)."""
         deadline = time.monotonic() + START_WITHIN
         while time.monotonic() < deadline:
+            if self._relaunched():
+                deadline = time.monotonic() + START_WITHIN
             for pid in self.members():
                 try:
                     env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
@@ -151,6 +174,8 @@ class Job:
     def wait_for_stdout(self, chars: int = 1) -> None:
         deadline = time.monotonic() + START_WITHIN
         while len(self.out) < chars:
+            if self._relaunched():
+                deadline = time.monotonic() + START_WITHIN
             assert self.proc.poll() is None, f"the job ended early\n{self.out}\n{self.err}"
             assert time.monotonic() < deadline, f"no output\n{self.err}"
             time.sleep(0.02)

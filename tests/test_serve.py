@@ -376,20 +376,21 @@ def skewed_stats(path: Path) -> Path:
 
 
 def test_three_ranks_auto_mode_heads_split_api_key_and_sigint(ckpt, tmp_path):
-    # The sharding options are generate's: a per-layer auto layout from statistics, and the
-    # attention split by heads (batched KV caches of each rank's heads; answers as generate's).
+    # The sharding options are generate's: a per-layer auto layout from statistics, the
+    # attention split by heads (batched KV caches of each rank's heads; answers as generate's)
+    # and the LM head by vocabulary rows (one all-gather of the logits per forward pass).
     stats = skewed_stats(tmp_path / "stats.json")
     served = tmp_path / "served.json"
     job = start_server(
         3, ckpt, tmp_path, "--api-key", "sesame", "--mode", "auto", "--stats", stats, "--replicas", "1",
-        "--record-routing", served, "--log-level", "WARNING", "--attention", "split",
+        "--record-routing", served, "--log-level", "WARNING", "--attention", "split", "--lm-head", "split",
     )
     try:
         # The ready line shows at any log level, and not as a warning.
         assert re.search(r" INFO moe-mpi serve: .* at http://", job.output()), job.output()
         model = get_json(job.url, "/status", {"Authorization": "Bearer sesame"})["model"]
         assert model["mode"] == "auto" and len(model["experts_per_rank"]) == 3, model
-        assert model["attention"] == "split", model
+        assert model["attention"] == "split" and model["lm_head"] == "split", model
         status, reply = post_raw(job.url, "/v1/chat/completions", json.dumps({"messages": [{"role": "user", "content": "hi"}]}).encode())
         assert status == 401 and reply["error"]["code"] == "invalid_api_key"
         client = openai.OpenAI(base_url=job.url + "/v1", api_key="sesame", max_retries=0, timeout=TIMEOUT)
@@ -412,7 +413,11 @@ def test_three_ranks_auto_mode_heads_split_api_key_and_sigint(ckpt, tmp_path):
         assert recorded.tokens[0] > 8 and all(c.sum() == t * 2 for c, t in zip(recorded.counts, recorded.tokens))
         assert set(recorded.identity) == {"routers"}  # the served model's, for a later --stats
         assert http_get(job.url, "/status")[0] == 401  # needs the key too
-        pids = [r["pid"] for r in get_json(job.url, "/status", {"Authorization": "Bearer sesame"})["ranks"]]
+        rows = get_json(job.url, "/status", {"Authorization": "Bearer sesame"})["ranks"]
+        for r in rows:  # one gather per forward pass (none left out: --record-routing runs every layer)
+            assert r["logit_gathers"] == r["forward_passes"] > 0 and r["logit_gathers_skipped"] == 0, r
+            assert set(r["other_collectives"]) <= {"allgather", "all_gather"}, r["other_collectives"]
+        pids = [r["pid"] for r in rows]
         assert len(pids) == 3
         assert job.stop(signal.SIGINT, timeout=STOP_WITHIN) < STOP_WITHIN
         assert ranks_gone(pids, 1.0)

@@ -4,7 +4,8 @@ The multi-rank runs against single-process mlx-lm are in
 tests/test_equivalence.py (``-vocab`` cases); here: which rows each rank
 takes, that every architecture's head is found by its shape (or the model is
 its tied embedding's ``as_linear`` split instead), and
-that the rows of every rank, joined, give the whole head's logits.
+that the rows of every rank, joined, give the whole head's logits (to float32
+rounding: the same dot products, blocked as a BLAS blocks a narrower matrix).
 """
 
 from types import SimpleNamespace
@@ -56,7 +57,7 @@ CONFIGS.update(EXTRA_CONFIGS)
 @pytest.mark.parametrize("quantize", [None, 4])
 @pytest.mark.parametrize("arch", sorted(CONFIGS))
 def test_rows_join_to_the_whole_head(arch, quantize):
-    """Each architecture: the head is found by shape, and 3 ranks' rows joined equal its logits exactly."""
+    """Each architecture: the head is found by shape, and 3 ranks' rows joined equal its logits (to rounding)."""
     config = CONFIGS[arch]
     whole, _ = synthetic.build_model(config, seed=1, quantize=quantize)
     found = find_lm_head(whole)
@@ -90,7 +91,8 @@ def test_rows_join_to_the_whole_head(arch, quantize):
         out = project(part_head, x)
         assert out.shape[-1] == stop - start  # Joined hands back this rank's part
         parts.append(np.array(comm.parts[-1]))
-    np.testing.assert_array_equal(np.concatenate(parts, axis=-1), expected)
+    # The same dot products; a BLAS may block a narrower matrix differently, so to float32 rounding.
+    np.testing.assert_allclose(np.concatenate(parts, axis=-1), expected, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("quantize", [None, 4])

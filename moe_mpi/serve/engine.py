@@ -504,7 +504,10 @@ class Engine:
             "all_reduces_overlapped": self.comm.overlapped,
             "cohorts": self.batch.sizes if isinstance(self.batch, Cohorts) else None,
             "control": self.channel.snapshot(),
-            # Anything but the MoE all-reduces: the status allgathers only.
+            # --lm-head split: the logits' all-gathers, one per forward pass less those of prompt chunks.
+            "logit_gathers": self.comm.stats["all_gather"].calls,
+            "logit_gathers_skipped": self.unread_tail.skipped_of("all_gather") if self.unread_tail is not None else 0,
+            # Anything but the MoE all-reduces: the status allgathers, and the logits' all-gathers.
             "other_collectives": {k: v.calls for k, v in self.comm.stats.items() if k != "all_sum" and v.calls},
             "status_allgathers": self.comm.stats["allgather"].calls,
             "peak_memory_bytes": mx.get_peak_memory(),

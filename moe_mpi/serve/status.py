@@ -129,6 +129,8 @@ def _rank_row(f: Dict[str, Any]) -> Dict[str, Any]:
         "forward_passes": f["forward_passes"],
         "all_reduces_per_forward_pass": _per_token(f["all_reduces"], f["forward_passes"] or 0),
         "routing_repairs": f["routing_repairs"],
+        "logit_gathers": f["logit_gathers"],
+        "logit_gathers_skipped": f["logit_gathers_skipped"],
         "control_broadcasts": control["broadcasts"],
         "control_bytes": control["bytes"],
         "control_seconds": control["seconds"],
