@@ -58,8 +58,7 @@ class VocabParallelHead(Skippable):
     def __call__(self, x):
         comm, sizes = self.vocab_rows  # sizes: every rank's row count, in rank order
         if self.output_unread is not None:
-            like = mx.broadcast_to(mx.array(0, dtype=x.dtype), (*x.shape[:-1], sum(sizes)))
-            return self.unread(like)
+            return _unread_logits(self, x, sum(sizes))
         part = super().__call__(x)  # [..., sizes[rank]]
         return comm.all_gather(part, sizes)  # [..., vocab]: the head's collective
 
@@ -73,11 +72,15 @@ class VocabParallelEmbedding(Skippable):
     def as_linear(self, x):
         comm, sizes, rows = self.vocab_rows
         if self.output_unread is not None:
-            like = mx.broadcast_to(mx.array(0, dtype=x.dtype), (*x.shape[:-1], sum(sizes)))
-            return self.unread(like)
+            return _unread_logits(self, x, sum(sizes))
         # The embedding class's own as_linear, on a view of this rank's rows.
         part = super(VocabParallelEmbedding, self).as_linear.__func__(_Rows(self, rows), x)  # [..., sizes[rank]]
         return comm.all_gather(part, sizes)
+
+
+def _unread_logits(head: Skippable, x: mx.array, vocab: int) -> mx.array:
+    """What a head told its logits are unread returns: its fill, shaped as the logits, without work or gather."""
+    return head.unread(mx.broadcast_to(mx.array(0, dtype=x.dtype), (*x.shape[:-1], vocab)))
 
 
 class _Rows:
