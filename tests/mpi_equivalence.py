@@ -181,7 +181,6 @@ def check_unread_prefill(model, comm: Communicator, ref, calls: int, gathers: in
     tail = find_unread_tail(model, comm)
     counter = count_forward_passes(model)
     counter.calls = 0
-    skipped = tail.skipped
     before = _skips(tail)
     if cohorts > 1:
         gen = Cohorts(model, comm, cohorts, prefill_step_size=CHUNK)
@@ -207,10 +206,11 @@ def check_unread_prefill(model, comm: Communicator, ref, calls: int, gathers: in
     for uid in uids:
         assert tokens[uid] == ref["greedy"].tolist(), (cohorts, tokens[uid], ref["greedy"].tolist())
     chunks = -(-(len(prompt) - 1) // CHUNK)  # prompt[:-1] in chunks; the last token starts the decode
-    skipped = tail.skipped - skipped
-    assert skipped == cohorts * chunks * len(tail.modules), (skipped, cohorts, chunks, len(tail.modules))
-    # Every call's all-reduces (and all-gathers) are sent or, in a prompt chunk, counted as skipped.
     after = _skips(tail)
+    skipped = sum(after.values()) - sum(before.values())  # each module once per prompt chunk
+    assert skipped == cohorts * chunks * len(tail.modules), (skipped, cohorts, chunks, len(tail.modules))
+    assert tail.skipped == after.get("all_sum", 0), (tail.skipped, after)  # UnreadTail.skipped: all-reduces only
+    # Every call's all-reduces (and all-gathers) are sent or, in a prompt chunk, counted as skipped.
     for kind, per_call in (("all_sum", calls), ("all_gather", gathers)):
         done = _collectives(comm).get(kind, 0)
         left = after.get(kind, 0) - before.get(kind, 0)
