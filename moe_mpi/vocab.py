@@ -146,7 +146,15 @@ def find_lm_head(model: nn.Module) -> Optional[Tuple[str, nn.Module, int]]:
 
 def vocab_rows(vocab: int, rank: int, size: int, weights: Optional[Sequence[float]] = None) -> Tuple[int, int]:
     """Rank ``rank``'s rows ``[start, stop)`` of a ``vocab``-row head, in proportion to ``weights``."""
-    sizes = apportion(vocab, weights if weights is not None else [1.0] * size)
+    return _bounds(_sizes(vocab, size, weights), rank)
+
+
+def _sizes(vocab: int, size: int, weights: Optional[Sequence[float]]) -> Tuple[int, ...]:
+    """Every rank's row count, in rank order."""
+    return tuple(int(n) for n in apportion(vocab, weights if weights is not None else [1.0] * size))
+
+
+def _bounds(sizes: Sequence[int], rank: int) -> Tuple[int, int]:
     start = int(sum(sizes[:rank]))
     return start, start + int(sizes[rank])
 
@@ -173,14 +181,13 @@ def split_lm_head(model: nn.Module, comm, model_type: str,
             raise ValueError(f"lm_head='split': model_type={model_type!r} has no linear layer or single embedding "
                              "that makes the logits; use lm_head='replicated'")
         path, embedding, vocab = tied
-        sizes = apportion(vocab, weights if weights is not None else [1.0] * comm.size)
-        rows = vocab_rows(vocab, comm.rank, comm.size, weights)
-        object.__setattr__(embedding, "vocab_rows", (comm, tuple(int(s) for s in sizes), rows))
+        sizes = _sizes(vocab, comm.size, weights)
+        object.__setattr__(embedding, "vocab_rows", (comm, sizes, _bounds(sizes, comm.rank)))
         embedding.__class__ = with_mixin(VocabParallelEmbedding, type(embedding))
         return {}, path
     path, head, vocab = found
-    sizes = apportion(vocab, weights if weights is not None else [1.0] * comm.size)
-    start, stop = vocab_rows(vocab, comm.rank, comm.size, weights)
+    sizes = _sizes(vocab, comm.size, weights)
+    start, stop = _bounds(sizes, comm.rank)
     index = np.arange(start, stop)
     plan: Plan = {}
     kept = []
@@ -189,6 +196,6 @@ def split_lm_head(model: nn.Module, comm, model_type: str,
         kept.append((leaf, take(a, 0, index)))
     head.update(tree_unflatten(kept))
     # A plain attribute: nn.Module would take a tuple for parameters.
-    object.__setattr__(head, "vocab_rows", (comm, tuple(int(s) for s in sizes)))
+    object.__setattr__(head, "vocab_rows", (comm, sizes))
     head.__class__ = with_mixin(VocabParallelHead, type(head))
     return plan, path
