@@ -33,7 +33,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 from .experts import with_mixin
 from .unread import Skippable
-from .slicing import Plan, Take, apportion, clone_structure, is_quantized, linear_dims, take
+from .slicing import Plan, Take, apportion, clone_structure, is_quantized, keep_rows, linear_dims, take
 
 ATTENTION_CHOICES = ("replicated", "split")
 
@@ -192,7 +192,7 @@ def split_heads(path: str, module: nn.Module, shape: AttentionShape, shard: Head
     prefix = f"{path}." if path else ""
     plan: Plan = {}
     for name in shape.qkv:  # output rows, and their scales, biases and bias
-        plan.update(_keep(prefix + name, module[name], 0, shape.rows(name, shard)))
+        plan.update(keep_rows(prefix + name, module[name], shape.rows(name, shard)))
     out = module[shape.output]
     lo, hi = (h * shape.head_dim for h in shard.heads)
     for leaf, a in tree_flatten(out.parameters()):
@@ -218,15 +218,6 @@ def split_heads(path: str, module: nn.Module, shape: AttentionShape, shard: Head
     return plan
 
 
-def _keep(prefix: str, linear: nn.Module, axis: int, rows: np.ndarray) -> Plan:
-    plan, kept = {}, []
-    for leaf, a in tree_flatten(linear.parameters()):
-        plan[f"{prefix}.{leaf}"] = Take(f"{prefix}.{leaf}", axis, rows)
-        kept.append((leaf, take(a, axis, rows)))
-    linear.update(tree_unflatten(kept))
-    return plan
-
-
 def _cut_others(prefix: str, module: nn.Module, shape: AttentionShape, shard: HeadShard) -> Plan:
     """The module's other parameters: linears with an output per head or per query
     channel (an output gate) keep those rows; per-head vectors (gpt_oss's sinks)
@@ -242,7 +233,7 @@ def _cut_others(prefix: str, module: nn.Module, shape: AttentionShape, shard: He
     for name, child in module.children().items():
         dims = linear_dims(child) if name not in projections else None
         if dims is not None and dims[1] in sizes:  # a gate per head or per query channel: its rows
-            plan.update(_keep(prefix + name, child, 0, sizes[dims[1]]))
+            plan.update(keep_rows(prefix + name, child, sizes[dims[1]]))
             projections.add(name)
     for leaf, a in tree_flatten(module.parameters()):
         if leaf.split(".", 1)[0] in projections or (a.ndim == 1 and a.shape[0] == shape.head_dim):

@@ -633,7 +633,7 @@ def measure(comm, args) -> tuple:
 
 
 def _print_summary(machine, link, meta, out) -> None:
-    print(f"# fixed costs per layer / per call (ms): " + ", ".join(
+    print("# fixed costs per layer / per call (ms): " + ", ".join(
         f"{k} {1e3 * machine.layer_seconds[k]:.3f}/{1e3 * machine.step_seconds[k]:.3f}" for k in machine.layer_seconds))
     if "pingpong" in meta:
         pp = meta["pingpong"]

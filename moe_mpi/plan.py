@@ -152,7 +152,7 @@ def _prices(text: Optional[str]) -> Dict[str, float]:
 def _row_cost(path: Optional[str], shape):
     """Mode auto's row price from ``--profile`` and a header line; the default price if the
     profile predates the expert tables (it still gives the machines)."""
-    from .rowcost import RowCost, WEIGHT_FORMATS, read_row_cost
+    from .rowcost import WEIGHT_FORMATS, read_row_cost
 
     if not path:
         return None, None

@@ -46,7 +46,7 @@ from .placement import ExpertPlacement
 from .rowcost import RowCost, read_row_cost
 from .runner import PROG
 from .slicing import (
-    Plan, is_quantized, keep_experts, keep_slice, per_expert_source, slice_bounds, slice_unit, split_child,
+    Plan, is_quantized, keep_rows, keep_slice, per_expert_source, slice_bounds, slice_unit, split_child,
 )
 from .unread import Skippable
 from .vocab import LM_HEAD_CHOICES, split_lm_head
@@ -236,7 +236,7 @@ def _shard_switch(moe: MoEBlock, shard: ExpertShard, weights: Optional[Sequence[
     plan, child = {}, None
     if layout.split:  # before the switch layer loses the experts the child reads
         child, plan = split_child(prefix, switch, layout.split, bounds)
-    plan.update(keep_experts(prefix, switch, shard.experts))
+    plan.update(keep_rows(prefix, switch, shard.experts))
     make_local(switch, shard)
     if child is not None:
         switch.split = child

@@ -3,7 +3,7 @@
 Two cuts, both of which keep the partial-sum contract (docs/design.md):
 
 * **whole experts**: a stacked switch layer keeps rows ``experts`` of every
-  ``[E, out, in]`` tensor (:func:`keep_experts`);
+  ``[E, out, in]`` tensor (:func:`keep_rows`);
 * **a slice of the intermediate dimension**: an MLP's in-projections keep
   rows ``[a, b)``, its out-projection the same columns, so the slice's
   output is its share of the MLP's (:func:`keep_slice`); for a stacked
@@ -97,14 +97,19 @@ def take(a: mx.array, axis: int, index: np.ndarray) -> mx.array:
     return mx.take(a, mx.array(index), axis=axis)
 
 
-def keep_experts(prefix: str, switch: nn.Module, experts: Sequence[int]) -> Plan:
-    """Keeps rows ``experts`` of a stacked switch layer's tensors (lazily); returns their sources."""
-    local = np.asarray(experts, dtype=np.int64)
+def keep_rows(prefix: str, module: nn.Module, rows: Sequence[int]) -> Plan:
+    """Keeps ``rows`` (axis 0) of every parameter of ``module`` (lazily); returns their sources.
+
+    Used for a stacked switch layer's experts, a linear layer's output rows
+    (attention heads, the LM head's vocabulary rows): every parameter there,
+    weight, scales, biases and bias, has one row per expert or output.
+    """
+    local = np.asarray(rows, dtype=np.int64)
     plan, kept = {}, []
-    for name, a in tree_flatten(switch.parameters()):
+    for name, a in tree_flatten(module.parameters()):
         plan[f"{prefix}.{name}"] = Take(f"{prefix}.{name}", 0, local)
         kept.append((name, take(a, 0, local)))
-    switch.update(tree_unflatten(kept))
+    module.update(tree_unflatten(kept))
     return plan
 
 
@@ -234,7 +239,7 @@ def split_child(prefix: str, switch: nn.Module, experts: Sequence[int], bounds: 
         (the switch layer's path) + ``.split``.
     """
     child = clone_structure(switch)
-    keep_experts(prefix, child, experts)  # the rows, lazily
+    keep_rows(prefix, child, experts)  # the rows, lazily
     sliced = keep_slice(f"{prefix}.split", child, bounds)
     rows = np.asarray(experts, dtype=np.int64)
     plan = {

@@ -35,10 +35,9 @@ from typing import Optional, Sequence, Tuple
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
-from mlx.utils import tree_flatten, tree_unflatten
 
 from .experts import with_mixin
-from .slicing import Plan, Take, apportion, take
+from .slicing import Plan, apportion, keep_rows
 from .unread import Skippable
 
 __all__ = [
@@ -188,13 +187,7 @@ def split_lm_head(model: nn.Module, comm, model_type: str,
     path, head, vocab = found
     sizes = _sizes(vocab, comm.size, weights)
     start, stop = _bounds(sizes, comm.rank)
-    index = np.arange(start, stop)
-    plan: Plan = {}
-    kept = []
-    for leaf, a in tree_flatten(head.parameters()):  # weight, scales, biases, bias: one row per logit
-        plan[f"{path}.{leaf}"] = Take(f"{path}.{leaf}", 0, index)
-        kept.append((leaf, take(a, 0, index)))
-    head.update(tree_unflatten(kept))
+    plan = keep_rows(path, head, np.arange(start, stop))  # weight, scales, biases, bias: one row per logit
     # A plain attribute: nn.Module would take a tuple for parameters.
     object.__setattr__(head, "vocab_rows", (comm, sizes))
     head.__class__ = with_mixin(VocabParallelHead, type(head))

@@ -163,12 +163,8 @@ def check_ep(model, comm: Communicator, ref, name: str) -> str:
 
 
 def _skips(tail) -> dict:
-    """Calls each kind of the tail's modules skipped so far (the LM head's are all-gathers, the rest all-reduces)."""
-    out = {}
-    for m in tail.modules:
-        kind = "all_gather" if type(m).skip_kind == "lm_head" else "all_sum"
-        out[kind] = out.get(kind, 0) + m.__dict__.get("unread_calls", 0)
-    return out
+    """Calls of each kind the tail's modules skipped so far (the LM head's are all-gathers, the rest all-reduces)."""
+    return {kind: tail.skipped_of(kind) for kind in ("all_sum", "all_gather")}
 
 
 def check_unread_prefill(model, comm: Communicator, ref, calls: int, gathers: int = 0, cohorts: int = 1) -> str:
@@ -200,7 +196,7 @@ def check_unread_prefill(model, comm: Communicator, ref, calls: int, gathers: in
     except ValueError as e:  # mlx-lm's own refusal, on every rank alike (deepseek_v41's cache)
         if "does not yet support batching" not in str(e):
             raise
-        return f"mlx-lm's BatchGenerator refuses its cache"
+        return "mlx-lm's BatchGenerator refuses its cache"
     finally:
         gen.close()
     for uid in uids:
@@ -209,7 +205,7 @@ def check_unread_prefill(model, comm: Communicator, ref, calls: int, gathers: in
     after = _skips(tail)
     skipped = sum(after.values()) - sum(before.values())  # each module once per prompt chunk
     assert skipped == cohorts * chunks * len(tail.modules), (skipped, cohorts, chunks, len(tail.modules))
-    assert tail.skipped == after.get("all_sum", 0), (tail.skipped, after)  # UnreadTail.skipped: all-reduces only
+    assert tail.skipped == after["all_sum"], (tail.skipped, after)  # UnreadTail.skipped: all-reduces only
     # Every call's all-reduces (and all-gathers) are sent or, in a prompt chunk, counted as skipped.
     for kind, per_call in (("all_sum", calls), ("all_gather", gathers)):
         done = _collectives(comm).get(kind, 0)

@@ -23,7 +23,6 @@ import shutil
 import signal
 import sys
 import time
-from pathlib import Path
 
 import mlx.core as mx
 import pytest

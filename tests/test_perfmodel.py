@@ -7,7 +7,6 @@ change of the model that changes a term fails here with the term named.
 from __future__ import annotations
 
 import json
-import math
 import subprocess
 import sys
 from pathlib import Path
