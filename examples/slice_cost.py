@@ -8,7 +8,7 @@ they do in a run (rank 0 prints every rank's figures):
 The optimizer's cost model (moe_mpi/balance.py, docs/balance.md) prices a
 slice ``w`` columns wide of an expert's intermediate dimension like ``w + c``
 columns of the whole expert, for the same rows: ``c``
-(``balance.SLICE_OVERHEAD``) is the fixed cost of a slice. This script
+(``balance.SLICE_OVERHEAD``, by rows) is the fixed cost of a slice. This script
 measures ``c`` on the kernels a run uses. For each ``S`` of ``--splits``,
 each rank loads the model with ``mode="sliced"`` as one rank of ``S``
 (``S = 1``: every expert whole), so its experts are slices ``I / S`` wide,
@@ -38,8 +38,10 @@ weights come from memory, not the caches; each point is the median of
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import time
+from pathlib import Path
 from typing import Dict, List, Tuple
 
 import moe_mpi  # noqa: F401  (loads OpenBLAS for MLX, one thread per rank)
@@ -60,7 +62,7 @@ from moe_mpi.slicing import slice_unit
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     source = parser.add_mutually_exclusive_group()
-    source.add_argument("--model", help="a local float32 mlx-lm MoE model directory")
+    source.add_argument("--model", help="a local mlx-lm MoE model directory (float32 or quantized)")
     source.add_argument("--synthetic", choices=list(SYNTHETIC), default="dbrx-like-skewed")
     parser.add_argument("--cache-dir", help="where synthetic models are cached (default: bench's)")
     parser.add_argument("--splits", type=int_list, default=[1, 2, 4, 8], help="slices per expert (default 1,2,4,8)")
@@ -116,9 +118,12 @@ def fit(points: List[Tuple[int, int, float]]) -> Dict[str, float]:
 def main() -> None:
     args = parse_args()
     comm = Communicator()
-    path = args.model or ensure_synthetic(args.synthetic, comm, args.cache_dir, False)
+    path = Path(args.model) if args.model else ensure_synthetic(args.synthetic, comm, args.cache_dir, False)
     rng = np.random.default_rng(comm.rank)
-    kernels = [(m, False) for m in args.rows] + [(m, True) for m in args.prefill_rows]
+    # Quantized experts have no numpy decode step: every batch runs MLX's gather_qmm (``compute``).
+    quantized = "quantization" in json.loads((Path(path) / "config.json").read_text())
+    rows = sorted(set(args.rows) | set(args.prefill_rows)) if quantized else args.rows
+    kernels = [(m, True) for m in rows] if quantized else [(m, False) for m in args.rows] + [(m, True) for m in args.prefill_rows]
     times: Dict[Tuple[int, bool, int, int], float] = {}  # (m, prefill, width, k) -> seconds per call
     inter = top_k = None
     huge: Dict[int, float] = {}  # width -> huge-page bytes over expert bytes
@@ -143,7 +148,10 @@ def main() -> None:
     if comm.rank:
         return
     print(f"# model {path}: expert intermediate size I = {inter}, top-k {top_k}; {comm.size} ranks at once")
-    print(f"# balance.SLICE_OVERHEAD now {SLICE_OVERHEAD:g}, ROWS_PER_READ {ROWS_PER_READ:g}; "
+    if quantized:
+        print("# quantized: every row count through MLX's gather_qmm (the switch layer's compute), "
+              "as decode and prefill run it; 'prefill' below names that kernel")
+    print(f"# balance.SLICE_OVERHEAD now {SLICE_OVERHEAD} (rows, c), ROWS_PER_READ {ROWS_PER_READ:g}; "
           f"widths {sorted({w for (_, _, w, _) in times})}")
     print("# weights in huge pages (MADV_COLLAPSE, all weights over expert bytes), per width: "
           + "; ".join(f"rank {r}: " + " ".join(f"{w}: {f:.0%}" for w, f in sorted(h)) for r, h in enumerate(huge_every)))

@@ -6,9 +6,10 @@ models where that happens, for Macs and links built into moe_mpi/profiles.py:
 
 * the balance optimizer of ``--mode auto`` (``moe_mpi.balance``): the
   layout ``auto`` would load on N ranks (uniform routing, the defaults of a
-  run: no copies), and its cost, slice penalty ``1 + 32 / (I / N)``
-  included, of every expert whole (``balance.ep_layout``), every expert
-  split (``Layout.all_split``) and its own choice (``balance.layout_cost``,
+  run: no copies), and its cost, slice penalty ``1 + c(m) / (I / N)``
+  included (``balance.slice_overhead``: ``c`` grows with the rows ``m``),
+  of every expert whole (``balance.ep_layout``), every expert split
+  (``Layout.all_split``) and its own choice (``balance.layout_cost``,
   averaged over ``balance.BATCHES`` as the search averages it);
 * the performance model of ``moe-mpi plan`` (``moe_mpi.perfmodel``):
   decode tokens/s of ``ep``, ``sliced`` and ``auto``, made by the calls
@@ -42,7 +43,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from moe_mpi.balance import BATCHES, SLICE_OVERHEAD, ep_layout, layout_cost  # noqa: E402
+from moe_mpi.balance import BATCHES, SLICE_OVERHEAD, ep_layout, layout_cost, slice_overhead  # noqa: E402
 from moe_mpi.layout import Layout  # noqa: E402
 from moe_mpi.perfmodel import ModelShape, default_layouts, memory_per_rank, predict  # noqa: E402
 from moe_mpi.plan import model_config  # noqa: E402
@@ -93,7 +94,7 @@ def optimizer_rows(shape: ModelShape, n: int):
     """auto's layouts on n ranks, and the optimizer's cost of whole, split and auto's choice."""
     layouts = default_layouts(shape, "auto", n)
     p = np.full(shape.experts, 1.0 / shape.experts)
-    costs = {name: layout_cost(x, p, shape.top_k, intermediate=shape.expert_inter)
+    costs = {name: layout_cost(x, p, shape.top_k, intermediate=shape.expert_inter, quantized=shape.fmt.startswith("q"))
              for name, x in (("whole", ep_layout(p, n)), ("split", Layout.all_split(shape.experts, n)),
                              ("auto", layouts[0]))}
     return layouts, costs
@@ -131,7 +132,7 @@ def main(argv=None) -> int:
         for n in ranks:
             layouts[w, n], costs[w, n] = optimizer_rows(shapes[w], n)
     print(f"## auto's layout (balance optimizer, uniform routing)\n\nCell: optimizer cost of every expert "
-          f"whole / every expert split (slice penalty 1 + {SLICE_OVERHEAD:g}/(I/N) included) / auto's choice, "
+          f"whole / every expert split (slice penalty 1 + c(m)/(I/N) included, c by rows {SLICE_OVERHEAD['quantized' if s0.fmt.startswith('q') else 'float']}) / auto's choice, "
           f"averaged over batches {', '.join(map(str, BATCHES))}; then auto's layout.\n")
     print("| I | " + " | ".join(f"N={n}" for n in ranks) + " |")
     print("|---|" + "---|" * len(ranks))
@@ -171,13 +172,14 @@ def main(argv=None) -> int:
         print("\n\\* does not fit: a mode's busiest rank needs more than 3/4 of the machine's memory")
 
     print("\n## Summary per width (all machines, links and batches above)\n")
-    print("| I | slice penalty N=" + f"{ranks[0]}..{ranks[-1]} | auto's layout | ep / sliced, min..max | auto / sliced, min..max "
+    top = BATCHES[-1] * s0.top_k / s0.experts  # rows per expert at the largest batch the search prices
+    print(f"| I | slice penalty N={ranks[0]}: 1 row..{top:g} rows | auto's layout | ep / sliced, min..max | auto / sliced, min..max "
           "| smallest N: ep faster than sliced | smallest N: auto faster than sliced "
           "| N where the optimizer costs whole below split |")
     print("|---|---|---|---|---|---|---|---|")
     for w in widths:
         rows = [(key[4], row) for key, (row, _) in tok.items() if key[3] == w]
-        pen = [1 + SLICE_OVERHEAD / (w / n) for n in (ranks[0], ranks[-1])]
+        pen = [1 + float(slice_overhead(m, s0.fmt.startswith("q"))) / (w / ranks[0]) for m in (1, top)]
         kinds = sorted({describe(layouts[w, n][0]) for n in ranks})
 
         def first(ok):

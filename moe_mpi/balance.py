@@ -14,8 +14,8 @@ the row price (:class:`moe_mpi.rowcost.RowCost`): by default ``1 + m / 16``
 costing as much as one read), or what ``moe-mpi calibrate`` measured on
 the machine (``--profile``). A split expert costs each rank its share of
 that (``w_r / Σw`` of the intermediate dimension) times a penalty for thin
-slices, ``1 + c / (I·share)`` (:data:`SLICE_OVERHEAD`: a fixed cost per
-slice, in intermediate units). A replicated expert's rows go to one of its
+slices, ``1 + c(m) / (I·share)`` (:data:`SLICE_OVERHEAD`: a fixed cost per
+slice, in intermediate units, by the rows ``m`` and the weight format). A replicated expert's rows go to one of its
 holders each step, or are shared among them where that lowers the busiest
 holder's work (:func:`moe_mpi.layout.assign_rows`), priced the same way. The busiest rank's expected work,
 ``E[max_r work_r / capacity_r]``, is estimated by drawing routings
@@ -44,16 +44,30 @@ from .rowcost import DEFAULT_ROWS_PER_READ, RowCost
 
 #: The default row price's rows per read (:meth:`moe_mpi.rowcost.RowCost.default`).
 ROWS_PER_READ = DEFAULT_ROWS_PER_READ
-#: Fixed cost of computing a slice, in intermediate units. Measured on a CPU VM where it can be
-#: (examples/slice_cost.py, docs/balance.md "Split against replicated"): 16-37 at 128 rows per
-#: expert, about 0 at 16, not measurable at 1-2; not measured on Metal.
-SLICE_OVERHEAD = 32.0
+#: Fixed cost of computing a slice, in intermediate units, by the expert's rows, per weight format:
+#: ``(rows, cost)`` points, linear between them, flat outside (:func:`slice_overhead`). Measured on
+#: a CPU VM where it can be (examples/slice_cost.py, docs/balance.md "The slice penalty's constant"
+#: and "Narrow experts"); not measured on Metal.
+#: float: the numpy decode kernel is memory-bound, a slice reads its share of the bytes (about 0
+#: at 16 rows, not measurable at 1-2); at 128 rows a thin BLAS product loses efficiency (16-37).
+#: quantized: gather_qmm dequantizes per row, so a thin slice costs a little at 1-4 rows (9-16)
+#: and nothing at 32-128 (-2 to 3).
+SLICE_OVERHEAD = {
+    "float": ((16.0, 0.0), (128.0, 32.0)),
+    "quantized": ((4.0, 13.0), (32.0, 2.0), (128.0, 0.0)),
+}
 #: Batches (tokens per step) the layout is chosen for: decode at 1, 8 and 64, and a 512-token prefill.
 BATCHES = (1, 8, 64, 512)
 #: Routing draws per batch when estimating a layout's cost.
 SAMPLES = 64
 #: What the search may do to hot experts: split them, copy them (replicas), or either.
 BALANCE_CHOICES = ("split", "replicate", "both")
+
+
+def slice_overhead(rows, quantized: bool = False) -> np.ndarray:
+    """:data:`SLICE_OVERHEAD` at ``rows`` rows per expert (a number or array, any shape)."""
+    xs, ys = zip(*SLICE_OVERHEAD["quantized" if quantized else "float"])
+    return np.interp(np.asarray(rows, dtype=np.float64), xs, ys)
 
 
 def draw_routing(p: np.ndarray, k: int, tokens: int, steps: int, rng: np.random.Generator) -> np.ndarray:
@@ -84,6 +98,7 @@ def layout_cost(
     *,
     weights: Optional[Sequence[float]] = None,
     intermediate: int = 1024,
+    quantized: bool = False,
     batches: Sequence[int] = BATCHES,
     samples: int = SAMPLES,
     seed: int = 0,
@@ -99,7 +114,6 @@ def layout_cost(
     draws = draws if draws is not None else _draws(p, k, batches, samples, seed)
     n = layout.num_ranks
     share = _shares(weights, n)
-    penalty = 1.0 + SLICE_OVERHEAD / (intermediate * share)  # [N]
     split = np.zeros(layout.num_experts, dtype=bool)
     split[list(layout.split)] = True
     first = np.array([h[0] if h else 0 for h in layout.holders])
@@ -112,7 +126,10 @@ def layout_cost(
         work = cost @ onehot  # [S, N]
         if layout.replicated:  # each step's replicated experts go where assign_rows sends them
             work = np.stack([_replica_work(layout, r, price) for r in rows])
-        work += (cost[:, split].sum(axis=1, keepdims=True) * share * penalty)  # [S, N]
+        # A split expert costs each rank its share, times 1 + c / (I * share) for the slice's fixed cost c.
+        sliced = cost[:, split]  # [S, Es]
+        fixed = (sliced * slice_overhead(rows[:, split], quantized)).sum(axis=1, keepdims=True) / intermediate  # [S, 1]
+        work += sliced.sum(axis=1, keepdims=True) * share + fixed  # [S, N]
         ideal = np.maximum(cost.sum(axis=1), 1e-12)  # [S]: the step's work, perfectly shared
         ratios.append(float(np.mean((work / share).max(axis=1) / ideal)))
     return float(np.mean(ratios))
@@ -173,6 +190,7 @@ def auto_layout(
     replicas: float = 0.0,
     can_split: bool = True,
     intermediate: int = 1024,
+    quantized: bool = False,
     batches: Sequence[int] = BATCHES,
     balance: str = "both",
     row_cost: Optional[RowCost] = None,
@@ -187,6 +205,8 @@ def auto_layout(
         replicas: Extra whole experts each rank may hold (memory budget).
         can_split: Whether the layer's experts can be sliced into ``n``.
         intermediate: The experts' intermediate size (thin slices cost more).
+        quantized: Whether the experts' weights are quantized (the slice's
+            fixed cost differs by kernel: :data:`SLICE_OVERHEAD`).
         batches: Tokens per step the layout is chosen for.
         balance: ``"split"``: hot experts may be split, never copied
             (``replicas`` is ignored); ``"replicate"``: copied within
@@ -215,7 +235,7 @@ def auto_layout(
     draws = _draws(p, k, batches, SAMPLES, 0)
 
     def cost(layout: Layout) -> float:
-        return layout_cost(layout, p, k, weights=weights, intermediate=intermediate, draws=draws)
+        return layout_cost(layout, p, k, weights=weights, intermediate=intermediate, quantized=quantized, draws=draws)
 
     best, best_cost, whole_only = None, np.inf, None
     for m in range(p.size + 1) if can_split and balance != "replicate" else [0]:

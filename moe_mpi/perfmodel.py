@@ -258,7 +258,8 @@ def default_layouts(shape: ModelShape, mode: str, n: int, routing: Optional["Rou
                 # The arguments moe_mpi.shard passes, so the layout is the one a run uses.
                 chosen[probs] = auto_layout(
                     p, shape.top_k, n, replicas=replicas, can_split=shape.expert_inter >= n,
-                    intermediate=shape.expert_inter, balance=balance, row_cost=row_cost,
+                    intermediate=shape.expert_inter, quantized=shape.fmt.startswith("q"), balance=balance,
+                    row_cost=row_cost,
                 )
             out.append(chosen[probs])
         return out

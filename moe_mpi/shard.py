@@ -484,10 +484,10 @@ def _layouts(blocks, mode, size, placements, weights, layouts, stats, replicas, 
         widths = [(slice_unit(moe.switch) or (1, 1))[0] for moe in blocks]
         return [
             auto_layout(
-                f, k, size, weights=weights, replicas=replicas, can_split=can, intermediate=width, balance=balance,
-                row_cost=row_cost,
+                f, k, size, weights=weights, replicas=replicas, can_split=can, intermediate=width,
+                quantized=weight_format([moe]) == "q4", balance=balance, row_cost=row_cost,
             )
-            for f, k, can, width in zip(freqs, top_k, splittable, widths)
+            for f, k, can, width, moe in zip(freqs, top_k, splittable, widths, blocks)
         ]
     if stats is not None:  # ep: each layer placed by its own statistics
         return [ep_layout(f, size, weights=weights) for f in freqs]

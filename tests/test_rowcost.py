@@ -186,15 +186,17 @@ def test_many_random_routings_every_slot_once():
 
 # ------------------------------------------------------------- the optimizer
 
-#: Layouts chosen without a profile before the row price existed (commit 4590d33); with no copies
-#: allowed, nothing here depends on how a copy's rows are shared, so they must not change.
+#: Layouts chosen without a profile (the default row price); with no copies allowed, nothing here
+#: depends on how a copy's rows are shared, so they must not change by accident. They were first
+#: pinned before the row price existed; the slice's fixed cost by rows (balance.SLICE_OVERHEAD)
+#: then made 256-wide float32 experts split where 2 and 3 ranks had kept them whole.
 P_HOT = [0.4, 0.3, 0.1, 0.05, 0.05, 0.04, 0.03, 0.03]
 P_SKEW16 = [0.016, 0.0544, 0.2454, 0.0194, 0.0261, 0.024, 0.012, 0.1297, 0.0105, 0.2119, 0.052, 0.0063,
             0.0245, 0.0178, 0.0286, 0.1215]
 BEFORE = {
-    ('hot', 2, 256, 'both', 0): ((0,), (1,), (1,), (0,), (1,), (0,), (1,), (0,)),
+    ('hot', 2, 256, 'both', 0): ((), (), (), (), (), (), (), ()),
     ('hot', 2, 256, 'replicate', 0): ((0,), (1,), (1,), (0,), (1,), (0,), (1,), (0,)),
-    ('hot', 2, 256, 'split', 4): ((0,), (1,), (1,), (0,), (1,), (0,), (1,), (0,)),
+    ('hot', 2, 256, 'split', 4): ((), (), (), (), (), (), (), ()),
     ('hot', 2, 2688, 'both', 0): ((), (), (), (), (), (), (), ()),
     ('hot', 2, 2688, 'replicate', 0): ((0,), (1,), (1,), (0,), (1,), (0,), (1,), (0,)),
     ('hot', 2, 2688, 'split', 4): ((), (), (), (), (), (), (), ()),
@@ -225,15 +227,15 @@ def test_default_layouts_unchanged_skewed():
 
 #: The same for the skewed 16-expert shares (a layer of docs/results/balance/stats-dbrx-skewed.json).
 SKEW16_BEFORE = {
-    (2, 256, 'both'): ((0,), (1,), (0,), (1,), (0,), (0,), (0,), (1,), (1,), (1,), (0,), (0,), (1,), (1,), (1,), (0,)),
+    (2, 256, 'both'): ((), (), (), (), (), (), (), (), (), (), (), (), (), (), (), ()),
     (2, 256, 'replicate'): ((0,), (1,), (0,), (1,), (0,), (0,), (0,), (1,), (1,), (1,), (0,), (0,), (1,), (1,), (1,), (0,)),
-    (2, 256, 'split'): ((0,), (1,), (0,), (1,), (0,), (0,), (0,), (1,), (1,), (1,), (0,), (0,), (1,), (1,), (1,), (0,)),
+    (2, 256, 'split'): ((), (), (), (), (), (), (), (), (), (), (), (), (), (), (), ()),
     (2, 2688, 'both'): ((), (), (), (), (), (), (), (), (), (), (), (), (), (), (), ()),
     (2, 2688, 'replicate'): ((0,), (1,), (0,), (1,), (0,), (0,), (0,), (1,), (1,), (1,), (0,), (0,), (1,), (1,), (1,), (0,)),
     (2, 2688, 'split'): ((), (), (), (), (), (), (), (), (), (), (), (), (), (), (), ()),
-    (3, 256, 'both'): ((1,), (1,), (0,), (0,), (1,), (1,), (0,), (2,), (0,), (1,), (0,), (0,), (2,), (2,), (2,), (2,)),
+    (3, 256, 'both'): ((), (), (), (), (), (), (), (), (), (), (), (), (), (), (), ()),
     (3, 256, 'replicate'): ((1,), (1,), (0,), (0,), (1,), (1,), (0,), (2,), (0,), (1,), (0,), (0,), (2,), (2,), (2,), (2,)),
-    (3, 256, 'split'): ((1,), (1,), (0,), (0,), (1,), (1,), (0,), (2,), (0,), (1,), (0,), (0,), (2,), (2,), (2,), (2,)),
+    (3, 256, 'split'): ((), (), (), (), (), (), (), (), (), (), (), (), (), (), (), ()),
     (3, 2688, 'both'): ((), (), (), (), (), (), (), (), (), (), (), (), (), (), (), ()),
     (3, 2688, 'replicate'): ((1,), (1,), (0,), (0,), (1,), (1,), (0,), (2,), (0,), (1,), (0,), (0,), (2,), (2,), (2,), (2,)),
     (3, 2688, 'split'): ((), (), (), (), (), (), (), (), (), (), (), (), (), (), (), ()),
@@ -258,3 +260,43 @@ def test_layout_cost_prices_rows_by_the_layouts_price():
     cheap = balance.layout_cost(Layout(2, holders), p, 2, batches=(64,))
     linear = balance.layout_cost(Layout(2, holders, LINEAR), p, 2, batches=(64,))
     assert cheap != linear and min(cheap, linear) >= 1.0
+
+
+# ------------------------------------------------------------- the slice's fixed cost
+
+def test_slice_overhead_by_rows_and_format():
+    """The table's points, linear between, flat outside; the two formats differ."""
+    for fmt, quantized in (("float", False), ("quantized", True)):
+        points = balance.SLICE_OVERHEAD[fmt]
+        for rows, cost in points:
+            assert balance.slice_overhead(rows, quantized) == pytest.approx(cost)
+        (r0, c0), (r1, c1) = points[0], points[1]
+        assert balance.slice_overhead((r0 + r1) / 2, quantized) == pytest.approx((c0 + c1) / 2)
+        assert balance.slice_overhead(0.5, quantized) == pytest.approx(c0)
+        assert balance.slice_overhead(10_000, quantized) == pytest.approx(points[-1][1])
+    assert balance.slice_overhead(1, False) != balance.slice_overhead(1, True)
+
+
+@pytest.mark.parametrize("quantized", [False, True])
+def test_every_expert_split_costs_its_fixed_cost_by_hand(quantized):
+    """All split, uniform routing, batch 1 (one row per chosen expert), 2 equal ranks: each rank's
+    work is half the step's plus c(1)/I of it, so the cost is 1 + 2 c(1) / I exactly."""
+    e, k, inter = 128, 8, 256
+    p = np.full(e, 1.0 / e)
+    got = balance.layout_cost(Layout.all_split(e, 2), p, k, intermediate=inter, quantized=quantized, batches=(1,))
+    assert got == pytest.approx(1.0 + 2.0 * float(balance.slice_overhead(1, quantized)) / inter)
+
+
+@pytest.mark.parametrize("quantized", [False, True])
+def test_narrow_experts_are_split_when_slices_cost_little(quantized):
+    """The qwen3-moe-like shape (128 experts of width 256, top-8) on 2 ranks: whole experts leave
+    the busiest rank 1.27x the mean at batch 1, a slice costs at most ~10% there, so auto splits;
+    experts 64 wide (slices of 32) are kept whole, since a 512-token prefill prices them at 2x."""
+    p = np.full(128, 1.0 / 128)
+    narrow = balance.auto_layout(p, 8, 2, intermediate=256, quantized=quantized)
+    assert len(narrow.split) == 128, narrow.describe()
+    whole = balance.layout_cost(balance.ep_layout(p, 2), p, 8, intermediate=256, quantized=quantized)
+    split = balance.layout_cost(narrow, p, 8, intermediate=256, quantized=quantized)
+    assert split < whole, (split, whole)
+    tiny = balance.auto_layout(np.full(8, 1.0 / 8), 2, 2, intermediate=64)
+    assert not tiny.split, tiny.describe()
