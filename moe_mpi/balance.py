@@ -15,9 +15,10 @@ costing as much as one read), or what ``moe-mpi calibrate`` measured on
 the machine (``--profile``). A split expert costs each rank its share of
 that (``w_r / Σw`` of the intermediate dimension) times a penalty for thin
 slices, ``1 + c(m) / (I·share)`` (:data:`SLICE_OVERHEAD`: a fixed cost per
-slice, in intermediate units, by the rows ``m`` and the weight format). A replicated expert's rows go to one of its
-holders each step, or are shared among them where that lowers the busiest
-holder's work (:func:`moe_mpi.layout.assign_rows`), priced the same way. The busiest rank's expected work,
+slice, in intermediate units, by the rows ``m`` and the weight format). A
+replicated expert's rows go to one of its holders each step, or are shared
+among them where that lowers the busiest holder's work
+(:func:`moe_mpi.layout.assign_rows`), priced the same way. The busiest rank's expected work,
 ``E[max_r work_r / capacity_r]``, is estimated by drawing routings
 (:data:`SAMPLES` steps, tokens choosing ``k`` distinct experts by ``p``) at
 each batch of :data:`BATCHES`, relative to perfect balance, and averaged.
