@@ -120,7 +120,7 @@ def main() -> None:
     comm = Communicator()
     path = Path(args.model) if args.model else ensure_synthetic(args.synthetic, comm, args.cache_dir, False)
     rng = np.random.default_rng(comm.rank)
-    # Quantized experts have no numpy decode step: every batch runs MLX's gather_qmm (``compute``).
+    # Quantized experts have no numpy decode step: every batch runs the switch layer's ``compute``.
     quantized = "quantization" in json.loads((Path(path) / "config.json").read_text())
     rows = sorted(set(args.rows) | set(args.prefill_rows)) if quantized else args.rows
     kernels = [(m, True) for m in rows] if quantized else [(m, False) for m in args.rows] + [(m, True) for m in args.prefill_rows]
@@ -149,7 +149,7 @@ def main() -> None:
         return
     print(f"# model {path}: expert intermediate size I = {inter}, top-k {top_k}; {comm.size} ranks at once")
     if quantized:
-        print("# quantized: every row count through MLX's gather_qmm (the switch layer's compute), "
+        print("# quantized: every row count through the switch layer's compute (MLX's quantized kernels), "
               "as decode and prefill run it; 'prefill' below names that kernel")
     print(f"# balance.SLICE_OVERHEAD now {SLICE_OVERHEAD} (rows, c), ROWS_PER_READ {ROWS_PER_READ:g}; "
           f"widths {sorted({w for (_, _, w, _) in times})}")

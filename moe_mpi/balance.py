@@ -51,8 +51,8 @@ ROWS_PER_READ = DEFAULT_ROWS_PER_READ
 #: and "Narrow experts"); not measured on Metal.
 #: float: the numpy decode kernel is memory-bound, a slice reads its share of the bytes (about 0
 #: at 16 rows, not measurable at 1-2); at 128 rows a thin BLAS product loses efficiency (16-37).
-#: quantized: gather_qmm dequantizes per row, so a thin slice costs a little at 1-4 rows (9-16)
-#: and nothing at 32-128 (-2 to 3).
+#: quantized: MLX's quantized kernels on a CPU cost in proportion to the rows, so a thin slice
+#: costs a little at 1-4 rows (9-16) and nothing at 32-128 (-2 to 3).
 SLICE_OVERHEAD = {
     "float": ((16.0, 0.0), (128.0, 32.0)),
     "quantized": ((4.0, 13.0), (32.0, 2.0), (128.0, 0.0)),
