@@ -122,8 +122,10 @@ def main() -> None:
     rng = np.random.default_rng(comm.rank)
     # Quantized experts have no numpy decode step: every batch runs the switch layer's ``compute``.
     quantized = "quantization" in json.loads((Path(path) / "config.json").read_text())
-    rows = sorted(set(args.rows) | set(args.prefill_rows)) if quantized else args.rows
-    kernels = [(m, True) for m in rows] if quantized else [(m, False) for m in args.rows] + [(m, True) for m in args.prefill_rows]
+    if quantized:
+        kernels = [(m, True) for m in sorted(set(args.rows) | set(args.prefill_rows))]
+    else:
+        kernels = [(m, False) for m in args.rows] + [(m, True) for m in args.prefill_rows]
     times: Dict[Tuple[int, bool, int, int], float] = {}  # (m, prefill, width, k) -> seconds per call
     inter = top_k = None
     huge: Dict[int, float] = {}  # width -> huge-page bytes over expert bytes

@@ -7,7 +7,7 @@ models where that happens, for Macs and links built into moe_mpi/profiles.py:
 * the balance optimizer of ``--mode auto`` (``moe_mpi.balance``): the
   layout ``auto`` would load on N ranks (uniform routing, the defaults of a
   run: no copies), and its cost, slice penalty ``1 + c(m) / (I / N)``
-  included (``balance.slice_overhead``: ``c`` grows with the rows ``m``),
+  included (``balance.slice_overhead``: ``c`` by the rows ``m`` and format),
   of every expert whole (``balance.ep_layout``), every expert split
   (``Layout.all_split``) and its own choice (``balance.layout_cost``,
   averaged over ``balance.BATCHES`` as the search averages it);
