@@ -49,7 +49,7 @@ def _madvise():
     return fn
 
 
-def _span(a: mx.array) -> Optional[tuple]:
+def array_span(a: mx.array) -> Optional[tuple]:
     """(address, bytes) of an evaluated array's memory, or None if numpy cannot view it."""
     try:
         view = np.asarray(memoryview(a))  # no copy; fails for dtypes numpy lacks (bfloat16)
@@ -71,7 +71,7 @@ def collapse(arrays: Iterable[mx.array]) -> int:
     madvise = _madvise()
     done = 0
     for a in arrays:
-        span = _span(a)
+        span = array_span(a)
         if span is None:
             continue
         addr, size = span
