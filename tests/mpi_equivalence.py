@@ -59,7 +59,9 @@ _COMMS = {}
 def check_case(comm: Communicator, case: dict) -> str:
     backend = case.get("backend", comm.backend)
     if backend != comm.backend:
-        comm = _COMMS.setdefault(backend, Communicator(backend=backend))
+        if backend not in _COMMS:  # one per backend for the whole run
+            _COMMS[backend] = Communicator(backend=backend)
+        comm = _COMMS[backend]
     ref = np.load(case["reference"])
     parallel = case.get("parallel", "ep")
     kwargs = dict(placement=case.get("placement"), weights=case.get("weights"), mode=parallel, layouts=case.get("layouts"))
