@@ -85,6 +85,7 @@ def test_quantized_and_disabled_are_left_alone(monkeypatch):
 class Block(nn.Module):
     def __init__(self):
         super().__init__()
+        self.proj = nn.Linear(64, 64)  # norms and RoPE get numpy kernels beside float32 products only
         self.norm = nn.RMSNorm(64, eps=1e-5)
         self.rope = nn.RoPE(48, traditional=False, base=10000)
         self.rope_trad = nn.RoPE(64, traditional=True, base=1e6, scale=0.5)
@@ -99,9 +100,18 @@ def test_norm_and_rope_kernels_are_swapped():
     block = Block()
     block.sub = Llama3RoPE(16)
     mx.eval(block.parameters())
-    assert use_numpy_layers(block) == 4
+    assert use_numpy_layers(block) == 5
     assert isinstance(block.norm, NumpyRMSNorm) and isinstance(block.rope_trad, NumpyRoPE)
     assert type(block.sub) is Llama3RoPE
+
+
+def test_quantized_products_leave_norm_and_rope_to_mlx():
+    """With every product in MLX's quantized kernels, a numpy norm would only add an evaluation."""
+    block = Block()
+    block.proj = nn.QuantizedLinear(64, 64, group_size=32)
+    mx.eval(block.parameters())
+    assert use_numpy_layers(block) == 0
+    assert type(block.norm) is nn.RMSNorm and type(block.rope) is nn.RoPE
 
 
 @pytest.mark.parametrize("shape", [(1, 1, 64), (1, 4, 1, 64), (8, 1, 64)])

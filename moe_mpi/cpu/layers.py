@@ -183,15 +183,18 @@ def use_numpy_layers(model: nn.Module, mixins: Optional[dict] = None) -> int:
     """Gives every layer of an exact class in ``mixins`` (default :data:`MIXINS`) its numpy mixin.
 
     A layer whose weights are not float32 keeps its own path at call time.
+    A model with no float32 linear layer (a quantized one) gets no mixin at
+    all: its products run in MLX's kernels, lazily, so a numpy norm or
+    rotation between them would only add an evaluation (a wait on MLX's
+    stream thread) per call.
 
     Returns:
         The number of layers changed.
     """
     mixins = MIXINS if mixins is None else mixins
-    changed = 0
-    for _, m in model.named_modules():
-        mixin = mixins.get(type(m))
-        if mixin is not None:
-            m.__class__ = with_mixin(mixin, type(m))
-            changed += 1
-    return changed
+    targets = [(m, mixins[type(m)]) for _, m in model.named_modules() if type(m) in mixins]
+    if not any(issubclass(mixin, NumpyLinear) and m["weight"].dtype == mx.float32 for m, mixin in targets):
+        return 0
+    for m, mixin in targets:
+        m.__class__ = with_mixin(mixin, type(m))
+    return len(targets)
