@@ -137,6 +137,15 @@ def test_partial_sums_add_up_to_the_block(arch, kernel, size, quantize, tokens, 
         assert all(b.switch.cpu_kernels.kernel == KERNELS[kernel][0] for b in find_moe_blocks(model))
 
 
+@pytest.mark.parametrize("quantize, kernel", [(None, "dense"), (4, "gather")])
+def test_default_expert_kernel_by_weight_format(quantize, kernel, monkeypatch):
+    """Float experts get one BLAS matmul per expert; quantized ones stay on gather_qmm."""
+    monkeypatch.delenv("MOE_MPI_EXPERT_KERNEL", raising=False)
+    for model, _ in _rank_models(CONFIGS["qwen3_moe"], 2, quantize):
+        kinds = {b.switch.cpu_kernels.kernel for b in find_moe_blocks(model)}
+        assert kinds == {kernel}, kinds
+
+
 def test_experts_are_stacked_and_split_by_placement():
     config = CONFIGS["mixtral"]
     placement = ExpertPlacement.weighted(8, [2, 1, 1])

@@ -6,12 +6,13 @@ On the CPU, MLX's ``gather_mm`` does not use BLAS and takes float32 only,
 so :func:`use_cpu_experts` puts a mixin in front of each local switch layer
 that computes
 
-* experts with many rows as one BLAS matmul per expert and projection, on
-  views of the stacked weights (no copies);
+* float experts with many rows as one BLAS matmul per expert and
+  projection, on views of the stacked weights (no copies);
 * float32 experts with a few rows (decode) as matrix-vector products in
   numpy (:func:`moe_mpi.cpu.gemv.matvec`), all of an expert's rows in one
   pass over its weights; one token's whole layer stays in numpy;
-* the rest (small quantized groups) through one ``gather_mm`` call.
+* the rest through one ``gather_mm`` call, and quantized experts through
+  the layer's own ``gather_qmm``.
 
 The choices are one small record per layer, ``switch.cpu_kernels``.
 """
@@ -61,10 +62,14 @@ def choose_kernels(switch) -> ExpertKernels:
     """
     projections = {n: c for n, c in switch.children().items() if isinstance(c, nn.Module) and "weight" in c}
     global_scale = any(getattr(p, "global_scale", None) is not None for p in projections.values())
+    quantized = any("scales" in c for c in projections.values())
     kernel = switches.get("MOE_MPI_EXPERT_KERNEL")
     if kernel not in ("dense", "gather"):
+        # Quantized experts stay on gather_qmm: MLX's CPU quantized kernels cost the
+        # same per row either way, so one call per expert only adds launches
+        # (examples/expert_kernels.py).
         plain = base_class(switch) in (SwitchGLU, SwitchMLP)
-        kernel = "dense" if plain and not global_scale else "gather"
+        kernel = "dense" if plain and not global_scale and not quantized else "gather"
     floats = all(a.dtype == mx.float32 for _, a in tree_flatten(switch.parameters()))
     numpy_rows = switches.numpy_kernels() and floats and kernel == "dense"
     return ExpertKernels(
@@ -72,7 +77,7 @@ def choose_kernels(switch) -> ExpertKernels:
         dense_min_rows=int(switches.get("MOE_MPI_DENSE_MIN_ROWS")),
         numpy_max_rows=int(switches.get("MOE_MPI_NUMPY_MAX_ROWS")) if numpy_rows else 0,
         projections=tuple(projections),
-        quantized=any("scales" in c for c in projections.values()),
+        quantized=quantized,
     )
 
 
