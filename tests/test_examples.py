@@ -172,3 +172,17 @@ def test_overlap_prefill_times_three_ways_with_the_same_tokens(tmp_path):
         rows = re.findall(r"^(whole|halves|overlap)\s+[\d.]+ s .* greedy tokens (\w+)$", proc.stdout, re.M)
         assert rows == [("whole", "same"), ("halves", "same"), ("overlap", "same")], proc.stdout
         assert ("decode steps" in proc.stdout) == bool(extra), proc.stdout
+
+
+def test_expert_kernels_times_both_kernels_by_rows(tmp_path):
+    """docs/benchmarks.md's expert-kernel comparison runs (tiny 4-bit model: only the output's shape is checked)."""
+    from moe_mpi import synthetic
+
+    ckpt = synthetic.write_checkpoint(tmp_path / "q4", synthetic.tiny_config("qwen3_moe"), seed=1, quantize=4)
+    argv = [sys.executable, "examples/expert_kernels.py", "--model", str(ckpt), "--experts", "2,4",
+            "--rows", "1,3", "--passes", "1"]
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=TIMEOUT, cwd=REPO)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "quantized=True" in proc.stdout, proc.stdout
+    rows = re.findall(r"^\| (\d+) \| (\d+) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \|$", proc.stdout, re.M)
+    assert [(e, r) for e, r, *_ in rows] == [("2", "1"), ("2", "3"), ("4", "1"), ("4", "3")], proc.stdout
