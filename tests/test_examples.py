@@ -186,3 +186,17 @@ def test_expert_kernels_times_both_kernels_by_rows(tmp_path):
     assert "quantized=True" in proc.stdout, proc.stdout
     rows = re.findall(r"^\| (\d+) \| (\d+) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \|$", proc.stdout, re.M)
     assert [(e, r) for e, r, *_ in rows] == [("2", "1"), ("2", "3"), ("4", "1"), ("4", "3")], proc.stdout
+
+
+def test_one_process_times_both_sides_every_round(tmp_path):
+    """docs/benchmarks.md's one-process comparison runs (tiny 4-bit model: only the output's shape is checked)."""
+    from moe_mpi import synthetic
+
+    ckpt = synthetic.write_checkpoint(tmp_path / "q4", synthetic.tiny_config("qwen3_moe"), seed=1, quantize=4)
+    argv = [sys.executable, "examples/one_process.py", "--model", str(ckpt), "--tokens", "5", "--steps", "2",
+            "--rounds", "2"]
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=TIMEOUT, cwd=REPO)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "logits agree" in proc.stdout, proc.stdout
+    rows = re.findall(r"^\| (prefill 1|prefill 5|decode) \| [\d.]+ \| [\d.]+ \| ([\d.]+), ([\d.]+) \|$", proc.stdout, re.M)
+    assert [r[0] for r in rows] == ["prefill 1", "prefill 5", "decode"], proc.stdout
