@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -391,10 +392,12 @@ def test_a_wrong_mode_is_marked_and_its_speed_is_not_a_result(tmp_path):
     assert len(broken) == 2
     for row in broken:
         assert row["verified"] is False and row["mismatch"], row
+        assert "near-tie" not in row["mismatch"] and "routing_ties" not in row, row  # no tie in this tiny model
         assert "tokens_per_s" not in row and row["unverified"]["tokens_per_s"] > 0, row
     table = [line for line in proc.stdout.splitlines() if line.lstrip().startswith("broken")]
     assert len(table) == 2 and all("WRONG" in line for line in table), proc.stdout
     assert "# broken: built in" in proc.stdout and "output WRONG" in proc.stdout, proc.stdout
+    assert re.search(r"^# reference: .* routing: 0 near-tie\(s\) in \d+ routed rows", proc.stdout, re.M), proc.stdout
 
 
 def test_compare_finds_token_and_logit_mismatches():

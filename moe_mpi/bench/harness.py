@@ -23,7 +23,7 @@ from ..barrier import quiet_barrier
 from ..cpu import switches
 from ..argtypes import add_balance_arguments, positive_int, seed
 from ..runner import collective_phase
-from . import report, verify
+from . import report, ties, verify
 from .modes import Built, Context, SingleProcess, default_modes, get_mode, mode_description, mode_names, modes_arg
 from .shapes import SYNTHETIC, default_cache_dir, describe_model, ensure_synthetic
 
@@ -159,12 +159,15 @@ def _reference(ctx: Context, workload, tokens, emit) -> Dict[str, Any]:
     guard = built.run(lambda m: verify.guard_logits(m, tokens))
     ctx.reference_run = True
     try:
-        rows = workload(ctx, built)
+        with ties.watch_top_k() as gaps:  # untimed: it reads every router's scores back
+            rows = workload(ctx, built)
     finally:
         ctx.reference_run = False
     if ctx.rank == 0:
-        reference = {"guard": guard, "rows": {_row_key(r): r.get("check") for r in rows}}
-    emit(f"# reference: single-process mlx-lm on rank 0, same workload, {time.perf_counter() - start:.1f} s")
+        reference = {"guard": guard, "rows": {_row_key(r): r.get("check") for r in rows}, "ties": gaps.to_dict()}
+    emit(f"# reference: single-process mlx-lm on rank 0, same workload, {time.perf_counter() - start:.1f} s; "
+         f"routing: {gaps.near_ties} near-tie(s) in {gaps.rows} routed rows (top-k gap at most "
+         f"{ties.NEAR_TIE:g} of the scores' scale)")
     built.model = built.run_fn = None
     del built
     _release()
@@ -195,6 +198,9 @@ def _verdicts(ctx: Context, entry: Dict[str, Any], guard, rows, reference) -> Li
             row_verdict = None  # the workload has no output to compare (bench layer)
         else:
             row_verdict = verify.compare(check, want, tol)
+            note = None if row_verdict["verified"] else ties.describe(reference.get("ties"))
+            if note:  # still wrong: a near-tie explains a mismatch, it does not prove it harmless
+                row_verdict.update(mismatch=f"{row_verdict['mismatch']}; {note}", routing_ties=reference["ties"])
         marked.append(verify.mark(row, row_verdict))
     return marked
 
