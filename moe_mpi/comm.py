@@ -41,7 +41,7 @@ import numpy as np
 from .mpi_activity import ACTIVITY
 from .mpi_dtypes import buffer_format, summable_dtypes
 from .mpi_init import init_mpi, mlx_group
-from .mpi_turn import hold, pending, settle
+from .mpi_turn import collective_stream, hold, pending, settle
 
 __all__ = [
     "BACKENDS",
@@ -376,7 +376,7 @@ class Communicator:
         if width > rows.shape[1]:
             rows = mx.pad(rows, [(0, 0), (0, width - rows.shape[1])])
         if self.lazy:
-            parts = hold(mx.distributed.all_gather(rows[None], group=self._group))  # [N, M, width], in the graph
+            parts = hold(mx.distributed.all_gather(rows[None], group=self._group, stream=collective_stream()))  # [N, M, width]
             self.stats["all_gather"].timed = False
         else:
             send = memoryview(mx.contiguous(rows)).cast("B")  # evaluates rows: the head's work, before the timer
@@ -399,7 +399,7 @@ class Communicator:
             activity = ACTIVITY
             activity.entered += 1
             if self.backend == "mlx":
-                out = mx.distributed.all_sum(mx.array(x), group=self._group)
+                out = mx.distributed.all_sum(mx.array(x), group=self._group, stream=collective_stream())
                 mx.eval(out)
                 x = np.array(memoryview(out))
             else:
@@ -414,7 +414,7 @@ class Communicator:
     def _all_sum_mlx(self, x: mx.array) -> mx.array:
         if x.dtype == mx.bool_:
             raise TypeError("all_sum does not support bool arrays")
-        out = hold(mx.distributed.all_sum(x, group=self._group))  # lazy: runs in a later evaluation
+        out = hold(mx.distributed.all_sum(x, group=self._group, stream=collective_stream()))  # lazy, run later
         stats = self._all_sum_stats
         stats.calls += 1
         stats.bytes += x.nbytes

@@ -15,12 +15,24 @@ other than the one running Python:
 So every MPI call from Python (mpi4py: control broadcasts, barriers, the
 numpy step's all-reduce) first calls :func:`settle`, one step for both.
 
+MLX's own collectives need the same care among themselves: MLX runs each
+stream's work on a thread of its own, and a collective runs on the stream
+it was made on. mlx-lm generates on a stream of its own, and starts the
+next step before the caller's next forward pass (``mx.async_eval``), so
+collectives made on two streams could run on two threads at once, in an
+order that depends on timing: ranks then pair different all-reduces
+(``MPI_ERR_TRUNCATE``), or MPI's state breaks. So every collective
+moe_mpi leaves in MLX's graph is made on one stream,
+:func:`collective_stream`: MLX runs them one at a time, in the order they
+were handed to it, which is the program's order on every rank.
+
 From the first lazy all-reduce until :func:`settle`, the rank counts as
 inside one operation for the watchdog (:data:`moe_mpi.mpi_activity.LAZY`).
 """
 
 from __future__ import annotations
 
+import functools
 import threading
 from typing import List
 
@@ -28,7 +40,7 @@ import mlx.core as mx
 
 from .mpi_activity import ACTIVITY, LAZY
 
-__all__ = ["attach", "detach", "hold", "pending", "settle"]
+__all__ = ["attach", "collective_stream", "detach", "hold", "pending", "settle"]
 
 
 class _Others:
@@ -37,6 +49,12 @@ class _Others:
 
 
 _OTHERS = _Others()
+
+
+@functools.lru_cache(maxsize=None)
+def collective_stream() -> mx.Stream:
+    """The one stream of every ``mx.distributed`` collective moe_mpi makes (see above)."""
+    return mx.new_stream(mx.cpu)
 
 
 def hold(array: mx.array) -> mx.array:

@@ -259,3 +259,17 @@ def test_server_job_launches_again_when_mpirun_fails_to_start(tmp_path, failures
         assert int(count.read_text()) == min(failures + 1, launch.LAUNCH_ATTEMPTS)
     finally:
         job.stop()
+
+
+@pytest.mark.parametrize("mode", ["ep", "auto"])
+def test_mlx_collectives_run_one_at_a_time_across_streams(mode, tmp_path):
+    """Lazy all-reduces made on mlx-lm's generation stream and on the default stream
+    do not overlap: every collective runs on moe_mpi's one collective stream. (Before,
+    this run ended in MPI_ERR_TRUNCATE within 300 rounds, three times out of three.)"""
+    from moe_mpi import synthetic
+
+    ckpt = synthetic.write_checkpoint(tmp_path / "q4", synthetic.tiny_config("qwen3_moe"), seed=1, quantize=4)
+    argv = [sys.executable, "-m", "mpi4py", str(TESTS / "mpi_stream_race.py"), str(ckpt), mode, "300"]
+    proc = launch.run_mpirun(3, argv, timeout=TIMEOUT, cwd=REPO)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.startswith("ok "), proc.stdout
