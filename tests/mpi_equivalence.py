@@ -242,6 +242,8 @@ def main() -> None:
     with open(sys.argv[1]) as f:
         cases = json.load(f)
     for case in cases:
+        if comm.rank == 0:  # the runner names the last case started when a rank dies
+            print(f"[{comm.size} ranks] starting {case['name']}", file=sys.stderr, flush=True)
         msg = check_case(comm, case)
         comm.barrier()
         if comm.rank == 0:

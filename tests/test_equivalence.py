@@ -64,11 +64,15 @@ def run_cases(n: int, cases: list, tmp_path: Path) -> None:
     """Runs tests/mpi_equivalence.py on ``n`` ranks; every case must match."""
     spec = tmp_path / "cases.json"
     spec.write_text(json.dumps(cases))
+    # A rank that crashes prints every thread's Python stack (faulthandler) rather
+    # than Open MPI's C backtrace alone: Open MPI is told to leave those signals be.
     proc = run_mpirun(
-        n, [sys.executable, "-m", "mpi4py", str(HERE / "mpi_equivalence.py"), str(spec)], timeout=600
+        n, [sys.executable, "-X", "faulthandler", "-m", "mpi4py", str(HERE / "mpi_equivalence.py"), str(spec)],
+        timeout=600, extra=["-x", "OMPI_MCA_opal_signal="],
     )
     output = proc.stdout + proc.stderr
-    assert proc.returncode == 0, output
+    started = [line for line in proc.stderr.splitlines() if " starting " in line]
+    assert proc.returncode == 0, output + f"\nlast case started: {started[-1] if started else 'none'}"
     matched = [line for line in proc.stdout.splitlines() if line.endswith("match")]
     assert len(matched) == len(cases), output
 
