@@ -265,7 +265,7 @@ def test_server_job_launches_again_when_mpirun_fails_to_start(tmp_path, failures
 def test_mlx_collectives_run_one_at_a_time_across_streams(mode, tmp_path):
     """Lazy all-reduces made on mlx-lm's generation stream and on the default stream
     do not overlap: every collective runs on moe_mpi's one collective stream. (Before,
-    this run ended in MPI_ERR_TRUNCATE within 300 rounds, three times out of three.)"""
+    this run ended in MPI_ERR_TRUNCATE within 300 rounds in each of 4 runs, ep and auto.)"""
     from moe_mpi import synthetic
 
     ckpt = synthetic.write_checkpoint(tmp_path / "q4", synthetic.tiny_config("qwen3_moe"), seed=1, quantize=4)
