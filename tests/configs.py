@@ -6,9 +6,10 @@ and 3 ranks; ``REFUSED_CONFIGS`` have MoE blocks whose output is not linear
 (nor affine) in their experts' outputs, refused on more than one rank
 (moe_mpi/contract.py).
 
-Every mlx-lm 0.32.2 model file with a SwitchGLU/SwitchMLP has a config here,
-except muse_spark, whose model calls Metal kernels (no Linux CPU run), and
-the six architectures of moe_mpi.synthetic.ARCHITECTURES, tested on their own.
+Every mlx-lm 0.32.2 model file with a SwitchGLU/SwitchMLP, or built on one
+that has, has a config here (tests/test_configs.py checks), except muse_spark,
+whose model calls Metal kernels (no Linux CPU run), and the six architectures
+of moe_mpi.synthetic.ARCHITECTURES, tested on their own.
 Each is tiny: hidden size 64, 8 experts, vocab 256, a few layers (a dense
 first layer where the architecture has the option, to cover it).
 """
@@ -282,6 +283,42 @@ EXTRA_CONFIGS = {
 
 # model_type (or model_type-option) -> (config, what the refusal says). On one
 # rank, or with mode="central", they run exactly.
+# Model files that build on another architecture's classes, with a config or
+# wrapper of their own: vision-language wrappers (`text_config`, the language
+# model under `language_model`), new ModelArgs over an old model, new embeddings.
+_DEEPSEEK_V3_TEXT = dict(
+    _BASE, **_MLA, model_type="deepseek_v3", num_hidden_layers=3, intermediate_size=128,
+    moe_intermediate_size=64, num_attention_heads=4, num_key_value_heads=4, n_shared_experts=1,
+    n_routed_experts=8, routed_scaling_factor=1.5, n_group=2, topk_group=1, num_experts_per_tok=2,
+    first_k_dense_replace=1, scoring_func="sigmoid", topk_method="noaux_tc", norm_topk_prob=True,
+)
+_QWEN3_5_TEXT = dict(
+    {k: v for k, v in EXTRA_CONFIGS["qwen3_next"].items() if k not in ("partial_rotary_factor", "mlp_only_layers")},
+    rope_parameters={"type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5},
+)
+EXTRA_CONFIGS.update({
+    # deepseek_v32's model (MLA, an indexer) under its own ModelArgs, rope in `rope_parameters`.
+    "glm_moe_dsa": dict(
+        {k: v for k, v in EXTRA_CONFIGS["deepseek_v32"].items() if k != "rope_theta"}, model_type="glm_moe_dsa",
+        rope_parameters={"rope_theta": 10000.0, "rope_type": "default"}, topk_method="noaux_tc",
+        scoring_func="sigmoid", norm_topk_prob=True, moe_layer_freq=1, attention_bias=False,
+    ),
+    # deepseek_v3's model under `language_model`, config in `text_config`.
+    "kimi_k25": dict(model_type="kimi_k25", text_config=_DEEPSEEK_V3_TEXT),
+    "kimi_vl": dict(model_type="kimi_vl", text_config=_DEEPSEEK_V3_TEXT),
+    # longcat_flash's layers behind n-gram embeddings.
+    "longcat_flash_ngram": dict(
+        EXTRA_CONFIGS["longcat_flash"], model_type="longcat_flash_ngram", ngram_vocab_size_ratio=2,
+        emb_neighbor_num=3, emb_split_num=2,
+    ),
+    # qwen3_next's MoE block (gated shared expert) and attention, gated delta-net layers,
+    # the language model under `language_model`; qwen3_5_moe nests it in `text_config`.
+    "qwen3_5": dict(_QWEN3_5_TEXT, model_type="qwen3_5"),
+    "qwen3_5_moe": dict(model_type="qwen3_5_moe", text_config=dict(_QWEN3_5_TEXT, model_type="qwen3_5_moe_text")),
+    # glm4_moe's model under its own ModelArgs.
+    "solar_open": dict(EXTRA_CONFIGS["glm4_moe"], model_type="solar_open"),
+})
+
 REFUSED_CONFIGS = {
     # An RMS norm of the routed sum (latent_moe_use_norm).
     "kimi_k3-latent-norm": (
