@@ -437,6 +437,9 @@ def test_batch_interrupted_run_keeps_rows_and_rerun_completes(ckpt, tmp_path):
             if out.exists() and out.read_bytes().count(b"\n") >= 1:
                 break
             time.sleep(0.02)
+        if proc.poll() is not None:  # say how it ended, rather than fail to signal it
+            _, err = proc.communicate()
+            pytest.fail(f"the job ended (exit code {proc.returncode}) before it could be interrupted:\n{err}")
         # Interrupt the job after its first batch (as Ctrl-C or a batch
         # scheduler would); mpirun forwards the signal and ends every rank.
         os.killpg(proc.pid, signal.SIGTERM)
