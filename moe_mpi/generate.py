@@ -27,7 +27,8 @@ Batch mode (``--prompts-file``) reads a JSONL file of ``{"id": ...,
 mlx-lm's ``BatchGenerator`` (``batch_generate``'s loop) and appends one row
 per prompt to ``--output``, durably after every batch, so that rerunning an
 interrupted command resumes it (the row format and the resume rules:
-:mod:`moe_mpi.results`). Rank 0
+:mod:`moe_mpi.results`). A model whose caches mlx-lm cannot batch
+(:mod:`moe_mpi.batching`) generates its prompts one at a time. Rank 0
 shows a progress bar on a terminal's stderr and always ends with a summary
 line. Greedy rows are the text single-prompt mode gives for the same prompt
 (tested; in general a batched forward pass rounds differently and could
@@ -56,6 +57,7 @@ import time
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from .argtypes import add_sharding_arguments, non_negative_float, positive_int, seed, sharding_options, unit_interval
+from .batching import PROBE_TEXT, padded_prefill_is_exact, solo_caches, unbatchable_caches
 from .comm import Communicator
 from .errors import CollectiveError
 from .finite import drawn_is_finite, non_finite_message
@@ -78,7 +80,7 @@ from .reliability import (
     load_checked,
     watched,
 )
-from .runner import PROG, abort_on_error, add_debug_argument, collective_phase, parse_args, show_progress
+from .runner import PROG, abort_on_error, add_debug_argument, collective_phase, parse_args, say, show_progress
 from .runstats import make_sampler, print_stats, report_guard, report_stats
 from .unread import UnreadTail, find_unread_tail, prefill_cache, skip_unread_prefill
 from .watchdog import Watchdog
@@ -428,6 +430,7 @@ def _generate_batches(
     progress: Optional[Progress],
     tail: Optional[UnreadTail] = None,
     overlap_comm=None,
+    padded_exact: bool = True,
 ) -> Tuple[int, int]:
     """Generates ``--batch-size`` rows at a time; rank 0 writes each batch.
 
@@ -444,7 +447,7 @@ def _generate_batches(
         batch = tokens[start : start + args.batch_size]
         tic = time.perf_counter()
         outputs = _batch_tokens(model, tokenizer, batch, args.max_tokens, sampler, batch_rows, tail,
-                                overlap_comm=overlap_comm)
+                                overlap_comm=overlap_comm, padded_exact=padded_exact)
         seconds = time.perf_counter() - tic
         new_tokens = sum(len(t) for t in outputs)
         prompt_tokens += sum(len(t) for t in batch)
@@ -462,7 +465,8 @@ def _generate_batches(
 
 
 def _batch_tokens(model, tokenizer, prompts: List[List[int]], max_tokens: int, sampler: Callable,
-                  rows: List[Dict], tail: Optional[UnreadTail] = None, overlap_comm=None) -> List[List[int]]:
+                  rows: List[Dict], tail: Optional[UnreadTail] = None, overlap_comm=None,
+                  padded_exact: bool = True) -> List[List[int]]:
     """The generated token ids of each prompt, decoded together: mlx-lm's ``batch_generate``.
 
     Its loop, so that each drawn token is seen with its log-probabilities
@@ -473,9 +477,18 @@ def _batch_tokens(model, tokenizer, prompts: List[List[int]], max_tokens: int, s
     """
     from mlx_lm.generate import BatchGenerator
 
-    # The whole batch is prefilled and decoded together.
+    # The whole batch is prefilled and decoded together, unless mlx-lm cannot
+    # batch the model's caches (one prompt at a time, one per cohort), or
+    # padding changes the model's answers (prefilled one at a time).
+    together = prefill = len(prompts)
+    caches = None
+    if unbatchable_caches(model):
+        together = prefill = 1 if overlap_comm is None else 2
+        caches = [solo_caches(model) for _ in prompts]
+    elif not padded_exact:
+        prefill = 1 if overlap_comm is None else 2
     sizes = dict(stop_tokens=[[t] for t in tokenizer.eos_token_ids], sampler=sampler,
-                 prefill_batch_size=len(prompts), completion_batch_size=len(prompts))
+                 prefill_batch_size=prefill, completion_batch_size=together)
     if overlap_comm is not None:
         gen = Cohorts(model, overlap_comm, 2, **sizes)
         gen.skip_unread_prefill(tail)  # prompt chunks leave out the work nobody reads
@@ -483,7 +496,7 @@ def _batch_tokens(model, tokenizer, prompts: List[List[int]], max_tokens: int, s
         gen = BatchGenerator(model, **sizes)
         skip_unread_prefill(gen, tail)
     try:
-        uids = gen.insert(prompts, [max_tokens] * len(prompts))
+        uids = gen.insert(prompts, [max_tokens] * len(prompts), caches=caches)
         out: Dict[int, List[int]] = {uid: [] for uid in uids}
         while responses := gen.next_generated():
             for r in responses:
@@ -530,12 +543,17 @@ def generate_batch(args: argparse.Namespace, comm: Communicator, watchdog: Watch
     # Recorded routing must see every layer of every prompt token.
     with collective_phase(comm, debug=debug):
         tail = find_unread_tail(model, comm) if not args.record_routing else None
+        # Prompts of different lengths are padded into one prefill, unless that changes their answers.
+        padded_exact = padded_prefill_is_exact(model, tokenizer.encode(PROBE_TEXT))
+    if rank0 and not padded_exact and args.batch_size > 1:
+        say(f"{PROG}: padding prompts into one prefill changes this model's answers: "
+            "prompts are prefilled one at a time, and still decoded together", sys.stderr)
     _seed(args.seed)
     comm.reset_stats()
     with _recording(args, model, rank0) as stats:
         prompt_tokens, generated = _generate_batches(
             args, model, tokenizer, todo, tokens, sampler, rank0, writer, progress, tail,
-            overlap_comm=comm if args.overlap else None,
+            overlap_comm=comm if args.overlap else None, padded_exact=padded_exact,
         )
     snapshot = comm.snapshot()
     _save_routing(args, model, comm, stats)

@@ -24,6 +24,7 @@ import threading
 from typing import Optional, Sequence
 
 from ..argtypes import add_sharding_arguments, non_negative_float, non_negative_int, port, positive_int, probability, unit_interval
+from ..batching import PROBE_TEXT, padded_prefill_is_exact, unbatchable_caches
 from ..comm import Communicator
 from ..errors import UserError
 from ..reliability import (
@@ -145,7 +146,7 @@ def _vocab_size(config: dict, tokenizer) -> int:
     return len(tokenizer.vocab)
 
 
-def _context(args, provider: ClusterModelProvider, model_arg: Optional[str]) -> ServeContext:
+def _context(args, provider: ClusterModelProvider, model_arg: Optional[str], padded_exact: bool) -> ServeContext:
     import os
 
     model = provider.model
@@ -166,6 +167,10 @@ def _context(args, provider: ClusterModelProvider, model_arg: Optional[str]) -> 
             "lm_head": info.lm_head,
             "all_reduces_per_forward_pass": info.all_reduces_per_call,  # MoE layers, plus split attentions
             "overlap": bool(args.overlap),
+            # Cache types mlx-lm cannot batch (moe_mpi/batching.py): if any, one sequence at a time.
+            "unbatchable_caches": unbatchable_caches(model),
+            # Whether prompts of different lengths may be prefilled together (padded); if not, one at a time.
+            "padded_prefill_exact": padded_exact,
             "experts_per_rank": info.experts_per_rank(),
             "routing_guard": "off" if guard is None else "strict" if guard.strict else "repair",
             "timeout_seconds": args.timeout,
@@ -212,6 +217,8 @@ def serve(args: argparse.Namespace, comm: Communicator, watchdog) -> None:
         # Before the counters: its probe runs the model (every rank alike).
         # Routing recorded for statistics must see every layer of every token.
         tail = find_unread_tail(provider.model, comm) if not args.record_routing else None
+        # Likewise a probe: whether padding prompts into one prefill changes their answers.
+        padded_exact = padded_prefill_is_exact(provider.model, provider.tokenizer.encode(PROBE_TEXT))
         # Timing the experts evaluates each layer twice; --backend mlx keeps a pass one lazy graph.
         timer = None if comm.lazy else time_experts(provider.model)
         count_forward_passes(provider.model)
@@ -222,14 +229,14 @@ def serve(args: argparse.Namespace, comm: Communicator, watchdog) -> None:
         desk = Desk(generator.requests, provider.tokenizer, lock, idle_wait=watchdog.busy) if rank0 else Follower()
         options = BatchOptions(
             decode_concurrency=args.decode_concurrency,
-            prompt_concurrency=args.prompt_concurrency,
+            prompt_concurrency=args.prompt_concurrency if padded_exact else 1,
             prefill_step_size=args.prefill_step_size,
             prompt_cache_size=args.prompt_cache_size,
             prompt_cache_bytes=args.prompt_cache_bytes,
             cohorts=2 if args.overlap else 1,
         )
         engine = Engine(provider.model, provider.tokenizer, comm, options, desk, provider.model_key, timer, tail)
-        context = _context(args, provider, model_arg)
+        context = _context(args, provider, model_arg, padded_exact)
     if rank0:
         start_http_server(httpd, generator, context, on_failure=_http_failed(desk))
         info = context.model_info
@@ -241,6 +248,17 @@ def serve(args: argparse.Namespace, comm: Communicator, watchdog) -> None:
             "%s serve: %s on %d rank(s), mode %s, at %s (Ctrl-C or SIGTERM to mpirun stops every rank)",
             PROG, context.model_id, info["ranks"], info["mode"], describe_address(httpd),
         )
+        if not info["padded_prefill_exact"]:
+            ready.warning(
+                "%s serve: padding prompts into one prefill changes this model's answers (a cache takes the "
+                "padding in): prompts are prefilled one at a time, and still decoded together", PROG,
+            )
+        if info["unbatchable_caches"]:
+            ready.warning(
+                "%s serve: mlx-lm cannot batch this model's caches (%s): requests are served one at a time%s, "
+                "as mlx_lm.server serves them",
+                PROG, ", ".join(info["unbatchable_caches"]), " per cohort" if args.overlap else "",
+            )
     comm.reset_stats()
     stats = RoutingStats.for_model(provider.model) if args.record_routing and rank0 else None
     hooks = [_routing_saver(args.record_routing, stats, context.model_info, provider.model)]

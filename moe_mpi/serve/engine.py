@@ -61,6 +61,7 @@ from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
 from ..finite import drawn_is_finite, non_finite_message
 from ..overlap import Cohorts
+from ..batching import solo_caches, unbatchable_caches
 from ..unread import skip_unread_prefill
 from .control import ControlChannel
 from .status import rank_figures
@@ -260,9 +261,13 @@ class Engine:
         self.expert_timer = expert_timer
         self.channel = ControlChannel(comm)
         self.prompt_concurrency = options.prompt_concurrency
+        # mlx-lm cannot batch some models' caches (moe_mpi.batching): then one
+        # sequence at a time (one per cohort), each with caches of its own.
+        self.unbatchable = unbatchable_caches(model)
+        together = options.cohorts if self.unbatchable else None
         sizes = dict(
-            completion_batch_size=options.decode_concurrency,
-            prefill_batch_size=options.prompt_concurrency,
+            completion_batch_size=together or options.decode_concurrency,
+            prefill_batch_size=together or options.prompt_concurrency,
             prefill_step_size=options.prefill_step_size,
         )
         # A prompt chunk keeps only its caches: its last MoE layer (and split
@@ -392,6 +397,8 @@ class Engine:
         logits = {**LOGITS_DEFAULTS, **join["logits"]}
         if logits.get("logit_bias"):
             logits["logit_bias"] = {int(k): float(v) for k, v in logits["logit_bias"].items()}
+        if cache is None and self.unbatchable:
+            cache = solo_caches(self.model)
         (uid,) = self.batch.insert_segments(
             segments=[segments],
             max_tokens=[join["max_tokens"]],
@@ -503,6 +510,8 @@ class Engine:
             # Started while the other cohort computed (two-batch overlap, moe_mpi.overlap).
             "all_reduces_overlapped": self.comm.overlapped,
             "cohorts": self.batch.sizes if isinstance(self.batch, Cohorts) else None,
+            # Cache types mlx-lm cannot batch: then one sequence at a time (per cohort).
+            "unbatchable_caches": self.unbatchable,
             "control": self.channel.snapshot(),
             # --lm-head split: the logits' all-gathers, one per forward pass less those of prompt chunks.
             "logit_gathers": self.comm.stats["all_gather"].calls,

@@ -190,6 +190,12 @@ def summarize(figures: List[Dict[str, Any]], model: Dict[str, Any]) -> Dict[str,
             "bytes_per_broadcast": _per_token(first["control"]["bytes"], first["control"]["broadcasts"]),
             "status_allgathers": first["status_allgathers"],
         },
+        # Continuous batching, unless mlx-lm cannot batch the model's caches
+        # (moe_mpi/batching.py): then one sequence at a time (per cohort).
+        "batching": {
+            "continuous": not first["unbatchable_caches"],
+            "unbatchable_caches": first["unbatchable_caches"],
+        },
         # The guard's verdicts are the same on every rank: rank 0's figures.
         "routing": {
             "guard": model.get("routing_guard"),
