@@ -6,12 +6,12 @@ moe_mpi/batching.py, ``moe-mpi serve`` and ``moe-mpi generate --prompts-file``
 died on them; ``mlx_lm.server`` serves them one request at a time.
 """
 
+import concurrent.futures
 import copy
 import http.client
 import json
 import signal
 import sys
-import threading
 from pathlib import Path
 
 import mlx.core as mx
@@ -139,20 +139,9 @@ def test_serve_answers_as_alone(ckpt, tmp_path):
 
         alone = {p: complete(p) for p in PROMPTS}  # the second run of a prompt reuses its cached prefix
         assert alone[PROMPTS[0]] + "\n" == generate(ckpt, "--prompt", PROMPTS[0])
-        texts, errors = {}, []
-
-        def one(prompt: str) -> None:
-            try:
-                texts[prompt] = complete(prompt, stream=True)
-            except Exception as e:  # noqa: BLE001 - reported below
-                errors.append(repr(e))
-
-        threads = [threading.Thread(target=one, args=(p,)) for p in PROMPTS]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(TIMEOUT)
-        assert not errors and texts == alone
+        with concurrent.futures.ThreadPoolExecutor(len(PROMPTS)) as pool:  # all at once, streaming
+            texts = dict(zip(PROMPTS, pool.map(lambda p: complete(p, stream=True), PROMPTS, timeout=TIMEOUT)))
+        assert texts == alone
         host, port = job.url.split("://")[1].rsplit(":", 1)
         conn = http.client.HTTPConnection(host, int(port), timeout=TIMEOUT)
         conn.request("GET", "/status")
