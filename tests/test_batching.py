@@ -82,10 +82,12 @@ def test_a_batch_of_one_stays_one():
     assert [type(c) for c in copied] == [type(c) for c in caches]
 
 
+@pytest.mark.parametrize("weights", ["float32", "q4-bfloat16"])
 @pytest.mark.parametrize("arch, exact", [("qwen3_next", True), ("jamba", False), ("nemotron_h", False),
                                          ("deepseek_v41", True)])
-def test_the_probe_finds_models_that_padding_changes(arch, exact):
-    model, _ = synthetic.build_model(EXTRA_CONFIGS[arch], seed=1)
+def test_the_probe_finds_models_that_padding_changes(arch, exact, weights):
+    options = dict(quantize=4, dtype="bfloat16") if weights == "q4-bfloat16" else {}  # 16-bit logits' tolerance
+    model, _ = synthetic.build_model(EXTRA_CONFIGS[arch], seed=1, **options)
     assert padded_prefill_is_exact(model, list(range(1, 40))) == exact  # deepseek_v41: never padded
     model, _ = synthetic.build_model(synthetic.tiny_config("qwen3_moe"), seed=1)
     assert padded_prefill_is_exact(model, [7])
