@@ -13,7 +13,9 @@ of one instead: every cache of a sequence is made a batch of one
 (:func:`solo_caches`), whose ``merge`` takes that one cache as it is, and
 the generator is given one sequence at a time (``completion_batch_size=1``).
 The model then computes what mlx-lm's single-sequence ``generate_step``
-computes.
+computes. Such a cache that has dropped the front of its window (llama4's
+chunked attention past a chunk) also stops saying it can be trimmed, so
+the prompt cache never trims it past what it dropped.
 
 **Prompts of different lengths prefilled together.** ``BatchGenerator``
 pads the shorter prompts of a prefill batch and relies on each cache to
@@ -73,6 +75,12 @@ class _BatchOfOne:
 
     def finalize(self):
         raise ValueError(f"{type(self).__name__} holds one sequence; nothing to pad")
+
+    def is_trimmable(self) -> bool:
+        # A cache that has dropped tokens from the front of its window cannot
+        # give them back; mlx-lm's ChunkedKVCache says it can, and a prompt
+        # cache hit trimmed past its front answers wrongly.
+        return super(type(self), self).is_trimmable() and getattr(self, "start_position", 0) == 0
 
 
 @functools.lru_cache(maxsize=None)

@@ -82,6 +82,22 @@ def test_a_batch_of_one_stays_one():
     assert [type(c) for c in copied] == [type(c) for c in caches]
 
 
+def test_a_cache_that_dropped_its_front_is_not_trimmed():
+    # llama4's chunked attention drops what lies before the current chunk (8
+    # tokens here); mlx-lm's ChunkedKVCache still said it could be trimmed back,
+    # and a prompt cache hit trimmed past its front answered wrongly.
+    from mlx_lm.models.cache import can_trim_prompt_cache
+
+    model, _ = synthetic.build_model(EXTRA_CONFIGS["llama4"], seed=1)
+    caches = solo_caches(model)
+    model(mx.array([[5, 6, 7]]), cache=caches)
+    assert can_trim_prompt_cache(caches)
+    for t in range(8, 30):  # decoded one token at a time, past the chunk
+        model(mx.array([[t]]), cache=caches)
+    assert not can_trim_prompt_cache(caches)
+    assert not can_trim_prompt_cache(copy.deepcopy(caches))
+
+
 @pytest.mark.parametrize("weights", ["float32", "q4-bfloat16"])
 @pytest.mark.parametrize("arch, exact", [("qwen3_next", True), ("jamba", False), ("nemotron_h", False),
                                          ("deepseek_v41", True)])
@@ -95,6 +111,7 @@ def test_the_probe_finds_models_that_padding_changes(arch, exact, weights):
 
 #: Served and batch-generated on 2 ranks: with no cache merge, and with padding that changes answers.
 SERVED = {"deepseek_v41": "mlx-lm cannot batch this model's caches (LayerCache)",
+          "llama4": "mlx-lm cannot batch this model's caches (ChunkedKVCache)",  # and its prompt cache hits
           "jamba": "padding prompts into one prefill changes this model's answers"}
 
 
@@ -139,7 +156,7 @@ def test_serve_answers_as_alone(ckpt, tmp_path):
                                           stream=stream)
             return "".join(c.choices[0].text for c in r if c.choices) if stream else r.choices[0].text
 
-        alone = {p: complete(p) for p in PROMPTS}  # the second run of a prompt reuses its cached prefix
+        alone = {p: complete(p) for p in PROMPTS}  # the second run of a prompt reuses its cache, trimmed
         assert alone[PROMPTS[0]] + "\n" == generate(ckpt, "--prompt", PROMPTS[0])
         with concurrent.futures.ThreadPoolExecutor(len(PROMPTS)) as pool:  # all at once, streaming
             texts = dict(zip(PROMPTS, pool.map(lambda p: complete(p, stream=True), PROMPTS, timeout=TIMEOUT)))
@@ -153,8 +170,9 @@ def test_serve_answers_as_alone(ckpt, tmp_path):
             assert body["model"]["padded_prefill_exact"] is False
             assert any(row["decode_steps"] < row["generated_tokens"] for row in body["ranks"]), body["ranks"]
             return
-        assert body["batching"] == {"continuous": False, "unbatchable_caches": ["LayerCache"]}
-        assert body["model"]["unbatchable_caches"] == ["LayerCache"]
+        caches = UNBATCHABLE[ckpt.name]
+        assert body["batching"] == {"continuous": False, "unbatchable_caches": caches}
+        assert body["model"]["unbatchable_caches"] == caches
         for row in body["ranks"]:  # never two sequences in one step: a token per decode step
             assert row["decode_steps"] == row["generated_tokens"] > 0, row
     finally:
