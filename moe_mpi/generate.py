@@ -28,7 +28,9 @@ mlx-lm's ``BatchGenerator`` (``batch_generate``'s loop) and appends one row
 per prompt to ``--output``, durably after every batch, so that rerunning an
 interrupted command resumes it (the row format and the resume rules:
 :mod:`moe_mpi.results`). A model whose caches mlx-lm cannot batch
-(:mod:`moe_mpi.batching`) generates its prompts one at a time. Rank 0
+generates its prompts one at a time, and one whose answers a padded
+prefill would change prefills them one at a time (:mod:`moe_mpi.batching`,
+found at start-up). Rank 0
 shows a progress bar on a terminal's stderr and always ends with a summary
 line. Greedy rows are the text single-prompt mode gives for the same prompt
 (tested; in general a batched forward pass rounds differently and could
