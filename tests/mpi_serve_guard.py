@@ -82,7 +82,8 @@ def main() -> None:
     row = {"rank": comm.rank, "figures": engine.figures()}
     if comm.rank == 0:
         row["tokens"] = [desk.tokens[rid] for rid in sorted(desk.tokens)]
-        info = {"moe_layers": model.ep_info.num_moe_layers, "routing_guard": "strict" if guard.strict else "repair"}
+        info = {"moe_layers": model.ep_info.num_moe_layers, "routing_guard": "strict" if guard.strict else "repair",
+                "unbatchable_caches": engine.unbatchable}
         row["status"] = summarize(desk.figures, info)
         row["warning"] = guard_warning(guard)
     print(json.dumps(row), flush=True)

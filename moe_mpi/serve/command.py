@@ -24,7 +24,7 @@ import threading
 from typing import Optional, Sequence
 
 from ..argtypes import add_sharding_arguments, non_negative_float, non_negative_int, port, positive_int, probability, unit_interval
-from ..batching import PROBE_TEXT, padded_prefill_is_exact, unbatchable_caches
+from ..batching import PROBE_TEXT, padded_prefill_is_exact
 from ..comm import Communicator
 from ..errors import UserError
 from ..reliability import (
@@ -146,7 +146,8 @@ def _vocab_size(config: dict, tokenizer) -> int:
     return len(tokenizer.vocab)
 
 
-def _context(args, provider: ClusterModelProvider, model_arg: Optional[str], padded_exact: bool) -> ServeContext:
+def _context(args, provider: ClusterModelProvider, model_arg: Optional[str], engine: Engine,
+             padded_exact: bool) -> ServeContext:
     import os
 
     model = provider.model
@@ -168,7 +169,7 @@ def _context(args, provider: ClusterModelProvider, model_arg: Optional[str], pad
             "all_reduces_per_forward_pass": info.all_reduces_per_call,  # MoE layers, plus split attentions
             "overlap": bool(args.overlap),
             # Cache types mlx-lm cannot batch (moe_mpi/batching.py): if any, one sequence at a time.
-            "unbatchable_caches": unbatchable_caches(model),
+            "unbatchable_caches": engine.unbatchable,
             # Whether prompts of different lengths may be prefilled together (padded); if not, one at a time.
             "padded_prefill_exact": padded_exact,
             "experts_per_rank": info.experts_per_rank(),
@@ -236,7 +237,7 @@ def serve(args: argparse.Namespace, comm: Communicator, watchdog) -> None:
             cohorts=2 if args.overlap else 1,
         )
         engine = Engine(provider.model, provider.tokenizer, comm, options, desk, provider.model_key, timer, tail)
-        context = _context(args, provider, model_arg, padded_exact)
+        context = _context(args, provider, model_arg, engine, padded_exact)
     if rank0:
         start_http_server(httpd, generator, context, on_failure=_http_failed(desk))
         info = context.model_info

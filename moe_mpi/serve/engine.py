@@ -59,9 +59,9 @@ from mlx_lm.generate import BatchGenerator, StopSequences
 from mlx_lm.models.cache import LRUPromptCache, can_trim_prompt_cache, trim_prompt_cache
 from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
+from ..batching import solo_caches, unbatchable_caches
 from ..finite import drawn_is_finite, non_finite_message
 from ..overlap import Cohorts
-from ..batching import solo_caches, unbatchable_caches
 from ..unread import skip_unread_prefill
 from .control import ControlChannel
 from .status import rank_figures
@@ -510,8 +510,6 @@ class Engine:
             # Started while the other cohort computed (two-batch overlap, moe_mpi.overlap).
             "all_reduces_overlapped": self.comm.overlapped,
             "cohorts": self.batch.sizes if isinstance(self.batch, Cohorts) else None,
-            # Cache types mlx-lm cannot batch: then one sequence at a time (per cohort).
-            "unbatchable_caches": self.unbatchable,
             "control": self.channel.snapshot(),
             # --lm-head split: the logits' all-gathers, one per forward pass less those of prompt chunks.
             "logit_gathers": self.comm.stats["all_gather"].calls,

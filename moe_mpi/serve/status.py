@@ -193,8 +193,8 @@ def summarize(figures: List[Dict[str, Any]], model: Dict[str, Any]) -> Dict[str,
         # Continuous batching, unless mlx-lm cannot batch the model's caches
         # (moe_mpi/batching.py): then one sequence at a time (per cohort).
         "batching": {
-            "continuous": not first["unbatchable_caches"],
-            "unbatchable_caches": first["unbatchable_caches"],
+            "continuous": not model["unbatchable_caches"],
+            "unbatchable_caches": model["unbatchable_caches"],
         },
         # The guard's verdicts are the same on every rank: rank 0's figures.
         "routing": {
