@@ -52,7 +52,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 import netns_hosts  # noqa: E402  (tests/netns_hosts.py: the fake hosts)
 
 from moe_mpi import hostfile  # noqa: E402
-from moe_mpi.launch import mpirun_command  # noqa: E402
+from moe_mpi.launch import mpirun_command, remove_stale_session_dirs  # noqa: E402
 
 # Pins rank r to CPU r mod ncpu, then runs the command ($@).
 PIN = 'exec taskset -c $(( OMPI_COMM_WORLD_RANK % $(nproc) )) "$@"'
@@ -144,6 +144,9 @@ def main(argv=None) -> int:
             print("# hosts: " + ", ".join(f"{h.hostname} {h.ip}" for h in cluster.hosts), flush=True)
             print(f"# ranks pinned: rank r on CPU r mod {os.cpu_count()} (taskset)", flush=True)
             print(("# driver: " if args.driver else "# mpirun: ") + shlex.join(cmd), flush=True)
+            # Its output goes straight to the terminal, so a launch that fails is
+            # not retried as run_mpirun does; the cause of such failures goes first.
+            remove_stale_session_dirs()
             proc = subprocess.Popen(cmd, start_new_session=True)
             try:
                 rc = proc.wait(timeout=args.timeout)

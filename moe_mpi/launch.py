@@ -14,18 +14,36 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-__all__ = ["LAUNCH_ATTEMPTS", "LAUNCH_FAILURES", "find_mpirun", "kill_job", "launch_again", "mpirun_command", "run_mpirun"]
+__all__ = [
+    "LAUNCH_ATTEMPTS",
+    "LAUNCH_FAILURES",
+    "find_mpirun",
+    "kill_job",
+    "launch_again",
+    "mpirun_command",
+    "remove_stale_session_dirs",
+    "run_mpirun",
+    "session_tmpdir",
+    "stale_session_dirs",
+]
 
 #: Messages of Open MPI's launcher failing before any rank's program ran.
-#: Rare and transient (one or two of the hundreds of launches of some of our
-#: full-suite runs on a loaded machine, and in other projects' CI, with no
-#: known cause), so such a launch is retried: no rank ran, so nothing is done
-#: twice.
+#: The known cause: an ``mpirun`` (or a ``prted`` daemon) killed with SIGKILL
+#: cannot remove its session directory (:func:`stale_session_dirs`), and a
+#: later one that the kernel gives the same pid finds it and fails to start.
+#: The pid differs the next time, so such a launch is retried (no rank ran, so
+#: nothing is done twice), after removing the stale directories.
 LAUNCH_FAILURES = ("The PMIx server's listener thread failed to start",)
 LAUNCH_ATTEMPTS = 3
+
+#: Open MPI 5's session directories in :func:`session_tmpdir`, one per
+#: process, named by its pid: ``ompi.<pid>`` (mpirun/prterun) and
+#: ``prted.<pid>`` (a daemon on another host).
+SESSION_DIR_PREFIXES = ("ompi.", "prted.")
 
 
 def find_mpirun() -> str:
@@ -135,21 +153,25 @@ def run_mpirun(
         raise ValueError(f"attempts must be >= 1, got {attempts}")
     proc = _run_once(cmd, timeout, env, cwd)
     launches = 1
-    while proc.returncode != 0 and launch_again(proc.stderr + proc.stdout, launches, attempts):
+    while proc.returncode != 0 and launch_again(proc.stderr + proc.stdout, launches, attempts, env):
         launches += 1
         proc = _run_once(cmd, timeout, env, cwd)
     return proc
 
 
-def launch_again(output: str, launches: int, attempts: int = LAUNCH_ATTEMPTS) -> bool:
+def launch_again(output: str, launches: int, attempts: int = LAUNCH_ATTEMPTS, env: Mapping[str, str] | None = None) -> bool:
     """Whether a failed job should be launched again, and if so says so on stderr.
 
     Yes when ``output`` shows mpirun failing before any rank's program ran
     (:data:`LAUNCH_FAILURES`) and fewer than ``attempts`` launches were made.
+    The stale session directories behind such a failure are removed first
+    (in the temporary directory that ``env`` names).
     """
     if launches >= attempts or not any(message in output for message in LAUNCH_FAILURES):
         return False
-    print(f"moe_mpi: mpirun failed to start (launch {launches} of {attempts}); launching again", file=sys.stderr)
+    removed = remove_stale_session_dirs(env)
+    what = f"; removed {len(removed)} stale Open MPI session director{'y' if len(removed) == 1 else 'ies'}" if removed else ""
+    print(f"moe_mpi: mpirun failed to start (launch {launches} of {attempts}){what}; launching again", file=sys.stderr)
     return True
 
 
@@ -167,29 +189,112 @@ def _run_once(cmd: list[str], timeout: float, env, cwd) -> subprocess.CompletedP
     try:
         stdout, stderr = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        kill_job(proc)
+        kill_job(proc, env)
         stdout, stderr = proc.communicate()
         raise subprocess.TimeoutExpired(cmd, timeout, output=stdout, stderr=stderr)
     return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
 
 
-def kill_job(proc: subprocess.Popen) -> None:
+def kill_job(proc: subprocess.Popen, env: Mapping[str, str] | None = None) -> None:
     """Ends an ``mpirun`` started with ``start_new_session=True``, and every rank.
 
     SIGTERM first, which mpirun forwards to the ranks; SIGKILL after 10 s;
-    then SIGKILL to whatever is left in the job's session (Linux).
+    then SIGKILL to whatever is left in the job's session (Linux). The session
+    directories of what had to be killed are removed, as mpirun would have (a
+    stale one makes a later mpirun with the same pid fail to start); ``env``
+    is the job's environment, which says where they are (default: this
+    process's).
     """
     proc.send_signal(signal.SIGTERM)
     try:
         proc.wait(timeout=10)
     except subprocess.TimeoutExpired:
         proc.kill()
+        proc.wait()
     # Then anything left in the job's session (Linux /proc only).
+    killed = [proc.pid]
     for pid in _session_members(proc.pid):
         try:
             os.kill(pid, signal.SIGKILL)
+            killed.append(pid)
         except ProcessLookupError:
             pass
+    _remove_session_dirs(killed, session_tmpdir(env), wait=2.0)
+
+
+def session_tmpdir(env: Mapping[str, str] | None = None) -> Path:
+    """Where Open MPI puts its session directories: ``TMPDIR``, ``TEMP`` or ``TMP``, else ``/tmp``.
+
+    The rule of Open MPI 5's runtime (PRRTE) when its ``prte_tmpdir_base``
+    parameter is not set; ``env`` defaults to this process's environment.
+    """
+    env = os.environ if env is None else env
+    for name in ("TMPDIR", "TEMP", "TMP"):
+        if env.get(name):
+            return Path(env[name])
+    return Path("/tmp")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process
+    return True
+
+
+def stale_session_dirs(env: Mapping[str, str] | None = None) -> list[Path]:
+    """Open MPI 5 session directories whose process no longer exists.
+
+    ``mpirun`` removes its ``ompi.<pid>`` directory (and each daemon its
+    ``prted.<pid>``) when it ends, unless it was killed with SIGKILL. A stale
+    one is harmless until the kernel hands its pid to a new ``mpirun``, which
+    then fails with "The PMIx server's listener thread failed to start".
+    Only directories of this user are listed.
+    """
+    tmp = session_tmpdir(env)
+    try:
+        entries = list(tmp.iterdir())
+    except OSError:
+        return []
+    stale = []
+    uid = os.getuid() if hasattr(os, "getuid") else None
+    for path in entries:
+        prefix = next((p for p in SESSION_DIR_PREFIXES if path.name.startswith(p)), None)
+        if prefix is None or not path.name[len(prefix):].isdigit():
+            continue
+        try:
+            if not path.is_dir() or (uid is not None and path.stat().st_uid != uid):
+                continue
+        except OSError:
+            continue
+        if not _pid_alive(int(path.name[len(prefix):])):
+            stale.append(path)
+    return sorted(stale)
+
+
+def remove_stale_session_dirs(env: Mapping[str, str] | None = None) -> list[Path]:
+    """Removes :func:`stale_session_dirs`; returns the ones that are gone."""
+    removed = []
+    for path in stale_session_dirs(env):
+        shutil.rmtree(path, ignore_errors=True)
+        if not path.exists():
+            removed.append(path)
+    return removed
+
+
+def _remove_session_dirs(pids: Sequence[int], tmp: Path, wait: float) -> None:
+    """Removes the session directories of ``pids`` once those processes are gone (up to ``wait`` s)."""
+    deadline = time.monotonic() + wait
+    for pid in pids:
+        while _pid_alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        if _pid_alive(pid):
+            continue  # a zombie not yet reaped by its parent, or still dying
+        for prefix in SESSION_DIR_PREFIXES:
+            shutil.rmtree(tmp / f"{prefix}{pid}", ignore_errors=True)
 
 
 def _session_members(sid: int) -> list[int]:

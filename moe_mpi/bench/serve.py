@@ -133,7 +133,7 @@ class ServerJob:
         launches = 1
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                if launch_again(self.output(), launches):
+                if launch_again(self.output(), launches, env=self.env):
                     launches += 1
                     self.start()
                     continue
@@ -162,10 +162,10 @@ class ServerJob:
         try:
             self.proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
-            kill_job(self.proc)
+            kill_job(self.proc, self.env)
         seconds = time.monotonic() - start
         if sig == signal.SIGKILL:
-            kill_job(self.proc)  # the ranks, orphaned in the job's session
+            kill_job(self.proc, self.env)  # the ranks, orphaned in the job's session
         return seconds
 
 
