@@ -21,6 +21,7 @@ from pathlib import Path
 __all__ = [
     "LAUNCH_ATTEMPTS",
     "LAUNCH_FAILURES",
+    "TMPDIR_PARAMETER",
     "find_mpirun",
     "kill_job",
     "launch_again",
@@ -44,6 +45,9 @@ LAUNCH_ATTEMPTS = 3
 #: process, named by its pid: ``ompi.<pid>`` (mpirun/prterun) and
 #: ``prted.<pid>`` (a daemon on another host).
 SESSION_DIR_PREFIXES = ("ompi.", "prted.")
+
+#: The environment variable that moves them (and only them) elsewhere.
+TMPDIR_PARAMETER = "PRTE_MCA_prte_tmpdir_base"
 
 
 def find_mpirun() -> str:
@@ -223,13 +227,16 @@ def kill_job(proc: subprocess.Popen, env: Mapping[str, str] | None = None) -> No
 
 
 def session_tmpdir(env: Mapping[str, str] | None = None) -> Path:
-    """Where Open MPI puts its session directories: ``TMPDIR``, ``TEMP`` or ``TMP``, else ``/tmp``.
+    """Where Open MPI 5 puts its session directories, as ``env`` sets it.
 
-    The rule of Open MPI 5's runtime (PRRTE) when its ``prte_tmpdir_base``
-    parameter is not set; ``env`` defaults to this process's environment.
+    Its runtime's (PRRTE's) rule: the ``prte_tmpdir_base`` parameter if the
+    environment sets it (``PRTE_MCA_prte_tmpdir_base``), else ``TMPDIR``,
+    ``TEMP`` or ``TMP``, else ``/tmp``. ``env`` defaults to this process's
+    environment; a ``--mca prte_tmpdir_base`` on mpirun's command line is not
+    seen.
     """
     env = os.environ if env is None else env
-    for name in ("TMPDIR", "TEMP", "TMP"):
+    for name in (TMPDIR_PARAMETER, "TMPDIR", "TEMP", "TMP"):
         if env.get(name):
             return Path(env[name])
     return Path("/tmp")

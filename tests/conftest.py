@@ -1,11 +1,13 @@
 """Test-run set-up: a temporary directory of the run's own for every job.
 
 Open MPI puts a session directory named by mpirun's pid (``ompi.<pid>``) in
-``TMPDIR``. Several tests kill a job with SIGKILL on purpose, which leaves that
+``/tmp``. Several tests kill a job with SIGKILL on purpose, which leaves that
 directory behind, and a later ``mpirun`` that gets the same pid then fails to
-start (see :data:`moe_mpi.launch.LAUNCH_FAILURES`). So every job of the run
-gets a fresh ``TMPDIR`` that directories left by other runs on this machine
-cannot reach, and what a test leaves there is removed after it.
+start (see :data:`moe_mpi.launch.LAUNCH_FAILURES`). So the run's jobs keep
+their session directories in a fresh directory of the run's own, which those
+left by other runs on this machine cannot reach, and what a test leaves there
+is removed after it. Only Open MPI's directories move: ``TMPDIR`` is left
+alone.
 """
 
 import os
@@ -14,17 +16,15 @@ import tempfile
 
 import pytest
 
-from moe_mpi.launch import remove_stale_session_dirs
+from moe_mpi.launch import TMPDIR_PARAMETER, remove_stale_session_dirs
 
 _OWN_TMPDIR = None
 
 
 def pytest_configure(config):
     global _OWN_TMPDIR
-    # Made (and tempfile's default fixed) before TMPDIR changes: pytest's own
-    # tmp_path stays where it was; the jobs the tests start use the new one.
     _OWN_TMPDIR = tempfile.mkdtemp(prefix="moe-mpi-tests-")
-    os.environ["TMPDIR"] = _OWN_TMPDIR
+    os.environ[TMPDIR_PARAMETER] = _OWN_TMPDIR  # passed on to every job the tests start
 
 
 def pytest_unconfigure(config):

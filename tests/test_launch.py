@@ -4,7 +4,8 @@ Open MPI 5's ``mpirun`` keeps a session directory, ``$TMPDIR/ompi.<pid>``,
 that it removes when it ends, but not when killed with SIGKILL. A later
 ``mpirun`` that the kernel gives the same pid finds the stale directory and
 fails before any rank runs ("The PMIx server's listener thread failed to
-start"). These tests run the real ``mpirun`` in a ``TMPDIR`` of their own.
+start"). These tests run the real ``mpirun`` with a session directory of their own
+(:data:`moe_mpi.launch.TMPDIR_PARAMETER`).
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ def _stale_dir_of_a_killed_mpirun(env) -> int:
 
 
 def test_session_tmpdir_follows_open_mpi_rule():
+    assert launch.session_tmpdir({launch.TMPDIR_PARAMETER: "/p", "TMPDIR": "/a"}) == Path("/p")
     assert launch.session_tmpdir({"TMPDIR": "/a", "TMP": "/c"}) == Path("/a")
     assert launch.session_tmpdir({"TEMP": "/b", "TMP": "/c"}) == Path("/b")
     assert launch.session_tmpdir({"TMP": "/c"}) == Path("/c")
@@ -53,7 +55,7 @@ def test_session_tmpdir_follows_open_mpi_rule():
 
 
 def test_stale_session_dirs_are_those_of_processes_that_are_gone(tmp_path):
-    env = {"TMPDIR": str(tmp_path)}
+    env = {launch.TMPDIR_PARAMETER: str(tmp_path)}
     dead, alive = _dead_pid(), os.getpid()
     for name in (f"ompi.{dead}", f"prted.{dead}", f"ompi.{alive}", "ompi.notapid", "ompi.vm.0", "other.1"):
         (tmp_path / name).mkdir()
@@ -66,11 +68,11 @@ def test_stale_session_dirs_are_those_of_processes_that_are_gone(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
         [f"ompi.{alive}", "ompi.notapid", "ompi.vm.0", "other.1", f"prted.{dead + 1000000}"]
     )
-    assert launch.stale_session_dirs({"TMPDIR": str(tmp_path / "missing")}) == []
+    assert launch.stale_session_dirs({launch.TMPDIR_PARAMETER: str(tmp_path / "missing")}) == []
 
 
 def test_a_killed_mpirun_leaves_its_session_dir_and_kill_job_removes_it(tmp_path):
-    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    env = {**os.environ, launch.TMPDIR_PARAMETER: str(tmp_path)}
     pid = _stale_dir_of_a_killed_mpirun(env)
     assert launch.stale_session_dirs(env) == [tmp_path / f"ompi.{pid}"]
     launch.remove_stale_session_dirs(env)
@@ -93,7 +95,7 @@ def test_a_killed_mpirun_leaves_its_session_dir_and_kill_job_removes_it(tmp_path
 @pytest.mark.skipif(not os.access(NS_LAST_PID, os.W_OK), reason="choosing the next pid needs root on Linux")
 def test_a_stale_session_dir_stops_the_mpirun_given_its_pid_and_launch_again_clears_it(tmp_path):
     """The cause of LAUNCH_FAILURES, reproduced: the kernel is asked to give the next mpirun a stale pid."""
-    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    env = {**os.environ, launch.TMPDIR_PARAMETER: str(tmp_path)}
     cmd = launch.mpirun_command(1, ["true"])  # asks `mpirun --version` now, not at the chosen pid
     for _ in range(20):
         pid = _stale_dir_of_a_killed_mpirun(env)
