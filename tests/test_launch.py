@@ -99,7 +99,11 @@ def test_a_stale_session_dir_stops_the_mpirun_given_its_pid_and_launch_again_cle
     cmd = launch.mpirun_command(1, ["true"])  # asks `mpirun --version` now, not at the chosen pid
     for _ in range(20):
         pid = _stale_dir_of_a_killed_mpirun(env)
-        NS_LAST_PID.write_text(str(pid - 1))
+        try:
+            NS_LAST_PID.write_text(str(pid - 1))
+        except OSError as e:  # root, but /proc/sys read-only (some containers)
+            launch.remove_stale_session_dirs(env)
+            pytest.skip(f"cannot choose the next pid: {e}")
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         out, err = proc.communicate(timeout=TIMEOUT)
         if proc.pid == pid:
