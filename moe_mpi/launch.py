@@ -14,7 +14,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -203,11 +202,11 @@ def kill_job(proc: subprocess.Popen, env: Mapping[str, str] | None = None) -> No
     """Ends an ``mpirun`` started with ``start_new_session=True``, and every rank.
 
     SIGTERM first, which mpirun forwards to the ranks; SIGKILL after 10 s;
-    then SIGKILL to whatever is left in the job's session (Linux). The session
-    directories of what had to be killed are removed, as mpirun would have (a
-    stale one makes a later mpirun with the same pid fail to start); ``env``
-    is the job's environment, which says where they are (default: this
-    process's).
+    then SIGKILL to whatever is left in the job's session (Linux). Then the
+    stale session directories (:func:`stale_session_dirs`, the job's among
+    them if mpirun had to be killed) are removed, as mpirun would have removed
+    its own; ``env`` is the job's environment, which says where they are
+    (default: this process's).
     """
     proc.send_signal(signal.SIGTERM)
     try:
@@ -216,14 +215,12 @@ def kill_job(proc: subprocess.Popen, env: Mapping[str, str] | None = None) -> No
         proc.kill()
         proc.wait()
     # Then anything left in the job's session (Linux /proc only).
-    killed = [proc.pid]
     for pid in _session_members(proc.pid):
         try:
             os.kill(pid, signal.SIGKILL)
-            killed.append(pid)
         except ProcessLookupError:
             pass
-    _remove_session_dirs(killed, session_tmpdir(env), wait=2.0)
+    remove_stale_session_dirs(env)
 
 
 def session_tmpdir(env: Mapping[str, str] | None = None) -> Path:
@@ -290,18 +287,6 @@ def remove_stale_session_dirs(env: Mapping[str, str] | None = None) -> list[Path
         if not path.exists():
             removed.append(path)
     return removed
-
-
-def _remove_session_dirs(pids: Sequence[int], tmp: Path, wait: float) -> None:
-    """Removes the session directories of ``pids`` once those processes are gone (up to ``wait`` s)."""
-    deadline = time.monotonic() + wait
-    for pid in pids:
-        while _pid_alive(pid) and time.monotonic() < deadline:
-            time.sleep(0.02)
-        if _pid_alive(pid):
-            continue  # a zombie not yet reaped by its parent, or still dying
-        for prefix in SESSION_DIR_PREFIXES:
-            shutil.rmtree(tmp / f"{prefix}{pid}", ignore_errors=True)
 
 
 def _session_members(sid: int) -> list[int]:
